@@ -1,0 +1,62 @@
+//! Locations the tests share with `scripts/setup.sh`: the Python venv that holds
+//! the oracles (HF transformers, gguf-py) and the fetched real assets.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Root of the cache that `scripts/setup.sh` fills (`$KVD_CACHE`, default `~/.cache/kv-distill`).
+pub fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("KVD_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/kv-distill")
+}
+
+/// The oracle's Python interpreter (`$KVD_PYTHON`, default the setup venv's).
+pub fn python() -> PathBuf {
+    std::env::var("KVD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("venv/bin/python"))
+}
+
+/// The fetched models and data (`$KVD_ASSETS`, default `$KVD_CACHE/assets`).
+pub fn assets() -> PathBuf {
+    std::env::var("KVD_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("assets"))
+}
+
+/// The real SmolLM2-135M-Instruct GGUF file.
+pub fn smollm2_gguf() -> PathBuf {
+    assets().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real Gemma-3-270m GGUF file.
+pub fn gemma3_gguf() -> PathBuf {
+    assets().join("gemma3/gemma-3-270m-q4_k_m.gguf")
+}
+
+/// Path of an oracle script in `tests/oracle/`.
+pub fn oracle_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("oracle").join(name)
+}
+
+/// Runs `tests/oracle/<script>` with the oracle Python and returns its stdout.
+/// Panics with the script's stderr when it fails: a test cannot go on without its oracle.
+pub fn run_oracle(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(oracle_script(script))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start oracle python {:?}: {e}", python()));
+    assert!(
+        out.status.success(),
+        "oracle {script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("oracle printed non-UTF-8")
+}

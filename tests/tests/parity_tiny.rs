@@ -1,0 +1,138 @@
+//! Parity against HF transformers on tiny random checkpoints of every supported
+//! family: full forward, incremental decoding with the KV cache, and padding.
+
+use kvd_tests::env::run_oracle;
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::model::{Input, Model};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+/// The oracle's output directory, made once per test binary
+/// (`KVD_TINY_ORACLE_DIR` reuses an existing one, for debugging).
+fn oracle_dir() -> &'static PathBuf {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Ok(existing) = std::env::var("KVD_TINY_ORACLE_DIR") {
+            return (dir, PathBuf::from(existing));
+        }
+        let path = dir.path().to_path_buf();
+        run_oracle("tiny_models.py", &[path.to_str().expect("utf-8 path")]);
+        (dir, path)
+    })
+    .1
+}
+
+struct Case {
+    model: Model,
+    ids: Tensor,
+    logits: Tensor,
+}
+
+fn case(name: &str) -> Case {
+    let dir = oracle_dir().join(name);
+    let model = Checkpoint::open(&dir)
+        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let tensors = Tensor::read_safetensors(dir.join("oracle.safetensors")).expect("oracle file");
+    let get = |n: &str| {
+        tensors
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, t)| t.shallow_clone())
+            .expect("oracle tensor")
+    };
+    Case {
+        model,
+        ids: get("input_ids"),
+        logits: get("logits"),
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// Full forward equals transformers' logits.
+fn full_forward(name: &str) {
+    let c = case(name);
+    let out = tch::no_grad(|| c.model.forward(Input::new(&c.ids), None)).expect("forward");
+    let d = max_diff(&out, &c.logits);
+    assert!(d < 1e-4, "{name}: full forward max abs diff {d}");
+}
+
+/// Prefill + one-token steps + a chunk through the cache equals the full forward.
+fn incremental(name: &str) {
+    let c = case(name);
+    let t = c.ids.size()[1];
+    let mut cache = c.model.new_cache();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for len in [5, 1, 1, 1, 7] {
+        let ids = c.ids.narrow(1, start, len);
+        pieces.push(tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"));
+        start += len;
+    }
+    while start < t {
+        let ids = c.ids.narrow(1, start, 1);
+        pieces.push(tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"));
+        start += 1;
+    }
+    assert_eq!(cache.len(), t);
+    let out = Tensor::cat(&pieces, 1);
+    let d = max_diff(&out, &c.logits);
+    assert!(d < 1e-4, "{name}: incremental decoding max abs diff {d}");
+}
+
+/// Left padding with a validity mask and explicit positions leaves the real tokens' logits unchanged.
+fn left_padding(name: &str) {
+    let c = case(name);
+    let pad = 3;
+    let row = c.ids.narrow(0, 0, 1);
+    let t = row.size()[1];
+    let ids = Tensor::cat(&[Tensor::zeros([1, pad], (Kind::Int64, Device::Cpu)), row], 1);
+    let valid = Tensor::cat(
+        &[
+            Tensor::zeros([1, pad], (Kind::Bool, Device::Cpu)),
+            Tensor::ones([1, t], (Kind::Bool, Device::Cpu)),
+        ],
+        1,
+    );
+    let positions = (Tensor::arange(t + pad, (Kind::Int64, Device::Cpu)) - pad).clamp_min(0).unsqueeze(0);
+    let out = tch::no_grad(|| {
+        c.model
+            .forward(Input::new(&ids).with_positions(&positions).with_valid(&valid), None)
+    })
+    .expect("forward");
+    let d = max_diff(&out.narrow(1, pad, t), &c.logits.narrow(0, 0, 1));
+    assert!(d < 1e-4, "{name}: left-padded max abs diff {d}");
+}
+
+macro_rules! family {
+    ($m:ident, $name:literal) => {
+        mod $m {
+            #[test]
+            fn full_forward_matches_transformers() {
+                super::full_forward($name);
+            }
+            #[test]
+            fn incremental_decoding_matches_transformers() {
+                super::incremental($name);
+            }
+            #[test]
+            fn left_padding_keeps_logits() {
+                super::left_padding($name);
+            }
+        }
+    };
+}
+
+family!(llama, "llama");
+family!(qwen2, "qwen2");
+family!(mistral, "mistral");
+family!(gemma3, "gemma3");

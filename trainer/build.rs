@@ -1,0 +1,5 @@
+include!("../scripts/link_torch.rs");
+
+fn main() {
+    link_torch();
+}

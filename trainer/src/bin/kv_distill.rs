@@ -1,0 +1,328 @@
+//! `kv-distill`: run prompts through a model, score text, inspect checkpoints.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::device::{parse_device, parse_kind};
+use kvd_trainer::generate::{generate, mean_nll, GenerateOptions, Sampling};
+use kvd_trainer::config::ModelConfig;
+use kvd_trainer::model::{Input, Model};
+use kvd_trainer::weights::RandomWeights;
+use tch::Tensor;
+use kvd_trainer::tokenizer::{ChatMessage, Tokenizer};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "kv-distill: KV-cache distillation for pretrained LMs")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a prompt through a model and print the continuation.
+    Generate(GenerateArgs),
+    /// Perplexity of a text file's first tokens.
+    Perplexity(PerplexityArgs),
+    /// Print a checkpoint's configuration.
+    Info(ModelArgs),
+    /// Report whether CUDA is usable from this binary.
+    Devices,
+    /// Write a prompt's token ids and float32 logits to a safetensors file.
+    Logits(LogitsArgs),
+    /// Time full forward passes (prefill) over a sequence: tokens/s.
+    BenchForward(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// HF model directory or GGUF file.
+    #[arg(long, env = "KVD_MODEL")]
+    model: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Top-k truncation when sampling (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus (top-p) truncation when sampling.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (tokenised with special tokens, e.g. BOS).
+    #[arg(long)]
+    prompt: String,
+    /// Output safetensors file with `ids` [1, T] and `logits` [1, T, V].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// HF directory or GGUF file; omit to use `--preset` with random weights.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Random-weight shape when no model is given: llama-3.2-1b.
+    #[arg(long, default_value = "llama-3.2-1b")]
+    preset: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Sequence length.
+    #[arg(long, default_value_t = 4096)]
+    tokens: i64,
+    /// Timed iterations (after 2 warm-up ones).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+}
+
+#[derive(Args, Debug)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file.
+    #[arg(long)]
+    file: PathBuf,
+    /// Score the first N tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Perplexity(a) => run_perplexity(a),
+        Command::Info(a) => {
+            let ck = Checkpoint::open(&a.model)?;
+            println!("{:#?}", ck.config()?);
+            Ok(())
+        }
+        Command::BenchForward(a) => run_bench(a),
+        Command::Logits(a) => run_logits(a),
+        Command::Devices => {
+            println!("cuda_available={}", tch::Cuda::is_available());
+            println!("cuda_device_count={}", tch::Cuda::device_count());
+            println!("cudnn_available={}", tch::Cuda::cudnn_is_available());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads model and tokenizer with a spinner.
+fn load(a: &ModelArgs) -> Result<(Model, Tokenizer)> {
+    let device = parse_device(&a.device)?;
+    let kind = parse_kind(&a.dtype, device)?;
+    let spinner = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"))
+        .with_message(format!("loading {}", a.model.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let start = Instant::now();
+    let ck = Checkpoint::open(&a.model)?;
+    let loaded = ck.load(kind, device)?;
+    spinner.finish_and_clear();
+    let cfg = loaded.0.config();
+    tracing::info!(
+        model = %a.model.display(),
+        arch = cfg.arch.name(),
+        layers = cfg.num_layers,
+        hidden = cfg.hidden_size,
+        vocab = cfg.vocab_size,
+        device = ?device,
+        dtype = ?kind,
+        secs = format!("{:.1}", start.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(loaded)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let (text, add_special) = if a.chat {
+        let msg = ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        };
+        (tok.apply_chat_template(&[msg], true)?, false)
+    } else {
+        (a.prompt.clone(), true)
+    };
+    let ids = tok.encode(&text, add_special)?;
+    let sampling = if a.temperature > 0.0 {
+        Sampling::Sample {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        }
+    } else {
+        Sampling::Greedy
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop_tokens: tok.stop_token_ids().to_vec(),
+    };
+    let start = Instant::now();
+    let mut produced: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout();
+    let out = generate(&model, &ids, None, &opts, |t| {
+        produced.push(t);
+        // Print whole characters only: decode everything so far, emit the new suffix.
+        if let Ok(s) = tok.decode(&produced, true) {
+            if s.len() > printed && s.is_char_boundary(printed) && !s.ends_with('\u{fffd}') {
+                let _ = write!(stdout, "{}", &s[printed..]);
+                let _ = stdout.flush();
+                printed = s.len();
+            }
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let full = tok.decode(&out, true)?;
+    if full.len() > printed && full.is_char_boundary(printed) {
+        print!("{}", &full[printed..]);
+    }
+    println!();
+    tracing::info!(
+        prompt_tokens = ids.len(),
+        new_tokens = out.len(),
+        tokens_per_s = format!("{:.1}", out.len() as f64 / secs.max(1e-9)),
+        "generation done"
+    );
+    Ok(())
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let ids: Vec<i64> = tok.encode(&a.prompt, true)?.into_iter().map(i64::from).collect();
+    let ids = Tensor::from_slice(&ids).unsqueeze(0);
+    let logits = tch::no_grad(|| model.forward(Input::new(&ids.to_device(model.device())), None))?
+        .to_kind(tch::Kind::Float)
+        .to_device(tch::Device::Cpu);
+    Tensor::write_safetensors(&[("ids", &ids), ("logits", &logits)], &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote {} ({} tokens)", a.out.display(), ids.size()[1]);
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let kind = parse_kind(&a.dtype, device)?;
+    let (model, name) = match &a.model {
+        Some(path) => (
+            Checkpoint::open(path)?.load_model(kind, device)?,
+            path.display().to_string(),
+        ),
+        None => {
+            let cfg = match a.preset.as_str() {
+                "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
+                other => anyhow::bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
+            };
+            let src = RandomWeights::new(cfg.arch, 0);
+            (Model::load(cfg, &src, kind, device)?, format!("random {}", a.preset))
+        }
+    };
+    let vocab = model.config().vocab_size as i64;
+    let ids = Tensor::randint(vocab, [1, a.tokens], (tch::Kind::Int64, device));
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut times = Vec::with_capacity(a.iters);
+    tch::no_grad(|| -> Result<()> {
+        for i in 0..a.iters.max(1) + 2 {
+            sync();
+            let start = Instant::now();
+            let h = model.forward_hidden(Input::new(&ids), None)?;
+            // The LM head on the last position only, as a prefill would.
+            let _ = model.logits(&h.narrow(1, a.tokens - 1, 1));
+            sync();
+            if i >= 2 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    })?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "model={name} device={device:?} dtype={kind:?} tokens={} median_s={median:.4} tokens_per_s={:.0}",
+        a.tokens,
+        a.tokens as f64 / median
+    );
+    Ok(())
+}
+
+fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut ids = tok.encode(&text, true)?;
+    ids.truncate(a.max_tokens);
+    let start = Instant::now();
+    let nll = mean_nll(&model, &ids)?;
+    println!(
+        "tokens={} mean_nll={nll:.6} perplexity={:.4} secs={:.2}",
+        ids.len(),
+        nll.exp(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! kv-distill trainer library: decoder-only LMs on libtorch (tch), checkpoint
+//! loading (HF safetensors, GGUF), tokenizers and chat templates, generation.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod weights;
+pub mod gguf;
+pub mod tokenizer;

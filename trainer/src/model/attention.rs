@@ -1,0 +1,100 @@
+//! Multi-head attention with GQA, RoPE, optional QK-norm, and the KV cache.
+
+use super::cache::KvCache;
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::rope;
+use crate::error::Result;
+use tch::Tensor;
+
+/// Which keys each query may see.
+#[derive(Debug)]
+pub enum AttnMask {
+    /// Plain causal attention over a fresh sequence (no cache, no padding, no
+    /// effective window): SDPA's `is_causal` fast path.
+    Causal,
+    /// Explicit boolean mask `[batch, 1, q_len, k_len]`, true = may attend.
+    Explicit(Tensor),
+}
+
+/// Per-forward inputs shared by the layers of one attention kind.
+#[derive(Debug)]
+pub struct AttnInputs {
+    /// RoPE cosines `[batch, 1, q_len, head_dim]`.
+    pub cos: Tensor,
+    /// RoPE sines.
+    pub sin: Tensor,
+    /// The mask.
+    pub mask: AttnMask,
+}
+
+/// One self-attention block.
+#[derive(Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Per-head RMSNorm of queries (Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head RMSNorm of keys (Gemma 3).
+    pub k_norm: Option<RmsNorm>,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads.
+    pub num_kv_heads: i64,
+    /// Width of a head.
+    pub head_dim: i64,
+    /// Multiplier of q·k.
+    pub scale: f64,
+}
+
+impl Attention {
+    /// Runs attention for `x` `[batch, seq, hidden]`; appends this layer's K/V to
+    /// `cache` (slot `layer`) when given and attends over everything cached.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.size3()?;
+        let heads = |p: &Linear, n: i64| -> Result<Tensor> {
+            Ok(p.forward(x).f_view([b, t, n, self.head_dim])?.transpose(1, 2))
+        };
+        let mut q = heads(&self.q_proj, self.num_heads)?;
+        let mut k = heads(&self.k_proj, self.num_kv_heads)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q);
+        }
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k);
+        }
+        let q = rope::apply(&q, &inputs.cos, &inputs.sin);
+        let k = rope::apply(&k, &inputs.cos, &inputs.sin);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append_layer(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let out = self.attend(&q, &k, &v, &inputs.mask)?;
+        let out = out.transpose(1, 2).f_reshape([b, t, self.num_heads * self.head_dim])?;
+        Ok(self.o_proj.forward(&out))
+    }
+
+    /// Softmax attention of `q` over `k`/`v` through libtorch's SDPA (GQA-aware).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        let gqa = self.num_heads != self.num_kv_heads;
+        let (m, causal) = match mask {
+            AttnMask::Causal => (None, true),
+            AttnMask::Explicit(m) => (Some(m), false),
+        };
+        Ok(Tensor::f_scaled_dot_product_attention(
+            q, k, v, m, 0.0, causal, self.scale, gqa,
+        )?)
+    }
+}

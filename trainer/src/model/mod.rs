@@ -1,0 +1,276 @@
+//! The decoder-only transformer (Llama, Mistral, Qwen2, Gemma 3) on libtorch.
+//!
+//! [`Model::forward`] takes token ids, optional explicit positions and padding
+//! validity, and an optional [`KvCache`]; masks are derived from positions, so
+//! the same code serves full forwards, incremental decoding and decoding from a
+//! cache that holds only a subset of a context's positions.
+
+pub mod attention;
+pub mod cache;
+pub mod layer;
+pub mod linear;
+pub mod load;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+use crate::config::{Arch, LayerKind, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::weights::WeightSource;
+use attention::{AttnInputs, AttnMask};
+pub use cache::{KvCache, LayerKv};
+use layer::DecoderLayer;
+use load::Loader;
+use norm::RmsNorm;
+use rope::Rope;
+use tch::{Device, Kind, Tensor};
+
+/// One forward call's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Token ids `[batch, seq]` int64.
+    pub ids: &'a Tensor,
+    /// Absolute positions `[batch, seq]` int64; default: continue after the cache
+    /// (or start at 0), contiguously.
+    pub positions: Option<&'a Tensor>,
+    /// `[batch, seq]` bool, false at padding; default: all valid.
+    pub valid: Option<&'a Tensor>,
+}
+
+impl<'a> Input<'a> {
+    /// Inputs with default positions and no padding.
+    pub fn new(ids: &'a Tensor) -> Self {
+        Input {
+            ids,
+            positions: None,
+            valid: None,
+        }
+    }
+
+    /// Sets explicit positions.
+    pub fn with_positions(mut self, positions: &'a Tensor) -> Self {
+        self.positions = Some(positions);
+        self
+    }
+
+    /// Sets the padding validity mask.
+    pub fn with_valid(mut self, valid: &'a Tensor) -> Self {
+        self.valid = Some(valid);
+        self
+    }
+}
+
+/// A loaded decoder-only language model.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Tensor,
+    embed_scale: Option<f64>,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope_full: Rope,
+    rope_sliding: Rope,
+    kind: Kind,
+    device: Device,
+}
+
+impl Model {
+    /// Builds the model from a checkpoint in HF naming, in `kind` on `device`.
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, kind: Kind, device: Device) -> Result<Self> {
+        let root = Loader::new(src, "", kind, device);
+        let prefix = ["model.", "model.language_model.", "language_model.model."]
+            .into_iter()
+            .find(|p| root.with_prefix(p).contains("embed_tokens.weight"))
+            .ok_or_else(|| ModelError::MissingWeight {
+                path: src.path().to_path_buf(),
+                name: "model.embed_tokens.weight".into(),
+            })?;
+        let ld = root.with_prefix(prefix);
+        let (v, d) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
+        let embed = ld.weight("embed_tokens.weight", &[v, d])?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(&ld, &cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(
+            ld.weight("norm.weight", &[d])?,
+            cfg.rms_norm_eps,
+            cfg.arch.norm_plus_one(),
+        );
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            let head_prefix = if prefix == "language_model.model." { "language_model." } else { "" };
+            root.with_prefix(head_prefix).weight("lm_head.weight", &[v, d])?
+        };
+        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.hidden_size as f64).sqrt());
+        Ok(Model {
+            rope_full: Rope::new(&cfg.rope_full, cfg.head_dim, device),
+            rope_sliding: Rope::new(&cfg.rope_sliding, cfg.head_dim, device),
+            cfg,
+            embed,
+            embed_scale,
+            layers,
+            norm,
+            lm_head,
+            kind,
+            device,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Floating-point kind of weights and activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// A fresh, empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers)
+    }
+
+    /// Logits `[batch, seq, vocab]` (model kind) for `input`, appending to `cache` when given.
+    pub fn forward(&self, input: Input, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(input, cache)?;
+        Ok(self.logits(&h))
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]` for `input`.
+    pub fn forward_hidden(&self, input: Input, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let ids = input.ids;
+        let (b, t) = ids.size2().map_err(|_| {
+            ModelError::Input(format!("token ids must be [batch, seq], got {:?}", ids.size()))
+        })?;
+        if t == 0 {
+            return Err(ModelError::Input("empty sequence".into()));
+        }
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if lo < 0 || hi >= self.cfg.vocab_size as i64 {
+            return Err(ModelError::Input(format!(
+                "token id {} outside the vocabulary [0, {})",
+                if lo < 0 { lo } else { hi },
+                self.cfg.vocab_size
+            )));
+        }
+        if let Some(c) = cache.as_deref() {
+            if c.num_layers() != self.cfg.num_layers {
+                return Err(ModelError::Input(format!(
+                    "cache has {} layers, the model {}",
+                    c.num_layers(),
+                    self.cfg.num_layers
+                )));
+            }
+        }
+        let history = cache.as_deref().filter(|c| !c.is_empty());
+        let positions = match (input.positions, history) {
+            (Some(p), _) => {
+                if p.size() != [b, t] {
+                    return Err(ModelError::Input(format!(
+                        "positions have shape {:?}, ids {:?}",
+                        p.size(),
+                        [b, t]
+                    )));
+                }
+                p.shallow_clone()
+            }
+            (None, None) => Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0).expand([b, t], false),
+            (None, Some(c)) => {
+                let next = c.next_positions().unwrap_or_else(|| Tensor::zeros([b], (Kind::Int64, self.device)));
+                next.unsqueeze(1) + Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0)
+            }
+        };
+        let fast_causal = history.is_none() && input.positions.is_none() && input.valid.is_none();
+        let (k_pos, k_valid) = match history {
+            Some(c) => {
+                let k_pos = Tensor::f_cat(&[c.positions().unwrap_or(&positions), &positions], 1)?;
+                let k_valid = match (c.valid(), input.valid) {
+                    (None, None) => None,
+                    (old, new) => {
+                        let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| {
+                            Tensor::ones([b, c.len()], (Kind::Bool, self.device))
+                        });
+                        let new = new.map(|n| n.shallow_clone()).unwrap_or_else(|| {
+                            Tensor::ones([b, t], (Kind::Bool, self.device))
+                        });
+                        Some(Tensor::f_cat(&[old, new], 1)?)
+                    }
+                };
+                (k_pos, k_valid)
+            }
+            None => (positions.shallow_clone(), input.valid.map(|v| v.shallow_clone())),
+        };
+        let full = self.attn_inputs(&self.rope_full, &positions, &k_pos, k_valid.as_ref(), None, fast_causal)?;
+        let sliding = if self.cfg.layer_kinds.contains(&LayerKind::Sliding) {
+            let window = self.cfg.sliding_window;
+            let fast = fast_causal && window.is_none_or(|w| w as i64 >= t);
+            Some(self.attn_inputs(&self.rope_sliding, &positions, &k_pos, k_valid.as_ref(), window, fast)?)
+        } else {
+            None
+        };
+
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        if let Some(s) = self.embed_scale {
+            x = x * Tensor::from(s as f32).to_kind(self.kind).to_device(self.device);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let inputs = match (layer.kind, &sliding) {
+                (LayerKind::Sliding, Some(s)) => s,
+                _ => &full,
+            };
+            x = layer.forward(&x, inputs, cache.as_deref_mut().map(|c| (c, i)))?;
+        }
+        if let Some(c) = cache {
+            c.append_positions(&positions, input.valid)?;
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// LM-head logits for hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let logits = hidden.linear::<&Tensor>(&self.lm_head, None);
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    /// RoPE tables and mask for one attention kind.
+    fn attn_inputs(
+        &self,
+        rope: &Rope,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+        k_valid: Option<&Tensor>,
+        window: Option<usize>,
+        fast_causal: bool,
+    ) -> Result<AttnInputs> {
+        let (cos, sin) = rope.cos_sin(q_pos, self.kind)?;
+        let mask = if fast_causal {
+            AttnMask::Causal
+        } else {
+            let q = q_pos.unsqueeze(2);
+            let k = k_pos.unsqueeze(1);
+            let mut allowed = k.le_tensor(&q);
+            if let Some(w) = window {
+                allowed = allowed.logical_and(&(&q - &k).lt(w as i64));
+            }
+            if let Some(v) = k_valid {
+                allowed = allowed.logical_and(&v.unsqueeze(1));
+            }
+            // A query that may see nothing (e.g. left padding) attends everywhere
+            // instead of producing NaN; such rows are padding and never used.
+            let none = allowed.any_dim(-1, true).logical_not();
+            AttnMask::Explicit(allowed.logical_or(&none).unsqueeze(1))
+        };
+        Ok(AttnInputs { cos, sin, mask })
+    }
+}
