@@ -28,7 +28,8 @@ def main():
     for case in cases:
         try:
             rendered, _ = render_jinja_template(
-                conversations=[case["messages"]],
+                # Role first, as chat messages are normally written (the JSON may sort keys).
+                conversations=[[{"role": m["role"], "content": m["content"]} for m in case["messages"]]],
                 chat_template=case["template"],
                 add_generation_prompt=case["add_generation_prompt"],
                 **case["special_tokens"],

@@ -1,8 +1,9 @@
 //! Locations the tests share with `scripts/setup.sh`: the Python venv that holds
 //! the oracles (HF transformers, gguf-py) and the fetched real assets.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// Root of the cache that `scripts/setup.sh` fills (`$KVD_CACHE`, default `~/.cache/kv-distill`).
 pub fn cache_dir() -> PathBuf {
@@ -39,7 +40,9 @@ pub fn gemma3_gguf() -> PathBuf {
 
 /// Path of an oracle script in `tests/oracle/`.
 pub fn oracle_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("oracle").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("oracle")
+        .join(name)
 }
 
 /// Runs `tests/oracle/<script>` with the oracle Python and returns its stdout.
@@ -59,4 +62,26 @@ pub fn run_oracle(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("oracle printed non-UTF-8")
+}
+
+/// Output of `tests/oracle/tiny_models.py` (tiny random HF checkpoints with
+/// transformers' logits) plus `gguf/` from `tiny_gguf.py`, made once per test
+/// binary. `KVD_TINY_ORACLE_DIR` reuses an existing directory (for debugging).
+pub fn tiny_models() -> &'static Path {
+    static DIR: OnceLock<(Option<tempfile::TempDir>, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        if let Ok(existing) = std::env::var("KVD_TINY_ORACLE_DIR") {
+            return (None, PathBuf::from(existing));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let p = path.to_str().expect("utf-8 temp path");
+        run_oracle("tiny_models.py", &[p]);
+        run_oracle(
+            "tiny_gguf.py",
+            &[p, path.join("gguf").to_str().expect("utf-8")],
+        );
+        (Some(dir), path)
+    })
+    .1
 }

@@ -1,28 +1,10 @@
 //! Parity against HF transformers on tiny random checkpoints of every supported
 //! family: full forward, incremental decoding with the KV cache, and padding.
 
-use kvd_tests::env::run_oracle;
+use kvd_tests::env::tiny_models;
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::model::{Input, Model};
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
-
-/// The oracle's output directory, made once per test binary
-/// (`KVD_TINY_ORACLE_DIR` reuses an existing one, for debugging).
-fn oracle_dir() -> &'static PathBuf {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        if let Ok(existing) = std::env::var("KVD_TINY_ORACLE_DIR") {
-            return (dir, PathBuf::from(existing));
-        }
-        let path = dir.path().to_path_buf();
-        run_oracle("tiny_models.py", &[path.to_str().expect("utf-8 path")]);
-        (dir, path)
-    })
-    .1
-}
 
 struct Case {
     model: Model,
@@ -30,11 +12,7 @@ struct Case {
     logits: Tensor,
 }
 
-fn case(name: &str) -> Case {
-    let dir = oracle_dir().join(name);
-    let model = Checkpoint::open(&dir)
-        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+fn oracle(dir: &std::path::Path) -> (Tensor, Tensor) {
     let tensors = Tensor::read_safetensors(dir.join("oracle.safetensors")).expect("oracle file");
     let get = |n: &str| {
         tensors
@@ -43,11 +21,16 @@ fn case(name: &str) -> Case {
             .map(|(_, t)| t.shallow_clone())
             .expect("oracle tensor")
     };
-    Case {
-        model,
-        ids: get("input_ids"),
-        logits: get("logits"),
-    }
+    (get("input_ids"), get("logits"))
+}
+
+fn case(name: &str) -> Case {
+    let dir = tiny_models().join(name);
+    let model = Checkpoint::open(&dir)
+        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (ids, logits) = oracle(&dir);
+    Case { model, ids, logits }
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -75,12 +58,16 @@ fn incremental(name: &str) {
     let mut start = 0;
     for len in [5, 1, 1, 1, 7] {
         let ids = c.ids.narrow(1, start, len);
-        pieces.push(tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"));
+        pieces.push(
+            tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"),
+        );
         start += len;
     }
     while start < t {
         let ids = c.ids.narrow(1, start, 1);
-        pieces.push(tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"));
+        pieces.push(
+            tch::no_grad(|| c.model.forward(Input::new(&ids), Some(&mut cache))).expect("step"),
+        );
         start += 1;
     }
     assert_eq!(cache.len(), t);
@@ -95,7 +82,10 @@ fn left_padding(name: &str) {
     let pad = 3;
     let row = c.ids.narrow(0, 0, 1);
     let t = row.size()[1];
-    let ids = Tensor::cat(&[Tensor::zeros([1, pad], (Kind::Int64, Device::Cpu)), row], 1);
+    let ids = Tensor::cat(
+        &[Tensor::zeros([1, pad], (Kind::Int64, Device::Cpu)), row],
+        1,
+    );
     let valid = Tensor::cat(
         &[
             Tensor::zeros([1, pad], (Kind::Bool, Device::Cpu)),
@@ -103,10 +93,16 @@ fn left_padding(name: &str) {
         ],
         1,
     );
-    let positions = (Tensor::arange(t + pad, (Kind::Int64, Device::Cpu)) - pad).clamp_min(0).unsqueeze(0);
+    let positions = (Tensor::arange(t + pad, (Kind::Int64, Device::Cpu)) - pad)
+        .clamp_min(0)
+        .unsqueeze(0);
     let out = tch::no_grad(|| {
-        c.model
-            .forward(Input::new(&ids).with_positions(&positions).with_valid(&valid), None)
+        c.model.forward(
+            Input::new(&ids)
+                .with_positions(&positions)
+                .with_valid(&valid),
+            None,
+        )
     })
     .expect("forward");
     let d = max_diff(&out.narrow(1, pad, t), &c.logits.narrow(0, 0, 1));
@@ -136,3 +132,16 @@ family!(llama, "llama");
 family!(qwen2, "qwen2");
 family!(mistral, "mistral");
 family!(gemma3, "gemma3");
+
+/// The tiny Llama written as llama.cpp writes GGUF (permuted Q/K rows, Llama 3
+/// RoPE as `rope_freqs.weight`) loads to the same logits as transformers'.
+#[test]
+fn llama_gguf_matches_transformers() {
+    let model = Checkpoint::open(&tiny_models().join("gguf/llama.gguf"))
+        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (ids, logits) = oracle(&tiny_models().join("llama"));
+    let out = tch::no_grad(|| model.forward(Input::new(&ids), None)).expect("forward");
+    let d = max_diff(&out, &logits);
+    assert!(d < 1e-4, "GGUF llama: max abs diff {d}");
+}

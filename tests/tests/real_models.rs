@@ -37,8 +37,10 @@ fn load(gguf: &Path) -> Real {
             dir.path().to_str().expect("utf-8"),
         ],
     );
-    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("oracle JSON");
-    let tensors = Tensor::read_safetensors(dir.path().join("reference.safetensors")).expect("reference");
+    let json: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("oracle JSON");
+    let tensors =
+        Tensor::read_safetensors(dir.path().join("reference.safetensors")).expect("reference");
     let get = |n: &str| {
         tensors
             .iter()
@@ -85,8 +87,13 @@ fn ids_vec(t: &Tensor) -> Vec<u32> {
 
 fn check_logits(r: &Real, name: &str) {
     let ids = r.tok.encode(&r.prompt, true).expect("encode");
-    assert_eq!(ids, ids_vec(&r.prompt_ids), "{name}: prompt token ids differ from transformers'");
-    let logits = tch::no_grad(|| r.model.forward(Input::new(&r.prompt_ids), None)).expect("forward");
+    assert_eq!(
+        ids,
+        ids_vec(&r.prompt_ids),
+        "{name}: prompt token ids differ from transformers'"
+    );
+    let logits =
+        tch::no_grad(|| r.model.forward(Input::new(&r.prompt_ids), None)).expect("forward");
     let d = (logits - &r.prompt_logits).abs().max().double_value(&[]);
     assert!(d < 1e-3, "{name}: logits max abs diff {d} vs transformers");
 }
@@ -95,11 +102,19 @@ fn check_perplexity(r: &Real, name: &str) {
     let text = std::fs::read_to_string(essay()).expect("essay");
     let mut ids = r.tok.encode(&text, true).expect("encode");
     ids.truncate(1024);
-    assert_eq!(ids, ids_vec(&r.essay_ids), "{name}: essay token ids differ from transformers'");
+    assert_eq!(
+        ids,
+        ids_vec(&r.essay_ids),
+        "{name}: essay token ids differ from transformers'"
+    );
     let nll = mean_nll(&r.model, &ids).expect("nll");
     let (ppl, ref_ppl) = (nll.exp(), r.ref_nll.exp());
     let rel = (ppl - ref_ppl).abs() / ref_ppl;
-    assert!(rel < 0.01, "{name}: perplexity {ppl:.4} vs transformers {ref_ppl:.4} ({:.3}% off)", rel * 100.0);
+    assert!(
+        rel < 0.01,
+        "{name}: perplexity {ppl:.4} vs transformers {ref_ppl:.4} ({:.3}% off)",
+        rel * 100.0
+    );
 }
 
 #[test]

@@ -98,7 +98,11 @@ fn compare(label: &str, tok: &Tokenizer, side: &Side, problems: &mut Vec<String>
 
     let mut push = |p: String| problems.push(format!("{label}: {p}"));
     if tok.vocab_size() != side.len {
-        push(format!("vocab_size {} != len(tok) {}", tok.vocab_size(), side.len));
+        push(format!(
+            "vocab_size {} != len(tok) {}",
+            tok.vocab_size(),
+            side.len
+        ));
     }
     if tok.bos_token_id() != side.bos_token_id {
         push(format!(
@@ -213,8 +217,7 @@ fn first_diff(path: &str, a: &Value, b: &Value) -> Option<String> {
                     return Some(d);
                 }
             }
-            (x.len() != y.len())
-                .then(|| format!("{path}: length {} vs {}", x.len(), y.len()))
+            (x.len() != y.len()).then(|| format!("{path}: length {} vs {}", x.len(), y.len()))
         }
         (u, v) => (u != v).then(|| {
             let (su, sv) = (u.to_string(), v.to_string());
@@ -304,8 +307,14 @@ fn gemma3_gguf_and_hf_dir_match_transformers() {
     let err = tok
         .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
         .expect_err("Gemma-3 270m GGUF has no chat template");
-    assert!(matches!(err, TokenizerError::NoChatTemplate { .. }), "{err}");
-    assert!(err.to_string().contains("gemma-3-270m-q4_k_m.gguf"), "{err}");
+    assert!(
+        matches!(err, TokenizerError::NoChatTemplate { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("gemma-3-270m-q4_k_m.gguf"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -332,7 +341,12 @@ fn synthetic_ggufs_match_transformers() {
             }
         };
         compare(&format!("{name} gguf"), &from_gguf, &o.gguf, &mut problems);
-        compare_tokenizer_json(&format!("{name} gguf"), &from_gguf, &o.hf_dir, &mut problems);
+        compare_tokenizer_json(
+            &format!("{name} gguf"),
+            &from_gguf,
+            &o.hf_dir,
+            &mut problems,
+        );
         match Tokenizer::from_hf_dir(&o.hf_dir) {
             Ok(t) => compare(&format!("{name} hf dir"), &t, &o.hf, &mut problems),
             Err(e) => problems.push(format!("{name}: from_hf_dir failed: {e}")),
@@ -351,9 +365,15 @@ fn synthetic_ggufs_match_transformers() {
     let bad: &[(&str, &str)] = &[
         ("bad_no_tokens", "tokenizer.ggml.tokens missing"),
         ("bad_no_model", "tokenizer.ggml.model missing"),
-        ("bad_model", "tokenizer.ggml.model = \"bert\" is not supported"),
+        (
+            "bad_model",
+            "tokenizer.ggml.model = \"bert\" is not supported",
+        ),
         ("bad_no_merges", "tokenizer.ggml.scores"),
-        ("bad_bos_range", "tokenizer.ggml.bos_token_id: id 100000 out of range"),
+        (
+            "bad_bos_range",
+            "tokenizer.ggml.bos_token_id: id 100000 out of range",
+        ),
         ("bad_merge_entry", "tokenizer.ggml.merges: entry 1"),
         ("bad_merge_oov", "BPE model"),
         ("bad_tokens_type", "tokenizer.ggml.tokens: element 0"),
@@ -374,6 +394,10 @@ fn synthetic_ggufs_match_transformers() {
 /// (whitespace control, `trim_blocks`/`lstrip_blocks`, namespaces, Python
 /// string methods, `tojson`, loop controls, `raise_exception`, slicing,
 /// `{% generation %}`).
+///
+/// Not covered: iterating a dict *literal* of the template itself. minijinja
+/// keeps such maps sorted by key unless its `preserve_order` feature is on,
+/// while Python keeps insertion order.
 const TEMPLATES: &[&str] = &[
     // Gemma 3 style.
     "{{ bos_token }}
@@ -460,7 +484,8 @@ INDENT {{ messages[-1] | tojson(indent=2) }}
 {%- if m.role == 'assistant' -%}{% generation %}{{ m.content }}{% endgeneration %}{%- else -%}{{ m.content | replace('\\n', ' / ') }}{%- endif -%}
 {{ ' ' if 'France' in m.content else '' }}
 {%- endfor -%}
-{%- for k, v in roles.items() %}{{ k }}={{ v }};{% endfor -%}
+{%- for k, v in roles | dictsort %}{{ k }}={{ v }};{% endfor -%}
+{%- for k, v in {'a': 1, 'b': [2, 'x']}.items() %}{{ k }}{{ v | tojson }}{% endfor -%}
 {{ messages | map(attribute='role') | join(',') }}|{{ messages | length }}|{{ eos_token }}
 {%- if add_generation_prompt %}<gen>{% endif -%}
 ",
@@ -581,18 +606,29 @@ fn hf_dir_bad_input_errors_name_the_file() {
     // No tokenizer.json.
     let dir = hf_dir_with(&[("tokenizer_config.json", "{}")]);
     let msg = hf_error(dir.path());
-    assert!(msg.contains(&dir.path().join("tokenizer.json").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&dir.path().join("tokenizer.json").display().to_string()),
+        "{msg}"
+    );
 
     // tokenizer.json that is not JSON.
     let dir = hf_dir_with(&[("tokenizer.json", "{\"version\": \"1.0\", oops")]);
-    let err = Tokenizer::from_hf_dir(dir.path()).map(|_| ()).expect_err("bad JSON");
+    let err = Tokenizer::from_hf_dir(dir.path())
+        .map(|_| ())
+        .expect_err("bad JSON");
     assert!(matches!(err, TokenizerError::Json { .. }), "{err}");
-    assert!(err.to_string().contains("tokenizer.json: invalid JSON"), "{err}");
+    assert!(
+        err.to_string().contains("tokenizer.json: invalid JSON"),
+        "{err}"
+    );
 
     // JSON, but not a tokenizer.
     let dir = hf_dir_with(&[("tokenizer.json", "{\"model\": 3}")]);
     let msg = hf_error(dir.path());
-    assert!(msg.contains("tokenizer.json: cannot build tokenizer"), "{msg}");
+    assert!(
+        msg.contains("tokenizer.json: cannot build tokenizer"),
+        "{msg}"
+    );
 
     // A bad tokenizer_config.json next to a good tokenizer.json.
     let dir = hf_dir_with(&[
@@ -607,12 +643,18 @@ fn hf_dir_bad_input_errors_name_the_file() {
         ("tokenizer_config.json", r#"{"add_bos_token": "yes"}"#),
     ]);
     let msg = hf_error(dir.path());
-    assert!(msg.contains("tokenizer_config.json: add_bos_token: expected a bool"), "{msg}");
+    assert!(
+        msg.contains("tokenizer_config.json: add_bos_token: expected a bool"),
+        "{msg}"
+    );
 
     // add_bos_token naming a token that is not in the vocabulary.
     let dir = hf_dir_with(&[
         ("tokenizer.json", TINY_TOKENIZER_JSON),
-        ("tokenizer_config.json", r#"{"add_bos_token": true, "bos_token": {"content": 5}}"#),
+        (
+            "tokenizer_config.json",
+            r#"{"add_bos_token": true, "bos_token": {"content": 5}}"#,
+        ),
     ]);
     let msg = hf_error(dir.path());
     assert!(msg.contains("tokenizer_config.json: bos_token"), "{msg}");
@@ -622,7 +664,10 @@ fn hf_dir_bad_input_errors_name_the_file() {
         ("generation_config.json", r#"{"eos_token_id": "two"}"#),
     ]);
     let msg = hf_error(dir.path());
-    assert!(msg.contains("generation_config.json: eos_token_id"), "{msg}");
+    assert!(
+        msg.contains("generation_config.json: eos_token_id"),
+        "{msg}"
+    );
 
     // Not a directory at all.
     let missing = dir.path().join("nope");
@@ -647,15 +692,24 @@ fn hf_dir_config_drives_specials_bos_and_stops() {
     assert_eq!(tok.vocab_size(), 5);
     assert_eq!(tok.eos_token_id(), Some(4));
     assert_eq!(tok.bos_token_id(), Some(3));
-    assert_eq!(tok.encode("hello world", true).expect("encode"), vec![3, 1, 2, 4]);
-    assert_eq!(tok.encode("hello world", false).expect("encode"), vec![1, 2]);
+    assert_eq!(
+        tok.encode("hello world", true).expect("encode"),
+        vec![3, 1, 2, 4]
+    );
+    assert_eq!(
+        tok.encode("hello world", false).expect("encode"),
+        vec![1, 2]
+    );
     assert_eq!(tok.stop_token_ids(), &[4, 2]);
     assert_eq!(
         tok.apply_chat_template(&[ChatMessage::new("user", "hi")], false)
             .expect("render"),
         "<s>hi"
     );
-    assert_eq!(tok.decode(&[3, 1, 2, 4], true).expect("decode"), "hello world");
+    assert_eq!(
+        tok.decode(&[3, 1, 2, 4], true).expect("decode"),
+        "hello world"
+    );
 
     // No config at all: no specials added, no chat template.
     let dir = hf_dir_with(&[("tokenizer.json", TINY_TOKENIZER_JSON)]);
@@ -666,5 +720,8 @@ fn hf_dir_config_drives_specials_bos_and_stops() {
     let err = tok
         .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
         .expect_err("no template");
-    assert!(matches!(err, TokenizerError::NoChatTemplate { .. }), "{err}");
+    assert!(
+        matches!(err, TokenizerError::NoChatTemplate { .. }),
+        "{err}"
+    );
 }

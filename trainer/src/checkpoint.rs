@@ -37,7 +37,10 @@ impl Checkpoint {
         if !path.exists() {
             return Err(ModelError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         Ok(Checkpoint::Gguf(Box::new(GgufFile::open(path)?)))

@@ -57,6 +57,9 @@ pub enum RopeScaling {
         /// Context length of the original pre-training.
         original_max_position_embeddings: f64,
     },
+    /// Per-frequency divisors, as llama.cpp stores Llama 3 scaling in GGUF
+    /// (`rope_freqs.weight`, one factor per rotary pair).
+    FreqFactors(Vec<f32>),
 }
 
 /// Rotary embedding parameters of one kind of layer.
@@ -165,10 +168,12 @@ impl ModelConfig {
             "gemma3_text" => Arch::Gemma3,
             "gemma3" => {
                 // Multimodal wrapper: the language model's config is nested.
-                let text = json.get("text_config").ok_or_else(|| ModelError::MissingField {
-                    path: path.to_path_buf(),
-                    field: "text_config".into(),
-                })?;
+                let text = json
+                    .get("text_config")
+                    .ok_or_else(|| ModelError::MissingField {
+                        path: path.to_path_buf(),
+                        field: "text_config".into(),
+                    })?;
                 let mut text = text.clone();
                 if let Some(obj) = text.as_object_mut() {
                     obj.insert("model_type".into(), Value::from("gemma3_text"));
@@ -229,7 +234,11 @@ impl ModelConfig {
             _ => (head_dim as f64).powf(-0.5),
         };
         let eos_token_ids = match json.get("eos_token_id") {
-            Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|i| i as u32).collect(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|i| i as u32)
+                .collect(),
             Some(v) => v.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
             None => vec![],
         };
@@ -280,7 +289,11 @@ impl ModelConfig {
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str| -> Result<usize> { Ok(file.get_u64(&key(k))? as usize) };
-        let opt_u = |k: &str| file.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let opt_u = |k: &str| {
+            file.get(&key(k))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        };
         let opt_f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
         let gemma = arch == Arch::Gemma3;
         let hidden_size = req("embedding_length")?;
@@ -288,7 +301,11 @@ impl ModelConfig {
         let num_layers = req("block_count")?;
         let num_kv_heads = opt_u("attention.head_count_kv").unwrap_or(num_heads);
         let head_dim = opt_u("attention.key_length")
-            .or(if gemma { None } else { opt_u("rope.dimension_count") })
+            .or(if gemma {
+                None
+            } else {
+                opt_u("rope.dimension_count")
+            })
             .unwrap_or(hidden_size / num_heads.max(1));
         // The embedding's rows are the model's vocabulary; the tokenizer is checked against it.
         let vocab_size = match file.tensor_info("token_embd.weight") {
@@ -309,10 +326,7 @@ impl ModelConfig {
                 }
             })
             .collect();
-        let scaling = match file
-            .get(&key("rope.scaling.type"))
-            .and_then(|v| v.as_str())
-        {
+        let scaling = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear {
                 factor: opt_f("rope.scaling.factor").unwrap_or(1.0),
@@ -355,7 +369,11 @@ impl ModelConfig {
             qkv_bias: has_qkv_bias,
             o_bias: false,
             mlp_bias: false,
-            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
             attn_scale: (head_dim as f64).powf(-0.5),
             tie_word_embeddings: !has_output,
             final_logit_softcapping: opt_f("final_logit_softcapping"),
@@ -386,14 +404,20 @@ impl ModelConfig {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
-                format!("{} does not divide {} query heads", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide {} query heads",
+                    self.num_kv_heads, self.num_heads
+                ),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "head_dim",
+                format!("{} is odd; RoPE needs pairs", self.head_dim),
+            ));
         }
         Ok(self)
     }
@@ -470,7 +494,13 @@ fn default_layer_kinds(
         Arch::Qwen2 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
             let first = f.opt_usize("max_window_layers")?.unwrap_or(n);
             (0..n)
-                .map(|i| if i >= first { LayerKind::Sliding } else { LayerKind::Full })
+                .map(|i| {
+                    if i >= first {
+                        LayerKind::Sliding
+                    } else {
+                        LayerKind::Full
+                    }
+                })
                 .collect()
         }
         _ => vec![LayerKind::Full; n],
@@ -497,7 +527,14 @@ fn parse_rope(f: &Fields, arch: Arch) -> Result<(RopeConfig, RopeConfig)> {
         }
         let theta = f.opt_f64("rope_theta")?.unwrap_or(global_default);
         let rope = rope_from_obj(f, "rope_parameters", p, theta)?;
-        return Ok((rope.clone(), if gemma { rope_plain(local_default) } else { rope }));
+        return Ok((
+            rope.clone(),
+            if gemma {
+                rope_plain(local_default)
+            } else {
+                rope
+            },
+        ));
     }
     let theta = f.opt_f64("rope_theta")?.unwrap_or(global_default);
     let scaling = match f.json.get("rope_scaling").filter(|v| v.is_object()) {
@@ -549,7 +586,9 @@ fn rope_from_obj(f: &Fields, field: &str, v: &Value, default_theta: f64) -> Resu
             return Err(ModelError::BadField {
                 path: f.path.clone(),
                 field: format!("{field}.rope_type"),
-                msg: format!("unsupported RoPE type `{other}` (supported: default, linear, llama3)"),
+                msg: format!(
+                    "unsupported RoPE type `{other}` (supported: default, linear, llama3)"
+                ),
             })
         }
     };
@@ -576,10 +615,11 @@ impl Fields<'_> {
     }
 
     fn req_str(&self, field: &str) -> Result<String> {
-        self.opt_str(field)?.ok_or_else(|| ModelError::MissingField {
-            path: self.path.clone(),
-            field: field.into(),
-        })
+        self.opt_str(field)?
+            .ok_or_else(|| ModelError::MissingField {
+                path: self.path.clone(),
+                field: field.into(),
+            })
     }
 
     fn opt_str(&self, field: &str) -> Result<Option<String>> {
@@ -593,19 +633,19 @@ impl Fields<'_> {
     }
 
     fn req_usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?.ok_or_else(|| ModelError::MissingField {
-            path: self.path.clone(),
-            field: field.into(),
-        })
+        self.opt_usize(field)?
+            .ok_or_else(|| ModelError::MissingField {
+                path: self.path.clone(),
+                field: field.into(),
+            })
     }
 
     fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
         match self.present(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.bad(field, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.bad(field, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 

@@ -41,7 +41,9 @@ pub enum ModelError {
         msg: String,
     },
     /// The checkpoint's architecture is not implemented.
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)")]
+    #[error(
+        "{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)"
+    )]
     UnknownArchitecture {
         /// The config file.
         path: PathBuf,

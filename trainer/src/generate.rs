@@ -46,9 +46,14 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
-        return Err(ModelError::Input("generation needs a non-empty prompt".into()));
+        return Err(ModelError::Input(
+            "generation needs a non-empty prompt".into(),
+        ));
     }
-    if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = opts.sampling
+    {
         if temperature <= 0.0 || !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
             return Err(ModelError::Input(format!(
                 "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
@@ -72,7 +77,9 @@ pub fn generate(
     let mut out = Vec::new();
     tch::no_grad(|| -> Result<()> {
         while out.len() < opts.max_new_tokens {
-            let ids = Tensor::from_slice(&next_input).unsqueeze(0).to_device(device);
+            let ids = Tensor::from_slice(&next_input)
+                .unsqueeze(0)
+                .to_device(device);
             let hidden = model.forward_hidden(Input::new(&ids), Some(&mut *cache))?;
             let last = hidden.select(1, -1);
             let logits = model.logits(&last).squeeze_dim(0).to_kind(Kind::Float);
@@ -99,7 +106,9 @@ fn choose(logits: &Tensor, sampling: &Sampling, rng: &mut StdRng) -> Result<u32>
             top_p,
             ..
         } => {
-            let probs = (logits / temperature).softmax(0, Kind::Float).to_device(tch::Device::Cpu);
+            let probs = (logits / temperature)
+                .softmax(0, Kind::Float)
+                .to_device(tch::Device::Cpu);
             let probs: Vec<f32> = Vec::<f32>::try_from(&probs)?;
             let mut order: Vec<usize> = (0..probs.len()).collect();
             order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]));
@@ -132,7 +141,9 @@ fn choose(logits: &Tensor, sampling: &Sampling, rng: &mut StdRng) -> Result<u32>
 /// computed in float32 over chunks of positions so the full logits never exist at once.
 pub fn mean_nll(model: &Model, ids: &[u32]) -> Result<f64> {
     if ids.len() < 2 {
-        return Err(ModelError::Input("perplexity needs at least two tokens".into()));
+        return Err(ModelError::Input(
+            "perplexity needs at least two tokens".into(),
+        ));
     }
     let device = model.device();
     let t: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -146,10 +157,15 @@ pub fn mean_nll(model: &Model, ids: &[u32]) -> Result<f64> {
         let mut start = 0;
         while start < n {
             let len = CHUNK.min(n - start);
-            let logits = model.logits(&hidden.narrow(1, start, len)).to_kind(Kind::Float);
+            let logits = model
+                .logits(&hidden.narrow(1, start, len))
+                .to_kind(Kind::Float);
             let logp = logits.log_softmax(-1, Kind::Float);
             let tgt = targets.narrow(1, start, len).unsqueeze(-1);
-            total -= logp.gather(-1, &tgt, false).sum(Kind::Double).double_value(&[]);
+            total -= logp
+                .gather(-1, &tgt, false)
+                .sum(Kind::Double)
+                .double_value(&[]);
             start += len;
         }
         Ok(total / n as f64)

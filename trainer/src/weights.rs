@@ -14,6 +14,10 @@ use tch::{Kind, Tensor};
 pub trait WeightSource {
     /// The checkpoint's path (for messages).
     fn path(&self) -> &Path;
+    /// The file holding `name` (for messages; defaults to the checkpoint's path).
+    fn location(&self, _name: &str) -> PathBuf {
+        self.path().to_path_buf()
+    }
     /// Whether the checkpoint has this weight.
     fn contains(&self, name: &str) -> bool;
     /// Loads a weight as a CPU tensor in its stored (or dequantised) float kind.
@@ -105,6 +109,13 @@ impl WeightSource for SafetensorsDir {
         &self.dir
     }
 
+    fn location(&self, name: &str) -> PathBuf {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].0.clone(),
+            None => self.dir.clone(),
+        }
+    }
+
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -129,7 +140,11 @@ impl WeightSource for SafetensorsDir {
             Dtype::F16 => Kind::Half,
             Dtype::BF16 => Kind::BFloat16,
             Dtype::F64 => Kind::Double,
-            other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has unsupported dtype {other:?}"
+                )))
+            }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         Ok(Some(Tensor::f_from_data_size(view.data(), &shape, kind)?))
@@ -218,7 +233,7 @@ impl WeightSource for GgufWeights<'_> {
             t = unpermute_rows(&t, heads as i64)?;
         }
         if self.arch == Arch::Gemma3 && gg.ends_with("norm.weight") {
-            t = t - 1.0;
+            t -= 1.0;
         }
         Ok(Some(t))
     }

@@ -18,7 +18,7 @@ fn dynamic_section() -> String {
 
 #[test]
 fn binary_links_libtorch_cuda_when_libtorch_has_it() {
-    let lib = option_env!("KVD_LIBTORCH_LIB").expect("build.rs exports the libtorch dir");
+    let lib = env!("KVD_LIBTORCH_LIB");
     let dynamic = dynamic_section();
     let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
     if Path::new(lib).join("libtorch_cuda.so").exists() {
@@ -33,7 +33,9 @@ fn binary_links_libtorch_cuda_when_libtorch_has_it() {
         "libtorch_cpu.so is not NEEDED by {BIN}"
     );
     assert!(
-        dynamic.lines().any(|l| (l.contains("(RUNPATH)") || l.contains("(RPATH)")) && l.contains(lib)),
+        dynamic
+            .lines()
+            .any(|l| (l.contains("(RUNPATH)") || l.contains("(RPATH)")) && l.contains(lib)),
         "no rpath to {lib} in {BIN}"
     );
 }
@@ -45,7 +47,14 @@ fn binary_starts_without_library_path_and_reports_cuda() {
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .expect("run kv-distill");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("cuda_available="), "unexpected output: {text}");
+    assert!(
+        text.contains("cuda_available="),
+        "unexpected output: {text}"
+    );
 }

@@ -4,19 +4,22 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::config::ModelConfig;
 use kvd_trainer::device::{parse_device, parse_kind};
 use kvd_trainer::generate::{generate, mean_nll, GenerateOptions, Sampling};
-use kvd_trainer::config::ModelConfig;
 use kvd_trainer::model::{Input, Model};
-use kvd_trainer::weights::RandomWeights;
-use tch::Tensor;
 use kvd_trainer::tokenizer::{ChatMessage, Tokenizer};
+use kvd_trainer::weights::RandomWeights;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+use tch::Tensor;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "kv-distill: KV-cache distillation for pretrained LMs")]
+#[command(
+    version,
+    about = "kv-distill: KV-cache distillation for pretrained LMs"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -158,7 +161,9 @@ fn main() -> Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -170,7 +175,9 @@ fn load(a: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let device = parse_device(&a.device)?;
     let kind = parse_kind(&a.dtype, device)?;
     let spinner = ProgressBar::new_spinner()
-        .with_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"))
+        .with_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
+        )
         .with_message(format!("loading {}", a.model.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let start = Instant::now();
@@ -251,7 +258,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let (model, tok) = load(&a.model)?;
-    let ids: Vec<i64> = tok.encode(&a.prompt, true)?.into_iter().map(i64::from).collect();
+    let ids: Vec<i64> = tok
+        .encode(&a.prompt, true)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let ids = Tensor::from_slice(&ids).unsqueeze(0);
     let logits = tch::no_grad(|| model.forward(Input::new(&ids.to_device(model.device())), None))?
         .to_kind(tch::Kind::Float)
@@ -276,7 +287,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 other => anyhow::bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
             };
             let src = RandomWeights::new(cfg.arch, 0);
-            (Model::load(cfg, &src, kind, device)?, format!("random {}", a.preset))
+            (
+                Model::load(cfg, &src, kind, device)?,
+                format!("random {}", a.preset),
+            )
         }
     };
     let vocab = model.config().vocab_size as i64;
@@ -313,7 +327,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let (model, tok) = load(&a.model)?;
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let mut ids = tok.encode(&text, true)?;
     ids.truncate(a.max_tokens);
     let start = Instant::now();

@@ -64,7 +64,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let heads = |p: &Linear, n: i64| -> Result<Tensor> {
-            Ok(p.forward(x).f_view([b, t, n, self.head_dim])?.transpose(1, 2))
+            Ok(p.forward(x)
+                .f_view([b, t, n, self.head_dim])?
+                .transpose(1, 2))
         };
         let mut q = heads(&self.q_proj, self.num_heads)?;
         let mut k = heads(&self.k_proj, self.num_kv_heads)?;
@@ -82,7 +84,9 @@ impl Attention {
             None => (k, v),
         };
         let out = self.attend(&q, &k, &v, &inputs.mask)?;
-        let out = out.transpose(1, 2).f_reshape([b, t, self.num_heads * self.head_dim])?;
+        let out = out
+            .transpose(1, 2)
+            .f_reshape([b, t, self.num_heads * self.head_dim])?;
         Ok(self.o_proj.forward(&out))
     }
 

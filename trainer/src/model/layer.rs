@@ -1,7 +1,7 @@
 //! One decoder layer: attention and MLP with residuals, in Llama (pre-norm)
 //! or Gemma 3 (pre- and post-norm "sandwich") arrangement.
 
-use super::attention::{AttnInputs, Attention};
+use super::attention::{Attention, AttnInputs};
 use super::cache::KvCache;
 use super::load::Loader;
 use super::mlp::Mlp;
@@ -53,8 +53,16 @@ impl DecoderLayer {
             k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), kv * hd, d, cfg.qkv_bias)?,
             v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), kv * hd, d, cfg.qkv_bias)?,
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), d, h * hd, cfg.o_bias)?,
-            q_norm: if gemma { Some(norm("self_attn.q_norm", hd)?) } else { None },
-            k_norm: if gemma { Some(norm("self_attn.k_norm", hd)?) } else { None },
+            q_norm: if gemma {
+                Some(norm("self_attn.q_norm", hd)?)
+            } else {
+                None
+            },
+            k_norm: if gemma {
+                Some(norm("self_attn.k_norm", hd)?)
+            } else {
+                None
+            },
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
@@ -70,14 +78,22 @@ impl DecoderLayer {
             kind: cfg.layer_kinds[i],
             input_norm: norm("input_layernorm", d)?,
             attn,
-            post_attn_norm: if gemma { Some(norm("post_attention_layernorm", d)?) } else { None },
+            post_attn_norm: if gemma {
+                Some(norm("post_attention_layernorm", d)?)
+            } else {
+                None
+            },
             pre_mlp_norm: if gemma {
                 norm("pre_feedforward_layernorm", d)?
             } else {
                 norm("post_attention_layernorm", d)?
             },
             mlp,
-            post_mlp_norm: if gemma { Some(norm("post_feedforward_layernorm", d)?) } else { None },
+            post_mlp_norm: if gemma {
+                Some(norm("post_feedforward_layernorm", d)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -88,7 +104,9 @@ impl DecoderLayer {
         inputs: &AttnInputs,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let mut h = self.attn.forward(&self.input_norm.forward(x), inputs, cache)?;
+        let mut h = self
+            .attn
+            .forward(&self.input_norm.forward(x), inputs, cache)?;
         if let Some(n) = &self.post_attn_norm {
             h = n.forward(&h);
         }

@@ -38,13 +38,16 @@ impl<'a> Loader<'a> {
     /// Loads `name` (under the prefix), checks its shape, converts kind and device.
     pub fn weight(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let t = self.src.load(&full, shape)?.ok_or_else(|| ModelError::MissingWeight {
-            path: self.src.path().to_path_buf(),
-            name: full.clone(),
-        })?;
+        let t = self
+            .src
+            .load(&full, shape)?
+            .ok_or_else(|| ModelError::MissingWeight {
+                path: self.src.path().to_path_buf(),
+                name: full.clone(),
+            })?;
         if t.size() != shape {
             return Err(ModelError::WeightShape {
-                path: self.src.path().to_path_buf(),
+                path: self.src.location(&full),
                 name: full,
                 got: t.size(),
                 expected: shape.to_vec(),

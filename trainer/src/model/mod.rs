@@ -77,7 +77,12 @@ pub struct Model {
 
 impl Model {
     /// Builds the model from a checkpoint in HF naming, in `kind` on `device`.
-    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, kind: Kind, device: Device) -> Result<Self> {
+    pub fn load(
+        cfg: ModelConfig,
+        src: &dyn WeightSource,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
         let root = Loader::new(src, "", kind, device);
         let prefix = ["model.", "model.language_model.", "language_model.model."]
             .into_iter()
@@ -100,8 +105,13 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             embed.shallow_clone()
         } else {
-            let head_prefix = if prefix == "language_model.model." { "language_model." } else { "" };
-            root.with_prefix(head_prefix).weight("lm_head.weight", &[v, d])?
+            let head_prefix = if prefix == "language_model.model." {
+                "language_model."
+            } else {
+                ""
+            };
+            root.with_prefix(head_prefix)
+                .weight("lm_head.weight", &[v, d])?
         };
         let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.hidden_size as f64).sqrt());
         Ok(Model {
@@ -148,7 +158,10 @@ impl Model {
     pub fn forward_hidden(&self, input: Input, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let ids = input.ids;
         let (b, t) = ids.size2().map_err(|_| {
-            ModelError::Input(format!("token ids must be [batch, seq], got {:?}", ids.size()))
+            ModelError::Input(format!(
+                "token ids must be [batch, seq], got {:?}",
+                ids.size()
+            ))
         })?;
         if t == 0 {
             return Err(ModelError::Input("empty sequence".into()));
@@ -182,9 +195,13 @@ impl Model {
                 }
                 p.shallow_clone()
             }
-            (None, None) => Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0).expand([b, t], false),
+            (None, None) => Tensor::arange(t, (Kind::Int64, self.device))
+                .unsqueeze(0)
+                .expand([b, t], false),
             (None, Some(c)) => {
-                let next = c.next_positions().unwrap_or_else(|| Tensor::zeros([b], (Kind::Int64, self.device)));
+                let next = c
+                    .next_positions()
+                    .unwrap_or_else(|| Tensor::zeros([b], (Kind::Int64, self.device)));
                 next.unsqueeze(1) + Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0)
             }
         };
@@ -198,29 +215,53 @@ impl Model {
                         let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| {
                             Tensor::ones([b, c.len()], (Kind::Bool, self.device))
                         });
-                        let new = new.map(|n| n.shallow_clone()).unwrap_or_else(|| {
-                            Tensor::ones([b, t], (Kind::Bool, self.device))
-                        });
+                        let new = new
+                            .map(|n| n.shallow_clone())
+                            .unwrap_or_else(|| Tensor::ones([b, t], (Kind::Bool, self.device)));
                         Some(Tensor::f_cat(&[old, new], 1)?)
                     }
                 };
                 (k_pos, k_valid)
             }
-            None => (positions.shallow_clone(), input.valid.map(|v| v.shallow_clone())),
+            None => (
+                positions.shallow_clone(),
+                input.valid.map(|v| v.shallow_clone()),
+            ),
         };
-        let full = self.attn_inputs(&self.rope_full, &positions, &k_pos, k_valid.as_ref(), None, fast_causal)?;
+        let full = self.attn_inputs(
+            &self.rope_full,
+            &positions,
+            &k_pos,
+            k_valid.as_ref(),
+            None,
+            fast_causal,
+        )?;
         let sliding = if self.cfg.layer_kinds.contains(&LayerKind::Sliding) {
             let window = self.cfg.sliding_window;
             let fast = fast_causal && window.is_none_or(|w| w as i64 >= t);
-            Some(self.attn_inputs(&self.rope_sliding, &positions, &k_pos, k_valid.as_ref(), window, fast)?)
+            Some(self.attn_inputs(
+                &self.rope_sliding,
+                &positions,
+                &k_pos,
+                k_valid.as_ref(),
+                window,
+                fast,
+            )?)
         } else {
             None
         };
 
-        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
-        if let Some(s) = self.embed_scale {
-            x = x * Tensor::from(s as f32).to_kind(self.kind).to_device(self.device);
-        }
+        let embedded = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let mut x = match self.embed_scale {
+            // Like transformers: the scale is rounded to the model's dtype first.
+            Some(s) => {
+                embedded
+                    * Tensor::from(s as f32)
+                        .to_kind(self.kind)
+                        .to_device(self.device)
+            }
+            None => embedded,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let inputs = match (layer.kind, &sliding) {
                 (LayerKind::Sliding, Some(s)) => s,

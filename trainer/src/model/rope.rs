@@ -22,7 +22,10 @@ impl Rope {
         let mut inv_freq = base.pow(&exponents).reciprocal();
         match cfg.scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => inv_freq = inv_freq / factor,
+            RopeScaling::Linear { factor } => inv_freq /= factor,
+            RopeScaling::FreqFactors(ref factors) => {
+                inv_freq = inv_freq / Tensor::from_slice(factors).to_device(device);
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -33,10 +36,12 @@ impl Rope {
                 let high_wavelen = old_len / high_freq_factor;
                 let wavelen = (inv_freq.reciprocal()) * (2.0 * std::f64::consts::PI);
                 let scaled = (&inv_freq / factor).where_self(&wavelen.gt(low_wavelen), &inv_freq);
-                let smooth =
-                    ((wavelen.reciprocal() * old_len) - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
-                let medium = wavelen.lt(high_wavelen).logical_not() * wavelen.gt(low_wavelen).logical_not();
+                let smooth = ((wavelen.reciprocal() * old_len) - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed =
+                    (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+                let medium =
+                    wavelen.lt(high_wavelen).logical_not() * wavelen.gt(low_wavelen).logical_not();
                 inv_freq = smoothed.where_self(&medium, &scaled);
             }
         }
@@ -45,7 +50,8 @@ impl Rope {
 
     /// cos and sin for `positions` (`[batch, seq]` int64), each `[batch, 1, seq, head_dim]` in `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
-        let freqs = positions.f_to_kind(Kind::Float)?.unsqueeze(-1) * self.inv_freq.unsqueeze(0).unsqueeze(0);
+        let freqs = positions.f_to_kind(Kind::Float)?.unsqueeze(-1)
+            * self.inv_freq.unsqueeze(0).unsqueeze(0);
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.cos().to_kind(kind).unsqueeze(1);
         let sin = emb.sin().to_kind(kind).unsqueeze(1);

@@ -40,11 +40,19 @@ impl Object for OrderedMap {
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let key = key.as_str()?;
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Values(self.0.iter().map(|(k, _)| Value::from(k.as_str())).collect())
+        Enumerator::Values(
+            self.0
+                .iter()
+                .map(|(k, _)| Value::from(k.as_str()))
+                .collect(),
+        )
     }
 
     fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
@@ -117,9 +125,12 @@ fn environment() -> Result<Environment<'static>, Error> {
             .build()?,
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-        Err(Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env.add_function("strftime_now", |format: String| -> String {
         strftime_utc(&format, SystemTime::now())
     });
@@ -295,7 +306,9 @@ impl JsonWriter {
                     let key = match key.kind() {
                         ValueKind::String => key.as_str().unwrap_or_default().to_string(),
                         ValueKind::None => "null".to_string(),
-                        ValueKind::Bool => (if key.is_true() { "true" } else { "false" }).to_string(),
+                        ValueKind::Bool => {
+                            (if key.is_true() { "true" } else { "false" }).to_string()
+                        }
                         ValueKind::Number => {
                             let mut s = String::new();
                             self.write(&mut s, &key, 0)?;
@@ -304,7 +317,9 @@ impl JsonWriter {
                         other => {
                             return Err(Error::new(
                                 ErrorKind::InvalidOperation,
-                                format!("tojson: keys must be str, int, float, bool or None, not {other}"),
+                                format!(
+                                "tojson: keys must be str, int, float, bool or None, not {other}"
+                            ),
                             ))
                         }
                     };
@@ -531,7 +546,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn render_simple(template: &str, messages: &[ChatMessage], gen: bool) -> Result<String, TokenizerError> {
+    fn render_simple(
+        template: &str,
+        messages: &[ChatMessage],
+        gen: bool,
+    ) -> Result<String, TokenizerError> {
         let specials = vec![
             ("bos_token".to_string(), "<s>".to_string()),
             ("eos_token".to_string(), "</s>".to_string()),
@@ -549,7 +568,10 @@ mod tests {
     #[test]
     fn raise_exception_is_an_error_naming_the_file() {
         let t = "{{ raise_exception('roles must alternate') }}";
-        let err = render_simple(t, &[], false).err().map(|e| e.to_string()).unwrap();
+        let err = render_simple(t, &[], false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
         assert!(err.contains("test.jinja"), "{err}");
         assert!(err.contains("roles must alternate"), "{err}");
     }

@@ -262,7 +262,11 @@ impl<'a> Meta<'a> {
     }
 
     /// The token at the id stored under `key`, if the key is present.
-    fn token_at(&self, key: &str, tokens: &[&str]) -> Result<Option<(u32, String)>, TokenizerError> {
+    fn token_at(
+        &self,
+        key: &str,
+        tokens: &[&str],
+    ) -> Result<Option<(u32, String)>, TokenizerError> {
         let Some(id) = self.opt_u64(key)? else {
             return Ok(None);
         };
@@ -272,7 +276,10 @@ impl<'a> Meta<'a> {
             .ok_or_else(|| {
                 self.invalid(
                     key,
-                    format!("id {id} out of range (vocabulary has {} tokens)", tokens.len()),
+                    format!(
+                        "id {id} out of range (vocabulary has {} tokens)",
+                        tokens.len()
+                    ),
                 )
             })?;
         // In range of a vector that fits u32 ids (checked by the caller).
@@ -356,7 +363,9 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
                 }
             })
             .collect(),
-        Kind::Llama | Kind::Phi3 | Kind::Gemma4 => tokens.iter().map(|t| (*t).to_string()).collect(),
+        Kind::Llama | Kind::Phi3 | Kind::Gemma4 => {
+            tokens.iter().map(|t| (*t).to_string()).collect()
+        }
     };
     let vocab = PyDict::from_pairs(
         spelled
@@ -442,9 +451,8 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     .map_err(|e| build_err("BPE model", e))?;
 
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let replace = |from: &str, to: &str| {
-        Replace::new(from, to).map_err(|e| build_err("replace rule", e))
-    };
+    let replace =
+        |from: &str, to: &str| Replace::new(from, to).map_err(|e| build_err("replace rule", e));
     let class_specials: &[&str] = match kind {
         Kind::ByteLevel => {
             inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));

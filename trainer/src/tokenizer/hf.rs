@@ -96,10 +96,9 @@ impl Field<'_> {
             Value::Null => Ok(None),
             Value::String(s) => Ok(Some(AddedToken::from(s.as_str(), true))),
             Value::Object(m) => {
-                let content = m
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| self.invalid(key, "token object without a string \"content\""))?;
+                let content = m.get("content").and_then(Value::as_str).ok_or_else(|| {
+                    self.invalid(key, "token object without a string \"content\"")
+                })?;
                 let flag = |name: &str, default: bool| -> Result<bool, TokenizerError> {
                     match m.get(name) {
                         None | Some(Value::Null) => Ok(default),
@@ -121,7 +120,10 @@ impl Field<'_> {
             }
             other => Err(self.invalid(
                 key,
-                format!("expected a token string or object, found {}", json_type(other)),
+                format!(
+                    "expected a token string or object, found {}",
+                    json_type(other)
+                ),
             )),
         }
     }
@@ -149,12 +151,18 @@ impl Field<'_> {
         Ok(out)
     }
 
-    fn opt_bool(&self, map: &Map<String, Value>, key: &str) -> Result<Option<bool>, TokenizerError> {
+    fn opt_bool(
+        &self,
+        map: &Map<String, Value>,
+        key: &str,
+    ) -> Result<Option<bool>, TokenizerError> {
         match map.get(key) {
             None => Ok(None),
             Some(Value::Null) => Ok(Some(false)),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.invalid(key, format!("expected a bool, found {}", json_type(other)))),
+            Some(other) => {
+                Err(self.invalid(key, format!("expected a bool, found {}", json_type(other))))
+            }
         }
     }
 
@@ -227,7 +235,8 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     for (key, v) in &config {
         if key.ends_with("_token") && !SPECIAL_TOKEN_ATTRIBUTES.contains(&key.as_str()) {
             let token_like = v.is_string()
-                || v.as_object().is_some_and(|m| m.get("content").is_some_and(Value::is_string));
+                || v.as_object()
+                    .is_some_and(|m| m.get("content").is_some_and(Value::is_string));
             if token_like {
                 special.push((key.clone(), field.added_token(key, v)?));
             }
@@ -322,7 +331,10 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     let clean_up = field
         .opt_bool(&config, "clean_up_tokenization_spaces")?
         .unwrap_or(false);
-    if field.opt_bool(&config, "split_special_tokens")?.unwrap_or(false) {
+    if field
+        .opt_bool(&config, "split_special_tokens")?
+        .unwrap_or(false)
+    {
         inner.set_encode_special_tokens(true);
     }
 
@@ -332,37 +344,36 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         match fs::read_to_string(&jinja_path) {
             Ok(t) => (Some(t), jinja_path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let template = match config.get("chat_template") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(Value::Array(list)) => {
-                        let mut default = None;
-                        for item in list {
-                            let name = item.get("name").and_then(Value::as_str);
-                            let template = item.get("template").and_then(Value::as_str);
-                            match (name, template) {
-                                (Some(n), Some(t)) => {
-                                    if n == "default" {
-                                        default = Some(t.to_string());
+                let template =
+                    match config.get("chat_template") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(Value::Array(list)) => {
+                            let mut default = None;
+                            for item in list {
+                                let name = item.get("name").and_then(Value::as_str);
+                                let template = item.get("template").and_then(Value::as_str);
+                                match (name, template) {
+                                    (Some(n), Some(t)) => {
+                                        if n == "default" {
+                                            default = Some(t.to_string());
+                                        }
                                     }
-                                }
-                                _ => {
-                                    return Err(field.invalid(
+                                    _ => return Err(field.invalid(
                                         "chat_template",
                                         "list entries must have string \"name\" and \"template\"",
-                                    ))
+                                    )),
                                 }
                             }
+                            default
                         }
-                        default
-                    }
-                    Some(other) => {
-                        return Err(field.invalid(
-                            "chat_template",
-                            format!("expected a string or a list, found {}", json_type(other)),
-                        ))
-                    }
-                };
+                        Some(other) => {
+                            return Err(field.invalid(
+                                "chat_template",
+                                format!("expected a string or a list, found {}", json_type(other)),
+                            ))
+                        }
+                    };
                 (template, config_path.clone())
             }
             Err(source) => {

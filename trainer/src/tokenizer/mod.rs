@@ -224,10 +224,11 @@ pub(crate) fn assemble(parts: Parts) -> Result<Tokenizer, TokenizerError> {
     let bos_id = bos.as_deref().and_then(|t| inner.token_to_id(t));
     let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
     let mut stop_ids: Vec<u32> = Vec::new();
-    let candidates = eos_id
-        .into_iter()
-        .chain(extra_stop_ids)
-        .chain(END_OF_TURN_TOKENS.iter().filter_map(|t| inner.token_to_id(t)));
+    let candidates = eos_id.into_iter().chain(extra_stop_ids).chain(
+        END_OF_TURN_TOKENS
+            .iter()
+            .filter_map(|t| inner.token_to_id(t)),
+    );
     for id in candidates {
         if !stop_ids.contains(&id) {
             stop_ids.push(id);
@@ -393,12 +394,12 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| TokenizerError::NoChatTemplate {
-                path: self.source.clone(),
-            })?;
+        let template =
+            self.chat_template
+                .as_deref()
+                .ok_or_else(|| TokenizerError::NoChatTemplate {
+                    path: self.source.clone(),
+                })?;
         chat::render(
             template,
             &self.template_source,
