@@ -43,3 +43,8 @@ fmt:
 device-bundle: build
 	rm -rf .bin && mkdir -p .bin
 	cp $(BIN)/kv-distill .bin/
+
+.PHONY: bench
+## bench: data-loader throughput (file:// and local S3, 1 and 2 threads) -> data/BENCH.md
+bench: setup
+	data/bench.sh

@@ -16,9 +16,16 @@ builders the real test models do not reach:
                  tokenizer.ggml.eot_token_id.
 
 and malformed ones (bad_*.gguf) for the error tests. For each well-formed file it runs the
-same oracle as tokenize_gguf.py (saving the HF directory to OUT_DIR/<name>_hf) and prints
+same oracle as tokenize_gguf.py (saving the HF directory to OUT_DIR/<name>_hf).
 
-    {"<name>": {"path": str, "hf_dir": str, "gguf": SIDE, "hf": SIDE}, ...}
+It also writes two small hand-made HF directories that reach the config handling a saved
+GGUF tokenizer does not (tokenizer.json without post-processor, ignored add_bos_token,
+model-specific `*_token`, additional_special_tokens, added_tokens_decoder, chat template
+list, clean_up_tokenization_spaces; legacy special_tokens_map.json, chat_template.jinja
+overriding the config) and loads them with `AutoTokenizer.from_pretrained(dir)`. Prints
+
+    {"gguf": {"<name>": {"path": str, "hf_dir": str, "gguf": SIDE, "hf": SIDE}, ...},
+     "hf_dirs": {"<name>": {"hf_dir": str, "hf": SIDE}, ...}}
 """
 
 import json
@@ -27,7 +34,8 @@ import sys
 
 import gguf
 
-from tokenize_gguf import TEXTS, oracle
+from tokenize_gguf import TEXTS, oracle, side
+from transformers import AutoTokenizer
 
 CONTROL, USER_DEFINED, NORMAL, UNKNOWN, BYTE = 3, 4, 1, 2, 6
 
@@ -49,6 +57,73 @@ CHATML_TEMPLATE = """{%- if messages[0].role != 'system' %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+
+
+WORD_LEVEL = {
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [],
+    "normalizer": None,
+    "pre_tokenizer": {"type": "BertPreTokenizer"},
+    "post_processor": None,
+    "decoder": None,
+    "model": {
+        "type": "WordLevel",
+        "vocab": {"<unk>": 0, "hello": 1, "world": 2, "<s>": 3, ",": 4, ".": 5, "'": 6, "s": 7, "n": 8, "t": 9},
+        "unk_token": "<unk>",
+    },
+}
+
+HF_DIRS = {
+    # No post-processor in tokenizer.json; add_bos_token/add_eos_token are ignored.
+    "tiny_config": {
+        "tokenizer.json": WORD_LEVEL,
+        "tokenizer_config.json": {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "add_bos_token": True,
+            "add_eos_token": True,
+            "image_token": "<img>",
+            "extra_special_tokens": [],
+            "additional_special_tokens": ["<x>"],
+            "added_tokens_decoder": {
+                "11": {"content": "<y>", "lstrip": False, "normalized": True, "rstrip": False,
+                       "single_word": False, "special": False},
+            },
+            "clean_up_tokenization_spaces": True,
+            "chat_template": [
+                {"name": "default", "template": "{{ bos_token }}{{ image_token }}{{ messages[0].content }}"},
+                {"name": "tool_use", "template": "unused"},
+            ],
+        },
+        "generation_config.json": {"eos_token_id": [10, 2]},
+    },
+    # A post-processor adding <s>, legacy special_tokens_map.json, chat_template.jinja.
+    "tiny_legacy": {
+        "tokenizer.json": {
+            **WORD_LEVEL,
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [3], "tokens": ["<s>"]}},
+            },
+        },
+        "tokenizer_config.json": {
+            "bos_token": "<unk>",
+            "split_special_tokens": False,
+            "chat_template": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+        },
+        "special_tokens_map.json": {
+            "bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False},
+            "eos_token": "</s>",
+            "additional_special_tokens": ["<z>"],
+        },
+        "chat_template.jinja": "{{ eos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}\n",
+    },
+}
 
 
 def sentencepiece_vocab():
@@ -183,12 +258,21 @@ def main():
     for name, (arch, kv) in invalid.items():
         write(os.path.join(out_dir, f"{name}.gguf"), arch, kv)
 
-    result = {}
+    result = {"gguf": {}, "hf_dirs": {}}
     for name, (arch, kv) in valid.items():
         path = os.path.join(out_dir, f"{name}.gguf")
         write(path, arch, kv)
         hf_dir = os.path.join(out_dir, f"{name}_hf")
-        result[name] = {"path": path, "hf_dir": hf_dir, **oracle(path, hf_dir, TEXTS)}
+        result["gguf"][name] = {"path": path, "hf_dir": hf_dir, **oracle(path, hf_dir, TEXTS)}
+
+    texts = TEXTS + ["hello, world. <x> <img> <y> </s> <z> <s>", "hello world , . ! ? 's n't"]
+    for name, files in HF_DIRS.items():
+        hf_dir = os.path.join(out_dir, name)
+        os.makedirs(hf_dir, exist_ok=True)
+        for file_name, content in files.items():
+            with open(os.path.join(hf_dir, file_name), "w", encoding="utf-8") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content))
+        result["hf_dirs"][name] = {"hf_dir": hf_dir, "hf": side(AutoTokenizer.from_pretrained(hf_dir), texts)}
     json.dump(result, sys.stdout, ensure_ascii=True)
 
 

@@ -1,8 +1,9 @@
 //! Tokenizer parity with HF transformers (the oracle): token ids, decodes and
 //! rendered chat templates for the real SmolLM2 and Gemma-3 GGUF files, for
-//! small synthetic GGUF files reaching the other builders, and for the HF
-//! directories transformers saves from each of them; plus chat templates
-//! rendered by transformers' own Jinja environment, and malformed input.
+//! small synthetic GGUF files reaching the other builders, for the HF
+//! directories transformers saves from each of them and for hand-made HF
+//! directories; plus chat templates rendered by transformers' own Jinja
+//! environment, and malformed input.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,12 +22,26 @@ struct Oracle {
     hf: Side,
 }
 
-/// One entry of `tests/oracle/tokenize_synthetic.py`'s output.
+/// What `tests/oracle/tokenize_synthetic.py` prints.
 #[derive(Debug, Deserialize)]
 struct SyntheticOracle {
+    gguf: BTreeMap<String, SyntheticGguf>,
+    hf_dirs: BTreeMap<String, SyntheticHfDir>,
+}
+
+/// A synthetic GGUF file and the HF directory transformers saved from it.
+#[derive(Debug, Deserialize)]
+struct SyntheticGguf {
     path: PathBuf,
     hf_dir: PathBuf,
     gguf: Side,
+    hf: Side,
+}
+
+/// A hand-made HF directory.
+#[derive(Debug, Deserialize)]
+struct SyntheticHfDir {
+    hf_dir: PathBuf,
     hf: Side,
 }
 
@@ -318,20 +333,27 @@ fn gemma3_gguf_and_hf_dir_match_transformers() {
 }
 
 #[test]
-fn synthetic_ggufs_match_transformers() {
+fn synthetic_ggufs_and_hf_dirs_match_transformers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = env::run_oracle(
         "tokenize_synthetic.py",
         &[tmp.path().to_str().expect("utf-8 path")],
     );
-    let oracle: BTreeMap<String, SyntheticOracle> =
-        serde_json::from_str(&out).expect("oracle output");
+    let oracle: SyntheticOracle = serde_json::from_str(&out).expect("oracle output");
     assert_eq!(
-        oracle.keys().map(String::as_str).collect::<Vec<_>>(),
+        oracle.gguf.keys().map(String::as_str).collect::<Vec<_>>(),
         ["llama", "phi3", "qwen2"]
     );
+    assert_eq!(
+        oracle
+            .hf_dirs
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["tiny_config", "tiny_legacy"]
+    );
     let mut problems = Vec::new();
-    for (name, o) in &oracle {
+    for (name, o) in &oracle.gguf {
         let file = GgufFile::open(&o.path).expect("open GGUF");
         let from_gguf = match Tokenizer::from_gguf(&file) {
             Ok(t) => t,
@@ -356,6 +378,22 @@ fn synthetic_ggufs_match_transformers() {
             let stops = from_gguf.stop_token_ids();
             if !stops.contains(&3) || stops.first() != Some(&2) {
                 problems.push(format!("qwen2: stop_token_ids {stops:?}"));
+            }
+        }
+    }
+    for (name, o) in &oracle.hf_dirs {
+        let tok = match Tokenizer::from_hf_dir(&o.hf_dir) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(format!("{name}: from_hf_dir failed: {e}"));
+                continue;
+            }
+        };
+        compare(name, &tok, &o.hf, &mut problems);
+        if name == "tiny_config" {
+            // eos ("</s>", 11), then generation_config.json's [10, 2].
+            if tok.stop_token_ids() != [11, 10, 2] {
+                problems.push(format!("{name}: stop_token_ids {:?}", tok.stop_token_ids()));
             }
         }
     }
@@ -640,21 +678,20 @@ fn hf_dir_bad_input_errors_name_the_file() {
 
     let dir = hf_dir_with(&[
         ("tokenizer.json", TINY_TOKENIZER_JSON),
-        ("tokenizer_config.json", r#"{"add_bos_token": "yes"}"#),
+        (
+            "tokenizer_config.json",
+            r#"{"split_special_tokens": "yes"}"#,
+        ),
     ]);
     let msg = hf_error(dir.path());
     assert!(
-        msg.contains("tokenizer_config.json: add_bos_token: expected a bool"),
+        msg.contains("tokenizer_config.json: split_special_tokens: expected a bool"),
         "{msg}"
     );
 
-    // add_bos_token naming a token that is not in the vocabulary.
     let dir = hf_dir_with(&[
         ("tokenizer.json", TINY_TOKENIZER_JSON),
-        (
-            "tokenizer_config.json",
-            r#"{"add_bos_token": true, "bos_token": {"content": 5}}"#,
-        ),
+        ("tokenizer_config.json", r#"{"bos_token": {"content": 5}}"#),
     ]);
     let msg = hf_error(dir.path());
     assert!(msg.contains("tokenizer_config.json: bos_token"), "{msg}");
@@ -676,47 +713,20 @@ fn hf_dir_bad_input_errors_name_the_file() {
 }
 
 #[test]
-fn hf_dir_config_drives_specials_bos_and_stops() {
-    let dir = hf_dir_with(&[
-        ("tokenizer.json", TINY_TOKENIZER_JSON),
-        (
-            "tokenizer_config.json",
-            r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true, "add_eos_token": true,
-                "chat_template": [{"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"},
-                                  {"name": "tool_use", "template": "x"}]}"#,
-        ),
-        ("generation_config.json", r#"{"eos_token_id": [4, 2]}"#),
-    ]);
-    let tok = Tokenizer::from_hf_dir(dir.path()).expect("load");
-    // "</s>" is not in the vocabulary: added as special token 4, like transformers does.
-    assert_eq!(tok.vocab_size(), 5);
-    assert_eq!(tok.eos_token_id(), Some(4));
-    assert_eq!(tok.bos_token_id(), Some(3));
-    assert_eq!(
-        tok.encode("hello world", true).expect("encode"),
-        vec![3, 1, 2, 4]
-    );
-    assert_eq!(
-        tok.encode("hello world", false).expect("encode"),
-        vec![1, 2]
-    );
-    assert_eq!(tok.stop_token_ids(), &[4, 2]);
-    assert_eq!(
-        tok.apply_chat_template(&[ChatMessage::new("user", "hi")], false)
-            .expect("render"),
-        "<s>hi"
-    );
-    assert_eq!(
-        tok.decode(&[3, 1, 2, 4], true).expect("decode"),
-        "hello world"
-    );
-
-    // No config at all: no specials added, no chat template.
+fn hf_dir_without_config_has_no_specials_or_template() {
     let dir = hf_dir_with(&[("tokenizer.json", TINY_TOKENIZER_JSON)]);
     let tok = Tokenizer::from_hf_dir(dir.path()).expect("load");
+    assert_eq!(tok.vocab_size(), 4);
     assert_eq!(tok.encode("hello world", true).expect("encode"), vec![1, 2]);
+    assert_eq!(
+        tok.encode("hello there", false).expect("encode"),
+        vec![1, 0]
+    );
+    assert_eq!(tok.decode(&[1, 2], false).expect("decode"), "hello world");
     assert_eq!(tok.bos_token_id(), None);
+    assert_eq!(tok.eos_token_id(), None);
     assert!(tok.stop_token_ids().is_empty());
+    assert!(tok.special_tokens().is_empty());
     let err = tok
         .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
         .expect_err("no template");
@@ -724,4 +734,5 @@ fn hf_dir_config_drives_specials_bos_and_stops() {
         matches!(err, TokenizerError::NoChatTemplate { .. }),
         "{err}"
     );
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
 }

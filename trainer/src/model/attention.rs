@@ -1,11 +1,12 @@
 //! Multi-head attention with GQA, RoPE, optional QK-norm, and the KV cache.
 
 use super::cache::KvCache;
+use super::hooks::{Hooks, Proj};
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope;
 use crate::error::Result;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Which keys each query may see.
 #[derive(Debug)]
@@ -54,23 +55,32 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Runs attention for `x` `[batch, seq, hidden]`; appends this layer's K/V to
-    /// `cache` (slot `layer`) when given and attends over everything cached.
+    /// Runs attention of layer `layer` for `x` `[batch, seq, hidden]`; appends this
+    /// layer's K/V to `cache` when given and attends over everything cached.
     pub fn forward(
         &self,
         x: &Tensor,
         inputs: &AttnInputs,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+        hooks: &dyn Hooks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let heads = |p: &Linear, n: i64| -> Result<Tensor> {
-            Ok(p.forward(x)
+        let proj = |p: &Linear, which: Proj, input: &Tensor| -> Tensor {
+            let y = p.forward(input);
+            match hooks.linear_delta(layer, which, input) {
+                Some(d) => y + d,
+                None => y,
+            }
+        };
+        let heads = |p: &Linear, which: Proj, n: i64| -> Result<Tensor> {
+            Ok(proj(p, which, x)
                 .f_view([b, t, n, self.head_dim])?
                 .transpose(1, 2))
         };
-        let mut q = heads(&self.q_proj, self.num_heads)?;
-        let mut k = heads(&self.k_proj, self.num_kv_heads)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let mut q = heads(&self.q_proj, Proj::Q, self.num_heads)?;
+        let mut k = heads(&self.k_proj, Proj::K, self.num_kv_heads)?;
+        let v = heads(&self.v_proj, Proj::V, self.num_kv_heads)?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q);
         }
@@ -80,14 +90,51 @@ impl Attention {
         let q = rope::apply(&q, &inputs.cos, &inputs.sin);
         let k = rope::apply(&k, &inputs.cos, &inputs.sin);
         let (k, v) = match cache {
-            Some((cache, layer)) => cache.append_layer(layer, &k, &v)?,
+            Some(cache) => cache.append_layer(layer, &k, &v)?,
             None => (k, v),
         };
-        let out = self.attend(&q, &k, &v, &inputs.mask)?;
+        let out = match hooks.attn_bias(layer) {
+            Some(bias) => self.attend_explicit(&q, &k, &v, &inputs.mask, &bias)?,
+            None => self.attend(&q, &k, &v, &inputs.mask)?,
+        };
         let out = out
             .transpose(1, 2)
             .f_reshape([b, t, self.num_heads * self.head_dim])?;
-        Ok(self.o_proj.forward(&out))
+        Ok(proj(&self.o_proj, Proj::O, &out))
+    }
+
+    /// Attention with an additive per-key bias `[batch, keys]`, computed explicitly
+    /// (matmul, bias, mask, float32 softmax, matmul) so gradients reach the bias.
+    /// Used for short query blocks (the KV-Distill decoder over a suffix).
+    fn attend_explicit(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttnMask,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = if rep > 1 {
+            (
+                k.repeat_interleave_self_int(rep, 1, None),
+                v.repeat_interleave_self_int(rep, 1, None),
+            )
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let logits = q.matmul(&k.transpose(2, 3)).to_kind(Kind::Float) * self.scale
+            + bias.to_kind(Kind::Float).unsqueeze(1).unsqueeze(1);
+        let (tq, tk) = (q.size()[2], k.size()[2]);
+        let allowed = match mask {
+            AttnMask::Causal => Tensor::ones([tq, tk], (Kind::Bool, q.device())).tril(tk - tq),
+            AttnMask::Explicit(m) => m.shallow_clone(),
+        };
+        let probs = logits
+            .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float)
+            .to_kind(q.kind());
+        Ok(probs.f_matmul(&v)?)
     }
 
     /// Softmax attention of `q` over `k`/`v` through libtorch's SDPA (GQA-aware).

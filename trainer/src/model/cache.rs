@@ -148,6 +148,29 @@ impl KvCache {
         })
     }
 
+    /// Marks entries invalid where `mask` (`[batch, len]` bool) is false; such
+    /// entries are never attended to.
+    pub fn and_valid(&mut self, mask: &Tensor) -> Result<()> {
+        if mask.size() != [self.batch(), self.len()] {
+            return Err(ModelError::Input(format!(
+                "validity mask {:?} does not match the cache [{}, {}]",
+                mask.size(),
+                self.batch(),
+                self.len()
+            )));
+        }
+        self.valid = Some(match self.valid.take() {
+            Some(v) => v.f_logical_and(mask)?,
+            None => mask.shallow_clone(),
+        });
+        Ok(())
+    }
+
+    /// Batch size (0 when empty).
+    pub fn batch(&self) -> i64 {
+        self.positions.as_ref().map_or(0, |p| p.size()[0])
+    }
+
     /// Bytes held by the cached keys and values.
     pub fn memory_bytes(&self) -> usize {
         self.layers

@@ -3,6 +3,7 @@
 
 use super::attention::{Attention, AttnInputs};
 use super::cache::KvCache;
+use super::hooks::Hooks;
 use super::load::Loader;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
@@ -97,21 +98,55 @@ impl DecoderLayer {
         })
     }
 
-    /// Runs the block on `x` `[batch, seq, hidden]`.
+    /// Every weight tensor of the layer.
+    pub fn weights(&self) -> Vec<&Tensor> {
+        let a = &self.attn;
+        let m = &self.mlp;
+        let mut out = vec![self.input_norm.weight(), self.pre_mlp_norm.weight()];
+        for n in [
+            &self.post_attn_norm,
+            &self.post_mlp_norm,
+            &a.q_norm,
+            &a.k_norm,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push(n.weight());
+        }
+        for l in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ] {
+            out.push(&l.weight);
+            out.extend(l.bias.as_ref());
+        }
+        out
+    }
+
+    /// Runs block number `layer` on `x` `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         x: &Tensor,
         inputs: &AttnInputs,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+        hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        let mut h = self
-            .attn
-            .forward(&self.input_norm.forward(x), inputs, cache)?;
+        let normed = self.input_norm.forward(x);
+        let mut h = self.attn.forward(&normed, inputs, cache, layer, hooks)?;
         if let Some(n) = &self.post_attn_norm {
             h = n.forward(&h);
         }
         let x = x + h;
-        let mut h = self.mlp.forward(&self.pre_mlp_norm.forward(&x));
+        let mut h = self
+            .mlp
+            .forward(&self.pre_mlp_norm.forward(&x), layer, hooks);
         if let Some(n) = &self.post_mlp_norm {
             h = n.forward(&h);
         }

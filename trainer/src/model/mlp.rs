@@ -1,5 +1,6 @@
 //! Gated MLP (SwiGLU for Llama/Qwen2, GeGLU for Gemma).
 
+use super::hooks::{Hooks, Proj};
 use super::linear::Linear;
 use crate::config::Activation;
 use tch::Tensor;
@@ -18,13 +19,24 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Applies the MLP to `x` `[.., hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x);
+    /// Applies the MLP of layer `layer` to `x` `[.., hidden]`.
+    pub fn forward(&self, x: &Tensor, layer: usize, hooks: &dyn Hooks) -> Tensor {
+        let proj = |p: &Linear, which: Proj, input: &Tensor| -> Tensor {
+            let y = p.forward(input);
+            match hooks.linear_delta(layer, which, input) {
+                Some(d) => y + d,
+                None => y,
+            }
+        };
+        let gate = proj(&self.gate_proj, Proj::Gate, x);
         let gate = match self.activation {
             Activation::Silu => gate.silu(),
             Activation::GeluTanh => gate.gelu("tanh"),
         };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+        proj(
+            &self.down_proj,
+            Proj::Down,
+            &(gate * proj(&self.up_proj, Proj::Up, x)),
+        )
     }
 }

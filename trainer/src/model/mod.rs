@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod hooks;
 pub mod layer;
 pub mod linear;
 pub mod load;
@@ -19,6 +20,7 @@ use crate::error::{ModelError, Result};
 use crate::weights::WeightSource;
 use attention::{AttnInputs, AttnMask};
 pub use cache::{KvCache, LayerKv};
+pub use hooks::{Hooks, NoHooks, Proj};
 use layer::DecoderLayer;
 use load::Loader;
 use norm::RmsNorm;
@@ -143,6 +145,15 @@ impl Model {
         self.kind
     }
 
+    /// Every weight tensor of the model (shared storage, not copies).
+    pub fn weights(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.embed, &self.lm_head, self.norm.weight()];
+        for l in &self.layers {
+            out.extend(l.weights());
+        }
+        out
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.num_layers)
@@ -155,7 +166,41 @@ impl Model {
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` for `input`.
-    pub fn forward_hidden(&self, input: Input, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, input: Input, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.run(input, cache, &NoHooks, None)
+    }
+
+    /// [`Model::forward_hidden`] with caller hooks (LoRA terms, attention bias, observers).
+    pub fn forward_hidden_with(
+        &self,
+        input: Input,
+        cache: Option<&mut KvCache>,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        self.run(input, cache, hooks, None)
+    }
+
+    /// Hidden states after the first `layers` layers (no final norm; 0 gives the
+    /// embeddings), running only those layers.
+    pub fn layer_states(&self, input: Input, layers: usize) -> Result<Tensor> {
+        if layers > self.cfg.num_layers {
+            return Err(ModelError::Input(format!(
+                "asked for the state after layer {layers} of a {}-layer model",
+                self.cfg.num_layers
+            )));
+        }
+        self.run(input, None, &NoHooks, Some(layers))
+    }
+
+    /// The forward pass: embeddings, the first `upto` layers (all if None), and the
+    /// final norm when all layers ran.
+    fn run(
+        &self,
+        input: Input,
+        mut cache: Option<&mut KvCache>,
+        hooks: &dyn Hooks,
+        upto: Option<usize>,
+    ) -> Result<Tensor> {
         let ids = input.ids;
         let (b, t) = ids.size2().map_err(|_| {
             ModelError::Input(format!(
@@ -262,15 +307,20 @@ impl Model {
             }
             None => embedded,
         };
-        for (i, layer) in self.layers.iter().enumerate() {
+        let n = upto.unwrap_or(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate().take(n) {
             let inputs = match (layer.kind, &sliding) {
                 (LayerKind::Sliding, Some(s)) => s,
                 _ => &full,
             };
-            x = layer.forward(&x, inputs, cache.as_deref_mut().map(|c| (c, i)))?;
+            x = layer.forward(&x, inputs, cache.as_deref_mut(), i, hooks)?;
+            hooks.after_layer(i, &x);
         }
         if let Some(c) = cache {
             c.append_positions(&positions, input.valid)?;
+        }
+        if upto.is_some() {
+            return Ok(x);
         }
         Ok(self.norm.forward(&x))
     }

@@ -21,6 +21,11 @@ impl RmsNorm {
         }
     }
 
+    /// The scale weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();

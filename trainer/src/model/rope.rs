@@ -24,7 +24,7 @@ impl Rope {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq /= factor,
             RopeScaling::FreqFactors(ref factors) => {
-                inv_freq = inv_freq / Tensor::from_slice(factors).to_device(device);
+                inv_freq /= Tensor::from_slice(factors).to_device(device);
             }
             RopeScaling::Llama3 {
                 factor,

@@ -46,6 +46,11 @@
 //!    `tokenizer.ggml.add_bos_token` / `add_eos_token` (`"llama"` models
 //!    default to adding BOS; `"gemma4"` never does); when the file states
 //!    neither, nothing is added.
+//!
+//! `tokenizer.chat_template` is the chat template. `tokenizer.ggml.add_space_prefix`
+//! and `tokenizer.ggml.precompiled_charsmap` are not used, as in transformers.
+//! `tokenizer.ggml.eot_token_id` / `eom_token_id` (not read by transformers)
+//! only join [`Tokenizer::stop_token_ids`].
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -8,10 +8,12 @@
 //!   `mask_token`, plus model-specific `*_token` strings such as
 //!   `image_token`), `extra_special_tokens` / `additional_special_tokens`,
 //!   `added_tokens_decoder`; any of these that is not an added token yet is
-//!   added. `add_bos_token` / `add_eos_token`, when present, rebuild the
-//!   post-processor as `TemplateProcessing`; `clean_up_tokenization_spaces`
-//!   and `split_special_tokens` are honoured; `chat_template` (a string, or a
-//!   list of `{name, template}` whose `default` is used).
+//!   added. `clean_up_tokenization_spaces` and `split_special_tokens` are
+//!   honoured; `chat_template` (a string, or a list of `{name, template}`
+//!   whose `default` is used).
+//! - `add_bos_token` / `add_eos_token` are ignored, as transformers 5 does
+//!   whenever there is a `tokenizer.json`: its post-processor decides what
+//!   `add_special_tokens=True` adds (a missing one means nothing is added).
 //! - `special_tokens_map.json` (legacy) overrides the named special tokens
 //!   when `tokenizer_config.json` has no `added_tokens_decoder`.
 //! - `chat_template.jinja` overrides the config's `chat_template`.
@@ -242,22 +244,33 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             }
         }
     }
-    let mut extra: Vec<AddedToken> = Vec::new();
-    for key in ["extra_special_tokens", "additional_special_tokens"] {
-        if let Some(v) = config.get(key) {
-            if key == "extra_special_tokens" {
-                if let Value::Object(m) = v {
-                    // Named model-specific tokens.
-                    for (name, tv) in m {
-                        special.push((name.clone(), field.added_token(key, tv)?));
-                    }
-                    continue;
-                }
+    // Extra special tokens: `extra_special_tokens` (a list, or a map of
+    // named model-specific tokens), or `additional_special_tokens` when
+    // `extra_special_tokens` is absent, empty or a map.
+    let falsy = |v: &Value| match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        _ => false,
+    };
+    let list = match config.get("extra_special_tokens").filter(|v| !falsy(v)) {
+        Some(Value::Object(named)) => {
+            for (name, tv) in named {
+                special.push((name.clone(), field.added_token("extra_special_tokens", tv)?));
             }
-            extra = field.token_list(key, v)?;
-            break;
+            config
+                .get("additional_special_tokens")
+                .map(|v| ("additional_special_tokens", v))
         }
-    }
+        Some(v) => Some(("extra_special_tokens", v)),
+        None => config
+            .get("additional_special_tokens")
+            .map(|v| ("additional_special_tokens", v)),
+    };
+    let mut extra: Vec<AddedToken> = match list {
+        Some((key, v)) => field.token_list(key, v)?,
+        None => Vec::new(),
+    };
 
     // Legacy special_tokens_map.json, read only without added_tokens_decoder.
     if !config.contains_key("added_tokens_decoder") {
@@ -326,8 +339,6 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             })?;
     }
 
-    let add_bos = field.opt_bool(&config, "add_bos_token")?;
-    let add_eos = field.opt_bool(&config, "add_eos_token")?;
     let clean_up = field
         .opt_bool(&config, "clean_up_tokenization_spaces")?
         .unwrap_or(false);
@@ -407,8 +418,8 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             .filter_map(|(name, t)| t.map(|t| (name, t)))
             .collect(),
         extra_special_tokens: extra,
-        add_bos,
-        add_eos,
+        add_bos: None,
+        add_eos: None,
         chat_template,
         template_source,
         extra_stop_ids,

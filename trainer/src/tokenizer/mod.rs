@@ -306,11 +306,15 @@ impl Tokenizer {
         gguf::build(file)
     }
 
-    /// Loads an HF tokenizer directory: `tokenizer.json`, plus (when present)
-    /// `tokenizer_config.json` (special tokens, `add_bos_token`,
-    /// `add_eos_token`, `chat_template`, ...), `chat_template.jinja`,
+    /// Loads an HF tokenizer directory like transformers 5 does:
+    /// `tokenizer.json`, plus (when present) `tokenizer_config.json` (special
+    /// tokens, `chat_template`, ...), `chat_template.jinja`,
     /// `special_tokens_map.json`, and the `eos_token_id` of
     /// `generation_config.json` / `config.json` for the stop tokens.
+    ///
+    /// As in transformers 5, `add_bos_token` / `add_eos_token` in
+    /// `tokenizer_config.json` are ignored: `tokenizer.json`'s post-processor
+    /// decides what `add_special_tokens=true` adds. See [`hf`].
     pub fn from_hf_dir(dir: &Path) -> Result<Self, TokenizerError> {
         hf::load(dir)
     }

@@ -1,0 +1,300 @@
+//! Object-store access: a dataset root given by URL (`file://`, a plain local
+//! path, `s3://`, `gs://`, `az://`, `memory://`), listing, whole-object and
+//! Parquet reads, and writes (for `prepare` and the manifest).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::error::{DataError, Result};
+use crate::reader::ObjectReader;
+
+/// Connection settings for a dataset's object store.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StoreOptions {
+    /// Store configuration keys, passed to the builder as they are: for S3
+    /// e.g. `endpoint`, `region`, `access_key_id`, `secret_access_key`,
+    /// `allow_http`; for GCS `service_account`; for Azure `account_name`,
+    /// `access_key`. Unset keys come from the standard environment
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Retries of a failed request (default 3; 0 disables).
+    #[serde(default)]
+    pub max_retries: Option<usize>,
+}
+
+impl StoreOptions {
+    /// Sets one configuration key.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// Metadata of one object as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Path relative to the dataset root.
+    pub rel: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The store's entity tag, if it has one.
+    pub etag: Option<String>,
+}
+
+/// A dataset root on some object store.
+#[derive(Debug, Clone)]
+pub struct Source {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+}
+
+static CRYPTO: Once = Once::new();
+
+/// Installs rustls' ring provider for the HTTP clients (once per process).
+fn install_crypto() {
+    CRYPTO.call_once(|| {
+        // Err means another provider is installed already: that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn retry(opts: &StoreOptions) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: opts.max_retries.unwrap_or(3),
+        retry_timeout: Duration::from_secs(60),
+    }
+}
+
+fn url_err(url: &str, reason: impl Into<String>) -> DataError {
+    DataError::Url {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Source {
+    /// Opens the dataset root at `url`.
+    pub fn open(url: &str, opts: &StoreOptions) -> Result<Self> {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (s, r),
+            None => ("file", url),
+        };
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b, p.trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "file" => {
+                let dir = if url.contains("://") { rest } else { url };
+                if !dir.starts_with('/') {
+                    let abs = std::env::current_dir()
+                        .map_err(|e| url_err(url, e.to_string()))?
+                        .join(dir);
+                    return Self::open(&abs.to_string_lossy(), opts).map(|mut s| {
+                        s.url = url.to_string();
+                        s
+                    });
+                }
+                std::fs::create_dir_all(dir).map_err(|e| DataError::Io {
+                    path: dir.to_string(),
+                    source: e,
+                })?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| url_err(url, e.to_string()))?;
+                return Ok(Self {
+                    store: Arc::new(fs),
+                    root: Path::default(),
+                    url: url.to_string(),
+                });
+            }
+            "memory" => Arc::new(object_store::memory::InMemory::new()),
+            "s3" => {
+                install_crypto();
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry(opts));
+                for (k, v) in &opts.config {
+                    let key = k
+                        .parse()
+                        .map_err(|e| url_err(url, format!("option `{k}`: {e}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| url_err(url, e.to_string()))?)
+            }
+            "gs" => {
+                install_crypto();
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry(opts));
+                for (k, v) in &opts.config {
+                    let key = k
+                        .parse()
+                        .map_err(|e| url_err(url, format!("option `{k}`: {e}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| url_err(url, e.to_string()))?)
+            }
+            "az" | "azure" | "abfs" => {
+                install_crypto();
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_retry(retry(opts));
+                for (k, v) in &opts.config {
+                    let key = k
+                        .parse()
+                        .map_err(|e| url_err(url, format!("option `{k}`: {e}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| url_err(url, e.to_string()))?)
+            }
+            other => {
+                return Err(url_err(
+                    url,
+                    format!("unsupported scheme `{other}` (file, s3, gs, az, memory)"),
+                ))
+            }
+        };
+        Ok(Self {
+            store,
+            root: Path::from(prefix),
+            url: url.to_string(),
+        })
+    }
+
+    /// Wraps an existing store (e.g. a shared `InMemory` in tests).
+    pub fn from_store(store: Arc<dyn ObjectStore>, root: &str, label: &str) -> Self {
+        Self {
+            store,
+            root: Path::from(root),
+            url: label.to_string(),
+        }
+    }
+
+    /// The URL this source was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The full store path of `rel` (relative to the dataset root).
+    pub fn path(&self, rel: &str) -> Path {
+        let mut p = self.root.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.join(part);
+        }
+        p
+    }
+
+    fn rel_of(&self, p: &Path) -> String {
+        match p.prefix_match(&self.root) {
+            Some(parts) => parts
+                .map(|x| x.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => p.to_string(),
+        }
+    }
+
+    fn store_err(&self, op: &'static str, rel: &str, e: object_store::Error) -> DataError {
+        match e {
+            object_store::Error::NotFound { .. } => DataError::MissingObject {
+                path: self.display(rel),
+            },
+            source => DataError::Store {
+                op,
+                path: self.display(rel),
+                source,
+            },
+        }
+    }
+
+    /// `rel` as shown in messages: the URL joined with the relative path.
+    pub fn display(&self, rel: &str) -> String {
+        format!("{}/{}", self.url.trim_end_matches('/'), rel)
+    }
+
+    /// Every `*.parquet` object under the root, sorted by path.
+    pub async fn list_parquet(&self) -> Result<Vec<ObjectInfo>> {
+        let prefix = if self.root.as_ref().is_empty() {
+            None
+        } else {
+            Some(&self.root)
+        };
+        let metas: Vec<_> = self
+            .store
+            .list(prefix)
+            .try_collect()
+            .await
+            .map_err(|e| self.store_err("list", "", e))?;
+        let mut out: Vec<ObjectInfo> = metas
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".parquet"))
+            .map(|m| ObjectInfo {
+                rel: self.rel_of(&m.location),
+                size: m.size,
+                etag: m.e_tag,
+            })
+            .collect();
+        out.sort_by(|a, b| a.rel.cmp(&b.rel));
+        Ok(out)
+    }
+
+    /// The store's metadata for `rel`; a missing object is [`DataError::MissingObject`].
+    pub async fn head(&self, rel: &str) -> Result<ObjectInfo> {
+        let m = self
+            .store
+            .head(&self.path(rel))
+            .await
+            .map_err(|e| self.store_err("head", rel, e))?;
+        Ok(ObjectInfo {
+            rel: rel.to_string(),
+            size: m.size,
+            etag: m.e_tag,
+        })
+    }
+
+    /// The whole object `rel`.
+    pub async fn get(&self, rel: &str) -> Result<Bytes> {
+        let r = self
+            .store
+            .get(&self.path(rel))
+            .await
+            .map_err(|e| self.store_err("get", rel, e))?;
+        r.bytes().await.map_err(|e| self.store_err("get", rel, e))
+    }
+
+    /// The byte range `range` of `rel`.
+    pub async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.store
+            .get_range(&self.path(rel), range)
+            .await
+            .map_err(|e| self.store_err("get", rel, e))
+    }
+
+    /// Writes `data` to `rel` (whole object).
+    pub async fn put(&self, rel: &str, data: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(rel), PutPayload::from(data))
+            .await
+            .map_err(|e| self.store_err("put", rel, e))?;
+        Ok(())
+    }
+
+    /// An async Parquet reader over `rel`, whose size is known from the manifest.
+    pub fn parquet_reader(&self, rel: &str, size: u64) -> ObjectReader {
+        ObjectReader::new(self.store.clone(), self.path(rel), size)
+    }
+}

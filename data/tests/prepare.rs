@@ -1,0 +1,180 @@
+//! `prepare` on the real sources ($KVD_CACHE/assets, from scripts/fetch_assets.sh):
+//! row counts per source (as shared/DATA.md states them), the held-out guard,
+//! the written Parquet read back by pyarrow and by the loader, and examples
+//! tokenised with SmolLM2's real tokenizer against transformers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use kvd_data::prepare::{self, SquadContext};
+use kvd_data::writer::WriterConfig;
+use kvd_data::{
+    BuilderConfig, Dataset, DatasetOptions, ExampleBuilder, HfTokenizer, Loader, LoaderConfig,
+    Record, TextTokenizer,
+};
+
+fn cache() -> PathBuf {
+    std::env::var_os("KVD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kv-distill")
+        })
+}
+
+fn python() -> PathBuf {
+    cache().join("venv/bin/python")
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+}
+
+#[test]
+fn source_row_counts_match_data_md() {
+    let a = cache().join("assets");
+    let split = prepare::read_split(&a, SquadContext::Paragraph).expect("split");
+    let count = |src: &str| split.train_qa.iter().filter(|r| r.source == src).count();
+    assert_eq!(count("new_wiki"), 7936);
+    assert_eq!(count("coqa"), 10930);
+    assert_eq!(count("quoref"), 6500);
+    assert_eq!(count("drop"), 6500);
+    assert_eq!(count("minute_mysteries"), 274);
+    assert_eq!(split.train_text.len(), 49);
+    assert_eq!(split.eval_qa.len(), 10565);
+    // Mysteries: every story ends in a question that is split off.
+    for r in split
+        .train_qa
+        .iter()
+        .filter(|r| r.source == "minute_mysteries")
+    {
+        let Record::Qa {
+            question, context, ..
+        } = &r.record
+        else {
+            panic!("qa")
+        };
+        assert!(
+            question.ends_with('?') && !context.ends_with('?'),
+            "{}: {question}",
+            r.id
+        );
+    }
+    // CoQA turns carry their history.
+    let turn2 = split
+        .train_qa
+        .iter()
+        .find(|r| r.id.starts_with("coqa/") && r.id.ends_with("/2"))
+        .expect("turn 2");
+    let Record::Qa { question, .. } = &turn2.record else {
+        panic!("qa")
+    };
+    assert!(
+        question.starts_with("Q: ") && question.contains("\nA: "),
+        "{question}"
+    );
+    // Article contexts are longer than paragraphs.
+    let art = prepare::read_squad(
+        &a.join("bigbench/squad_shifts/squaddev_v1.1.json"),
+        "d",
+        SquadContext::Article,
+    )
+    .expect("article");
+    let para = &split.eval_qa;
+    let len = |r: &kvd_data::writer::SourcedRecord| r.record.text_bytes();
+    assert!(art.iter().map(len).sum::<usize>() > 10 * para.iter().map(len).sum::<usize>());
+}
+
+#[test]
+fn held_out_files_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("nyt_v1.0.json");
+    std::fs::write(&p, "{}").expect("write");
+    let e = prepare::read_squad(&p, "x", SquadContext::Paragraph).expect_err("held out");
+    assert!(e.to_string().contains("held-out"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_writes_datasets_readable_by_pyarrow_and_the_loader() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("prepared");
+    let cfg = WriterConfig {
+        row_group_rows: 256,
+        ..WriterConfig::default()
+    };
+    let s = prepare::prepare(
+        &cache().join("assets"),
+        &out.to_string_lossy(),
+        &Default::default(),
+        &cfg,
+        SquadContext::Paragraph,
+        false,
+    )
+    .await
+    .expect("prepare");
+    let rows: Vec<u64> = s.datasets.iter().map(|d| d.1).collect();
+    assert_eq!(rows, vec![7936 + 10930 + 6500 + 6500 + 274, 49, 10565]);
+    // pyarrow reads the same rows, zstd-compressed, with row groups <= 256.
+    let script = "import sys,glob,pyarrow.parquet as pq\nn=0\nfor f in sorted(glob.glob(sys.argv[1]+'/*.parquet')):\n  m=pq.ParquetFile(f).metadata\n  n+=m.num_rows\n  assert all(m.row_group(i).num_rows<=256 for i in range(m.num_row_groups))\n  assert m.row_group(0).column(0).compression=='ZSTD'\nprint(n)";
+    let o = Command::new(python())
+        .args(["-c", script, &out.join("eval/qa").to_string_lossy()])
+        .output()
+        .expect("python");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "10565");
+
+    // The real tokenizer (SmolLM2, via transformers) and one loader step.
+    let tokdir = dir.path().join("tok");
+    let text = dir.path().join("text.txt");
+    let ds = Arc::new(
+        Dataset::open(
+            &out.join("eval/qa").to_string_lossy(),
+            DatasetOptions::default(),
+        )
+        .await
+        .expect("open"),
+    );
+    let first = ds.row_group(0, 0).await.expect("rg");
+    let Ok(Record::Qa { context, .. }) = &first[0] else {
+        panic!("qa row")
+    };
+    std::fs::write(&text, context).expect("write");
+    let gguf = cache().join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let o = Command::new(python())
+        .arg(repo().join("tests/oracle/data_tokenizer.py"))
+        .args([&gguf, &tokdir, &text])
+        .output()
+        .expect("python");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: Vec<u32> = serde_json::from_slice(&o.stdout).expect("ids");
+    let tok = Arc::new(HfTokenizer::from_file(&tokdir.join("tokenizer.json")).expect("tokenizer"));
+    assert_eq!(tok.encode(context).expect("encode"), want);
+    let builder = Arc::new(
+        ExampleBuilder::new(
+            tok.clone(),
+            BuilderConfig {
+                max_len: 2048,
+                threads: 2,
+                ..BuilderConfig::default()
+            },
+        )
+        .expect("b"),
+    );
+    let mut loader = Loader::new(
+        ds,
+        builder,
+        LoaderConfig {
+            global_batch: 32,
+            ..LoaderConfig::default()
+        },
+    );
+    let mut c = loader.cursor();
+    let b = loader.next(&mut c, 0, 1).await.expect("step");
+    assert_eq!(b.examples.len(), 32);
+    for e in &b.examples {
+        assert!(e.tokens.len() <= 2048 && e.span_len >= 16);
+        assert_eq!(e.tokens.len(), e.prefix_len + e.span_len + e.suffix_len);
+    }
+}

@@ -1,0 +1,263 @@
+//! KV-Distill core on a tiny random Llama (CPU): gradients, the r = 1 identity,
+//! selection and positions, cache size, chunked KL, and training.
+
+use kvd_tests::env::tiny_models;
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::distill::loss::kl_mix;
+use kvd_trainer::distill::select::select;
+use kvd_trainer::distill::student::{compress, Contexts};
+use kvd_trainer::distill::{
+    distill_step, kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
+};
+use kvd_trainer::model::{Input, Model};
+use tch::{Device, Kind, Tensor};
+
+fn model() -> Model {
+    Checkpoint::open(&tiny_models().join("llama"))
+        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
+        .expect("tiny llama")
+}
+
+fn cfg() -> DistillConfig {
+    DistillConfig {
+        scorer_layer: 1,
+        ..DistillConfig::default()
+    }
+}
+
+/// Deterministic pseudo-random tokens below the tiny vocabulary (96).
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % 96) as u32
+        })
+        .collect()
+}
+
+fn batch(ratio: f64) -> Vec<DistillExample> {
+    vec![
+        DistillExample {
+            context: tokens(40, 1),
+            spans: vec![(4, 32)],
+            suffix: tokens(12, 2),
+            ratio,
+            answer: None,
+        },
+        DistillExample {
+            context: tokens(28, 3),
+            spans: vec![(2, 10), (16, 10)],
+            suffix: tokens(9, 4),
+            ratio,
+            answer: None,
+        },
+    ]
+}
+
+#[test]
+fn full_retention_with_fresh_lora_equals_teacher() {
+    let m = model();
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    let s = distill_step(&m, &a, &cfg(), &batch(1.0), 1.0, false).expect("step");
+    assert!(
+        s.loss.abs() < 1e-6,
+        "KL at r = 1 with zero LoRA: {}",
+        s.loss
+    );
+    assert_eq!(s.tokens, 11 + 8);
+}
+
+#[test]
+fn gradients_reach_scorer_and_lora_only() {
+    let m = model();
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    let mut t = Trainer::new(
+        &a,
+        TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 1,
+            ..TrainConfig::default()
+        },
+    )
+    .expect("trainer");
+    // Step 1 moves LoRA B off zero; step 2's gradients then reach every LoRA A too.
+    t.train_step(&m, &a, &[batch(0.25)]).expect("step 1");
+    t.train_step(&m, &a, &[batch(0.25)]).expect("step 2");
+    for (name, v) in a.vs.variables() {
+        let g = v.grad();
+        assert!(g.defined(), "{name} got no gradient");
+        let norm = g.norm().double_value(&[]);
+        assert!(norm > 0.0, "{name} has a zero gradient");
+    }
+    for w in m.weights() {
+        assert!(!w.requires_grad(), "a base weight requires grad");
+        assert!(!w.grad().defined(), "a base weight received a gradient");
+    }
+}
+
+#[test]
+fn selection_keeps_outside_of_spans_and_top_k_inside() {
+    let scores: Vec<f32> = (0..20).map(|i| ((i * 7) % 11) as f32).collect();
+    let sel = select(&scores, 20, &[(5, 10)], 0.3).expect("select");
+    let k = kept_count(10, 0.3);
+    assert_eq!(k, 3);
+    let inside: Vec<usize> = sel
+        .kept
+        .iter()
+        .copied()
+        .filter(|p| (5..15).contains(p))
+        .collect();
+    assert_eq!(inside.len(), k);
+    for p in (0..5).chain(15..20) {
+        assert!(
+            sel.kept.contains(&p),
+            "position {p} outside the span was dropped"
+        );
+    }
+    let mut want: Vec<usize> = (5..15).collect();
+    want.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut top: Vec<usize> = want[..k].to_vec();
+    top.sort();
+    assert_eq!(inside, top);
+    assert!(
+        sel.kept.windows(2).all(|w| w[0] < w[1]),
+        "kept positions are in order"
+    );
+    for bad in [0.0, -0.1, 1.5, f64::NAN] {
+        assert!(
+            select(&scores, 20, &[(5, 10)], bad).is_err(),
+            "ratio {bad} accepted"
+        );
+    }
+    assert!(
+        select(&scores, 20, &[(5, 0)], 0.5).is_err(),
+        "empty span accepted"
+    );
+    assert!(
+        select(&scores, 20, &[(15, 10)], 0.5).is_err(),
+        "span beyond the context accepted"
+    );
+}
+
+#[test]
+fn compressed_cache_has_k_entries_at_original_positions() {
+    let m = model();
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    let ctx = tokens(40, 9);
+    let ids = Tensor::from_slice(&ctx.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    let feats = m.layer_states(Input::new(&ids), 1).expect("features");
+    let (span, r) = ((8usize, 30usize), 0.1);
+    let spans = [vec![span]];
+    let ctx = Contexts {
+        ids: &ids,
+        len: &[40],
+        spans: &spans,
+        ratios: &[r],
+    };
+    let comp = tch::no_grad(|| compress(&m, &a, ctx, &feats, false)).expect("compress");
+    let k = kept_count(30, r);
+    let entries = 8 + k + 2; // prefix + kept + the two tokens after the span
+    assert_eq!(comp.cache.len(), entries as i64);
+    for layer in 0..m.config().num_layers {
+        let kv = comp.cache.layer(layer).expect("layer");
+        assert_eq!(kv.k.size()[2], entries as i64, "layer {layer} keys");
+        assert_eq!(kv.v.size()[2], entries as i64, "layer {layer} values");
+    }
+    let pos = Vec::<i64>::try_from(comp.cache.positions().expect("positions").flatten(0, -1))
+        .expect("pos");
+    let kept: Vec<i64> = comp.selections[0].kept.iter().map(|&p| p as i64).collect();
+    assert_eq!(pos, kept, "positions are the original ones");
+    assert_eq!(&pos[..8], &[0, 1, 2, 3, 4, 5, 6, 7], "prefix untouched");
+    assert_eq!(
+        &pos[pos.len() - 2..],
+        &[38, 39],
+        "text after the span untouched"
+    );
+    let next = comp.cache.next_positions().expect("next").int64_value(&[0]);
+    assert_eq!(next, 40, "decoding continues at the original next position");
+    // The K/V of kept positions equal the full cache's where LoRA is inactive (prefix).
+    let mut full = m.new_cache();
+    let _ = tch::no_grad(|| m.forward_hidden(Input::new(&ids), Some(&mut full))).expect("full");
+    let full_k = &full.layer(0).expect("l0").k;
+    let comp_k = &comp.cache.layer(0).expect("l0").k;
+    let d = (full_k.narrow(2, 0, 8) - comp_k.narrow(2, 0, 8))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d < 1e-6, "prefix keys changed by {d}");
+    // Memory is (entries / 40) of the full cache's.
+    let ratio = comp.cache.memory_bytes() as f64 / full.memory_bytes() as f64;
+    assert!(
+        (ratio - entries as f64 / 40.0).abs() < 1e-9,
+        "memory ratio {ratio}"
+    );
+}
+
+#[test]
+fn chunked_kl_equals_unchunked_autograd() {
+    tch::manual_seed(3);
+    let t = Tensor::randn([13, 50], (Kind::Float, Device::Cpu)) * 3.0;
+    let s0 = Tensor::randn([13, 50], (Kind::Float, Device::Cpu)) * 3.0;
+    let (a, tau) = (0.3, 1.7);
+    let out = kl_mix(&t, &s0, a, tau, 4).expect("chunked");
+    let s = s0.detach().set_requires_grad(true);
+    let logp = (&t / tau).log_softmax(-1, Kind::Float);
+    let logq = (&s / tau).log_softmax(-1, Kind::Float);
+    let fkl = (logp.exp() * (&logp - &logq)).sum_dim_intlist(-1, false, Kind::Float);
+    let rkl = (logq.exp() * (&logq - &logp)).sum_dim_intlist(-1, false, Kind::Float);
+    let loss = (fkl * a + rkl * (1.0 - a)).mean(Kind::Float);
+    loss.backward();
+    let want = loss.double_value(&[]);
+    assert!(
+        (out.loss - want).abs() < 1e-5 * want.abs().max(1.0),
+        "loss {} vs {want}",
+        out.loss
+    );
+    let gd = (&out.grad - s.grad()).abs().max().double_value(&[]);
+    assert!(gd < 1e-6, "gradient differs by {gd}");
+}
+
+#[test]
+fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
+    let m = model();
+    let before: Vec<Tensor> = m.weights().iter().map(|w| w.copy()).collect();
+    let run = || {
+        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let tc = TrainConfig {
+            lr: 5e-3,
+            warmup_steps: 5,
+            total_steps: 80,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(&a, tc).expect("trainer");
+        let b = batch(0.2);
+        let first = distill_step(&m, &a, &cfg(), &b, 1.0, false)
+            .expect("eval")
+            .loss;
+        let mut losses = Vec::new();
+        for _ in 0..80 {
+            losses.push(
+                t.train_step(&m, &a, std::slice::from_ref(&b))
+                    .expect("train")
+                    .loss,
+            );
+        }
+        let last = distill_step(&m, &a, &cfg(), &b, 1.0, false)
+            .expect("eval")
+            .loss;
+        (first, last, losses)
+    };
+    let (first, last, losses) = run();
+    assert!(last < 0.5 * first, "KL went from {first} to {last}");
+    let (_, last2, losses2) = run();
+    assert_eq!(losses, losses2, "training is not deterministic on CPU");
+    assert_eq!(last, last2);
+    for (w, b) in m.weights().iter().zip(&before) {
+        assert!(w.equal(b), "a base weight changed during training");
+    }
+}

@@ -1,0 +1,168 @@
+//! The trainable part of KV-Distill: the token scorer and the LoRA adaptors,
+//! held in one `VarStore` (float32 master weights; cast to the model's kind at use).
+
+use super::config::DistillConfig;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::model::{Hooks, Proj};
+use std::collections::BTreeMap;
+use tch::nn::{Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+/// One LoRA pair: `delta = scale * (x Aᵀ) Bᵀ`.
+#[derive(Debug)]
+pub struct LoraPair {
+    /// `[rank, in]`, random init.
+    pub a: Tensor,
+    /// `[out, rank]`, zero init (so a fresh adaptor changes nothing).
+    pub b: Tensor,
+}
+
+/// Scorer + LoRA parameters for one base model.
+pub struct Adaptor {
+    /// The variables (names: `scorer.w1`, ..., `lora.{layer}.{proj}.a|b`).
+    pub vs: VarStore,
+    cfg: DistillConfig,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    lora: BTreeMap<(usize, Proj), LoraPair>,
+}
+
+impl std::fmt::Debug for Adaptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adaptor")
+            .field("cfg", &self.cfg)
+            .field("lora_pairs", &self.lora.len())
+            .finish()
+    }
+}
+
+/// `(in, out)` features of projection `p` in a model of config `m`.
+pub fn proj_dims(m: &ModelConfig, p: Proj) -> (i64, i64) {
+    let d = m.hidden_size as i64;
+    let q = (m.num_heads * m.head_dim) as i64;
+    let kv = (m.num_kv_heads * m.head_dim) as i64;
+    let ff = m.intermediate_size as i64;
+    match p {
+        Proj::Q => (d, q),
+        Proj::K | Proj::V => (d, kv),
+        Proj::O => (q, d),
+        Proj::Gate | Proj::Up => (d, ff),
+        Proj::Down => (ff, d),
+    }
+}
+
+impl Adaptor {
+    /// A fresh adaptor (LoRA B = 0, so the student starts as the frozen model),
+    /// initialised from `seed`.
+    pub fn new(model: &ModelConfig, cfg: DistillConfig, device: Device, seed: i64) -> Result<Self> {
+        if cfg.scorer_layer > model.num_layers {
+            return Err(ModelError::Input(format!(
+                "scorer_layer {} exceeds the model's {} layers",
+                cfg.scorer_layer, model.num_layers
+            )));
+        }
+        if cfg.lora.rank <= 0 {
+            return Err(ModelError::Input(format!(
+                "LoRA rank must be positive, got {}",
+                cfg.lora.rank
+            )));
+        }
+        tch::manual_seed(seed);
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let d = model.hidden_size as i64;
+        let unif = |fan_in: i64| {
+            let b = 1.0 / (fan_in as f64).sqrt();
+            Init::Uniform { lo: -b, up: b }
+        };
+        let sc = root.sub("scorer");
+        let w1 = sc.var("w1", &[d, d], unif(d));
+        let b1 = sc.var("b1", &[d], unif(d));
+        let w2 = sc.var("w2", &[1, d], unif(d));
+        let b2 = sc.var("b2", &[1], unif(d));
+        let mut lora = BTreeMap::new();
+        let lr = root.sub("lora");
+        for layer in 0..model.num_layers {
+            for &p in &cfg.lora.targets {
+                // Only K and V of the last layer reach the compressed cache; an
+                // adaptor anywhere else in that layer could never be trained.
+                if layer + 1 == model.num_layers && !matches!(p, Proj::K | Proj::V) {
+                    continue;
+                }
+                let (inp, out) = proj_dims(model, p);
+                let node = lr.sub(layer.to_string()).sub(p.name());
+                let a = node.var("a", &[cfg.lora.rank, inp], unif(inp));
+                let b = node.var("b", &[out, cfg.lora.rank], Init::Const(0.0));
+                lora.insert((layer, p), LoraPair { a, b });
+            }
+        }
+        Ok(Adaptor {
+            vs,
+            cfg,
+            w1,
+            b1,
+            w2,
+            b2,
+            lora,
+        })
+    }
+
+    /// The method settings this adaptor was built with.
+    pub fn config(&self) -> &DistillConfig {
+        &self.cfg
+    }
+
+    /// Token scores `[batch, seq]` (float32) from layer-l hidden states `[batch, seq, d]`.
+    pub fn score(&self, hidden: &Tensor) -> Tensor {
+        let h = hidden.to_kind(Kind::Float);
+        let z = h.linear(&self.w1, Some(&self.b1)).relu();
+        z.linear(&self.w2, Some(&self.b2)).squeeze_dim(-1)
+    }
+
+    /// Hooks that add the LoRA terms at positions where `mask` (`[batch, seq]`) is 1.
+    pub fn lora_hooks<'a>(&'a self, mask: &Tensor, train: bool) -> LoraHooks<'a> {
+        LoraHooks {
+            adaptor: self,
+            mask: mask.to_kind(Kind::Float).unsqueeze(-1),
+            train,
+        }
+    }
+
+    /// All trainable tensors.
+    pub fn trainable(&self) -> Vec<Tensor> {
+        self.vs.trainable_variables()
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_params(&self) -> i64 {
+        self.trainable().iter().map(|t| t.numel() as i64).sum()
+    }
+}
+
+/// LoRA routed to selected positions.
+pub struct LoraHooks<'a> {
+    adaptor: &'a Adaptor,
+    mask: Tensor,
+    train: bool,
+}
+
+impl Hooks for LoraHooks<'_> {
+    fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Option<Tensor> {
+        let pair = self.adaptor.lora.get(&(layer, proj))?;
+        let cfg = &self.adaptor.cfg.lora;
+        let x = if self.train && cfg.dropout > 0.0 {
+            x.dropout(cfg.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
+        let kind = x.kind();
+        let scale = cfg.alpha / cfg.rank as f64;
+        let delta = x
+            .matmul(&pair.a.to_kind(kind).transpose(0, 1))
+            .matmul(&pair.b.to_kind(kind).transpose(0, 1));
+        Some(delta * self.mask.to_kind(kind) * scale)
+    }
+}

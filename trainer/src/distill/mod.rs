@@ -1,0 +1,18 @@
+//! KV-Distill (shared/METHOD.md): a trainable token scorer picks the top-k
+//! positions of each compressible span, LoRA adaptors active only at those
+//! positions shape their K/V, and the frozen decoder answers from the compressed
+//! cache; the student is trained to match the full-cache teacher with a forward +
+//! reverse KL mix.
+
+pub mod adaptor;
+pub mod config;
+pub mod loss;
+pub mod select;
+pub mod step;
+pub mod student;
+pub mod trainer;
+
+pub use adaptor::Adaptor;
+pub use config::{kept_count, DistillConfig, LoraConfig, ScoreFeed};
+pub use step::{distill_step, DistillExample, StepStats};
+pub use trainer::{OptStats, TrainConfig, Trainer};

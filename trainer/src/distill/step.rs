@@ -1,0 +1,196 @@
+//! One distillation step on a batch: frozen teacher over the whole sequence,
+//! student compress + decode, KL mix on the suffix, gradients into the adaptor.
+
+use super::adaptor::Adaptor;
+use super::config::DistillConfig;
+use super::loss::kl_mix;
+use super::select::{validate_spans, Span};
+use super::student::{compress, decode, Contexts};
+use crate::error::{ModelError, Result};
+use crate::model::{Hooks, Input, Model};
+use std::cell::RefCell;
+use tch::{Kind, Tensor};
+
+/// One training sequence: a context (with compressible spans) and a suffix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillExample {
+    /// Context tokens (prefix, spans, text between spans).
+    pub context: Vec<u32>,
+    /// Compressible spans of the context, ordered and disjoint.
+    pub spans: Vec<Span>,
+    /// Tokens after the context (question, answer, or the next text).
+    pub suffix: Vec<u32>,
+    /// Retention ratio for this example's spans.
+    pub ratio: f64,
+    /// `[start, start + len)` of the answer within the suffix, for answer-only loss.
+    pub answer: Option<(usize, usize)>,
+}
+
+/// Result of one step on one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// The loss (mean over supervised suffix tokens).
+    pub loss: f64,
+    /// Mean forward KL.
+    pub forward_kl: f64,
+    /// Mean reverse KL.
+    pub reverse_kl: f64,
+    /// Supervised tokens in the batch.
+    pub tokens: usize,
+}
+
+/// Captures the hidden state after one layer.
+struct Capture {
+    layer: usize,
+    state: RefCell<Option<Tensor>>,
+}
+
+impl Hooks for Capture {
+    fn after_layer(&self, layer: usize, hidden: &Tensor) {
+        if layer + 1 == self.layer {
+            *self.state.borrow_mut() = Some(hidden.shallow_clone());
+        }
+    }
+}
+
+/// Right-pads token rows into `[batch, max_len]` int64 on `model`'s device.
+fn pad(rows: &[&[u32]], model: &Model) -> Tensor {
+    let l = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let mut flat = vec![0i64; rows.len() * l];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &t) in r.iter().enumerate() {
+            flat[i * l + j] = t as i64;
+        }
+    }
+    Tensor::from_slice(&flat)
+        .view([rows.len() as i64, l as i64])
+        .to_device(model.device())
+}
+
+/// Runs the step: teacher under no_grad, student with autograd, loss, and
+/// backward into the adaptor's gradients (accumulated; `grad_scale` multiplies
+/// them, e.g. 1/accumulation steps). Base weights get no gradient.
+pub fn distill_step(
+    model: &Model,
+    adaptor: &Adaptor,
+    cfg: &DistillConfig,
+    batch: &[DistillExample],
+    grad_scale: f64,
+    train: bool,
+) -> Result<StepStats> {
+    if batch.is_empty() {
+        return Err(ModelError::Input("empty batch".into()));
+    }
+    for (i, ex) in batch.iter().enumerate() {
+        if ex.context.is_empty() || ex.suffix.len() < 2 {
+            return Err(ModelError::Input(format!(
+                "example {i}: needs a non-empty context and a suffix of at least 2 tokens"
+            )));
+        }
+        validate_spans(&ex.spans, ex.context.len())
+            .map_err(|e| ModelError::Input(format!("example {i}: {e}")))?;
+    }
+    let device = model.device();
+    let ctx_len: Vec<usize> = batch.iter().map(|e| e.context.len()).collect();
+    let suf_len: Vec<usize> = batch.iter().map(|e| e.suffix.len()).collect();
+    let full: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|e| [e.context.as_slice(), e.suffix.as_slice()].concat())
+        .collect();
+    let full_ids = pad(&full.iter().map(Vec::as_slice).collect::<Vec<_>>(), model);
+    let ctx_ids = pad(
+        &batch
+            .iter()
+            .map(|e| e.context.as_slice())
+            .collect::<Vec<_>>(),
+        model,
+    );
+    let suf_ids = pad(
+        &batch
+            .iter()
+            .map(|e| e.suffix.as_slice())
+            .collect::<Vec<_>>(),
+        model,
+    );
+    let lf = full_ids.size()[1];
+    let lx = suf_ids.size()[1];
+
+    // Supervised rows: suffix position j predicts suffix token j + 1.
+    let (mut s_rows, mut t_rows) = (Vec::new(), Vec::new());
+    for (i, ex) in batch.iter().enumerate() {
+        for j in 0..ex.suffix.len() - 1 {
+            let target = j + 1;
+            if cfg.answer_only {
+                if let Some((s, n)) = ex.answer {
+                    if target < s || target >= s + n {
+                        continue;
+                    }
+                }
+            }
+            s_rows.push(i as i64 * lx + j as i64);
+            t_rows.push(i as i64 * lf + (ctx_len[i] + j) as i64);
+        }
+    }
+    if s_rows.is_empty() {
+        return Err(ModelError::Input(
+            "no supervised suffix tokens in the batch".into(),
+        ));
+    }
+    let s_rows = Tensor::from_slice(&s_rows).to_device(device);
+    let t_rows = Tensor::from_slice(&t_rows).to_device(device);
+
+    // Teacher: full cache, frozen; also yields the scorer's features (first l layers).
+    let capture = Capture {
+        layer: cfg.scorer_layer,
+        state: RefCell::new(None),
+    };
+    let (teacher_logits, features) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+        let h = model.forward_hidden_with(Input::new(&full_ids), None, &capture)?;
+        let rows = h.flatten(0, 1).index_select(0, &t_rows);
+        let features = match capture.state.borrow_mut().take() {
+            Some(f) => f,
+            None => model.layer_states(Input::new(&full_ids), cfg.scorer_layer)?,
+        };
+        Ok((model.logits(&rows), features))
+    })?;
+
+    // Student.
+    let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
+    let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
+    let contexts = Contexts {
+        ids: &ctx_ids,
+        len: &ctx_len,
+        spans: &spans,
+        ratios: &ratios,
+    };
+    let mut comp = compress(model, adaptor, contexts, &features, train)?;
+    let hidden = decode(model, &mut comp, &suf_ids, &suf_len, cfg.score_feed)?;
+    let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
+    let kl = kl_mix(
+        &teacher_logits,
+        &student_logits,
+        cfg.kl_forward_weight,
+        cfg.temperature,
+        cfg.kl_chunk_rows,
+    )?;
+    if !kl.loss.is_finite() {
+        return Err(ModelError::Input(format!(
+            "non-finite loss {} (forward KL {}, reverse KL {})",
+            kl.loss, kl.forward_kl, kl.reverse_kl
+        )));
+    }
+    let tokens = kl.grad.size()[0] as usize;
+    if train {
+        // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
+        let g = kl.grad * grad_scale;
+        (student_logits * g.detach())
+            .sum(Kind::Float)
+            .f_backward()?;
+    }
+    Ok(StepStats {
+        loss: kl.loss,
+        forward_kl: kl.forward_kl,
+        reverse_kl: kl.reverse_kl,
+        tokens,
+    })
+}

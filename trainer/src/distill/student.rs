@@ -1,0 +1,165 @@
+//! The student's compression of a batch of contexts (scorer -> selection ->
+//! encoder with routed LoRA -> gathered cache) and its decoder pass over the
+//! suffix with the score feed. Training and inference share this code.
+
+use super::adaptor::Adaptor;
+use super::config::ScoreFeed;
+use super::select::{select, Selection, Span};
+use crate::error::{ModelError, Result};
+use crate::model::{Hooks, Input, KvCache, Model};
+use tch::{Device, Kind, Tensor};
+
+/// A batch of compressed contexts.
+#[derive(Debug)]
+pub struct Compressed {
+    /// Per-layer K/V of the kept positions, original positions, padded slots invalid.
+    pub cache: KvCache,
+    /// Per example, the kept positions.
+    pub selections: Vec<Selection>,
+    /// Score of each cache slot `[batch, slots]` (float32, differentiable).
+    pub slot_scores: Tensor,
+    /// 1.0 where the slot holds a scored span token, else 0 `[batch, slots]`.
+    pub span_slot: Tensor,
+    /// Context lengths (the next position of each example).
+    pub ctx_len: Vec<usize>,
+}
+
+/// A batch of contexts to compress.
+#[derive(Debug, Clone, Copy)]
+pub struct Contexts<'a> {
+    /// Right-padded context tokens `[batch, lc]`.
+    pub ids: &'a Tensor,
+    /// Length of each context.
+    pub len: &'a [usize],
+    /// Compressible spans of each context.
+    pub spans: &'a [Vec<Span>],
+    /// Retention ratio of each context.
+    pub ratios: &'a [f64],
+}
+
+/// Compresses `ctx`. `features` are the frozen model's states after
+/// `scorer_layer` layers over (at least) the context positions, `[batch, >= lc, d]`.
+pub fn compress(
+    model: &Model,
+    adaptor: &Adaptor,
+    ctx: Contexts,
+    features: &Tensor,
+    train: bool,
+) -> Result<Compressed> {
+    let Contexts {
+        ids: ctx_ids,
+        len: ctx_len,
+        spans,
+        ratios,
+    } = ctx;
+    let (b, lc) = ctx_ids.size2()?;
+    let bu = b as usize;
+    if ctx_len.len() != bu || spans.len() != bu || ratios.len() != bu {
+        return Err(ModelError::Input(
+            "per-example lengths, spans and ratios must match the batch".into(),
+        ));
+    }
+    let device = model.device();
+    let scores = adaptor.score(&features.narrow(1, 0, lc));
+    let host: Vec<f32> =
+        Vec::<f32>::try_from(scores.detach().to_device(Device::Cpu).flatten(0, -1))?;
+    let mut selections = Vec::with_capacity(bu);
+    for i in 0..bu {
+        let row = &host[i * lc as usize..(i + 1) * lc as usize];
+        selections.push(select(row, ctx_len[i], &spans[i], ratios[i])?);
+    }
+    // LoRA is active only at kept span positions.
+    let mut lora_mask = vec![0f32; bu * lc as usize];
+    for (i, s) in selections.iter().enumerate() {
+        for (&p, &from_span) in s.kept.iter().zip(&s.from_span) {
+            if from_span {
+                lora_mask[i * lc as usize + p] = 1.0;
+            }
+        }
+    }
+    let lora_mask = Tensor::from_slice(&lora_mask)
+        .view([b, lc])
+        .to_device(device);
+    let hooks = adaptor.lora_hooks(&lora_mask, train);
+    let mut full = model.new_cache();
+    // Right padding: causal attention never lets a real token see padding.
+    let _ = model.forward_hidden_with(Input::new(ctx_ids), Some(&mut full), &hooks)?;
+
+    let slots = selections.iter().map(|s| s.kept.len()).max().unwrap_or(1);
+    let mut idx = vec![0i64; bu * slots];
+    let mut valid = vec![false; bu * slots];
+    let mut span_slot = vec![0f32; bu * slots];
+    for (i, s) in selections.iter().enumerate() {
+        for (j, (&p, &fs)) in s.kept.iter().zip(&s.from_span).enumerate() {
+            idx[i * slots + j] = p as i64;
+            valid[i * slots + j] = true;
+            span_slot[i * slots + j] = if fs { 1.0 } else { 0.0 };
+        }
+    }
+    let shape = [b, slots as i64];
+    let idx = Tensor::from_slice(&idx).view(shape).to_device(device);
+    let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+    let mut cache = full.gather(&idx)?;
+    cache.and_valid(&valid)?;
+    Ok(Compressed {
+        cache,
+        selections,
+        slot_scores: scores.gather(1, &idx, false),
+        span_slot: Tensor::from_slice(&span_slot).view(shape).to_device(device),
+        ctx_len: ctx_len.to_vec(),
+    })
+}
+
+/// Adds a fixed per-key bias to every layer's attention.
+struct BiasHooks {
+    bias: Tensor,
+}
+
+impl Hooks for BiasHooks {
+    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
+        Some(self.bias.shallow_clone())
+    }
+}
+
+/// Runs the frozen decoder over right-padded suffixes `suf_ids` `[batch, lx]` of
+/// lengths `suf_len`, continuing each context at its original next position and
+/// attending to `compressed.cache` (consumed: the suffix is appended to it), with
+/// the score feed on the kept span slots. Returns final hidden states `[batch, lx, d]`.
+pub fn decode(
+    model: &Model,
+    compressed: &mut Compressed,
+    suf_ids: &Tensor,
+    suf_len: &[usize],
+    feed: ScoreFeed,
+) -> Result<Tensor> {
+    let (b, lx) = suf_ids.size2()?;
+    let device = model.device();
+    let mut pos = Vec::with_capacity((b * lx) as usize);
+    let mut valid = Vec::with_capacity((b * lx) as usize);
+    for (&start, &len) in compressed.ctx_len.iter().zip(suf_len) {
+        for j in 0..lx as usize {
+            pos.push((start + j) as i64);
+            valid.push(j < len);
+        }
+    }
+    let pos = Tensor::from_slice(&pos).view([b, lx]).to_device(device);
+    let valid = Tensor::from_slice(&valid).view([b, lx]).to_device(device);
+    let s = &compressed.slot_scores;
+    let fed = match feed {
+        ScoreFeed::StraightThrough => s - s.detach(),
+        ScoreFeed::Direct => s.shallow_clone(),
+    };
+    let bias = Tensor::cat(
+        &[
+            fed * &compressed.span_slot,
+            Tensor::zeros([b, lx], (Kind::Float, device)),
+        ],
+        1,
+    );
+    let hooks = BiasHooks { bias };
+    model.forward_hidden_with(
+        Input::new(suf_ids).with_positions(&pos).with_valid(&valid),
+        Some(&mut compressed.cache),
+        &hooks,
+    )
+}

@@ -1,0 +1,91 @@
+//! Points where a caller can change a forward pass without copying the model:
+//! extra terms on projections (LoRA), an additive attention bias on keys (the
+//! KV-Distill score feed), and observing hidden states between layers.
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// The projections of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proj {
+    /// Attention query.
+    Q,
+    /// Attention key.
+    K,
+    /// Attention value.
+    V,
+    /// Attention output.
+    O,
+    /// MLP gate.
+    Gate,
+    /// MLP up.
+    Up,
+    /// MLP down.
+    Down,
+}
+
+impl Proj {
+    /// All projections, in layer order.
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// HF-style short name (`q_proj`, ..., `down_proj`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// Parses `q`, `q_proj`, ... (case-insensitive).
+    pub fn parse(s: &str) -> Option<Proj> {
+        let s = s.to_ascii_lowercase();
+        let s = s.strip_suffix("_proj").unwrap_or(&s);
+        Some(match s {
+            "q" => Proj::Q,
+            "k" => Proj::K,
+            "v" => Proj::V,
+            "o" => Proj::O,
+            "gate" => Proj::Gate,
+            "up" => Proj::Up,
+            "down" => Proj::Down,
+            _ => return None,
+        })
+    }
+}
+
+/// Caller-supplied changes to a forward pass. Every method defaults to "no change".
+pub trait Hooks {
+    /// A term added to the output of projection `proj` of layer `layer` for its input `x`.
+    fn linear_delta(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Option<Tensor> {
+        None
+    }
+
+    /// An additive bias `[batch, keys]` on layer `layer`'s attention logits, one value
+    /// per key (cached keys first, then this call's). Forces the explicit attention path.
+    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
+        None
+    }
+
+    /// Called with the hidden state after layer `layer` (0-based).
+    fn after_layer(&self, _layer: usize, _hidden: &Tensor) {}
+}
+
+/// No hooks: the plain model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {}
