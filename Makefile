@@ -32,9 +32,12 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-## test: lint, then every test (parity against HF transformers, real models)
-test: lint
-	cargo test --workspace -- --test-threads=2
+## test: lint, then every test (parity against HF transformers, real models).
+## The slow transformers oracles warm up in the background while cargo compiles.
+test: setup
+	@scripts/warm_oracles.sh > $(KVD_CACHE)/warm_oracles.log 2>&1 & \
+	$(MAKE) --no-print-directory lint && \
+	cargo test --workspace -- --test-threads=2; status=$$?; wait; exit $$status
 
 fmt:
 	cargo fmt --all

@@ -85,3 +85,40 @@ pub fn tiny_models() -> &'static Path {
     })
     .1
 }
+
+/// Runs `tests/oracle/<script> ARGS... OUT_DIR` once and keeps OUT_DIR (with the
+/// script's stdout in `stdout.txt`) under `$KVD_CACHE/oracle/<key>`, where the key
+/// is the sha256 of the script's bytes and the arguments. Later calls, and
+/// `scripts/warm_oracles.sh` (which `make test` starts while cargo compiles),
+/// reuse it. Returns the directory and the stdout.
+pub fn cached_oracle(script: &str, args: &[&str]) -> (PathBuf, String) {
+    use sha2::{Digest, Sha256};
+    let body = std::fs::read(oracle_script(script)).expect("oracle script");
+    let mut h = Sha256::new();
+    h.update(&body);
+    for a in args {
+        h.update(b"\0");
+        h.update(a.as_bytes());
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let root = cache_dir().join("oracle");
+    std::fs::create_dir_all(&root).expect("oracle cache dir");
+    let dir = root.join(&key);
+    let done = dir.join("done");
+    // Serialise with other test binaries and scripts/warm_oracles.sh (flock).
+    let lock = std::fs::File::create(root.join(format!("{key}.lock"))).expect("oracle lock file");
+    lock.lock().expect("lock oracle cache");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("oracle cache dir");
+        let mut all: Vec<&str> = args.to_vec();
+        let d = dir.to_str().expect("utf-8 cache path");
+        all.push(d);
+        let out = run_oracle(script, &all);
+        std::fs::write(dir.join("stdout.txt"), out).expect("write oracle stdout");
+        std::fs::write(&done, key.as_bytes()).expect("write oracle marker");
+    }
+    let stdout = std::fs::read_to_string(dir.join("stdout.txt")).expect("oracle stdout");
+    drop(lock);
+    (dir, stdout)
+}

@@ -261,3 +261,51 @@ fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
         assert!(w.equal(b), "a base weight changed during training");
     }
 }
+
+#[test]
+fn adaptor_checkpoint_reloads_identically_and_refuses_other_bases() {
+    use kvd_trainer::distill::checkpoint::{load, save};
+    let m = model();
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 5).expect("adaptor");
+    let mut t = Trainer::new(
+        &a,
+        TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 1,
+            ..TrainConfig::default()
+        },
+    )
+    .expect("trainer");
+    for _ in 0..3 {
+        t.train_step(&m, &a, &[batch(0.3)]).expect("train");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("adaptor.safetensors");
+    save(&a, "tiny-llama", m.config(), t.step() as u64, &path).expect("save");
+    let (b, meta) = load(&path, m.config(), Device::Cpu).expect("load");
+    assert_eq!(meta.step, 3);
+    assert_eq!(meta.base_model, "tiny-llama");
+    assert_eq!(meta.distill, cfg());
+    let la = distill_step(&m, &a, &cfg(), &batch(0.3), 1.0, false)
+        .expect("a")
+        .loss;
+    let lb = distill_step(&m, &b, &cfg(), &batch(0.3), 1.0, false)
+        .expect("b")
+        .loss;
+    assert_eq!(la, lb, "reloaded adaptor gives different outputs");
+    // Another base model (the tiny Qwen2) is refused with a clear error.
+    let other = Checkpoint::open(&tiny_models().join("qwen2"))
+        .and_then(|c| c.config())
+        .expect("qwen2 config");
+    let err = load(&path, &other, Device::Cpu).expect_err("other base accepted");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tiny-llama") && msg.contains("adaptor.safetensors"),
+        "{msg}"
+    );
+    // A corrupt file is an error naming the file.
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("truncate");
+    let err = load(&path, m.config(), Device::Cpu).expect_err("corrupt accepted");
+    assert!(err.to_string().contains("adaptor.safetensors"), "{err}");
+}

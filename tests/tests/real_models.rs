@@ -1,7 +1,7 @@
 //! The real SmolLM2-135M-Instruct and Gemma-3-270m GGUF files against
 //! transformers' own GGUF loading: logits, perplexity, and a chat answer.
 
-use kvd_tests::env::{assets, gemma3_gguf, run_oracle, smollm2_gguf};
+use kvd_tests::env::{assets, cached_oracle, gemma3_gguf, smollm2_gguf};
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::generate::{generate, mean_nll, GenerateOptions, Sampling};
 use kvd_trainer::model::{Input, Model};
@@ -24,23 +24,19 @@ struct Real {
     prompt_logits: Tensor,
     essay_ids: Tensor,
     ref_nll: f64,
-    _dir: tempfile::TempDir,
 }
 
 fn load(gguf: &Path) -> Real {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = run_oracle(
+    let (dir, out) = cached_oracle(
         "gguf_reference.py",
         &[
             gguf.to_str().expect("utf-8"),
             essay().to_str().expect("utf-8"),
-            dir.path().to_str().expect("utf-8"),
         ],
     );
     let json: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap_or("")).expect("oracle JSON");
-    let tensors =
-        Tensor::read_safetensors(dir.path().join("reference.safetensors")).expect("reference");
+    let tensors = Tensor::read_safetensors(dir.join("reference.safetensors")).expect("reference");
     let get = |n: &str| {
         tensors
             .iter()
@@ -59,7 +55,6 @@ fn load(gguf: &Path) -> Real {
         prompt_logits: get("prompt_logits"),
         essay_ids: get("essay_ids"),
         ref_nll: json["nll"].as_f64().expect("nll"),
-        _dir: dir,
     }
 }
 

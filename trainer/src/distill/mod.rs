@@ -5,6 +5,7 @@
 //! reverse KL mix.
 
 pub mod adaptor;
+pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod select;
