@@ -19,9 +19,9 @@ PROMPT ?= What is the capital of France?
 setup:
 	@scripts/setup.sh
 
-## build: release binaries (kv-distill, coordinator)
+## build: the release kv-distill binary
 build: setup
-	cargo build --release --workspace --bins
+	cargo build --release -p kvd-trainer --bins
 
 ## run: the embedded default job: SmolLM2-135M-Instruct answers a chat prompt on this machine
 run: build
