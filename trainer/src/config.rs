@@ -327,6 +327,19 @@ impl ModelConfig {
             })
             .collect();
         let scaling = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            // llama.cpp stores Llama 3 scaling as per-frequency factors.
+            _ if file.tensor_info("rope_freqs.weight").is_some() => {
+                let (_, factors) = file.tensor_f32("rope_freqs.weight")?;
+                if factors.len() != head_dim / 2 {
+                    return Err(ModelError::WeightShape {
+                        path,
+                        name: "rope_freqs.weight".into(),
+                        got: vec![factors.len() as i64],
+                        expected: vec![head_dim as i64 / 2],
+                    });
+                }
+                RopeScaling::FreqFactors(factors)
+            }
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear {
                 factor: opt_f("rope.scaling.factor").unwrap_or(1.0),

@@ -66,13 +66,8 @@ impl Attention {
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let proj = |p: &Linear, which: Proj, input: &Tensor| -> Tensor {
-            let y = p.forward(input);
-            match hooks.linear_delta(layer, which, input) {
-                Some(d) => y + d,
-                None => y,
-            }
-        };
+        let proj =
+            |p: &Linear, which: Proj, input: &Tensor| p.forward_hooked(input, layer, which, hooks);
         let heads = |p: &Linear, which: Proj, n: i64| -> Result<Tensor> {
             Ok(proj(p, which, x)
                 .f_view([b, t, n, self.head_dim])?

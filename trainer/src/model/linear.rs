@@ -1,5 +1,6 @@
 //! A dense projection `y = x Wᵀ + b` with the weight in PyTorch layout `[out, in]`.
 
+use super::hooks::{Hooks, Proj};
 use tch::Tensor;
 
 /// Dense layer without activation.
@@ -15,5 +16,20 @@ impl Linear {
     /// Applies the projection to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    /// The projection plus whatever `hooks` add for projection `which` of `layer`.
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        which: Proj,
+        hooks: &dyn Hooks,
+    ) -> Tensor {
+        let y = self.forward(x);
+        match hooks.linear_delta(layer, which, x) {
+            Some(d) => y + d,
+            None => y,
+        }
     }
 }

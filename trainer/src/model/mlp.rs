@@ -21,13 +21,8 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the MLP of layer `layer` to `x` `[.., hidden]`.
     pub fn forward(&self, x: &Tensor, layer: usize, hooks: &dyn Hooks) -> Tensor {
-        let proj = |p: &Linear, which: Proj, input: &Tensor| -> Tensor {
-            let y = p.forward(input);
-            match hooks.linear_delta(layer, which, input) {
-                Some(d) => y + d,
-                None => y,
-            }
-        };
+        let proj =
+            |p: &Linear, which: Proj, input: &Tensor| p.forward_hooked(input, layer, which, hooks);
         let gate = proj(&self.gate_proj, Proj::Gate, x);
         let gate = match self.activation {
             Activation::Silu => gate.silu(),
