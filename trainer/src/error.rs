@@ -99,6 +99,12 @@ pub enum ModelError {
     /// A libtorch failure.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A dataset failure (names the file, row and column).
+    #[error(transparent)]
+    Data(#[from] kvd_data::DataError),
+    /// An evaluation-set or plotting failure (names the file and field).
+    #[error(transparent)]
+    Eval(#[from] crate::eval::EvalError),
     /// A caller passed inputs the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),

@@ -108,3 +108,133 @@ fn missing_model_is_a_clear_error() {
     assert!(err.contains("/no/such/model.gguf"), "stderr: {err}");
     assert!(!err.contains("panicked"), "stderr: {err}");
 }
+
+const CONTEXT: &str = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.";
+
+#[test]
+fn compress_then_generate_from_the_cache_file() {
+    let m = smollm2();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("full.safetensors");
+    let snap = dir.path().join("snap.safetensors");
+    let compress = |method: &str, ratio: &str, out: &std::path::Path| {
+        run(&[
+            "compress",
+            "--model",
+            &m,
+            "--device",
+            "cpu",
+            "--method",
+            method,
+            "--ratio",
+            ratio,
+            "--context",
+            CONTEXT,
+            "--out",
+            out.to_str().expect("utf-8"),
+        ])
+    };
+    let o = compress("full", "1.0", &full);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = compress("snapkv", "0.25", &snap);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let said = text(&o.stdout);
+    assert!(said.contains("with snapkv at r = 0.25"), "{said}");
+    assert!(full.exists() && snap.exists());
+    // The 25% cache is about a quarter of the full one on disk too.
+    let (fs, ss) = (
+        std::fs::metadata(&full).expect("full").len() as f64,
+        std::fs::metadata(&snap).expect("snap").len() as f64,
+    );
+    assert!(ss / fs > 0.2 && ss / fs < 0.35, "{ss} / {fs}");
+    // From the full cache, generation equals generating from the text itself.
+    let ask = "\n\nQuestion: Who is the tower named after?\nAnswer:";
+    let gen = |cache: Option<&std::path::Path>, prompt: String| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            m.clone(),
+            "--device".into(),
+            "cpu".into(),
+            "--prompt".into(),
+            prompt,
+            "--max-new-tokens".into(),
+            "8".into(),
+        ];
+        if let Some(c) = cache {
+            args.push("--cache".into());
+            args.push(c.to_string_lossy().into_owned());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run(&refs);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let from_cache = gen(Some(&full), ask.to_string());
+    let from_text = gen(None, format!("{CONTEXT}{ask}"));
+    assert_eq!(from_cache, from_text);
+    assert!(from_cache.contains("Eiffel"), "{from_cache}");
+    let _ = gen(Some(&snap), ask.to_string());
+}
+
+#[test]
+fn compress_rejects_bad_input() {
+    let m = smollm2();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("c.safetensors");
+    let o_s = out.to_str().expect("utf-8");
+    let fail = |args: &[&str], want: &str| {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = text(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    };
+    let base = ["compress", "--model", &m, "--device", "cpu", "--out", o_s];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    for (extra, want) in [
+        (
+            &["--ratio", "0", "--context", CONTEXT][..],
+            "outside (0, 1]",
+        ),
+        (
+            &["--ratio", "1.5", "--context", CONTEXT][..],
+            "outside (0, 1]",
+        ),
+        (&["--ratio", "0.5", "--context", ""][..], "empty"),
+        (
+            &["--ratio", "0.5", "--context", CONTEXT, "--method", "magic"][..],
+            "magic",
+        ),
+        (
+            &["--ratio", "0.5", "--context-file", "/nonexistent/ctx.txt"][..],
+            "/nonexistent/ctx.txt",
+        ),
+    ] {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fail(&refs, want);
+    }
+    // A context longer than SmolLM2's 8192-token window.
+    let long = dir.path().join("long.txt");
+    std::fs::write(&long, "word ".repeat(9000)).expect("write");
+    let args = with(&["--ratio", "0.5", "--context-file"]);
+    let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let l = long.to_string_lossy().into_owned();
+    refs.push(&l);
+    fail(&refs, "longer than the model window");
+    // A corrupt cache file given to generate.
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"\x08\x00\x00\x00\x00\x00\x00\x00{}").expect("write");
+    let b = bad.to_string_lossy().into_owned();
+    fail(
+        &[
+            "generate", "--model", &m, "--device", "cpu", "--cache", &b, "--prompt", "x",
+        ],
+        "bad.safetensors",
+    );
+}

@@ -5,8 +5,12 @@
 //! reverse KL mix.
 
 pub mod adaptor;
+pub mod baselines;
+pub mod cache_file;
 pub mod checkpoint;
 pub mod config;
+pub mod examples;
+pub mod infer;
 pub mod loss;
 pub mod select;
 pub mod step;
@@ -14,6 +18,7 @@ pub mod student;
 pub mod trainer;
 
 pub use adaptor::Adaptor;
+pub use baselines::{baseline_scores, Baseline};
 pub use config::{kept_count, DistillConfig, LoraConfig, ScoreFeed};
 pub use step::{distill_step, DistillExample, StepStats};
 pub use trainer::{OptStats, TrainConfig, Trainer};

@@ -90,6 +90,11 @@ pub fn distill_step(
         validate_spans(&ex.spans, ex.context.len())
             .map_err(|e| ModelError::Input(format!("example {i}: {e}")))?;
     }
+    let full_len: Vec<usize> = batch
+        .iter()
+        .map(|e| e.context.len() + e.suffix.len())
+        .collect();
+    super::infer::check_window(model, &full_len)?;
     let device = model.device();
     let ctx_len: Vec<usize> = batch.iter().map(|e| e.context.len()).collect();
     let suf_len: Vec<usize> = batch.iter().map(|e| e.suffix.len()).collect();
@@ -164,7 +169,7 @@ pub fn distill_step(
         ratios: &ratios,
     };
     let mut comp = compress(model, adaptor, contexts, &features, train)?;
-    let hidden = decode(model, &mut comp, &suf_ids, &suf_len, cfg.score_feed)?;
+    let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
     let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
     let kl = kl_mix(
         &teacher_logits,

@@ -85,7 +85,28 @@ pub fn compress(
     // Right padding: causal attention never lets a real token see padding.
     let _ = model.forward_hidden_with(Input::new(ctx_ids), Some(&mut full), &hooks)?;
 
-    let slots = selections.iter().map(|s| s.kept.len()).max().unwrap_or(1);
+    gather_kept(&full, selections, &scores, ctx_len)
+}
+
+/// Gathers the kept positions of each example from `full` (a cache over the
+/// right-padded contexts) into a compressed cache whose padded slots are invalid
+/// and whose next position is each context's length. `scores` `[batch, lc]` give
+/// the kept slots' scores (for the score feed).
+pub fn gather_kept(
+    full: &KvCache,
+    selections: Vec<Selection>,
+    scores: &Tensor,
+    ctx_len: &[usize],
+) -> Result<Compressed> {
+    let bu = selections.len();
+    let b = bu as i64;
+    let device = scores.device();
+    let slots = selections
+        .iter()
+        .map(|s| s.kept.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut idx = vec![0i64; bu * slots];
     let mut valid = vec![false; bu * slots];
     let mut span_slot = vec![0f32; bu * slots];
@@ -101,6 +122,8 @@ pub fn compress(
     let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
     let mut cache = full.gather(&idx)?;
     cache.and_valid(&valid)?;
+    let next: Vec<i64> = ctx_len.iter().map(|&l| l as i64).collect();
+    cache.set_next_positions(Tensor::from_slice(&next).to_device(device))?;
     Ok(Compressed {
         cache,
         selections,
@@ -124,13 +147,14 @@ impl Hooks for BiasHooks {
 /// Runs the frozen decoder over right-padded suffixes `suf_ids` `[batch, lx]` of
 /// lengths `suf_len`, continuing each context at its original next position and
 /// attending to `compressed.cache` (consumed: the suffix is appended to it), with
-/// the score feed on the kept span slots. Returns final hidden states `[batch, lx, d]`.
+/// the score feed on the kept span slots (none at inference, where the
+/// straight-through feed is zero anyway). Returns final hidden states `[batch, lx, d]`.
 pub fn decode(
     model: &Model,
     compressed: &mut Compressed,
     suf_ids: &Tensor,
     suf_len: &[usize],
-    feed: ScoreFeed,
+    feed: Option<ScoreFeed>,
 ) -> Result<Tensor> {
     let (b, lx) = suf_ids.size2()?;
     let device = model.device();
@@ -144,10 +168,12 @@ pub fn decode(
     }
     let pos = Tensor::from_slice(&pos).view([b, lx]).to_device(device);
     let valid = Tensor::from_slice(&valid).view([b, lx]).to_device(device);
+    let input = Input::new(suf_ids).with_positions(&pos).with_valid(&valid);
     let s = &compressed.slot_scores;
     let fed = match feed {
-        ScoreFeed::StraightThrough => s - s.detach(),
-        ScoreFeed::Direct => s.shallow_clone(),
+        None => return model.forward_hidden(input, Some(&mut compressed.cache)),
+        Some(ScoreFeed::StraightThrough) => s - s.detach(),
+        Some(ScoreFeed::Direct) => s.shallow_clone(),
     };
     let bias = Tensor::cat(
         &[
@@ -157,9 +183,5 @@ pub fn decode(
         1,
     );
     let hooks = BiasHooks { bias };
-    model.forward_hidden_with(
-        Input::new(suf_ids).with_positions(&pos).with_valid(&valid),
-        Some(&mut compressed.cache),
-        &hooks,
-    )
+    model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
 }

@@ -1,4 +1,5 @@
-//! Multi-head attention with GQA, RoPE, optional QK-norm, and the KV cache.
+//! Multi-head attention with GQA, RoPE, optional QK-norm and the KV cache; on
+//! request, its probabilities for an observer hook.
 
 use super::cache::KvCache;
 use super::hooks::{Hooks, Proj};
@@ -7,6 +8,11 @@ use super::norm::RmsNorm;
 use super::rope;
 use crate::error::Result;
 use tch::{Kind, Tensor};
+
+/// Queries per chunk when attention probabilities are computed for an observer
+/// ([`Hooks::observe_attention`]): bounds the extra memory to
+/// `batch * heads * OBSERVE_CHUNK * keys` floats.
+pub const OBSERVE_CHUNK: i64 = 256;
 
 /// Which keys each query may see.
 #[derive(Debug)]
@@ -88,8 +94,12 @@ impl Attention {
             Some(cache) => cache.append_layer(layer, &k, &v)?,
             None => (k, v),
         };
-        let out = match hooks.attn_bias(layer) {
-            Some(bias) => self.attend_explicit(&q, &k, &v, &inputs.mask, &bias)?,
+        let bias = hooks.attn_bias(layer);
+        if hooks.wants_attention(layer) {
+            self.observe(&q, &k, &inputs.mask, bias.as_ref(), layer, hooks)?;
+        }
+        let out = match &bias {
+            Some(bias) => self.attend_explicit(&q, &k, &v, &inputs.mask, bias)?,
             None => self.attend(&q, &k, &v, &inputs.mask)?,
         };
         let out = out
@@ -130,6 +140,50 @@ impl Attention {
             .softmax(-1, Kind::Float)
             .to_kind(q.kind());
         Ok(probs.f_matmul(&v)?)
+    }
+
+    /// Hands `hooks` the float32 attention probabilities of `q` over `k` under
+    /// `mask` (and `bias`), [`OBSERVE_CHUNK`] queries at a time. Keys are shared
+    /// by their GQA group through a view, not copied.
+    fn observe(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        mask: &AttnMask,
+        bias: Option<&Tensor>,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<()> {
+        let (b, h, tq, d) = q.size4()?;
+        let (_, kv, tk, _) = k.size4()?;
+        let rep = h / kv;
+        // [b, kv, 1, d, tk]: every query head of a group against its KV head.
+        let kt = k.to_kind(Kind::Float).unsqueeze(2).transpose(3, 4);
+        let bias = bias.map(|x| x.to_kind(Kind::Float).unsqueeze(1).unsqueeze(1));
+        let mut start = 0;
+        while start < tq {
+            let n = OBSERVE_CHUNK.min(tq - start);
+            let qc = q
+                .narrow(2, start, n)
+                .to_kind(Kind::Float)
+                .f_reshape([b, kv, rep, n, d])?;
+            let mut logits = qc.f_matmul(&kt)?.f_reshape([b, h, n, tk])? * self.scale;
+            if let Some(bias) = &bias {
+                logits += bias;
+            }
+            let allowed = match mask {
+                AttnMask::Causal => {
+                    Tensor::ones([n, tk], (Kind::Bool, q.device())).tril(tk - tq + start)
+                }
+                AttnMask::Explicit(m) => m.narrow(2, start, n),
+            };
+            let probs = logits
+                .f_masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)?
+                .softmax(-1, Kind::Float);
+            hooks.observe_attention(layer, start, &probs)?;
+            start += n;
+        }
+        Ok(())
     }
 
     /// Softmax attention of `q` over `k`/`v` through libtorch's SDPA (GQA-aware).

@@ -25,6 +25,9 @@ pub struct KvCache {
     positions: Option<Tensor>,
     /// `[batch, len]` bool, false for padding entries; `None` means all valid.
     valid: Option<Tensor>,
+    /// `[batch]` next position when it is not one past the largest cached one
+    /// (a compressed context whose last positions were dropped).
+    next: Option<Tensor>,
 }
 
 impl KvCache {
@@ -34,6 +37,64 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             positions: None,
             valid: None,
+            next: None,
+        }
+    }
+
+    /// A cache from per-layer K/V `[batch, kv_heads, len, head_dim]`, positions
+    /// `[batch, len]`, optional validity and next positions `[batch]`.
+    pub fn from_parts(
+        layers: Vec<LayerKv>,
+        positions: Tensor,
+        valid: Option<Tensor>,
+        next: Option<Tensor>,
+    ) -> Result<Self> {
+        let (b, len) = positions.size2()?;
+        for (i, l) in layers.iter().enumerate() {
+            let (kb, _, kl, _) = l.k.size4()?;
+            if (kb, kl) != (b, len) || l.k.size() != l.v.size() {
+                return Err(ModelError::Input(format!(
+                    "layer {i}: K {:?} / V {:?} do not match positions [{b}, {len}]",
+                    l.k.size(),
+                    l.v.size()
+                )));
+            }
+        }
+        if valid.as_ref().is_some_and(|v| v.size() != [b, len]) {
+            return Err(ModelError::Input(
+                "validity does not match positions".into(),
+            ));
+        }
+        if next.as_ref().is_some_and(|n| n.size() != [b]) {
+            return Err(ModelError::Input(
+                "next positions do not match the batch".into(),
+            ));
+        }
+        Ok(KvCache {
+            layers: layers.into_iter().map(Some).collect(),
+            positions: Some(positions),
+            valid,
+            next,
+        })
+    }
+
+    /// A copy sharing the tensors (appending to either never affects the other).
+    pub fn shallow_clone(&self) -> Self {
+        let sc = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().map(|l| LayerKv {
+                        k: l.k.shallow_clone(),
+                        v: l.v.shallow_clone(),
+                    })
+                })
+                .collect(),
+            positions: sc(&self.positions),
+            valid: sc(&self.valid),
+            next: sc(&self.next),
         }
     }
 
@@ -67,11 +128,32 @@ impl KvCache {
         self.layers.get(i).and_then(Option::as_ref)
     }
 
-    /// The next position of each sequence: one past the largest cached position, `[batch]`.
+    /// The next position of each sequence, `[batch]`: one past the largest cached
+    /// position, or past the end of the source context for a compressed cache.
     pub fn next_positions(&self) -> Option<Tensor> {
-        self.positions
+        let past_max = self
+            .positions
             .as_ref()
-            .map(|p| p.amax([1].as_slice(), false) + 1)
+            .map(|p| p.amax([1].as_slice(), false) + 1);
+        match (&self.next, past_max) {
+            (Some(n), Some(m)) => Some(n.maximum(&m)),
+            (Some(n), None) => Some(n.shallow_clone()),
+            (None, m) => m,
+        }
+    }
+
+    /// Sets where the next token of each sequence goes, `[batch]` (e.g. the
+    /// original context length after compression dropped its last positions).
+    pub fn set_next_positions(&mut self, next: Tensor) -> Result<()> {
+        if next.size() != [self.batch()] {
+            return Err(ModelError::Input(format!(
+                "next positions {:?} do not match the batch {}",
+                next.size(),
+                self.batch()
+            )));
+        }
+        self.next = Some(next);
+        Ok(())
     }
 
     /// Appends K/V of layer `i`; returns the layer's full K/V after appending.
@@ -140,6 +222,7 @@ impl KvCache {
         }
         Ok(KvCache {
             layers,
+            next: self.next_positions(),
             positions: Some(positions.f_gather(1, index, false)?),
             valid: match &self.valid {
                 Some(v) => Some(v.f_gather(1, index, false)?),

@@ -1,7 +1,9 @@
 //! Points where a caller can change a forward pass without copying the model:
 //! extra terms on projections (LoRA), an additive attention bias on keys (the
-//! KV-Distill score feed), and observing hidden states between layers.
+//! KV-Distill score feed), and observing hidden states between layers and
+//! attention probabilities.
 
+use crate::error::Result;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -82,6 +84,21 @@ pub trait Hooks {
 
     /// Called with the hidden state after layer `layer` (0-based).
     fn after_layer(&self, _layer: usize, _hidden: &Tensor) {}
+
+    /// Whether [`Hooks::observe_attention`] wants layer `layer`'s attention
+    /// probabilities. When false (the default) they are never computed.
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+
+    /// Receives layer `layer`'s attention probabilities for this call's queries
+    /// `q_start .. q_start + q`: `[batch, heads, q, keys]` float32, keys as for
+    /// [`Hooks::attn_bias`] (cached first, then this call's). They are the real
+    /// attention's (same mask, scale and bias; masked keys exactly 0), delivered in
+    /// query chunks in order; the layer's output does not depend on them.
+    fn observe_attention(&self, _layer: usize, _q_start: i64, _probs: &Tensor) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// No hooks: the plain model.

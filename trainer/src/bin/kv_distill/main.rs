@@ -1,4 +1,7 @@
-//! `kv-distill`: run prompts through a model, score text, inspect checkpoints.
+//! `kv-distill`: train KV-Distill adaptors, compress contexts and answer from
+//! the compressed caches, run prompts through a model, score text, inspect checkpoints.
+
+mod distill_cmds;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -36,6 +39,12 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a KV-Distill adaptor on prepared Parquet datasets.
+    Train(distill_cmds::TrainArgs),
+    /// Compress a context into a KV cache file (KV-Distill or a baseline).
+    Compress(distill_cmds::CompressArgs),
+    /// Evaluate KV-Distill and the baselines on SQuAD (table + plot).
+    Eval(distill_cmds::EvalArgs),
     /// Run a prompt through a model and print the continuation.
     Generate(GenerateArgs),
     /// Perplexity of a text file's first tokens.
@@ -71,8 +80,12 @@ struct GenerateArgs {
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user turn with the model's chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache")]
     chat: bool,
+    /// Continue from a compressed context written by `compress`: the prompt
+    /// follows the context (no special tokens are added).
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
@@ -140,6 +153,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Train(a) => distill_cmds::run_train(a),
+        Command::Compress(a) => distill_cmds::run_compress(a),
+        Command::Eval(a) => distill_cmds::run_eval_cmd(a),
         Command::Generate(a) => run_generate(a),
         Command::Perplexity(a) => run_perplexity(a),
         Command::Info(a) => {
@@ -201,7 +217,15 @@ fn load(a: &ModelArgs) -> Result<(Model, Tokenizer)> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let (model, tok) = load(&a.model)?;
-    let (text, add_special) = if a.chat {
+    let mut context = match &a.cache {
+        Some(path) => Some(kvd_trainer::distill::cache_file::CompressedCache::load(
+            path, &model,
+        )?),
+        None => None,
+    };
+    let (text, add_special) = if context.is_some() {
+        (a.prompt.clone(), false)
+    } else if a.chat {
         let msg = ChatMessage {
             role: "user".into(),
             content: a.prompt.clone(),
@@ -230,7 +254,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut produced: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout();
-    let out = generate(&model, &ids, None, &opts, |t| {
+    let cache = context.as_mut().map(|c| &mut c.cache);
+    let out = generate(&model, &ids, cache, &opts, |t| {
         produced.push(t);
         // Print whole characters only: decode everything so far, emit the new suffix.
         if let Ok(s) = tok.decode(&produced, true) {

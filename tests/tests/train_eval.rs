@@ -1,0 +1,211 @@
+//! The training job and the evaluation harness end to end on CPU with the real
+//! SmolLM2-135M-Instruct and real data: Parquet datasets written to `file://`,
+//! a seeded run that is bit-reproducible, the adaptor reloaded, then the SQuAD
+//! harness with KV-Distill and a baseline writing its table and plot.
+
+use kvd_data::prepare::{read_squad, read_text_dir, SquadContext};
+use kvd_data::writer::WriterConfig;
+use kvd_data::{BuilderConfig, DatasetOptions, StoreOptions};
+use kvd_tests::env::{assets, smollm2_gguf};
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::distill::checkpoint::load as load_adaptor;
+use kvd_trainer::distill::{DistillConfig, TrainConfig};
+use kvd_trainer::eval::load_squad;
+use kvd_trainer::eval::run::{markdown, run_eval, write_report, ContextKind, EvalConfig};
+use kvd_trainer::train_loop::{mix_schedule, train, DataMix, TrainJob};
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind};
+
+fn write(url: &str, rows: &[kvd_data::writer::SourcedRecord]) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(kvd_data::prepare::write_dataset(
+        url,
+        &StoreOptions::default(),
+        rows,
+        &WriterConfig {
+            row_group_rows: 4,
+            ..WriterConfig::default()
+        },
+        None,
+    ))
+    .expect("write dataset");
+}
+
+fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
+    TrainJob {
+        data: vec![
+            DataMix {
+                url: format!("file://{}/qa", dir.display()),
+                weight: 1,
+            },
+            DataMix {
+                url: format!("file://{}/text", dir.display()),
+                weight: 1,
+            },
+        ],
+        dataset: DatasetOptions::default(),
+        builder: BuilderConfig {
+            max_len: 96,
+            text_suffix_len: 16,
+            ..BuilderConfig::default()
+        },
+        distill: DistillConfig::default(),
+        train: TrainConfig {
+            lr: 1e-3,
+            warmup_steps: 1,
+            total_steps: steps,
+            ..TrainConfig::default()
+        },
+        global_batch: 2,
+        micro_batch: 1,
+        seed: 5,
+        prefetch: 2,
+        out: dir.join(out),
+        save_every: 0,
+        log_every: 1,
+        base_model: "SmolLM2-135M-Instruct".into(),
+        time_limit_s: None,
+    }
+}
+
+#[test]
+fn mix_schedule_follows_weights() {
+    let s = mix_schedule(&[3, 1], 8);
+    assert_eq!(s.iter().filter(|&&d| d == 0).count(), 6);
+    assert_eq!(s.iter().filter(|&&d| d == 1).count(), 2);
+    assert_eq!(&s[..4], &[0, 0, 1, 0]);
+    assert_eq!(mix_schedule(&[1, 1], 4), vec![0, 1, 0, 1]);
+}
+
+#[test]
+fn train_reproducibly_then_evaluate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bb = assets().join("bigbench/squad_shifts");
+    let qa = read_squad(
+        &bb.join("new_wiki_v1.0.json"),
+        "new_wiki",
+        SquadContext::Paragraph,
+    )
+    .expect("new_wiki");
+    write(&format!("file://{}/qa", dir.path().display()), &qa[..8]);
+    let text = read_text_dir(&assets().join("essays"), "essays").expect("essays");
+    write(&format!("file://{}/text", dir.path().display()), &text[..4]);
+
+    let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
+    let (model, tok) = ck.load(Kind::Float, Device::Cpu).expect("load");
+    let tok = Arc::new(tok);
+    let before: Vec<tch::Tensor> = model.weights().iter().map(|w| w.copy()).collect();
+
+    let mut seen = Vec::new();
+    let (a1, s1) = train(
+        &model,
+        tok.clone(),
+        &job(dir.path(), "a1.safetensors", 2),
+        |s, l, _| seen.push((s, l)),
+    )
+    .expect("train");
+    assert_eq!(s1.steps, 2);
+    assert_eq!(s1.examples, 4);
+    assert!(s1.first_loss.is_finite() && s1.first_loss > 0.0, "{s1:?}");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(s1.cursors.len(), 2);
+    assert_eq!(s1.cursors[0].sample_index, 2);
+    assert!(s1.skipped.contains("0"), "{}", s1.skipped);
+    // Only the adaptor trained: the base weights are bit-identical.
+    for (w, b) in model.weights().iter().zip(&before) {
+        assert!(w.equal(b), "a base weight changed");
+    }
+
+    // The same seed gives the same adaptor, bit for bit.
+    let (a2, _) = train(
+        &model,
+        tok.clone(),
+        &job(dir.path(), "a2.safetensors", 2),
+        |_, _, _| {},
+    )
+    .expect("train again");
+    let v2 = a2.vs.variables();
+    for (name, t) in a1.vs.variables() {
+        assert!(t.equal(&v2[&name]), "{name} differs between identical runs");
+    }
+
+    // The checkpoint reloads with its step and settings.
+    let (loaded, meta) = load_adaptor(
+        &dir.path().join("a1.safetensors"),
+        model.config(),
+        Device::Cpu,
+    )
+    .expect("reload");
+    assert_eq!(meta.step, 2);
+    assert_eq!(meta.base_model, "SmolLM2-135M-Instruct");
+    let lv = loaded.vs.variables();
+    for (name, t) in a1.vs.variables() {
+        assert!(t.equal(&lv[&name]), "{name} differs after reload");
+    }
+
+    // Evaluation on SQuAD v1.1 dev with the trained adaptor and one baseline.
+    let set = load_squad(&bb.join("squaddev_v1.1.json")).expect("squad dev");
+    let cfg = EvalConfig {
+        questions: 2,
+        seed: 1,
+        context: ContextKind::Paragraph,
+        ratios: vec![0.25],
+        methods: vec!["kv_distill".into(), "streaming_llm".into()],
+        batch: 2,
+        max_new_tokens: 6,
+        ..EvalConfig::default()
+    };
+    let mut ticks = Vec::new();
+    let mut report = run_eval(&model, tok.clone(), Some(&loaded), &set, &cfg, |d, t| {
+        ticks.push((d, t))
+    })
+    .expect("eval");
+    report.model = "SmolLM2-135M-Instruct".into();
+    assert_eq!(ticks.last(), Some(&(3, 3)));
+    assert_eq!(report.rows.len(), 3);
+    let full = &report.rows[0];
+    assert_eq!((full.method.as_str(), full.questions), ("full", 2));
+    assert!((full.cache_fraction - 1.0).abs() < 1e-12);
+    assert!(full.kl.abs() < 1e-6, "teacher vs itself: {}", full.kl);
+    for r in &report.rows[1..] {
+        assert!(
+            r.cache_fraction > 0.2 && r.cache_fraction < 0.35,
+            "{}: {}",
+            r.method,
+            r.cache_fraction
+        );
+        assert!(r.kl > 0.0 && r.answer_nll.is_finite(), "{r:?}");
+        assert!((0.0..=100.0).contains(&r.f1) && r.f1 >= r.exact_match);
+    }
+    let out = dir.path().join("results");
+    write_report(&report, &out).expect("report");
+    let md = std::fs::read_to_string(out.join("results.md")).expect("md");
+    assert!(
+        md.contains("| kv_distill |") && md.contains("| streaming_llm |"),
+        "{md}"
+    );
+    assert_eq!(md, markdown(&report));
+    let png = std::fs::read(out.join("f1_vs_ratio.png")).expect("png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("json"))
+            .expect("valid json");
+    assert_eq!(json["rows"].as_array().map(Vec::len), Some(3));
+
+    // Bad harness settings are refused up front.
+    let bad = EvalConfig {
+        ratios: vec![0.0],
+        ..cfg.clone()
+    };
+    let e = run_eval(&model, tok.clone(), Some(&loaded), &set, &bad, |_, _| {})
+        .map(|_| ())
+        .expect_err("r = 0")
+        .to_string();
+    assert!(e.contains("(0, 1]"), "{e}");
+    let no_adaptor = run_eval(&model, tok, None, &set, &cfg, |_, _| {})
+        .map(|_| ())
+        .expect_err("kv_distill without adaptor")
+        .to_string();
+    assert!(no_adaptor.contains("needs an adaptor"), "{no_adaptor}");
+}

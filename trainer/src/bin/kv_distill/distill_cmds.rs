@@ -1,0 +1,473 @@
+//! `train`, `compress` and the cache side of `generate`.
+
+use super::{load, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvd_data::{BadInputPolicy, BuilderConfig, DatasetOptions, StoreOptions};
+use kvd_trainer::distill::cache_file::{CacheMeta, CompressedCache};
+use kvd_trainer::distill::checkpoint::{config_hash, load as load_adaptor};
+use kvd_trainer::distill::infer::{compress_contexts, Method};
+use kvd_trainer::distill::student::Contexts;
+use kvd_trainer::distill::{Adaptor, DistillConfig, LoraConfig, TrainConfig};
+use kvd_trainer::model::{Model, Proj};
+use kvd_trainer::train_loop::{train, DataMix, TrainJob};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Object-store settings shared by commands that read datasets.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Object-store option KEY=VALUE (e.g. endpoint=http://host:9000,
+    /// allow_http=true, region=us-east-1); repeatable. Unset keys come from the
+    /// standard AWS_*/GOOGLE_*/AZURE_* environment.
+    #[arg(long = "store", value_name = "KEY=VALUE")]
+    pub store: Vec<String>,
+    /// Skip checking each data file's size and etag against the manifest (for
+    /// datasets copied to another file system, where local etags change).
+    #[arg(long)]
+    pub no_verify_data: bool,
+}
+
+impl StoreArgs {
+    /// Dataset options with these store settings.
+    pub fn dataset_options(&self) -> Result<DatasetOptions> {
+        let mut store = StoreOptions::default();
+        for kv in &self.store {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--store `{kv}` is not KEY=VALUE"))?;
+            store = store.with(k, v);
+        }
+        Ok(DatasetOptions {
+            store,
+            verify: !self.no_verify_data,
+            ..DatasetOptions::default()
+        })
+    }
+}
+
+/// Arguments of `train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Dataset URL (file://, s3://, gs://, az:// or a path) prepared by `kvd-data
+    /// prepare`; repeatable.
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// Integer mixing weight per dataset (steps per schedule cycle), e.g. 3,1.
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<u32>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where the adaptor is written (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    global_batch: usize,
+    /// Examples per forward/backward (the rest accumulate).
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Gradient clipping norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Retention ratios drawn per example.
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.25,0.5")]
+    ratios: Vec<f32>,
+    /// Tokens per example at most (the model window or less).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Continuation tokens of text rows.
+    #[arg(long, default_value_t = 128)]
+    text_suffix: usize,
+    /// The scorer reads the state after this many layers.
+    #[arg(long, default_value_t = 3)]
+    scorer_layer: usize,
+    /// LoRA target projections.
+    #[arg(long, value_delimiter = ',', default_value = "q,o")]
+    lora_targets: Vec<String>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Weight of forward KL (reverse KL gets 1 - this).
+    #[arg(long, default_value_t = 0.5)]
+    kl_forward_weight: f64,
+    /// Loss on answer tokens only (QA rows).
+    #[arg(long)]
+    answer_only: bool,
+    /// Skip (count and log) bad rows instead of stopping.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Seed of data order, ratios and initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the adaptor every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Log every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Stop (and save) after this many seconds even if steps remain.
+    #[arg(long)]
+    time_limit_s: Option<f64>,
+    /// Example-builder (tokenizer) threads.
+    #[arg(long, default_value_t = 2)]
+    data_threads: usize,
+}
+
+/// Runs `train`.
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let weights = match a.weights.len() {
+        0 => vec![1; a.data.len()],
+        n if n == a.data.len() => a.weights.clone(),
+        n => bail!("{n} --weights for {} --data", a.data.len()),
+    };
+    let targets = a
+        .lora_targets
+        .iter()
+        .map(|t| Proj::parse(t).with_context(|| format!("unknown LoRA target `{t}`")))
+        .collect::<Result<Vec<_>>>()?;
+    let job = TrainJob {
+        data: a
+            .data
+            .iter()
+            .zip(&weights)
+            .map(|(url, &weight)| DataMix {
+                url: url.clone(),
+                weight,
+            })
+            .collect(),
+        dataset: a.store.dataset_options()?,
+        builder: BuilderConfig {
+            max_len: a.max_len.min(model.config().max_position_embeddings),
+            ratios: a.ratios.clone(),
+            text_suffix_len: a.text_suffix,
+            policy: if a.skip_bad_rows {
+                BadInputPolicy::Skip
+            } else {
+                BadInputPolicy::Error
+            },
+            threads: a.data_threads.max(1),
+            ..BuilderConfig::default()
+        },
+        distill: DistillConfig {
+            scorer_layer: a.scorer_layer,
+            lora: LoraConfig {
+                targets,
+                rank: a.lora_rank,
+                alpha: a.lora_alpha,
+                dropout: 0.0,
+            },
+            kl_forward_weight: a.kl_forward_weight,
+            answer_only: a.answer_only,
+            ..DistillConfig::default()
+        },
+        train: TrainConfig {
+            lr: a.lr,
+            warmup_steps: a.warmup,
+            total_steps: a.steps,
+            max_grad_norm: a.max_grad_norm,
+            grad_accum: a.global_batch.div_ceil(a.micro_batch.max(1)),
+            ..TrainConfig::default()
+        },
+        global_batch: a.global_batch,
+        micro_batch: a.micro_batch,
+        seed: a.seed,
+        prefetch: 4,
+        out: a.out.clone(),
+        save_every: a.save_every,
+        log_every: a.log_every,
+        base_model: model_label(&a.model.model),
+        time_limit_s: a.time_limit_s,
+    };
+    tracing::info!(job = %serde_json::to_string(&job)?, "training");
+    let bar = ProgressBar::new(a.steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("static template"),
+    );
+    let (_, summary) = train(&model, Arc::new(tok), &job, |_, loss, lr| {
+        bar.inc(1);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+    })?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    println!("adaptor written to {}", a.out.display());
+    Ok(())
+}
+
+/// A model's label: its file or directory name.
+fn model_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Arguments of `compress`.
+#[derive(Args, Debug)]
+pub struct CompressArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained adaptor (KV-Distill); without it, `--method` picks a baseline.
+    #[arg(long)]
+    adaptor: Option<PathBuf>,
+    /// full, random, streaming_llm, key_norm, h2o or snapkv (when no --adaptor).
+    #[arg(long, default_value = "full")]
+    method: String,
+    /// Retention ratio r in (0, 1].
+    #[arg(long)]
+    ratio: f64,
+    /// The context (compressed after the BOS token).
+    #[arg(long, conflicts_with = "context_file")]
+    context: Option<String>,
+    /// A UTF-8 file holding the context.
+    #[arg(long)]
+    context_file: Option<PathBuf>,
+    /// Output cache file (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Resolves a method name (and optional adaptor) into a [`Method`].
+pub fn parse_method<'a>(name: &str, adaptor: Option<&'a Adaptor>) -> Result<Method<'a>> {
+    Ok(match (name, adaptor) {
+        (_, Some(a)) => Method::KvDistill(a),
+        ("full", None) => Method::Full,
+        ("kv_distill", None) => bail!("method kv_distill needs --adaptor"),
+        (other, None) => Method::Baseline(other.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+    })
+}
+
+/// Runs `compress`.
+pub fn run_compress(a: CompressArgs) -> Result<()> {
+    if !(a.ratio > 0.0 && a.ratio <= 1.0) {
+        bail!("--ratio {} is outside (0, 1]", a.ratio);
+    }
+    let text = match (&a.context, &a.context_file) {
+        (Some(t), None) => t.clone(),
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        _ => bail!("give the context with --context or --context-file"),
+    };
+    let (model, tok) = load(&a.model)?;
+    let adaptor = match &a.adaptor {
+        Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
+        None => None,
+    };
+    let method = parse_method(&a.method, adaptor.as_ref().map(|x| &x.0))?;
+    let mut tokens: Vec<u32> = tok.bos_token_id().into_iter().collect();
+    let prefix = tokens.len();
+    tokens.extend(tok.encode(&text, false)?);
+    let window = model.config().max_position_embeddings;
+    if tokens.len() == prefix {
+        bail!("the context is empty: nothing to compress");
+    }
+    if tokens.len() > window {
+        bail!(
+            "the context has {} tokens, longer than the model window of {window}",
+            tokens.len()
+        );
+    }
+    let cache = compress_one(
+        &model,
+        method,
+        &tokens,
+        prefix,
+        a.ratio,
+        &a,
+        adaptor.as_ref(),
+    )?;
+    cache.save(&a.out)?;
+    let (mem, full) = (cache.memory_bytes(), cache.full_memory_bytes());
+    println!(
+        "compressed {} tokens to {} cache entries per layer with {} at r = {}: {} of {} bytes ({:.1}%) -> {}",
+        tokens.len(),
+        cache.meta.kept,
+        cache.meta.method,
+        a.ratio,
+        mem,
+        full,
+        100.0 * mem as f64 / full as f64,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Compresses one tokenised context (span = everything after `prefix`).
+fn compress_one(
+    model: &Model,
+    method: Method,
+    tokens: &[u32],
+    prefix: usize,
+    ratio: f64,
+    a: &CompressArgs,
+    adaptor: Option<&(Adaptor, kvd_trainer::distill::checkpoint::AdaptorMeta)>,
+) -> Result<CompressedCache> {
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let ids = tch::Tensor::from_slice(&ids)
+        .unsqueeze(0)
+        .to_device(model.device());
+    let len = [tokens.len()];
+    let spans = [vec![(prefix, tokens.len() - prefix)]];
+    let ratios = [if matches!(method, Method::Full) {
+        1.0
+    } else {
+        ratio
+    }];
+    let comp = compress_contexts(
+        model,
+        method,
+        Contexts {
+            ids: &ids,
+            len: &len,
+            spans: &spans,
+            ratios: &ratios,
+        },
+    )?;
+    let meta = CacheMeta {
+        format: 1,
+        base_model: model_label(&a.model.model),
+        base_config_hash: config_hash(model.config()),
+        method: method.name(),
+        adaptor: adaptor.map(|(_, m)| {
+            format!(
+                "{} (step {})",
+                a.adaptor.as_deref().map(model_label).unwrap_or_default(),
+                m.step
+            )
+        }),
+        ratio: ratios[0],
+        context_len: tokens.len(),
+        spans: spans[0].clone(),
+        kept: 0,
+    };
+    Ok(CompressedCache::from_compressed(comp, meta)?)
+}
+
+/// Arguments of `eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained adaptor: adds the `kv_distill` method.
+    #[arg(long)]
+    adaptor: Option<PathBuf>,
+    /// SQuAD-format JSON (e.g. SQuAD v1.1 dev).
+    #[arg(long)]
+    squad: PathBuf,
+    /// Questions (a seeded subset).
+    #[arg(long, default_value_t = 1000)]
+    questions: usize,
+    /// Subset seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// paragraph or article.
+    #[arg(long, default_value = "paragraph")]
+    context: String,
+    /// Retention ratios.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1.0,0.5,0.25,0.1,0.05,0.02"
+    )]
+    ratios: Vec<f64>,
+    /// Methods (kv_distill is added first when --adaptor is given).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "random,streaming_llm,key_norm,h2o,snapkv"
+    )]
+    methods: Vec<String>,
+    /// Questions per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Longest generated answer.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
+    /// Tokens per example at most.
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Directory for results.json, results.md and f1_vs_ratio.png.
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// Stop after the batch that crosses this many seconds.
+    #[arg(long)]
+    time_limit_s: Option<f64>,
+}
+
+/// Runs `eval`.
+pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
+    use kvd_trainer::eval::run::{markdown, run_eval, write_report, ContextKind, EvalConfig};
+    let context = match a.context.as_str() {
+        "paragraph" => ContextKind::Paragraph,
+        "article" => ContextKind::Article,
+        other => bail!("--context `{other}`: expected paragraph or article"),
+    };
+    let set = kvd_trainer::eval::load_squad(&a.squad)?;
+    let (model, tok) = load(&a.model)?;
+    let adaptor = match &a.adaptor {
+        Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
+        None => None,
+    };
+    let mut methods = a.methods.clone();
+    if adaptor.is_some() && !methods.iter().any(|m| m == "kv_distill") {
+        methods.insert(0, "kv_distill".into());
+    }
+    let cfg = EvalConfig {
+        questions: a.questions,
+        seed: a.seed,
+        context,
+        ratios: a.ratios.clone(),
+        methods,
+        batch: a.batch,
+        max_new_tokens: a.max_new_tokens,
+        max_len: a.max_len,
+        time_limit_s: a.time_limit_s,
+        ..EvalConfig::default()
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} (batch x method x ratio) [{elapsed} < {eta}]",
+        )
+        .expect("static template"),
+    );
+    let mut report = run_eval(
+        &model,
+        Arc::new(tok),
+        adaptor.as_ref().map(|x| &x.0),
+        &set,
+        &cfg,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    report.model = model_label(&a.model.model);
+    report.adaptor = adaptor.as_ref().map(|(_, m)| {
+        format!(
+            "{} (step {})",
+            a.adaptor.as_deref().map(model_label).unwrap_or_default(),
+            m.step
+        )
+    });
+    write_report(&report, &a.out_dir)?;
+    println!("{}", markdown(&report));
+    println!("results written to {}", a.out_dir.display());
+    Ok(())
+}

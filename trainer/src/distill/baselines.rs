@@ -1,0 +1,468 @@
+//! Question-agnostic, training-free KV compression baselines (METHOD.md,
+//! "Baselines") at the same budget as KV-Distill: each gives one score per
+//! context position, and [`super::select::select`] keeps every position outside
+//! the compressible spans plus the top-k of each span, k = max(1, ceil(r n)).
+//!
+//! Like KV-Distill, and unlike kvpress (which keeps a different set per layer and
+//! KV head), a baseline keeps ONE set of positions per sequence, shared by all
+//! layers and heads, because the compressed cache of this project holds one set
+//! of positions per sequence ([`KvCache`]). Statistics of layers and heads are
+//! therefore aggregated into a single score per position.
+//!
+//! [`baseline_scores`] runs one frozen forward over the contexts that both fills
+//! the full cache (from which the caller gathers the kept positions) and, through
+//! [`Hooks`], gathers what the method needs; nothing runs twice.
+
+use super::select::{validate_spans, Span};
+use crate::error::{ModelError, Result};
+use crate::model::{Hooks, Input, KvCache, Model, NoHooks};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::str::FromStr;
+use tch::{Device, Kind, Tensor};
+
+/// A training-free scoring method. Higher scores are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "method")]
+pub enum Baseline {
+    /// Seeded uniform scores in [0, 1), a function of the seed, the example's
+    /// context tokens and the position only: deterministic per seed and example,
+    /// independent of batching and padding, different across examples.
+    Random {
+        /// The seed.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// StreamingLLM: the first `sinks` positions of each span, then the most
+    /// recent ones.
+    StreamingLlm {
+        /// Attention-sink positions at the start of each span (default 4).
+        #[serde(default = "default_sinks")]
+        sinks: usize,
+    },
+    /// Knorm: keys with a LOW L2 norm are kept; score = −(mean over layers and
+    /// KV heads of ‖k‖₂ of the post-RoPE key).
+    KeyNorm,
+    /// H2O: attention mass each position receives from every real context query
+    /// (causal), summed over heads and layers.
+    H2o,
+    /// SnapKV: attention each span position receives from the queries of the
+    /// last `window` positions of its own span (the whole span when shorter),
+    /// averaged over heads and summed over those queries, max-pooled over the
+    /// span's positions with `kernel` (same padding, pooling never crosses the
+    /// span's edges), summed over layers. Scores outside spans are 0.
+    #[serde(rename = "snapkv")]
+    SnapKv {
+        /// Observation window, in positions (default 32).
+        #[serde(default = "default_window")]
+        window: usize,
+        /// Odd max-pooling width (default 7; 1 disables pooling).
+        #[serde(default = "default_kernel")]
+        kernel: usize,
+    },
+}
+
+fn default_sinks() -> usize {
+    4
+}
+
+fn default_window() -> usize {
+    32
+}
+
+fn default_kernel() -> usize {
+    7
+}
+
+impl Baseline {
+    /// Every baseline with its default parameters.
+    pub fn all() -> [Baseline; 5] {
+        [
+            Baseline::Random { seed: 0 },
+            Baseline::StreamingLlm {
+                sinks: default_sinks(),
+            },
+            Baseline::KeyNorm,
+            Baseline::H2o,
+            Baseline::SnapKv {
+                window: default_window(),
+                kernel: default_kernel(),
+            },
+        ]
+    }
+
+    /// CLI name: `random`, `streaming_llm`, `key_norm`, `h2o` or `snapkv`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Baseline::Random { .. } => "random",
+            Baseline::StreamingLlm { .. } => "streaming_llm",
+            Baseline::KeyNorm => "key_norm",
+            Baseline::H2o => "h2o",
+            Baseline::SnapKv { .. } => "snapkv",
+        }
+    }
+
+    /// Parses a CLI name, optionally with parameters after a colon:
+    /// `random:seed=3`, `streaming_llm:sinks=2`, `snapkv:window=16,kernel=5`.
+    /// Omitted parameters take their defaults.
+    pub fn parse(s: &str) -> Result<Baseline> {
+        let (name, params) = s.split_once(':').unwrap_or((s, ""));
+        let mut out = Baseline::all()
+            .into_iter()
+            .find(|b| b.name() == name.trim().to_ascii_lowercase().replace('-', "_"))
+            .ok_or_else(|| {
+                ModelError::Input(format!(
+                    "unknown baseline `{name}` (known: random, streaming_llm, key_norm, h2o, snapkv)"
+                ))
+            })?;
+        for kv in params.split(',').filter(|p| !p.trim().is_empty()) {
+            let (key, value) = kv.split_once('=').ok_or_else(|| {
+                ModelError::Input(format!("baseline parameter `{kv}` is not k=v"))
+            })?;
+            let num = value.trim().parse::<u64>().map_err(|_| {
+                ModelError::Input(format!("baseline parameter `{kv}`: not a number"))
+            })?;
+            let as_usize = || {
+                usize::try_from(num)
+                    .map_err(|_| ModelError::Input(format!("baseline parameter `{kv}` too large")))
+            };
+            match (&mut out, key.trim()) {
+                (Baseline::Random { seed }, "seed") => *seed = num,
+                (Baseline::StreamingLlm { sinks }, "sinks") => *sinks = as_usize()?,
+                (Baseline::SnapKv { window, .. }, "window") => *window = as_usize()?,
+                (Baseline::SnapKv { kernel, .. }, "kernel") => *kernel = as_usize()?,
+                (b, k) => {
+                    return Err(ModelError::Input(format!(
+                        "baseline `{}` has no parameter `{k}`",
+                        b.name()
+                    )))
+                }
+            }
+        }
+        out.check()?;
+        Ok(out)
+    }
+
+    /// Rejects parameters the method cannot use.
+    fn check(&self) -> Result<()> {
+        match *self {
+            Baseline::SnapKv { window: 0, .. } => Err(ModelError::Input(
+                "snapkv needs an observation window of at least 1".into(),
+            )),
+            Baseline::SnapKv { kernel, .. } if kernel % 2 == 0 => Err(ModelError::Input(format!(
+                "snapkv pooling kernel must be odd, got {kernel}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FromStr for Baseline {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Baseline::parse(s)
+    }
+}
+
+/// Scores every context position with `method` and returns them with the frozen
+/// model's full cache over the contexts.
+///
+/// `ids` `[batch, lc]` are right-padded contexts of lengths `len`, with the
+/// compressible `spans` of each. Returns scores `[batch, lc]` float32 on the CPU
+/// (higher = keep; padding positions are −∞) for [`super::select::select`], and
+/// the cache (no validity mask: entries at padding positions are garbage) from
+/// which the caller gathers the kept positions ([`KvCache::gather`] +
+/// [`KvCache::and_valid`]). Padding never affects the scores of real positions.
+pub fn baseline_scores(
+    model: &Model,
+    method: &Baseline,
+    ids: &Tensor,
+    len: &[usize],
+    spans: &[Vec<Span>],
+) -> Result<(Tensor, KvCache)> {
+    method.check()?;
+    let (b, lc) = ids.size2().map_err(|_| {
+        ModelError::Input(format!(
+            "context ids must be [batch, len], got {:?}",
+            ids.size()
+        ))
+    })?;
+    let (bu, lcu) = (b as usize, lc as usize);
+    if len.len() != bu || spans.len() != bu {
+        return Err(ModelError::Input(format!(
+            "{} lengths and {} span lists for a batch of {b}",
+            len.len(),
+            spans.len()
+        )));
+    }
+    for (i, (&n, s)) in len.iter().zip(spans).enumerate() {
+        if n == 0 || n > lcu {
+            return Err(ModelError::Input(format!(
+                "context {i} has length {n}, outside [1, {lc}]"
+            )));
+        }
+        validate_spans(s, n)?;
+    }
+    let device = model.device();
+    let ids = ids.to_device(device);
+    let observer = match *method {
+        Baseline::H2o => Some(Observer::h2o(len, lc, model.config().num_layers, device)),
+        Baseline::SnapKv { window, .. } => Some(Observer::snapkv(
+            spans,
+            window,
+            lc,
+            model.config().num_layers,
+            device,
+        )),
+        _ => None,
+    };
+    let hooks: &dyn Hooks = match &observer {
+        Some(o) => o,
+        None => &NoHooks,
+    };
+    let mut cache = model.new_cache();
+    let _ = tch::no_grad(|| model.forward_hidden_with(Input::new(&ids), Some(&mut cache), hooks))?;
+
+    let scores = tch::no_grad(|| -> Result<Tensor> {
+        Ok(match *method {
+            Baseline::Random { seed } => {
+                let host = Vec::<i64>::try_from(
+                    ids.to_device(Device::Cpu)
+                        .to_kind(Kind::Int64)
+                        .flatten(0, -1),
+                )?;
+                host_scores(bu, lcu, |i, row| {
+                    random_row(seed, &host[i * lcu..i * lcu + len[i]], row)
+                })
+            }
+            Baseline::StreamingLlm { sinks } => {
+                host_scores(bu, lcu, |i, row| streaming_row(&spans[i], sinks, row))
+            }
+            Baseline::KeyNorm => key_norm(&cache, b, lc)?,
+            Baseline::H2o => {
+                let layers = observer.map(Observer::into_layers).unwrap_or_default();
+                let mut total = Tensor::zeros([b, lc], (Kind::Float, Device::Cpu));
+                for l in layers {
+                    total += l.to_device(Device::Cpu);
+                }
+                total
+            }
+            Baseline::SnapKv { kernel, .. } => {
+                let layers = observer.map(Observer::into_layers).unwrap_or_default();
+                snapkv_pool(layers, spans, kernel, b, lc)?
+            }
+        })
+    })?;
+    Ok((mask_padding(&scores, len)?, cache))
+}
+
+/// Scores `[batch, lc]` filled row by row on the host.
+fn host_scores(b: usize, lc: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Tensor {
+    let mut out = vec![0f32; b * lc];
+    for (i, row) in out.chunks_mut(lc.max(1)).enumerate() {
+        fill(i, row);
+    }
+    Tensor::from_slice(&out).view([b as i64, lc as i64])
+}
+
+/// Sets positions at or past each context's length to −∞.
+fn mask_padding(scores: &Tensor, len: &[usize]) -> Result<Tensor> {
+    let (b, lc) = scores.size2()?;
+    let pad: Vec<bool> = len
+        .iter()
+        .flat_map(|&n| (0..lc as usize).map(move |p| p >= n))
+        .collect();
+    let pad = Tensor::from_slice(&pad).view([b, lc]);
+    Ok(scores
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .f_masked_fill(&pad, f64::NEG_INFINITY)?)
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit function of `z`.
+fn mix(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform [0, 1) scores for the context `tokens`.
+fn random_row(seed: u64, tokens: &[i64], out: &mut [f32]) {
+    let mut h = mix(mix(seed) ^ tokens.len() as u64);
+    for &t in tokens {
+        h = mix(h ^ t as u64);
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        // 24 random bits: exactly representable in f32.
+        *o = (mix(h ^ p as u64) >> 40) as f32 / (1u32 << 24) as f32;
+    }
+}
+
+/// StreamingLLM scores: in a span of n positions the first `sinks` score above
+/// n (earlier higher), the rest their offset (later higher); 0 outside spans.
+fn streaming_row(spans: &[Span], sinks: usize, out: &mut [f32]) {
+    for &(s, n) in spans {
+        for j in 0..n {
+            out[s + j] = if j < sinks {
+                (n + sinks - j) as f32
+            } else {
+                j as f32
+            };
+        }
+    }
+}
+
+/// −(mean over layers and KV heads of the post-RoPE key's L2 norm) `[b, lc]`.
+fn key_norm(cache: &KvCache, b: i64, lc: i64) -> Result<Tensor> {
+    let layers = cache.num_layers();
+    let mut total = Tensor::zeros([b, lc], (Kind::Float, Device::Cpu));
+    for i in 0..layers {
+        let kv = cache
+            .layer(i)
+            .ok_or_else(|| ModelError::Input(format!("layer {i} of the cache is empty")))?;
+        let norms =
+            kv.k.to_kind(Kind::Float)
+                .f_norm_scalaropt_dim(2, [-1].as_slice(), false)?
+                .f_mean_dim([1].as_slice(), false, Kind::Float)?;
+        total += norms.narrow(1, 0, lc).to_device(Device::Cpu);
+    }
+    Ok(-(total / layers.max(1) as f64))
+}
+
+/// Sums per-layer SnapKV statistics after max-pooling each within its spans.
+fn snapkv_pool(
+    layers: Vec<Tensor>,
+    spans: &[Vec<Span>],
+    kernel: usize,
+    b: i64,
+    lc: i64,
+) -> Result<Tensor> {
+    let k = kernel as i64;
+    let out = Tensor::zeros([b, lc], (Kind::Float, Device::Cpu));
+    for layer in layers {
+        let layer = layer.to_device(Device::Cpu);
+        for (i, row) in spans.iter().enumerate() {
+            for &(s, n) in row {
+                let (s, n) = (s as i64, n as i64);
+                let raw = layer.get(i as i64).narrow(0, s, n).view([1, 1, n]);
+                let pooled = raw.f_max_pool1d([k], [1], [k / 2], [1], false)?.view([n]);
+                let mut dst = out.get(i as i64).narrow(0, s, n);
+                dst += pooled;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Gathers H2O or SnapKV statistics from observed attention probabilities, one
+/// `[batch, lc]` float32 tensor per layer.
+struct Observer {
+    /// Per query `[batch, lc]`. H2O: 1.0 at real queries, else 0 (float32).
+    /// SnapKV: the index of the span whose window holds the query, else −2 (int64).
+    query: Tensor,
+    /// SnapKV only: the span index of each key position (−1 outside spans).
+    key_span: Option<Tensor>,
+    /// Context length (keys per query).
+    lc: i64,
+    /// Per layer, the statistic so far.
+    acc: RefCell<Vec<Option<Tensor>>>,
+}
+
+impl Observer {
+    /// H2O: every real query counts.
+    fn h2o(len: &[usize], lc: i64, layers: usize, device: Device) -> Observer {
+        let real: Vec<f32> = len
+            .iter()
+            .flat_map(|&n| (0..lc as usize).map(move |p| if p < n { 1.0 } else { 0.0 }))
+            .collect();
+        Observer {
+            query: Tensor::from_slice(&real)
+                .view([len.len() as i64, lc])
+                .to_device(device),
+            key_span: None,
+            lc,
+            acc: RefCell::new((0..layers).map(|_| None).collect()),
+        }
+    }
+
+    /// SnapKV: the last `window` queries of each span count, for that span's keys.
+    fn snapkv(
+        spans: &[Vec<Span>],
+        window: usize,
+        lc: i64,
+        layers: usize,
+        device: Device,
+    ) -> Observer {
+        let lcu = lc as usize;
+        let mut query = vec![-2i64; spans.len() * lcu];
+        let mut key = vec![-1i64; spans.len() * lcu];
+        for (i, row) in spans.iter().enumerate() {
+            for (j, &(s, n)) in row.iter().enumerate() {
+                let base = i * lcu;
+                key[base + s..base + s + n].fill(j as i64);
+                query[base + s + n - window.min(n)..base + s + n].fill(j as i64);
+            }
+        }
+        let shape = [spans.len() as i64, lc];
+        Observer {
+            query: Tensor::from_slice(&query).view(shape).to_device(device),
+            key_span: Some(Tensor::from_slice(&key).view(shape).to_device(device)),
+            lc,
+            acc: RefCell::new((0..layers).map(|_| None).collect()),
+        }
+    }
+
+    /// The per-layer statistics (zeros for a layer never observed).
+    fn into_layers(self) -> Vec<Tensor> {
+        let zeros = || Tensor::zeros_like(&self.query).to_kind(Kind::Float);
+        self.acc
+            .into_inner()
+            .into_iter()
+            .map(|t| t.unwrap_or_else(zeros))
+            .collect()
+    }
+}
+
+impl Hooks for Observer {
+    fn wants_attention(&self, _layer: usize) -> bool {
+        true
+    }
+
+    fn observe_attention(&self, layer: usize, q_start: i64, probs: &Tensor) -> Result<()> {
+        let (_, _, n, keys) = probs.size4()?;
+        if keys != self.lc {
+            return Err(ModelError::Input(format!(
+                "observed attention over {keys} keys, expected the {} context positions",
+                self.lc
+            )));
+        }
+        let query = self.query.narrow(1, q_start, n);
+        let got =
+            match &self.key_span {
+                // [b, 1, n] x [b, n, keys]: head-summed mass from real queries.
+                None => query
+                    .unsqueeze(1)
+                    .f_matmul(&probs.f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?)?
+                    .squeeze_dim(1),
+                Some(key_span) => {
+                    let own = query
+                        .unsqueeze(2)
+                        .f_eq_tensor(&key_span.unsqueeze(1))?
+                        .to_kind(Kind::Float);
+                    (probs.f_mean_dim([1].as_slice(), false, Kind::Float)? * own)
+                        .f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?
+                }
+            };
+        let mut acc = self.acc.borrow_mut();
+        let slot = acc
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Input(format!("no layer {layer} to observe")))?;
+        *slot = Some(match slot.take() {
+            Some(a) => a + got,
+            None => got,
+        });
+        Ok(())
+    }
+}

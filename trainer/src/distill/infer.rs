@@ -1,0 +1,268 @@
+//! Inference: compress a batch of contexts (KV-Distill, a training-free baseline,
+//! or no compression, all through the same selection and gather code), then
+//! answer from the compressed caches: batched greedy generation and
+//! teacher-forced scoring of a reference continuation.
+
+use super::adaptor::Adaptor;
+use super::baselines::{baseline_scores, Baseline};
+use super::select::{select, Selection};
+use super::student::{compress, decode, gather_kept, Compressed, Contexts};
+use crate::error::{ModelError, Result};
+use crate::model::{Input, Model};
+use tch::{Device, Kind, Tensor};
+
+/// How contexts are compressed.
+#[derive(Debug, Clone, Copy)]
+pub enum Method<'a> {
+    /// Keep everything (the teacher's cache).
+    Full,
+    /// The trained scorer and routed LoRA.
+    KvDistill(&'a Adaptor),
+    /// A question-agnostic training-free baseline.
+    Baseline(Baseline),
+}
+
+impl Method<'_> {
+    /// Short name used in tables and file metadata.
+    pub fn name(&self) -> String {
+        match self {
+            Method::Full => "full".into(),
+            Method::KvDistill(_) => "kv_distill".into(),
+            Method::Baseline(b) => b.name().into(),
+        }
+    }
+}
+
+/// Compresses right-padded contexts with `method` (no gradients). With
+/// [`Method::Full`] every position is kept and the ratios are ignored.
+pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result<Compressed> {
+    check_window(model, ctx.len)?;
+    tch::no_grad(|| match method {
+        Method::KvDistill(adaptor) => {
+            let features =
+                model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
+            compress(model, adaptor, ctx, &features, false)
+        }
+        Method::Full => {
+            let mut full = model.new_cache();
+            let _ = model.forward_hidden(Input::new(ctx.ids), Some(&mut full))?;
+            let (b, lc) = ctx.ids.size2()?;
+            let zeros = vec![0f32; lc as usize];
+            let selections = (0..b as usize)
+                .map(|i| select(&zeros, ctx.len[i], &ctx.spans[i], 1.0))
+                .collect::<Result<Vec<_>>>()?;
+            let scores = Tensor::zeros([b, lc], (Kind::Float, model.device()));
+            gather_kept(&full, selections, &scores, ctx.len)
+        }
+        Method::Baseline(baseline) => {
+            let (scores, full) = baseline_scores(model, &baseline, ctx.ids, ctx.len, ctx.spans)?;
+            let (b, lc) = scores.size2()?;
+            let host = Vec::<f32>::try_from(scores.to_device(Device::Cpu).flatten(0, -1))?;
+            let selections = (0..b as usize)
+                .map(|i| {
+                    let row = &host[i * lc as usize..(i + 1) * lc as usize];
+                    select(row, ctx.len[i], &ctx.spans[i], ctx.ratios[i])
+                })
+                .collect::<Result<Vec<Selection>>>()?;
+            // Baseline scores never enter the decoder: the slots get zero scores.
+            let zeros = Tensor::zeros([b, lc], (Kind::Float, model.device()));
+            gather_kept(&full, selections, &zeros, ctx.len)
+        }
+    })
+}
+
+/// Refuses contexts longer than the model window.
+pub fn check_window(model: &Model, lens: &[usize]) -> Result<()> {
+    let window = model.config().max_position_embeddings;
+    match lens.iter().position(|&l| l > window) {
+        Some(i) => Err(ModelError::Input(format!(
+            "example {i}: the context has {} tokens, longer than the model window of {window}",
+            lens[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Right-pads `rows` into `[batch, max_len]` int64 on `device`, with lengths.
+pub fn pad_rows(rows: &[Vec<u32>], device: Device) -> (Tensor, Vec<usize>) {
+    let l = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut flat = vec![0i64; rows.len() * l];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &t) in r.iter().enumerate() {
+            flat[i * l + j] = t as i64;
+        }
+    }
+    let ids = Tensor::from_slice(&flat)
+        .view([rows.len() as i64, l as i64])
+        .to_device(device);
+    (ids, rows.iter().map(Vec::len).collect())
+}
+
+/// Greedy generation for every example of `comp` (consumed: prompts and answers
+/// are appended to its cache): `prompts[i]` follows context i at its original
+/// next position; at most `max_new` tokens, a row stops at any `stop` token
+/// (not included in the output).
+pub fn generate_batch(
+    model: &Model,
+    comp: &mut Compressed,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    let b = prompts.len();
+    if b != comp.ctx_len.len() || prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Input(
+            "generation needs one non-empty prompt per compressed context".into(),
+        ));
+    }
+    let device = model.device();
+    tch::no_grad(|| {
+        let (ids, lens) = pad_rows(prompts, device);
+        let hidden = decode(model, comp, &ids, &lens, None)?;
+        let last: Vec<i64> = lens.iter().map(|&l| l as i64 - 1).collect();
+        let last = Tensor::from_slice(&last).to_device(device);
+        let d = hidden.size()[2];
+        let h = hidden.gather(
+            1,
+            &last.view([b as i64, 1, 1]).expand([b as i64, 1, d], false),
+            false,
+        );
+        let mut next_pos: Vec<i64> = comp
+            .ctx_len
+            .iter()
+            .zip(&lens)
+            .map(|(&c, &l)| (c + l) as i64)
+            .collect();
+        let mut tokens = model.logits(&h.squeeze_dim(1)).argmax(-1, false);
+        let mut out = vec![Vec::new(); b];
+        let mut done = vec![max_new == 0; b];
+        for step in 0..max_new {
+            let host = Vec::<i64>::try_from(tokens.to_device(Device::Cpu))?;
+            for (i, &t) in host.iter().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                if stop.contains(&(t as u32)) {
+                    done[i] = true;
+                } else {
+                    out[i].push(t as u32);
+                }
+            }
+            if step + 1 == max_new || done.iter().all(|&d| d) {
+                break;
+            }
+            let pos = Tensor::from_slice(&next_pos)
+                .view([b as i64, 1])
+                .to_device(device);
+            let h = model.forward_hidden(
+                Input::new(&tokens.view([b as i64, 1])).with_positions(&pos),
+                Some(&mut comp.cache),
+            )?;
+            tokens = model.logits(&h.squeeze_dim(1)).argmax(-1, false);
+            next_pos.iter_mut().for_each(|p| *p += 1);
+        }
+        Ok(out)
+    })
+}
+
+/// Teacher-forced scores of reference continuations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForcedScore {
+    /// Mean negative log-likelihood (nats/token) of the scored tokens.
+    pub nll: f64,
+    /// Mean KL(teacher || this) over the scored tokens (0 without a teacher).
+    pub kl: f64,
+}
+
+/// Log-probabilities at the rows of `suffixes` that predict the scored tokens
+/// `[start, start + len)` of each suffix (`targets` returns those tokens).
+fn scored_rows(
+    model: &Model,
+    comp: &mut Compressed,
+    suffixes: &[Vec<u32>],
+    scored: &[(usize, usize)],
+) -> Result<(Tensor, Vec<i64>, Vec<usize>)> {
+    let device = model.device();
+    let (ids, lens) = pad_rows(suffixes, device);
+    let lx = ids.size()[1];
+    let hidden = decode(model, comp, &ids, &lens, None)?;
+    let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (&(s, n), suf)) in scored.iter().zip(suffixes).enumerate() {
+        if s == 0 || s + n > suf.len() || n == 0 {
+            return Err(ModelError::Input(format!(
+                "example {i}: scored tokens [{s}, {}) must lie in the suffix after its first token",
+                s + n
+            )));
+        }
+        for (j, &t) in suf.iter().enumerate().skip(s).take(n) {
+            rows.push(i as i64 * lx + j as i64 - 1);
+            targets.push(t as i64);
+        }
+        counts.push(n);
+    }
+    let rows = Tensor::from_slice(&rows).to_device(device);
+    let logp = model
+        .logits(&hidden.flatten(0, 1).index_select(0, &rows))
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    Ok((logp, targets, counts))
+}
+
+/// Teacher log-probabilities for [`forced_scores`]: the same rows from a full cache.
+pub fn teacher_logprobs(
+    model: &Model,
+    full: &mut Compressed,
+    suffixes: &[Vec<u32>],
+    scored: &[(usize, usize)],
+) -> Result<Tensor> {
+    tch::no_grad(|| Ok(scored_rows(model, full, suffixes, scored)?.0))
+}
+
+/// Per example: NLL of the scored suffix tokens given the compressed context,
+/// and the KL from `teacher` (from [`teacher_logprobs`]) when given. Consumes
+/// `comp` (the suffixes are appended to its cache).
+pub fn forced_scores(
+    model: &Model,
+    comp: &mut Compressed,
+    suffixes: &[Vec<u32>],
+    scored: &[(usize, usize)],
+    teacher: Option<&Tensor>,
+) -> Result<Vec<ForcedScore>> {
+    tch::no_grad(|| {
+        let (logp, targets, counts) = scored_rows(model, comp, suffixes, scored)?;
+        let t = Tensor::from_slice(&targets)
+            .to_device(model.device())
+            .unsqueeze(1);
+        let nll = Vec::<f32>::try_from(
+            logp.gather(1, &t, false)
+                .neg()
+                .squeeze_dim(1)
+                .to_device(Device::Cpu),
+        )?;
+        let kl = match teacher {
+            Some(lt) => {
+                if lt.size() != logp.size() {
+                    return Err(ModelError::Input(format!(
+                        "teacher rows {:?} do not match the student's {:?}",
+                        lt.size(),
+                        logp.size()
+                    )));
+                }
+                let k = (lt.exp() * (lt - &logp)).sum_dim_intlist(-1, false, Kind::Float);
+                Vec::<f32>::try_from(k.to_device(Device::Cpu))?
+            }
+            None => vec![0.0; nll.len()],
+        };
+        let mut out = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for n in counts {
+            let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+            out.push(ForcedScore {
+                nll: mean(&nll[at..at + n]),
+                kl: mean(&kl[at..at + n]),
+            });
+            at += n;
+        }
+        Ok(out)
+    })
+}
