@@ -11,7 +11,11 @@ export LIBTORCH_USE_PYTORCH := 1
 export KVD_PYTHON := $(VENV)/bin/python
 BIN := $(CARGO_TARGET_DIR)/release
 SMOLLM2 := $(KVD_CACHE)/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-PROMPT ?= What is the capital of France?
+SQUAD_DEV := $(KVD_CACHE)/assets/bigbench/squad_shifts/squaddev_v1.1.json
+DATA ?= $(KVD_CACHE)/data
+RESULTS ?= results
+STEPS ?= 40
+QUESTIONS ?= 32
 
 .PHONY: setup build run test lint fmt bench-gpu device-bundle
 
@@ -19,13 +23,21 @@ PROMPT ?= What is the capital of France?
 setup:
 	@scripts/setup.sh
 
-## build: the release kv-distill binary
+## build: the release binaries (kv-distill, kvd-data)
 build: setup
-	cargo build --release -p kvd-trainer --bins
+	cargo build --release -p kvd-trainer -p kvd-data --bins
 
-## run: the embedded default job: SmolLM2-135M-Instruct answers a chat prompt on this machine
+## run: the embedded default job on this machine (GPU if there is one): prepare
+## the real training data as Parquet in file://$(DATA), train a KV-Distill
+## adaptor for SmolLM2-135M-Instruct ($(STEPS) steps), then evaluate it against
+## the baselines on $(QUESTIONS) SQuAD v1.1 dev questions -> $(RESULTS)/eval
 run: build
-	$(BIN)/kv-distill generate --model $(SMOLLM2) --chat --prompt "$(PROMPT)" --max-new-tokens 64
+	test -f $(DATA)/train/qa/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
+	$(BIN)/kv-distill train --model $(SMOLLM2) --data file://$(DATA)/train/qa --data file://$(DATA)/train/text \
+	  --weights 3,1 --skip-bad-rows --steps $(STEPS) --global-batch 8 --micro-batch 8 --max-len 384 \
+	  --text-suffix 64 --warmup 5 --log-every 5 --out $(RESULTS)/adaptor.safetensors
+	$(BIN)/kv-distill eval --model $(SMOLLM2) --adaptor $(RESULTS)/adaptor.safetensors --squad $(SQUAD_DEV) \
+	  --questions $(QUESTIONS) --ratios 1.0,0.25,0.1 --batch 32 --max-new-tokens 16 --out-dir $(RESULTS)/eval
 
 ## lint: formatting and clippy, warnings are errors
 lint: setup

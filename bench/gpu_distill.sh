@@ -19,12 +19,12 @@ train() { # steps limit out
   "$BIN" --log-format json train --model "$MODEL" --device cuda --dtype bf16 \
     --data "file://$DATA/train/qa" --data "file://$DATA/train/text" --weights 3,1 \
     --steps "$1" --global-batch 32 --micro-batch 16 --max-len 1024 --text-suffix 128 \
-    --lr 1e-3 --warmup 50 --ratios 0.02,0.05,0.1,0.25,0.5 --seed 0 --data-threads 6 --no-verify-data \
+    --lr 1e-3 --warmup 50 --ratios 0.02,0.05,0.1,0.25,0.5 --seed 0 --data-threads 6 --no-verify-data --skip-bad-rows \
     --log-every 20 --save-every 100 --time-limit-s "$2" --out "$3"
 }
 evaluate() { # questions limit adaptor dir
   "$BIN" eval --model "$MODEL" --device cuda --dtype bf16 --adaptor "$3" --squad "$SQUAD" \
-    --questions "$1" --seed 0 --batch 64 --time-limit-s "$2" --out-dir "$4"
+    --questions "$1" --seed 0 --batch 128 --time-limit-s "$2" --out-dir "$4"
 }
 case $PHASE in
   sanity)

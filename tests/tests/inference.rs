@@ -44,7 +44,7 @@ fn trained_like_adaptor(m: &Model) -> Adaptor {
     tch::no_grad(|| {
         for (name, mut v) in a.vs.variables() {
             if name.ends_with(".b") {
-                let _ = v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
             }
         }
     });

@@ -90,7 +90,12 @@ fn train_reproducibly_then_evaluate() {
     .expect("new_wiki");
     write(&format!("file://{}/qa", dir.path().display()), &qa[..8]);
     let text = read_text_dir(&assets().join("essays"), "essays").expect("essays");
-    write(&format!("file://{}/text", dir.path().display()), &text[..4]);
+    let long: Vec<_> = text
+        .into_iter()
+        .filter(|r| matches!(&r.record, kvd_data::Record::Text { text } if text.len() > 2000))
+        .take(4)
+        .collect();
+    write(&format!("file://{}/text", dir.path().display()), &long);
 
     let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
     let (model, tok) = ck.load(Kind::Float, Device::Cpu).expect("load");

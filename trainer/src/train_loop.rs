@@ -172,6 +172,12 @@ pub fn save_atomic(
     step: u64,
     path: &Path,
 ) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
     let tmp = path.with_extension("safetensors.tmp");
     save(adaptor, base_model, model.config(), step, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
