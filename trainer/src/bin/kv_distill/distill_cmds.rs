@@ -21,7 +21,7 @@ pub struct StoreArgs {
     /// Object-store option KEY=VALUE (e.g. endpoint=http://host:9000,
     /// allow_http=true, region=us-east-1); repeatable. Unset keys come from the
     /// standard AWS_*/GOOGLE_*/AZURE_* environment.
-    #[arg(long = "store", value_name = "KEY=VALUE")]
+    #[arg(long = "store-opt", value_name = "KEY=VALUE")]
     pub store: Vec<String>,
     /// Skip checking each data file's size and etag against the manifest (for
     /// datasets copied to another file system, where local etags change).
@@ -36,7 +36,7 @@ impl StoreArgs {
         for kv in &self.store {
             let (k, v) = kv
                 .split_once('=')
-                .with_context(|| format!("--store `{kv}` is not KEY=VALUE"))?;
+                .with_context(|| format!("--store-opt `{kv}` is not KEY=VALUE"))?;
             store = store.with(k, v);
         }
         Ok(DatasetOptions {
