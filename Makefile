@@ -14,8 +14,8 @@ SMOLLM2 := $(KVD_CACHE)/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SQUAD_DEV := $(KVD_CACHE)/assets/bigbench/squad_shifts/squaddev_v1.1.json
 DATA ?= $(KVD_CACHE)/data
 RESULTS ?= results
-STEPS ?= 40
-QUESTIONS ?= 32
+STEPS ?= 10
+QUESTIONS ?= 16
 
 .PHONY: setup build run test lint fmt bench-gpu device-bundle
 
@@ -34,10 +34,10 @@ build: setup
 run: build
 	test -f $(DATA)/train/qa/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
 	$(BIN)/kv-distill train --model $(SMOLLM2) --data file://$(DATA)/train/qa --data file://$(DATA)/train/text \
-	  --weights 3,1 --skip-bad-rows --steps $(STEPS) --global-batch 8 --micro-batch 8 --max-len 384 \
+	  --weights 3,1 --skip-bad-rows --steps $(STEPS) --global-batch 4 --micro-batch 4 --max-len 256 \
 	  --text-suffix 64 --warmup 5 --log-every 5 --out $(RESULTS)/adaptor.safetensors
 	$(BIN)/kv-distill eval --model $(SMOLLM2) --adaptor $(RESULTS)/adaptor.safetensors --squad $(SQUAD_DEV) \
-	  --questions $(QUESTIONS) --ratios 1.0,0.25,0.1 --batch 32 --max-new-tokens 16 --out-dir $(RESULTS)/eval
+	  --questions $(QUESTIONS) --ratios 1.0,0.25,0.1 --batch 16 --max-new-tokens 16 --out-dir $(RESULTS)/eval
 
 ## lint: formatting and clippy, warnings are errors
 lint: setup

