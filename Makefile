@@ -15,7 +15,7 @@ SQUAD_DEV := $(KVD_CACHE)/assets/bigbench/squad_shifts/squaddev_v1.1.json
 DATA ?= $(KVD_CACHE)/data
 RESULTS ?= results
 STEPS ?= 10
-QUESTIONS ?= 16
+QUESTIONS ?= 8
 
 .PHONY: setup build run test lint fmt bench-gpu device-bundle
 
@@ -37,7 +37,7 @@ run: build
 	  --weights 3,1 --skip-bad-rows --steps $(STEPS) --global-batch 4 --micro-batch 4 --max-len 256 \
 	  --text-suffix 64 --warmup 5 --log-every 5 --out $(RESULTS)/adaptor.safetensors
 	$(BIN)/kv-distill eval --model $(SMOLLM2) --adaptor $(RESULTS)/adaptor.safetensors --squad $(SQUAD_DEV) \
-	  --questions $(QUESTIONS) --ratios 1.0,0.25,0.1 --batch 16 --max-new-tokens 16 --out-dir $(RESULTS)/eval
+	  --questions $(QUESTIONS) --ratios 1.0,0.1 --batch 8 --max-new-tokens 16 --out-dir $(RESULTS)/eval
 
 ## lint: formatting and clippy, warnings are errors
 lint: setup

@@ -1,21 +1,64 @@
-//! `coordinator`: drives a distributed KV-Distill job. The gRPC service, worker
-//! membership and checkpoint control arrive with the distributed-training work.
+//! `coordinator`: drives a distributed KV-Distill job (see `kvd_coordinator`).
+//!
+//! Exit status: 0 when every worker reported the final step, on SIGINT/SIGTERM
+//! and on a Shutdown request that is not a failure; 1 when the job failed
+//! (the reason is logged); 2 for a bad configuration.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use clap::Parser;
+use kvd_coordinator::config::{Cli, Config, LogFormat};
+use kvd_coordinator::server::{run, Signals};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
 
-/// Command-line flags of the coordinator.
-#[derive(Parser, Debug)]
-#[command(version, about = "kv-distill job coordinator (not implemented yet)")]
-struct Args {
-    /// Number of workers the job waits for.
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    anyhow::bail!(
-        "the coordinator is not implemented yet (asked for {} workers); see README.md",
-        args.workers
-    )
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    match config.log_format {
+        LogFormat::Human => info!("resolved configuration:\n{config}"),
+        LogFormat::Json => info!(config = %config, "resolved configuration"),
+    }
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install the signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&config, signals).await {
+        Ok(outcome) if !outcome.failed => {
+            info!(reason = %outcome.reason, "coordinator done");
+            ExitCode::SUCCESS
+        }
+        Ok(outcome) => {
+            error!(reason = %outcome.reason, "job failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            error!("coordinator failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

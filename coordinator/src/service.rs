@@ -1,0 +1,216 @@
+//! The `kvd.v1.Coordinator` gRPC service over the shared [`Membership`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvd_proto::v1::coordinator_server::Coordinator;
+use kvd_proto::v1::{
+    CheckpointBeginReply, CheckpointBeginRequest, CheckpointCommitReply, CheckpointCommitRequest,
+    HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest,
+    ReportStepReply, ReportStepRequest, ShutdownReply, ShutdownRequest,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::membership::Membership;
+
+/// The membership behind a mutex, plus a change counter that wakes
+/// rendezvous waiters and the supervisor.
+#[derive(Clone)]
+pub struct Shared {
+    membership: Arc<Mutex<Membership>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Shares `membership`.
+    pub fn new(membership: Membership) -> Self {
+        Self {
+            membership: Arc::new(Mutex::new(membership)),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// Runs `f` on the membership without waking anyone.
+    pub fn read<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> R {
+        let mut guard = self
+            .membership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// Runs `f` on the membership and wakes the waiters.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> R {
+        let result = self.read(f);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        result
+    }
+
+    /// A receiver that sees every [`Shared::update`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// The gRPC service.
+pub struct CoordinatorService {
+    shared: Shared,
+    max_wait: Duration,
+}
+
+impl CoordinatorService {
+    /// Serves `shared`; a Rendezvous waits at most `max_wait`.
+    pub fn new(shared: Shared, max_wait: Duration) -> Self {
+        Self { shared, max_wait }
+    }
+}
+
+fn logged<T>(what: &str, result: Result<T, Status>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(reply) => Ok(Response::new(reply)),
+        Err(status) => {
+            warn!(rpc = what, code = ?status.code(), message = status.message(), "request rejected");
+            Err(status)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let peer = request.remote_addr();
+        debug!(?peer, "register");
+        let req = request.into_inner();
+        logged(
+            "Register",
+            self.shared.update(|m| m.register(req, Instant::now())),
+        )
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<RendezvousRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let req = request.into_inner();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(self.max_wait);
+        let mut changes = self.shared.subscribe();
+        let mut nccl_id = req.nccl_id;
+        loop {
+            changes.borrow_and_update();
+            let sets_id = nccl_id.is_some();
+            let id = nccl_id.take();
+            let call = |m: &mut Membership| {
+                m.rendezvous(req.member_id, req.rank, req.epoch, id, Instant::now())
+            };
+            // Setting the NCCL id wakes the other waiters (and this one, once).
+            let view = if sets_id {
+                self.shared.update(call)
+            } else {
+                self.shared.read(call)
+            };
+            let view = match view {
+                Ok(view) => view,
+                Err(status) => return logged("Rendezvous", Err(status)),
+            };
+            if view.ready || view.epoch != req.epoch {
+                return Ok(Response::new(view));
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Ok(Response::new(view)),
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        logged(
+            "Heartbeat",
+            self.shared
+                .read(|m| m.heartbeat(r.member_id, r.rank, r.epoch, Instant::now())),
+        )
+    }
+
+    async fn report_step(
+        &self,
+        request: Request<ReportStepRequest>,
+    ) -> Result<Response<ReportStepReply>, Status> {
+        let r = request.into_inner();
+        logged(
+            "ReportStep",
+            self.shared.update(|m| {
+                m.report_step(
+                    r.member_id,
+                    r.rank,
+                    r.epoch,
+                    r.step,
+                    r.loss,
+                    r.tokens,
+                    r.seconds,
+                    Instant::now(),
+                )
+            }),
+        )
+    }
+
+    async fn checkpoint_begin(
+        &self,
+        request: Request<CheckpointBeginRequest>,
+    ) -> Result<Response<CheckpointBeginReply>, Status> {
+        let r = request.into_inner();
+        logged(
+            "CheckpointBegin",
+            self.shared.update(|m| {
+                m.checkpoint_begin(r.member_id, r.rank, r.epoch, r.step, Instant::now())
+            }),
+        )
+    }
+
+    async fn checkpoint_commit(
+        &self,
+        request: Request<CheckpointCommitRequest>,
+    ) -> Result<Response<CheckpointCommitReply>, Status> {
+        let r = request.into_inner();
+        logged(
+            "CheckpointCommit",
+            self.shared.update(|m| {
+                m.checkpoint_commit(
+                    r.member_id,
+                    r.rank,
+                    r.epoch,
+                    r.step,
+                    r.part_url,
+                    r.data_cursor_json,
+                    Instant::now(),
+                )
+            }),
+        )
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownReply>, Status> {
+        let r = request.into_inner();
+        let who = r
+            .rank
+            .map_or("a client".to_string(), |rank| format!("rank {rank}"));
+        let reason = if r.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            r.reason
+        };
+        self.shared
+            .update(|m| m.finish(format!("shutdown requested by {who}: {reason}"), r.failed));
+        Ok(Response::new(ShutdownReply {}))
+    }
+}
