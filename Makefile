@@ -23,9 +23,9 @@ QUESTIONS ?= 8
 setup:
 	@scripts/setup.sh
 
-## build: the release binaries (kv-distill, kvd-data)
+## build: the release binaries (kv-distill, kvd-data, coordinator)
 build: setup
-	cargo build --release -p kvd-trainer -p kvd-data --bins
+	cargo build --release -p kvd-trainer -p kvd-data -p kvd-coordinator --bins
 
 ## run: the embedded default job on this machine (GPU if there is one): prepare
 ## the real training data as Parquet in file://$(DATA), train a KV-Distill

@@ -208,7 +208,9 @@ async fn three_workers_get_distinct_ranks_and_rank0_nccl_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranks_above_zero_wait_for_rank0_nccl_id() {
-    let coord = Coordinator::start(&["--workers", "2"]);
+    // A long heartbeat timeout allows a long poll (half of it), so "woken early"
+    // is far from "timed out" even on a loaded machine.
+    let coord = Coordinator::start(&["--workers", "2", "--heartbeat-timeout-s", "60"]);
     let mut c = coord.client().await;
     let r1 = register(
         &mut c,
@@ -223,7 +225,7 @@ async fn ranks_above_zero_wait_for_rank0_nccl_id() {
     let mut c1 = c.clone();
     let r1c = r1.clone();
     let started = Instant::now();
-    let waiter = tokio::spawn(async move { rendezvous(&mut c1, &r1c, 0, None, 4000).await });
+    let waiter = tokio::spawn(async move { rendezvous(&mut c1, &r1c, 0, None, 20000).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !waiter.is_finished(),
@@ -245,7 +247,7 @@ async fn ranks_above_zero_wait_for_rank0_nccl_id() {
     assert!(v.ready, "{v:?}");
     assert_eq!(v.nccl_id, Some(id));
     assert!(
-        started.elapsed() < Duration::from_millis(3500),
+        started.elapsed() < Duration::from_millis(15000),
         "the waiter was not woken"
     );
 }
@@ -452,7 +454,7 @@ impl Beats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_worker_is_detected_and_survivors_rebuild() {
-    let coord = Coordinator::start(&["--workers", "3", "--heartbeat-timeout-s", "1"]);
+    let coord = Coordinator::start(&["--workers", "3", "--heartbeat-timeout-s", "2"]);
     let mut c = coord.client().await;
     let r0 = register(
         &mut c,
@@ -473,14 +475,14 @@ async fn dead_worker_is_detected_and_survivors_rebuild() {
     assert_eq!(command, Cmd::Continue as i32);
     let silent_since = Instant::now();
 
-    let deadline = silent_since + Duration::from_secs(5);
+    let deadline = silent_since + Duration::from_secs(12);
     let (epoch0, at0) = loop {
         if let (Some(a), Some(_)) = (beats.first_rebuild(0), beats.first_rebuild(2)) {
             break a;
         }
         assert!(
             Instant::now() < deadline,
-            "no rebuild within 5 s:\n{}",
+            "no rebuild within 12 s:\n{}",
             coord.log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -489,11 +491,12 @@ async fn dead_worker_is_detected_and_survivors_rebuild() {
     assert_eq!(epoch0, 1);
     assert_eq!(beats.first_rebuild(2).unwrap().0, 1);
     assert!(
-        detected >= Duration::from_millis(950),
+        detected >= Duration::from_millis(1950),
         "declared dead too early: {detected:?}"
     );
     assert!(
-        detected < Duration::from_millis(2500),
+        // Generous: CI machines are loaded; the point is "detected, not never".
+        detected < Duration::from_millis(8000),
         "detected too late: {detected:?}"
     );
     assert!(coord.log().contains("declared dead"), "{}", coord.log());
