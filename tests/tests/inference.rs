@@ -195,13 +195,7 @@ fn forced_scores_are_zero_kl_for_the_teacher_and_match_full_forward_nll() {
     let suffixes = vec![tokens(9, 17), tokens(6, 18)];
     let scored = vec![(4, 5), (2, 3)];
     let full = compress(&m, Method::Full, &ctxs, 1.0);
-    let mut t = Compressed {
-        cache: full.cache.shallow_clone(),
-        selections: full.selections.clone(),
-        slot_scores: full.slot_scores.shallow_clone(),
-        span_slot: full.span_slot.shallow_clone(),
-        ctx_len: full.ctx_len.clone(),
-    };
+    let mut t = full.shallow_clone();
     let teacher = teacher_logprobs(&m, &mut t, &suffixes, &scored).expect("teacher");
     let mut f = full;
     let s = forced_scores(&m, &mut f, &suffixes, &scored, Some(&teacher)).expect("scores");

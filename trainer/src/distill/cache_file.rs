@@ -3,7 +3,7 @@
 //! metadata names the base model (config hash), the method and ratio, and the
 //! sizes that prove the compression (kept vs. source entries).
 
-use super::checkpoint::config_hash;
+use super::checkpoint::{config_hash, read_with_meta};
 use super::select::{Selection, Span};
 use super::student::Compressed;
 use crate::error::{ModelError, Result};
@@ -167,19 +167,8 @@ impl CompressedCache {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let meta_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("kv_distill_cache"))
-            .ok_or_else(|| bad("no `kv_distill_cache` metadata: not a compressed cache".into()))?;
-        let meta: CacheMeta =
-            serde_json::from_str(meta_json).map_err(|e| bad(format!("bad cache metadata: {e}")))?;
+        let (bytes, meta): (_, CacheMeta) =
+            read_with_meta(path, "kv_distill_cache", "not a compressed cache", "cache")?;
         let cfg = model.config();
         let want = config_hash(cfg);
         if meta.base_config_hash != want {

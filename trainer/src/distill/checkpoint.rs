@@ -85,9 +85,15 @@ pub fn save(
     })
 }
 
-/// Loads an adaptor for `base` from `path` onto `device`; refuses one trained
-/// for a model with another configuration.
-pub fn load(path: &Path, base: &ModelConfig, device: Device) -> Result<(Adaptor, AdaptorMeta)> {
+/// Reads a safetensors file whose header metadata `key` holds `T` as JSON;
+/// errors name the file (`what_missing` when the key is absent, `label` in a
+/// parse error). Returns the file's bytes and the metadata.
+pub(crate) fn read_with_meta<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    key: &str,
+    what_missing: &str,
+    label: &str,
+) -> Result<(Vec<u8>, T)> {
     let bad = |msg: String| ModelError::Safetensors {
         path: path.to_path_buf(),
         msg,
@@ -98,13 +104,24 @@ pub fn load(path: &Path, base: &ModelConfig, device: Device) -> Result<(Adaptor,
     })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    let meta_json = header
+    let json = header
         .metadata()
         .as_ref()
-        .and_then(|m| m.get("kv_distill"))
-        .ok_or_else(|| bad("no `kv_distill` metadata: not a kv-distill adaptor".into()))?;
-    let meta: AdaptorMeta =
-        serde_json::from_str(meta_json).map_err(|e| bad(format!("bad adaptor metadata: {e}")))?;
+        .and_then(|m| m.get(key))
+        .ok_or_else(|| bad(format!("no `{key}` metadata: {what_missing}")))?;
+    let meta = serde_json::from_str(json).map_err(|e| bad(format!("bad {label} metadata: {e}")))?;
+    Ok((bytes, meta))
+}
+
+/// Loads an adaptor for `base` from `path` onto `device`; refuses one trained
+/// for a model with another configuration.
+pub fn load(path: &Path, base: &ModelConfig, device: Device) -> Result<(Adaptor, AdaptorMeta)> {
+    let bad = |msg: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let (bytes, meta): (_, AdaptorMeta) =
+        read_with_meta(path, "kv_distill", "not a kv-distill adaptor", "adaptor")?;
     let want = config_hash(base);
     if meta.base_config_hash != want {
         return Err(bad(format!(

@@ -3,6 +3,7 @@
 
 use super::adaptor::Adaptor;
 use super::config::DistillConfig;
+use super::infer::pad_rows;
 use super::loss::kl_mix;
 use super::select::{validate_spans, Span};
 use super::student::{compress, decode, Contexts};
@@ -53,20 +54,6 @@ impl Hooks for Capture {
     }
 }
 
-/// Right-pads token rows into `[batch, max_len]` int64 on `model`'s device.
-fn pad(rows: &[&[u32]], model: &Model) -> Tensor {
-    let l = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
-    let mut flat = vec![0i64; rows.len() * l];
-    for (i, r) in rows.iter().enumerate() {
-        for (j, &t) in r.iter().enumerate() {
-            flat[i * l + j] = t as i64;
-        }
-    }
-    Tensor::from_slice(&flat)
-        .view([rows.len() as i64, l as i64])
-        .to_device(model.device())
-}
-
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
 /// backward into the adaptor's gradients (accumulated; `grad_scale` multiplies
 /// them, e.g. 1/accumulation steps). Base weights get no gradient.
@@ -102,21 +89,11 @@ pub fn distill_step(
         .iter()
         .map(|e| [e.context.as_slice(), e.suffix.as_slice()].concat())
         .collect();
-    let full_ids = pad(&full.iter().map(Vec::as_slice).collect::<Vec<_>>(), model);
-    let ctx_ids = pad(
-        &batch
-            .iter()
-            .map(|e| e.context.as_slice())
-            .collect::<Vec<_>>(),
-        model,
-    );
-    let suf_ids = pad(
-        &batch
-            .iter()
-            .map(|e| e.suffix.as_slice())
-            .collect::<Vec<_>>(),
-        model,
-    );
+    let full_ids = pad_rows(&full, device).0;
+    let ctx_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.context.clone()).collect();
+    let suf_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.suffix.clone()).collect();
+    let ctx_ids = pad_rows(&ctx_rows, device).0;
+    let suf_ids = pad_rows(&suf_rows, device).0;
     let lf = full_ids.size()[1];
     let lx = suf_ids.size()[1];
 

@@ -24,6 +24,20 @@ pub struct Compressed {
     pub ctx_len: Vec<usize>,
 }
 
+impl Compressed {
+    /// A second handle on the batch: the caches share tensors, and appending to
+    /// one (decoding) never changes the other.
+    pub fn shallow_clone(&self) -> Compressed {
+        Compressed {
+            cache: self.cache.shallow_clone(),
+            selections: self.selections.clone(),
+            slot_scores: self.slot_scores.shallow_clone(),
+            span_slot: self.span_slot.shallow_clone(),
+            ctx_len: self.ctx_len.clone(),
+        }
+    }
+}
+
 /// A batch of contexts to compress.
 #[derive(Debug, Clone, Copy)]
 pub struct Contexts<'a> {

@@ -183,18 +183,6 @@ fn prepare(
     Ok(p)
 }
 
-/// A second handle on a compressed batch (caches share tensors; appending to
-/// one never changes the other).
-fn fork(c: &Compressed) -> Compressed {
-    Compressed {
-        cache: c.cache.shallow_clone(),
-        selections: c.selections.clone(),
-        slot_scores: c.slot_scores.shallow_clone(),
-        span_slot: c.span_slot.shallow_clone(),
-        ctx_len: c.ctx_len.clone(),
-    }
-}
-
 /// Runs every method x ratio over the selected questions. `progress(done,
 /// total)` is called after each (batch, method, ratio) unit.
 pub fn run_eval(
@@ -278,9 +266,14 @@ pub fn run_eval(
                 ratios: &ones,
             },
         )?;
-        let teacher = teacher_logprobs(model, &mut fork(&teacher_comp), &p.suffixes, &p.scored)?;
+        let teacher = teacher_logprobs(
+            model,
+            &mut teacher_comp.shallow_clone(),
+            &p.suffixes,
+            &p.scored,
+        )?;
         let mut score = |comp: Compressed, acc: &mut Acc, name: &str, sample: bool| -> Result<()> {
-            let mut gen = fork(&comp);
+            let mut gen = comp.shallow_clone();
             let mut forced = comp;
             for (i, s) in forced.selections.iter().enumerate() {
                 acc.fraction += s.kept.len() as f64 / len[i] as f64;
