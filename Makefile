@@ -63,3 +63,13 @@ device-bundle: build
 ## bench: data-loader throughput (file:// and local S3, 1 and 2 threads) -> data/BENCH.md
 bench: setup
 	data/bench.sh
+
+.PHONY: test-deploy
+## test-deploy: offline checks of deploy/ (about 30 s): render the kustomizations
+## with kubectl's built-in kustomize (N = 2, 8 and others), validate every object
+## (built-in kinds: kubernetes-validate; JobSet: its CRD schema in
+## ../shared/schemas), check the manifests against the binaries' flags, run
+## deploy/entrypoint.sh with fake (and, when built, the real) binaries, lint the
+## Dockerfile (hadolint) and the script (shellcheck); broken copies must fail.
+test-deploy: setup
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -q deploy/tests

@@ -52,12 +52,29 @@ pub struct Cli {
     /// Base URL of the job's checkpoints (file://, s3://, gs://, az://).
     #[arg(long, value_name = "URL")]
     pub checkpoint_url: Option<String>,
-    /// Checkpoint manifest to resume a fresh job from.
-    #[arg(long, value_name = "URL")]
-    pub resume_checkpoint_url: Option<String>,
-    /// Step of --resume-checkpoint-url.
+    /// Keep the newest N committed checkpoints, delete older ones [default: 3; 0 keeps all].
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Continue from the latest committed checkpoint under --checkpoint-url
+    /// (a fresh start when there is none). Without it, a checkpoint URL that
+    /// already holds checkpoints is refused.
     #[arg(long)]
-    pub resume_step: Option<u64>,
+    pub resume: bool,
+    /// Continue from this checkpoint manifest (`.../step-NNNNNNNN/manifest.json`).
+    #[arg(long, value_name = "URL", conflicts_with = "resume")]
+    pub resume_from: Option<String>,
+    /// Object-store option KEY=VALUE for the checkpoint store (as kv-distill's
+    /// --store-opt); repeatable. Unset keys come from AWS_*/GOOGLE_*/AZURE_*.
+    #[arg(long = "store-opt", value_name = "KEY=VALUE")]
+    pub store_opt: Vec<String>,
+    /// Launch the workers on this machine: the command after `--`, once per
+    /// worker (rank in KVD_RANK, one GPU each when there are GPUs), restarted
+    /// when one dies.
+    #[arg(long)]
+    pub spawn_local: bool,
+    /// The worker command for --spawn-local, e.g. `-- kv-distill worker --model M --data D`.
+    #[arg(last = true, value_name = "WORKER_COMMAND")]
+    pub worker_command: Vec<String>,
     /// Log format [default: human].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -91,10 +108,16 @@ pub struct Settings {
     pub max_rebuilds: u32,
     /// Checkpoint base URL.
     pub checkpoint_url: Option<String>,
-    /// Checkpoint to resume a fresh job from.
-    pub resume_checkpoint_url: Option<String>,
-    /// Its step.
-    pub resume_step: u64,
+    /// Committed checkpoints to keep (0: all).
+    pub keep_last: u32,
+    /// Resume from the latest committed checkpoint.
+    pub resume: bool,
+    /// Resume from this manifest.
+    pub resume_from: Option<String>,
+    /// Object-store options of the checkpoint store.
+    pub store_options: std::collections::BTreeMap<String, String>,
+    /// Launch the workers locally.
+    pub spawn_local: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// File holding the token.
@@ -125,8 +148,11 @@ impl Default for Settings {
             steps: None,
             max_rebuilds: 10,
             checkpoint_url: None,
-            resume_checkpoint_url: None,
-            resume_step: 0,
+            keep_last: 3,
+            resume: false,
+            resume_from: None,
+            store_options: std::collections::BTreeMap::new(),
+            spawn_local: false,
             log_format: LogFormat::Human,
             token_file: None,
             token: None,
@@ -154,9 +180,13 @@ struct FlagLayer<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    resume_checkpoint_url: Option<&'a str>,
+    keep_last: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    resume: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    resume_step: Option<u64>,
+    resume_from: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    spawn_local: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
 }
@@ -172,8 +202,10 @@ impl<'a> From<&'a Cli> for FlagLayer<'a> {
             steps: c.steps,
             max_rebuilds: c.max_rebuilds,
             checkpoint_url: c.checkpoint_url.as_deref(),
-            resume_checkpoint_url: c.resume_checkpoint_url.as_deref(),
-            resume_step: c.resume_step,
+            keep_last: c.keep_last,
+            resume: c.resume,
+            resume_from: c.resume_from.as_deref(),
+            spawn_local: c.spawn_local,
             log_format: c.log_format,
         }
     }
@@ -202,6 +234,17 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Where a job starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// From scratch; the checkpoint URL must hold no committed checkpoint.
+    Fresh,
+    /// From the latest committed checkpoint under the checkpoint URL, if any.
+    Latest,
+    /// From this manifest.
+    From(String),
+}
+
 /// The validated configuration the coordinator runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -221,8 +264,14 @@ pub struct Config {
     pub max_rebuilds: u32,
     /// Checkpoint base URL (no trailing `/`).
     pub checkpoint_url: Option<String>,
-    /// Checkpoint to resume a fresh job from, and its step.
-    pub resume: Option<(String, u64)>,
+    /// Where the job starts.
+    pub resume: Resume,
+    /// Committed checkpoints to keep (0: all).
+    pub keep_last: u32,
+    /// Object-store options of the checkpoint store.
+    pub store_options: std::collections::BTreeMap<String, String>,
+    /// The worker command to launch locally (`--spawn-local`), if any.
+    pub spawn_local: Option<Vec<String>>,
     /// Log format.
     pub log_format: LogFormat,
     /// The job token.
@@ -285,12 +334,30 @@ impl Config {
         if s.steps == Some(0) {
             bail!("steps must be at least 1");
         }
-        let resume = match s.resume_checkpoint_url {
-            Some(url) => Some((url, s.resume_step)),
-            None if s.resume_step != 0 => {
-                bail!("resume_step is set without resume_checkpoint_url")
+        let resume = match (s.resume, s.resume_from) {
+            (true, Some(_)) => bail!("resume and resume_from exclude each other"),
+            (true, None) if s.checkpoint_url.is_none() => {
+                bail!("resume needs checkpoint_url (where to look for checkpoints)")
             }
-            None => None,
+            (true, None) => Resume::Latest,
+            (false, Some(url)) => Resume::From(url),
+            (false, None) => Resume::Fresh,
+        };
+        let mut store_options = s.store_options;
+        for kv in &cli.store_opt {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--store-opt `{kv}` is not KEY=VALUE"))?;
+            store_options.insert(k.to_string(), v.to_string());
+        }
+        let spawn_local = match (s.spawn_local, cli.worker_command.is_empty()) {
+            (true, true) => bail!(
+                "--spawn-local needs the worker command after `--`, e.g. \
+                 `coordinator --workers 2 --spawn-local -- kv-distill worker --model M --data D`"
+            ),
+            (true, false) => Some(cli.worker_command.clone()),
+            (false, false) => bail!("a worker command after `--` needs --spawn-local"),
+            (false, true) => None,
         };
         let (token, token_source) = resolve_token(cli, s.token_file.as_deref(), token_file_origin)?;
         Ok(Self {
@@ -305,6 +372,9 @@ impl Config {
                 .checkpoint_url
                 .map(|u| u.trim_end_matches('/').to_string()),
             resume,
+            keep_last: s.keep_last,
+            store_options,
+            spawn_local,
             log_format: s.log_format,
             token,
             token_source,
@@ -367,7 +437,11 @@ impl fmt::Display for Config {
         writeln!(f, "steps = {}", opt(&self.steps))?;
         writeln!(f, "max_rebuilds = {}", self.max_rebuilds)?;
         writeln!(f, "checkpoint_url = {}", opt(&self.checkpoint_url))?;
-        writeln!(f, "resume = {}", opt(&self.resume))?;
+        writeln!(f, "resume = {:?}", self.resume)?;
+        writeln!(f, "keep_last = {}", self.keep_last)?;
+        let keys: Vec<&String> = self.store_options.keys().collect();
+        writeln!(f, "store_options = {keys:?} (values not shown)")?;
+        writeln!(f, "spawn_local = {}", opt(&self.spawn_local))?;
         writeln!(f, "log_format = {:?}", self.log_format)?;
         write!(f, "token = \"{}\" (from {})", self.token, self.token_source)
     }

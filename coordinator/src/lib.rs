@@ -9,7 +9,9 @@
 //! - [`service`]: the gRPC service over it.
 //! - [`server`]: listening, the reaper, signals, graceful shutdown.
 
+pub mod checkpoints;
 pub mod config;
 pub mod membership;
 pub mod server;
 pub mod service;
+pub mod spawn;

@@ -239,6 +239,21 @@ impl Membership {
         if let Some(id) = &req.nccl_id {
             check_nccl_id(id)?;
         }
+        match (self.params.final_step, req.final_step) {
+            (Some(ours), Some(theirs)) if ours != theirs => {
+                return Err(Status::failed_precondition(format!(
+                    "worker {name:?} is configured for {theirs} steps, the job for {ours}"
+                )))
+            }
+            (None, Some(theirs)) => {
+                info!(
+                    final_step = theirs,
+                    "final step adopted from the first worker"
+                );
+                self.params.final_step = Some(theirs);
+            }
+            _ => {}
+        }
         let rank = match req.requested_rank {
             Some(rank) if rank >= self.params.world_size => {
                 return Err(Status::invalid_argument(format!(
@@ -590,13 +605,32 @@ impl Membership {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        info!(step, %manifest_url, "checkpoint complete on all ranks: new resume point");
-        self.resume = Some((manifest_url.clone(), step));
+        info!(step, %manifest_url, "all ranks wrote their parts; writing the manifest");
         Ok(CheckpointCommitReply {
             complete: true,
             manifest_url,
             manifest_json: Some(manifest.to_json()),
         })
+    }
+
+    /// The manifest of `step`, taken in `epoch`, is written: it becomes the
+    /// resume point, unless the membership moved on meanwhile (the ranks of
+    /// the new epoch already resume from the previous one; the checkpoint is
+    /// still valid for a later restart).
+    pub fn committed(&mut self, manifest_url: String, step: u64, epoch: u64) {
+        if epoch != self.epoch {
+            warn!(
+                step,
+                epoch,
+                current = self.epoch,
+                "checkpoint committed after a rebuild: not the resume point of this epoch"
+            );
+            return;
+        }
+        info!(step, %manifest_url, "checkpoint committed: new resume point");
+        if self.resume.as_ref().is_none_or(|r| r.1 <= step) {
+            self.resume = Some((manifest_url, step));
+        }
     }
 
     /// Declares members silent for longer than the timeout dead. When any is,
@@ -682,6 +716,7 @@ mod tests {
             protocol_version: kvd_proto::PROTOCOL_VERSION,
             requested_rank: rank,
             nccl_id: nccl.map(|b| vec![b; NCCL_UNIQUE_ID_BYTES]),
+            final_step: None,
         }
     }
 
@@ -728,6 +763,9 @@ mod tests {
                 .checkpoint_commit(id, r, 0, 1, format!("p{r}"), None, t)
                 .unwrap();
             assert_eq!(c.complete, r == 1);
+            if c.complete {
+                m.committed(c.manifest_url.clone(), 1, 0);
+            }
         }
         let t1 = t + Duration::from_millis(900);
         m.heartbeat(a.member_id, 0, 0, t1).unwrap();

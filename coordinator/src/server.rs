@@ -15,9 +15,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use crate::checkpoints::Checkpoints;
 use crate::config::Config;
 use crate::membership::{JobParams, Membership, Outcome};
 use crate::service::{CoordinatorService, Shared};
+use crate::spawn::LocalWorkers;
 
 /// SIGINT and SIGTERM, installed up front so that none is missed.
 pub struct Signals {
@@ -60,19 +62,29 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
         write_port_file(path, addr.port())?;
     }
 
+    let resume = crate::checkpoints::resolve_resume(config).await?;
+    let checkpoints = match &config.checkpoint_url {
+        Some(base) => Some(Checkpoints::open(base, &config.store_options)?),
+        None => None,
+    };
     let params = JobParams {
         world_size: config.workers,
         final_step: config.steps,
         heartbeat_timeout: config.heartbeat_timeout,
         max_rebuilds: config.max_rebuilds,
         checkpoint_url: config.checkpoint_url.clone(),
-        resume: config.resume.clone(),
+        resume,
     };
     let shared = Shared::new(Membership::new(params));
     let max_wait = (config.heartbeat_timeout / 2).min(Duration::from_secs(30));
-    let service = CoordinatorServer::new(CoordinatorService::new(shared.clone(), max_wait))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = CoordinatorServer::new(CoordinatorService::new(
+        shared.clone(),
+        max_wait,
+        checkpoints,
+        config.keep_last,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service = InterceptedService::new(service, RequireToken::new(config.token.expose()));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -85,6 +97,15 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
             }),
     );
     info!(%addr, workers = config.workers, "listening; waiting for workers");
+    let mut local = match &config.spawn_local {
+        Some(cmd) => Some(LocalWorkers::start(
+            cmd,
+            config.workers,
+            addr,
+            config.token.expose(),
+        )?),
+        None => None,
+    };
 
     let tick =
         (config.heartbeat_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
@@ -105,6 +126,11 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
                     }
                 }
             }
+            if let Some(local) = local.as_mut() {
+                local
+                    .shutdown(config.heartbeat_timeout.max(Duration::from_secs(5)))
+                    .await;
+            }
             let _ = stop_tx.send(());
             match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
                 Ok(Ok(Ok(()))) => {}
@@ -120,6 +146,14 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
         tokio::select! {
             _ = ticker.tick() => {
                 shared.update(|m| m.reap(Instant::now()));
+                if let Some(local) = local.as_mut() {
+                    let over = shared.read(|m| m.outcome().is_some());
+                    if let Err(e) = local.supervise(over) {
+                        shared.update(|m| m.finish(format!("cannot restart a local worker: {e:#}"), true));
+                    } else if local.restarts > config.max_rebuilds {
+                        shared.update(|m| m.finish(format!("local workers restarted {} times (max_rebuilds = {})", local.restarts, config.max_rebuilds), true));
+                    }
+                }
             }
             _ = changes.changed() => {}
             name = signals.next() => {

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use crate::checkpoints::Checkpoints;
 use crate::membership::Membership;
 
 /// The membership behind a mutex, plus a change counter that wakes
@@ -58,12 +59,25 @@ impl Shared {
 pub struct CoordinatorService {
     shared: Shared,
     max_wait: Duration,
+    checkpoints: Option<Checkpoints>,
+    keep_last: u32,
 }
 
 impl CoordinatorService {
-    /// Serves `shared`; a Rendezvous waits at most `max_wait`.
-    pub fn new(shared: Shared, max_wait: Duration) -> Self {
-        Self { shared, max_wait }
+    /// Serves `shared`; a Rendezvous waits at most `max_wait`. Manifests go to
+    /// `checkpoints`, which keeps the newest `keep_last`.
+    pub fn new(
+        shared: Shared,
+        max_wait: Duration,
+        checkpoints: Option<Checkpoints>,
+        keep_last: u32,
+    ) -> Self {
+        Self {
+            shared,
+            max_wait,
+            checkpoints,
+            keep_last,
+        }
     }
 }
 
@@ -180,20 +194,52 @@ impl Coordinator for CoordinatorService {
         request: Request<CheckpointCommitRequest>,
     ) -> Result<Response<CheckpointCommitReply>, Status> {
         let r = request.into_inner();
-        logged(
-            "CheckpointCommit",
-            self.shared.update(|m| {
-                m.checkpoint_commit(
-                    r.member_id,
-                    r.rank,
-                    r.epoch,
-                    r.step,
-                    r.part_url,
-                    r.data_cursor_json,
-                    Instant::now(),
+        let (epoch, step) = (r.epoch, r.step);
+        let reply = self.shared.update(|m| {
+            m.checkpoint_commit(
+                r.member_id,
+                r.rank,
+                r.epoch,
+                r.step,
+                r.part_url,
+                r.data_cursor_json,
+                Instant::now(),
+            )
+        });
+        let reply = match reply {
+            Ok(reply) if reply.complete => reply,
+            other => return logged("CheckpointCommit", other),
+        };
+        let Some(store) = &self.checkpoints else {
+            return logged(
+                "CheckpointCommit",
+                Err(Status::failed_precondition("no checkpoint store")),
+            );
+        };
+        let json = reply.manifest_json.clone().unwrap_or_default();
+        match store.commit(step, &json).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                step,
+                url = %reply.manifest_url,
+                "a manifest for this step exists already: kept (checkpoints are deterministic)"
+            ),
+            Err(e) => {
+                return logged(
+                    "CheckpointCommit",
+                    Err(Status::unavailable(format!("{e:#}"))),
                 )
-            }),
-        )
+            }
+        }
+        self.shared
+            .update(|m| m.committed(reply.manifest_url.clone(), step, epoch));
+        let (store, keep) = (store.clone(), self.keep_last);
+        tokio::spawn(async move {
+            if let Err(e) = store.retain(keep).await {
+                warn!(error = %format!("{e:#}"), "checkpoint retention failed");
+            }
+        });
+        Ok(Response::new(reply))
     }
 
     async fn shutdown(

@@ -256,6 +256,13 @@ impl Source {
 
     /// Every `*.parquet` object under the root, sorted by path.
     pub async fn list_parquet(&self) -> Result<Vec<ObjectInfo>> {
+        let mut all = self.list().await?;
+        all.retain(|o| o.rel.ends_with(".parquet"));
+        Ok(all)
+    }
+
+    /// Every object under the root, sorted by path.
+    pub async fn list(&self) -> Result<Vec<ObjectInfo>> {
         let prefix = if self.root.as_ref().is_empty() {
             None
         } else {
@@ -269,7 +276,6 @@ impl Source {
             .map_err(|e| self.store_err("list", "", e))?;
         let mut out: Vec<ObjectInfo> = metas
             .into_iter()
-            .filter(|m| m.location.as_ref().ends_with(".parquet"))
             .map(|m| ObjectInfo {
                 rel: self.rel_of(&m.location),
                 size: m.size,
@@ -319,6 +325,40 @@ impl Source {
             .await
             .map_err(|e| self.store_err("put", rel, e))?;
         Ok(())
+    }
+
+    /// Writes `data` to `rel` only if no object is there (a conditional put
+    /// where the store supports one; otherwise a check then a put). Returns
+    /// false, writing nothing, when the object exists.
+    pub async fn put_new(&self, rel: &str, data: Bytes) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(rel), PutPayload::from(data.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => {
+                if self.head(rel).await.is_ok() {
+                    return Ok(false);
+                }
+                self.put(rel, data).await.map(|()| true)
+            }
+            Err(e) => Err(self.store_err("put", rel, e)),
+        }
+    }
+
+    /// Deletes `rel` (a missing object is not an error).
+    pub async fn delete(&self, rel: &str) -> Result<()> {
+        match self.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_err("delete", rel, e)),
+        }
     }
 
     /// An async Parquet reader over `rel`, whose size is known from the manifest.

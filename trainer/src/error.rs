@@ -108,6 +108,11 @@ pub enum ModelError {
     /// A caller passed inputs the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
+
+    /// A collective (gradient all-reduce) failed: a peer died, timed out or
+    /// the communicator was aborted for a membership rebuild.
+    #[error(transparent)]
+    Collective(#[from] crate::dist::CollectiveError),
 }
 
 /// Result alias for this crate's model code.

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod distill;
 pub mod error;
 pub mod eval;

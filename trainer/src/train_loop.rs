@@ -102,11 +102,30 @@ pub fn mix_schedule(weights: &[u32], steps: usize) -> Vec<usize> {
         .collect()
 }
 
-/// A step's examples, built on the producer thread.
-type Produced = std::result::Result<(RankBatch, Vec<Cursor>), String>;
+/// A step's examples (this rank's share) and the cursors after it, built on
+/// the producer thread.
+pub type Produced = std::result::Result<(RankBatch, Vec<Cursor>), String>;
 
-/// Starts the producer: opens the datasets and sends each step's batch.
-fn spawn_producer(job: &TrainJob, builder: Arc<ExampleBuilder>) -> Result<Receiver<Produced>> {
+/// Where a producer starts and which share it reads.
+#[derive(Debug, Clone)]
+pub struct ProducerStart {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Steps already taken (the mixing schedule resumes after them).
+    pub step: usize,
+    /// Cursors to resume from, one per dataset (`None`: the start of epoch 0).
+    pub cursors: Option<Vec<Cursor>>,
+}
+
+/// Starts the producer: opens the datasets and sends each remaining step's
+/// batch for `start.rank`; dropping the receiver stops it.
+pub fn spawn_producer(
+    job: &TrainJob,
+    builder: Arc<ExampleBuilder>,
+    start: ProducerStart,
+) -> Result<Receiver<Produced>> {
     let (tx, rx) = sync_channel::<Produced>(job.prefetch.max(1));
     let job = job.clone();
     std::thread::Builder::new()
@@ -146,9 +165,33 @@ fn spawn_producer(job: &TrainJob, builder: Arc<ExampleBuilder>) -> Result<Receiv
                     cursors.push(loader.cursor());
                     loaders.push(loader);
                 }
+                if let Some(saved) = start.cursors {
+                    if saved.len() != cursors.len() {
+                        let _ = tx.send(Err(format!(
+                            "the checkpoint has {} data cursors for {} datasets",
+                            saved.len(),
+                            cursors.len()
+                        )));
+                        return;
+                    }
+                    for (i, (c, fresh)) in saved.iter().zip(&cursors).enumerate() {
+                        if c.manifest_hash != fresh.manifest_hash || c.seed != fresh.seed {
+                            let _ = tx.send(Err(format!(
+                                "the checkpoint's cursor of dataset {} ({}) is for another \
+                                 dataset manifest or seed",
+                                i, job.data[i].url
+                            )));
+                            return;
+                        }
+                    }
+                    cursors = saved;
+                }
                 let weights: Vec<u32> = job.data.iter().map(|m| m.weight).collect();
-                for d in mix_schedule(&weights, job.train.total_steps) {
-                    let batch = loaders[d].next(&mut cursors[d], 0, 1).await;
+                let schedule = mix_schedule(&weights, job.train.total_steps);
+                for &d in schedule.iter().skip(start.step) {
+                    let batch = loaders[d]
+                        .next(&mut cursors[d], start.rank, start.world)
+                        .await;
                     let msg = batch
                         .map(|b| (b, cursors.clone()))
                         .map_err(|e| e.to_string());
@@ -161,6 +204,56 @@ fn spawn_producer(job: &TrainJob, builder: Arc<ExampleBuilder>) -> Result<Receiv
         })
         .map_err(|e| ModelError::Input(format!("cannot start the data thread: {e}")))?;
     Ok(rx)
+}
+
+/// Checks a job's shape against the model before anything runs.
+pub fn validate_job(model: &Model, job: &TrainJob) -> Result<()> {
+    if job.data.is_empty() || job.data.iter().any(|m| m.weight == 0) {
+        return Err(ModelError::Input(
+            "training needs at least one dataset, each with weight >= 1".into(),
+        ));
+    }
+    if job.global_batch == 0 || job.micro_batch == 0 {
+        return Err(ModelError::Input(
+            "global_batch and micro_batch must be positive".into(),
+        ));
+    }
+    if job.distill.scorer_layer > model.config().num_layers {
+        return Err(ModelError::Input(format!(
+            "scorer_layer {} exceeds the model's {} layers",
+            job.distill.scorer_layer,
+            model.config().num_layers
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh adaptor and its optimizer, initialised from the job's seed (the
+/// same on every rank).
+pub fn fresh_state(model: &Model, job: &TrainJob) -> Result<(Adaptor, Trainer)> {
+    tch::manual_seed(job.seed as i64);
+    let adaptor = Adaptor::new(
+        model.config(),
+        job.distill.clone(),
+        model.device(),
+        job.seed as i64,
+    )?;
+    let trainer = Trainer::new(&adaptor, job.train.clone())?;
+    Ok((adaptor, trainer))
+}
+
+/// The example builder of a job.
+pub fn job_builder(tok: Arc<Tokenizer>, job: &TrainJob) -> Result<Arc<ExampleBuilder>> {
+    Ok(Arc::new(ExampleBuilder::new(
+        Arc::new(ModelTokenizer(tok)),
+        job.builder.clone(),
+    )?))
+}
+
+/// This rank's examples of a step, split into micro-batches.
+pub fn micro_batches(batch: &RankBatch, micro_batch: usize) -> Vec<Vec<DistillExample>> {
+    let exs: Vec<DistillExample> = batch.examples.iter().map(to_distill).collect();
+    exs.chunks(micro_batch.max(1)).map(<[_]>::to_vec).collect()
 }
 
 /// Writes the adaptor to `path` through a temporary file and a rename, so an
@@ -194,37 +287,20 @@ pub fn train(
     job: &TrainJob,
     mut on_step: impl FnMut(usize, f64, f64),
 ) -> Result<(Adaptor, TrainSummary)> {
-    if job.data.is_empty() || job.data.iter().any(|m| m.weight == 0) {
-        return Err(ModelError::Input(
-            "training needs at least one dataset, each with weight >= 1".into(),
-        ));
-    }
-    if job.global_batch == 0 || job.micro_batch == 0 {
-        return Err(ModelError::Input(
-            "global_batch and micro_batch must be positive".into(),
-        ));
-    }
-    if job.distill.scorer_layer > model.config().num_layers {
-        return Err(ModelError::Input(format!(
-            "scorer_layer {} exceeds the model's {} layers",
-            job.distill.scorer_layer,
-            model.config().num_layers
-        )));
-    }
-    tch::manual_seed(job.seed as i64);
-    let adaptor = Adaptor::new(
-        model.config(),
-        job.distill.clone(),
-        model.device(),
-        job.seed as i64,
-    )?;
-    let mut trainer = Trainer::new(&adaptor, job.train.clone())?;
-    let builder = Arc::new(ExampleBuilder::new(
-        Arc::new(ModelTokenizer(tok)),
-        job.builder.clone(),
-    )?);
+    validate_job(model, job)?;
+    let (adaptor, mut trainer) = fresh_state(model, job)?;
+    let builder = job_builder(tok, job)?;
     let stats: SkipStats = builder.stats().clone();
-    let rx = spawn_producer(job, builder)?;
+    let rx = spawn_producer(
+        job,
+        builder,
+        ProducerStart {
+            rank: 0,
+            world: 1,
+            step: 0,
+            cursors: None,
+        },
+    )?;
     let start = Instant::now();
     let (mut first_loss, mut recent) = (f64::NAN, Vec::new());
     let (mut tokens, mut examples) = (0usize, 0usize);
@@ -235,26 +311,28 @@ pub fn train(
             .map_err(|_| ModelError::Input("the data thread stopped".into()))?
             .map_err(ModelError::Input)?;
         cursors = cur;
-        let exs: Vec<DistillExample> = batch.examples.iter().map(to_distill).collect();
-        if exs.is_empty() {
-            tracing::warn!(step, "every row of this step was skipped");
-            continue;
-        }
-        let micro: Vec<Vec<DistillExample>> =
-            exs.chunks(job.micro_batch).map(<[_]>::to_vec).collect();
+        let micro = micro_batches(&batch, job.micro_batch);
+        let n_examples: usize = micro.iter().map(Vec::len).sum();
         let s = trainer.train_step(model, &adaptor, &micro).map_err(|e| {
             let ids: Vec<u64> = batch.examples.iter().map(|e| e.id).collect();
             ModelError::Input(format!("step {step} (rows {ids:?}): {e}"))
         })?;
-        if step == 0 {
-            first_loss = s.loss;
-        }
-        recent.push(s.loss);
-        if recent.len() > job.log_every.max(1) {
-            recent.remove(0);
+        if s.micro_batches == 0 {
+            tracing::warn!(
+                step = step + 1,
+                "every row of this step was skipped: no update"
+            );
+        } else {
+            if first_loss.is_nan() {
+                first_loss = s.loss;
+            }
+            recent.push(s.loss);
+            if recent.len() > job.log_every.max(1) {
+                recent.remove(0);
+            }
         }
         tokens += s.tokens;
-        examples += exs.len();
+        examples += n_examples;
         on_step(step + 1, s.loss, s.lr);
         if job.log_every > 0 && (step + 1) % job.log_every == 0 {
             tracing::info!(

@@ -131,9 +131,22 @@ impl Adaptor {
         }
     }
 
-    /// All trainable tensors.
+    /// All trainable tensors, in name order.
     pub fn trainable(&self) -> Vec<Tensor> {
-        self.vs.trainable_variables()
+        self.named_trainable().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// The trainable tensors with their names, sorted by name: the same order
+    /// in every process (the all-reduce buckets and checkpoints rely on it).
+    pub fn named_trainable(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
     }
 
     /// Number of trainable scalars.

@@ -1,13 +1,15 @@
-//! Single-process training loop pieces: AdamW on the adaptor, warmup + cosine
-//! learning rate, gradient clipping and accumulation.
+//! The optimizer step: AdamW on the adaptor, warmup + cosine learning rate,
+//! gradient clipping and accumulation, and the data-parallel all-reduce.
 
+use super::adamw::{grad_sq_norm, AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
 use super::step::{distill_step, DistillExample, StepStats};
+use crate::dist::collective::DEFAULT_BUCKET_ELEMS;
+use crate::dist::{reduce_gradients, Collective, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Optimiser and schedule settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,13 +68,38 @@ pub struct OptStats {
     pub grad_norm: f64,
     /// Supervised tokens.
     pub tokens: usize,
+    /// Micro-batches over all ranks (0: every row of the step was skipped
+    /// and nothing was updated; `loss` is NaN then).
+    pub micro_batches: usize,
 }
 
 /// Owns the optimizer over an adaptor's variables.
 pub struct Trainer {
-    opt: nn::Optimizer,
+    opt: AdamW,
     cfg: TrainConfig,
     step: usize,
+    vars: Vec<Tensor>,
+    bucket_elems: usize,
+}
+
+/// Makes every gradient of `vars` defined and zero (a rank whose examples were
+/// all skipped must still contribute zeros to the all-reduce).
+fn zero_grads(vars: &[Tensor]) -> Result<()> {
+    let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
+    if !missing.is_empty() {
+        let mut z = Tensor::zeros([], (Kind::Float, missing[0].device()));
+        for v in missing {
+            z = z + v.sum(Kind::Float) * 0.0;
+        }
+        z.f_backward()?;
+    }
+    tch::no_grad(|| -> Result<()> {
+        for v in vars {
+            let mut g = v.grad();
+            let _ = g.f_zero_()?;
+        }
+        Ok(())
+    })
 }
 
 impl Trainer {
@@ -83,12 +110,25 @@ impl Trainer {
                 "grad_accum and total_steps must be positive".into(),
             ));
         }
-        let opt = nn::AdamW {
-            wd: cfg.weight_decay,
-            ..Default::default()
-        }
-        .build(&adaptor.vs, cfg.lr)?;
-        Ok(Trainer { opt, cfg, step: 0 })
+        let vars: Vec<Tensor> = adaptor
+            .named_trainable()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let opt = AdamW::new(
+            &vars,
+            AdamWConfig {
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        );
+        Ok(Trainer {
+            opt,
+            cfg,
+            step: 0,
+            vars,
+            bucket_elems: DEFAULT_BUCKET_ELEMS,
+        })
     }
 
     /// Optimizer steps taken.
@@ -96,64 +136,111 @@ impl Trainer {
         self.step
     }
 
-    /// One optimizer step over `micro_batches` (gradient accumulation over them).
+    /// The optimizer (its moments go into checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Restores the optimizer state, the step count and the number of AdamW
+    /// updates (fewer than steps when steps were skipped) of a checkpoint.
+    pub fn restore(
+        &mut self,
+        step: usize,
+        updates: u64,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+    ) -> Result<()> {
+        if m.len() != self.vars.len() || v.len() != self.vars.len() {
+            return Err(ModelError::Input(format!(
+                "optimizer state has {} / {} moments for {} variables",
+                m.len(),
+                v.len(),
+                self.vars.len()
+            )));
+        }
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.steps = updates;
+        self.step = step;
+        Ok(())
+    }
+
+    /// One optimizer step over `micro_batches` in this process alone.
     pub fn train_step(
         &mut self,
         model: &Model,
         adaptor: &Adaptor,
         micro_batches: &[Vec<DistillExample>],
     ) -> Result<OptStats> {
-        if micro_batches.is_empty() {
-            return Err(ModelError::Input("no micro-batches".into()));
-        }
-        self.opt.zero_grad();
-        let scale = 1.0 / micro_batches.len() as f64;
-        let mut stats: Vec<StepStats> = Vec::with_capacity(micro_batches.len());
+        self.train_step_with(model, adaptor, micro_batches, &mut Single)
+    }
+
+    /// One data-parallel optimizer step: this rank's `micro_batches` (possibly
+    /// none), gradients summed over the ranks of `coll` and divided by the
+    /// number of micro-batches of all ranks, then clipping and AdamW. Every
+    /// rank ends with the same adaptor.
+    pub fn train_step_with(
+        &mut self,
+        model: &Model,
+        adaptor: &Adaptor,
+        micro_batches: &[Vec<DistillExample>],
+        coll: &mut dyn Collective,
+    ) -> Result<OptStats> {
+        zero_grads(&self.vars)?;
+        let mut local = [micro_batches.len() as f64, 0.0, 0.0];
         for mb in micro_batches {
-            stats.push(distill_step(
-                model,
-                adaptor,
-                adaptor.config(),
-                mb,
-                scale,
-                true,
-            )?);
+            let s: StepStats = distill_step(model, adaptor, adaptor.config(), mb, 1.0, true)?;
+            local[1] += s.loss;
+            local[2] += s.tokens as f64;
         }
-        let grad_norm = tch::no_grad(|| {
-            let sq: f64 = adaptor
-                .trainable()
-                .iter()
-                .map(|v| v.grad())
-                .filter(|g| g.defined())
-                .map(|g| g.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
-                .sum();
-            sq.sqrt()
-        });
+        let total = reduce_gradients(&self.vars, &local, coll, self.bucket_elems)?;
+        let n = total[0];
+        if n < 1.0 {
+            // Every row of the global batch was skipped (bad-row policy): the
+            // step passes without an update, identically on every rank.
+            let lr = self.cfg.lr_at(self.step);
+            self.step += 1;
+            return Ok(OptStats {
+                loss: f64::NAN,
+                lr,
+                grad_norm: 0.0,
+                tokens: 0,
+                micro_batches: 0,
+            });
+        }
+        tch::no_grad(|| -> Result<()> {
+            for v in &self.vars {
+                let mut g = v.grad();
+                let _ = g.f_div_scalar_(n)?;
+            }
+            Ok(())
+        })?;
+        let grad_norm = grad_sq_norm(&self.vars).sqrt();
         if !grad_norm.is_finite() {
             return Err(ModelError::Input(format!(
-                "non-finite gradient norm {grad_norm}"
+                "non-finite gradient norm {grad_norm} (loss {})",
+                total[1] / n
             )));
         }
         if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm {
             let c = self.cfg.max_grad_norm / (grad_norm + 1e-6);
-            tch::no_grad(|| {
-                for v in adaptor.trainable() {
+            tch::no_grad(|| -> Result<()> {
+                for v in &self.vars {
                     let mut g = v.grad();
-                    if g.defined() {
-                        let _ = g.f_mul_(&tch::Tensor::from(c));
-                    }
+                    let _ = g.f_mul_scalar_(c)?;
                 }
-            });
+                Ok(())
+            })?;
         }
         let lr = self.cfg.lr_at(self.step);
-        self.opt.set_lr(lr);
-        self.opt.step();
+        self.opt.step(&self.vars, lr)?;
         self.step += 1;
         Ok(OptStats {
-            loss: stats.iter().map(|s| s.loss).sum::<f64>() * scale,
+            loss: total[1] / n,
             lr,
             grad_norm,
-            tokens: stats.iter().map(|s| s.tokens).sum(),
+            tokens: total[2].round() as usize,
+            micro_batches: n.round() as usize,
         })
     }
 }

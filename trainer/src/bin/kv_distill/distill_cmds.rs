@@ -51,7 +51,7 @@ impl StoreArgs {
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Dataset URL (file://, s3://, gs://, az:// or a path) prepared by `kvd-data
     /// prepare`; repeatable.
     #[arg(long, required = true)]
@@ -61,12 +61,13 @@ pub struct TrainArgs {
     weights: Vec<u32>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Where the adaptor is written (safetensors).
+    /// Where the adaptor is written (safetensors; a path, or for a worker also
+    /// an object URL).
     #[arg(long)]
-    out: PathBuf,
+    pub out: Option<String>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
-    steps: usize,
+    pub steps: usize,
     /// Examples per optimizer step.
     #[arg(long, default_value_t = 16)]
     global_batch: usize,
@@ -129,9 +130,8 @@ pub struct TrainArgs {
     data_threads: usize,
 }
 
-/// Runs `train`.
-pub fn run_train(a: TrainArgs) -> Result<()> {
-    let (model, tok) = load(&a.model)?;
+/// The training job the arguments describe, for `model`.
+pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
     let weights = match a.weights.len() {
         0 => vec![1; a.data.len()],
         n if n == a.data.len() => a.weights.clone(),
@@ -189,12 +189,25 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         micro_batch: a.micro_batch,
         seed: a.seed,
         prefetch: 4,
-        out: a.out.clone(),
+        out: a.out.clone().map(PathBuf::from).unwrap_or_default(),
         save_every: a.save_every,
         log_every: a.log_every,
         base_model: model_label(&a.model.model),
         time_limit_s: a.time_limit_s,
     };
+    Ok(job)
+}
+
+/// Runs `train`.
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let Some(out) = a.out.clone() else {
+        bail!("train needs --out (where the adaptor is written)");
+    };
+    if out.contains("://") {
+        bail!("train writes --out to a local path; object URLs are for `worker`");
+    }
+    let (model, tok) = load(&a.model)?;
+    let job = build_job(&a, &model)?;
     tracing::info!(job = %serde_json::to_string(&job)?, "training");
     let bar = ProgressBar::new(a.steps as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
@@ -206,7 +219,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    println!("adaptor written to {}", a.out.display());
+    println!("adaptor written to {out}");
     Ok(())
 }
 

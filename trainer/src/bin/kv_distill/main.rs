@@ -2,6 +2,7 @@
 //! the compressed caches, run prompts through a model, score text, inspect checkpoints.
 
 mod distill_cmds;
+mod worker_cmd;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,14 +26,17 @@ use tch::Tensor;
 )]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, env = "KVD_LOG_FORMAT")]
     log_format: LogFormat,
+    /// CPU threads for libtorch's operators (default: libtorch's choice).
+    #[arg(long, global = true, env = "KVD_THREADS")]
+    threads: Option<i32>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
+pub enum LogFormat {
     Human,
     Json,
 }
@@ -41,6 +45,8 @@ enum LogFormat {
 enum Command {
     /// Train a KV-Distill adaptor on prepared Parquet datasets.
     Train(distill_cmds::TrainArgs),
+    /// Train as one worker of a distributed job run by `coordinator`.
+    Worker(worker_cmd::WorkerArgs),
     /// Compress a context into a KV cache file (KV-Distill or a baseline).
     Compress(distill_cmds::CompressArgs),
     /// Evaluate KV-Distill and the baselines on SQuAD (table + plot).
@@ -60,16 +66,16 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// HF model directory or GGUF file.
     #[arg(long, env = "KVD_MODEL")]
-    model: PathBuf,
+    pub model: PathBuf,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub device: String,
     /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
-    dtype: String,
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -150,10 +156,15 @@ struct PerplexityArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let args = worker_cmd::expand_config(std::env::args_os().collect())?;
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
     match cli.command {
         Command::Train(a) => distill_cmds::run_train(a),
+        Command::Worker(a) => worker_cmd::run_worker_cmd(a),
         Command::Compress(a) => distill_cmds::run_compress(a),
         Command::Eval(a) => distill_cmds::run_eval_cmd(a),
         Command::Generate(a) => run_generate(a),
@@ -187,7 +198,7 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Loads model and tokenizer with a spinner.
-fn load(a: &ModelArgs) -> Result<(Model, Tokenizer)> {
+pub fn load(a: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let device = parse_device(&a.device)?;
     let kind = parse_kind(&a.dtype, device)?;
     let spinner = ProgressBar::new_spinner()

@@ -1,0 +1,155 @@
+//! `--spawn-local`: the workers as child processes of the coordinator, for
+//! single-node jobs. Each child runs the worker command with `KVD_COORDINATOR`,
+//! `KVD_RANK`, `KVD_LOCAL_RANK`, `KVD_TOKEN` and, when the machine has GPUs,
+//! `CUDA_VISIBLE_DEVICES` set to one GPU. A child that dies while the job runs
+//! is started again with the same rank (what Kubernetes does for a pod); the
+//! coordinator's heartbeat timeout handles the membership side.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+/// GPUs visible to this machine: `KVD_LOCAL_GPUS` if set, else the lines of `nvidia-smi -L`.
+pub fn visible_gpus() -> Vec<String> {
+    if let Ok(n) = std::env::var("KVD_LOCAL_GPUS") {
+        let n: usize = n.trim().parse().unwrap_or(0);
+        return (0..n).map(|i| i.to_string()).collect();
+    }
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .enumerate()
+                .map(|(i, _)| i.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The local workers.
+pub struct LocalWorkers {
+    command: Vec<String>,
+    coordinator: String,
+    token: String,
+    gpus: Vec<String>,
+    children: Vec<Option<Child>>,
+    /// Restarts so far.
+    pub restarts: u32,
+}
+
+impl LocalWorkers {
+    /// Starts `n` copies of `command` talking to the coordinator at `addr`.
+    pub fn start(
+        command: &[String],
+        n: u32,
+        addr: SocketAddr,
+        token: &str,
+    ) -> anyhow::Result<Self> {
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let gpus = visible_gpus();
+        info!(workers = n, gpus = gpus.len(), command = ?command, "spawning local workers");
+        let mut me = Self {
+            command: command.to_vec(),
+            coordinator: format!("{host}:{}", addr.port()),
+            token: token.to_string(),
+            gpus,
+            children: (0..n).map(|_| None).collect(),
+            restarts: 0,
+        };
+        for rank in 0..n as usize {
+            me.spawn(rank)?;
+        }
+        Ok(me)
+    }
+
+    fn spawn(&mut self, rank: usize) -> anyhow::Result<()> {
+        let (program, args) = self
+            .command
+            .split_first()
+            .context("the worker command is empty")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("KVD_COORDINATOR", &self.coordinator)
+            .env("KVD_RANK", rank.to_string())
+            .env("KVD_LOCAL_RANK", rank.to_string())
+            .env("KVD_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if !self.gpus.is_empty() {
+            cmd.env("CUDA_VISIBLE_DEVICES", &self.gpus[rank % self.gpus.len()]);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the worker command {program:?}"))?;
+        info!(rank, pid = child.id(), "worker started");
+        self.children[rank] = Some(child);
+        Ok(())
+    }
+
+    /// Restarts children that died while the job runs; forgets ones that
+    /// exited cleanly. Returns how many are still running.
+    pub fn supervise(&mut self, job_over: bool) -> anyhow::Result<usize> {
+        let mut running = 0;
+        for rank in 0..self.children.len() {
+            let Some(child) = self.children[rank].as_mut() else {
+                continue;
+            };
+            match child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(status)) => {
+                    self.children[rank] = None;
+                    if status.success() || job_over {
+                        info!(rank, %status, "worker exited");
+                    } else {
+                        warn!(rank, %status, "worker died: starting it again");
+                        self.restarts += 1;
+                        self.spawn(rank)?;
+                        running += 1;
+                    }
+                }
+                Err(e) => warn!(rank, error = %e, "cannot poll a worker"),
+            }
+        }
+        Ok(running)
+    }
+
+    /// Waits up to `grace` for the children to exit, then kills the rest.
+    pub async fn shutdown(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            match self.supervise(true) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        for (rank, child) in self.children.iter_mut().enumerate() {
+            if let Some(c) = child.as_mut() {
+                warn!(rank, "worker still running after the job ended: killing it");
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+            *child = None;
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Fault injection for recovery tests, from the environment of a worker:
+//!
+//! `KVD_CHAOS=kill:rank=R:step=S:at=step|upload` makes rank R SIGKILL itself
+//! (exactly `kill -9`) during step S (after its forward/backward, before the
+//! all-reduce) or during the upload of the checkpoint of step S (after its
+//! part is written, before the commit). With `KVD_CHAOS_ONCE=FILE` it fires
+//! only if FILE does not exist, and creates it, so a restarted worker with
+//! the same environment does not die again.
+
+use std::path::PathBuf;
+
+/// Where in a step the fault fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Inside the training step.
+    Step,
+    /// Inside the checkpoint upload.
+    Upload,
+}
+
+/// A planned fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chaos {
+    rank: u32,
+    step: u64,
+    phase: Phase,
+    once: Option<PathBuf>,
+}
+
+impl Chaos {
+    /// Parses `KVD_CHAOS` / `KVD_CHAOS_ONCE`; `Ok(None)` when unset.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        let Ok(spec) = std::env::var("KVD_CHAOS") else {
+            return Ok(None);
+        };
+        let mut c = Self::parse(&spec)?;
+        c.once = std::env::var_os("KVD_CHAOS_ONCE").map(PathBuf::from);
+        Ok(Some(c))
+    }
+
+    /// Parses `kill:rank=R:step=S:at=step|upload`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("KVD_CHAOS `{spec}`: {why}");
+        let mut parts = spec.split(':');
+        if parts.next() != Some("kill") {
+            return Err(bad("only `kill:...` is supported"));
+        }
+        let (mut rank, mut step, mut phase) = (None, None, Phase::Step);
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
+            match k {
+                "rank" => rank = Some(v.parse().map_err(|_| bad("bad rank"))?),
+                "step" => step = Some(v.parse().map_err(|_| bad("bad step"))?),
+                "at" => {
+                    phase = match v {
+                        "step" => Phase::Step,
+                        "upload" => Phase::Upload,
+                        _ => return Err(bad("at must be step or upload")),
+                    }
+                }
+                _ => return Err(bad("unknown key")),
+            }
+        }
+        Ok(Self {
+            rank: rank.ok_or_else(|| bad("rank is required"))?,
+            step: step.ok_or_else(|| bad("step is required"))?,
+            phase,
+            once: None,
+        })
+    }
+
+    /// SIGKILLs this process if the fault is planned for (rank, step, phase).
+    pub fn maybe_kill(&self, rank: usize, step: u64, phase: Phase) {
+        if self.rank as usize != rank || self.step != step || self.phase != phase {
+            return;
+        }
+        if let Some(marker) = &self.once {
+            if marker.exists() {
+                return;
+            }
+            let _ = std::fs::write(marker, format!("killed rank {rank} at step {step}\n"));
+        }
+        tracing::warn!(rank, step, ?phase, "chaos: SIGKILL to self");
+        // SAFETY: sending a signal to our own pid.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let c = Chaos::parse("kill:rank=1:step=3:at=upload").unwrap();
+        assert_eq!((c.rank, c.step, c.phase), (1, 3, Phase::Upload));
+        assert_eq!(
+            Chaos::parse("kill:rank=0:step=2").unwrap().phase,
+            Phase::Step
+        );
+        assert!(Chaos::parse("boom:rank=1").is_err());
+        assert!(Chaos::parse("kill:step=2").unwrap_err().contains("rank"));
+        assert!(Chaos::parse("kill:rank=1:step=x").is_err());
+    }
+}

@@ -1,0 +1,800 @@
+//! The worker: joins the job at the coordinator, forms the collective of its
+//! membership epoch, trains its share of every global batch, checkpoints its
+//! part, and starts over from the last committed checkpoint whenever the
+//! membership changes (a peer died, the coordinator restarted).
+//!
+//! Control flow: `run_worker` loops over registrations (a fresh member id);
+//! each registration loops over epochs (rendezvous -> collective -> session).
+//! A session ends when the job is done, on STOP, on REBUILD (the same member
+//! rendezvouses for the new epoch) or when the coordinator no longer knows the
+//! member (it registers again). A heartbeat task runs beside each session and
+//! aborts the collective when a rebuild is ordered, so a dead peer never
+//! leaves a worker blocked in an all-reduce.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvd_data::{Cursor, SkipStats};
+use kvd_proto::client::Client;
+use kvd_proto::v1::{
+    CheckpointBeginRequest, CheckpointCommitRequest, Command, DeviceKind, HeartbeatRequest,
+    RegisterReply, RegisterRequest, RendezvousRequest, ReportStepRequest, ShutdownRequest,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
+use tonic::{Code, Status};
+
+use super::chaos::{Chaos, Phase};
+use super::collective::Collective;
+use super::nccl::{self, Nccl};
+use super::state::{encode_part, load_checkpoint, put_url};
+use super::tcp::{local_ip_towards, TcpEndpoint, TcpStar};
+use crate::distill::checkpoint::{config_hash, save};
+use crate::distill::{Adaptor, Trainer};
+use crate::error::{ModelError, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::train_loop::{
+    fresh_state, job_builder, micro_batches, spawn_producer, validate_job, ProducerStart, TrainJob,
+};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator address (`host:port`).
+    pub coordinator: String,
+    /// The job token.
+    pub token: String,
+    /// Rank to ask for (e.g. the pod's completion index).
+    pub requested_rank: Option<u32>,
+    /// Name in the coordinator's logs.
+    pub name: String,
+    /// The training job (the same on every worker: its hash is checked).
+    pub job: TrainJob,
+    /// Checkpoint every this many steps (0: only the final step), when the
+    /// coordinator has a checkpoint URL.
+    pub checkpoint_every: usize,
+    /// Where rank 0 writes the final adaptor (a path or an object URL).
+    pub out: Option<String>,
+    /// Longest wait in one collective.
+    pub collective_timeout: Duration,
+    /// How long the coordinator may stay unreachable before the worker gives up.
+    pub coordinator_timeout: Duration,
+    /// Append one JSON line per step (ids, loss) to this file (`{rank}` in
+    /// the name is replaced by the rank).
+    pub trace: Option<PathBuf>,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    /// Trained to the final step.
+    Finished {
+        /// The final step.
+        steps: u64,
+    },
+    /// Told to stop before the end.
+    Stopped,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Finished(u64),
+    Stop,
+    Rebuild,
+    Rejoin,
+}
+
+const NONE: u8 = 0;
+const STOP: u8 = 1;
+const REBUILD: u8 = 2;
+const REJOIN: u8 = 3;
+const LOST: u8 = 4;
+
+/// What the heartbeat task tells the training thread.
+struct Control {
+    command: AtomicU8,
+    abort: Arc<AtomicBool>,
+    step: AtomicU64,
+}
+
+impl Control {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            command: AtomicU8::new(NONE),
+            abort: Arc::new(AtomicBool::new(false)),
+            step: AtomicU64::new(0),
+        })
+    }
+
+    fn order(&self, cmd: u8) {
+        // The first order wins (a STOP is never downgraded to a REBUILD).
+        let _ = self
+            .command
+            .compare_exchange(NONE, cmd, Ordering::SeqCst, Ordering::SeqCst);
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    fn pending(&self) -> u8 {
+        self.command.load(Ordering::SeqCst)
+    }
+}
+
+fn rpc_err(what: &str, s: &Status) -> ModelError {
+    ModelError::Input(format!(
+        "coordinator {what}: {} ({:?})",
+        s.message(),
+        s.code()
+    ))
+}
+
+fn hash_json<T: Serialize>(v: &T) -> String {
+    let json = serde_json::to_string(v).unwrap_or_default();
+    Sha256::digest(json.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Hash of what must agree across workers: the job without per-worker
+/// settings (output path, logging, prefetch, time limit).
+pub fn job_hash(job: &TrainJob) -> String {
+    let mut j = job.clone();
+    j.out = PathBuf::new();
+    j.log_every = 0;
+    j.prefetch = 0;
+    j.save_every = 0;
+    j.time_limit_s = None;
+    j.builder.threads = 0;
+    hash_json(&j)
+}
+
+/// Everything a session needs that outlives it.
+struct Ctx<'a> {
+    model: &'a Model,
+    tok: Arc<Tokenizer>,
+    cfg: &'a WorkerConfig,
+    rt: Runtime,
+    client: Client,
+    endpoint: Option<TcpEndpoint>,
+    cuda: bool,
+    job_hash: String,
+    model_hash: String,
+    chaos: Option<Chaos>,
+    stats: SkipStats,
+}
+
+/// Runs a worker until the job ends.
+pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Result<WorkerOutcome> {
+    validate_job(model, &cfg.job)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| ModelError::Input(format!("cannot start the worker runtime: {e}")))?;
+    let client = connect(&rt, cfg)?;
+    let cuda = model.device().is_cuda();
+    let endpoint = if cuda {
+        None
+    } else {
+        Some(TcpEndpoint::bind(
+            "0.0.0.0:0",
+            local_ip_towards(&cfg.coordinator),
+        )?)
+    };
+    let chaos = Chaos::from_env().map_err(ModelError::Input)?;
+    let mut ctx = Ctx {
+        model,
+        stats: SkipStats::default(),
+        tok,
+        cfg,
+        rt,
+        client,
+        endpoint,
+        cuda,
+        job_hash: job_hash(&cfg.job),
+        model_hash: config_hash(model.config()),
+        chaos,
+    };
+    let result = join_loop(&mut ctx);
+    if let Err(e) = &result {
+        // Tell the coordinator why, so the job stops cleanly with the reason.
+        let reason = format!("worker {}: {e}", cfg.name);
+        let mut c = ctx.client.clone();
+        let _ = ctx.rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                c.shutdown(ShutdownRequest {
+                    rank: None,
+                    reason,
+                    failed: true,
+                }),
+            )
+            .await
+        });
+    }
+    result
+}
+
+fn connect(rt: &Runtime, cfg: &WorkerConfig) -> Result<Client> {
+    let deadline = Instant::now() + cfg.coordinator_timeout;
+    loop {
+        match rt.block_on(kvd_proto::client::connect(&cfg.coordinator, &cfg.token)) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "coordinator not reachable yet");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(ModelError::Input(e.to_string())),
+        }
+    }
+}
+
+/// Calls `f` until it succeeds, retrying while the coordinator is unreachable
+/// (up to the coordinator timeout).
+fn call<T>(
+    ctx: &Ctx<'_>,
+    what: &str,
+    mut f: impl FnMut(
+        Client,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>
+                + Send,
+        >,
+    >,
+) -> std::result::Result<T, Status> {
+    let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
+    loop {
+        match ctx.rt.block_on(f(ctx.client.clone())) {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tracing::debug!(rpc = what, "coordinator unavailable: retrying");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+fn fresh_id(ctx: &Ctx<'_>) -> Result<Vec<u8>> {
+    Ok(match &ctx.endpoint {
+        Some(ep) => ep.id().to_vec(),
+        None => nccl::unique_id()?,
+    })
+}
+
+fn join_loop(ctx: &mut Ctx<'_>) -> Result<WorkerOutcome> {
+    loop {
+        let req = RegisterRequest {
+            worker_name: ctx.cfg.name.clone(),
+            host: hostname(),
+            device_kind: if ctx.cuda {
+                DeviceKind::Cuda
+            } else {
+                DeviceKind::Cpu
+            } as i32,
+            model_config_hash: ctx.model_hash.clone(),
+            job_config_hash: ctx.job_hash.clone(),
+            protocol_version: kvd_proto::PROTOCOL_VERSION,
+            requested_rank: ctx.cfg.requested_rank,
+            nccl_id: Some(fresh_id(ctx)?),
+            final_step: Some(ctx.cfg.job.train.total_steps as u64),
+        };
+        let mut view = match register(ctx, req)? {
+            Some(v) => v,
+            None => return Ok(WorkerOutcome::Stopped),
+        };
+        tracing::info!(
+            rank = view.rank,
+            world_size = view.world_size,
+            epoch = view.epoch,
+            member = view.member_id,
+            "registered"
+        );
+        loop {
+            view = match rendezvous(ctx, view)? {
+                Ok(v) => v,
+                Err(SessionEnd::Stop) => return Ok(WorkerOutcome::Stopped),
+                Err(_) => break, // rejoin
+            };
+            match session(ctx, &view)? {
+                SessionEnd::Finished(steps) => return Ok(WorkerOutcome::Finished { steps }),
+                SessionEnd::Stop => return Ok(WorkerOutcome::Stopped),
+                SessionEnd::Rebuild => {
+                    tracing::warn!(rank = view.rank, "membership changed: rebuilding");
+                    view.ready = false;
+                    view.nccl_id = None;
+                    view.epoch += 1;
+                }
+                SessionEnd::Rejoin => {
+                    tracing::warn!(
+                        rank = view.rank,
+                        "the coordinator lost this member: registering again"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Registers; `None` when the job is over. A taken rank (our previous self
+/// not yet declared dead) is retried until the coordinator frees it.
+fn register(ctx: &Ctx<'_>, req: RegisterRequest) -> Result<Option<RegisterReply>> {
+    let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
+    loop {
+        let r = req.clone();
+        match call(ctx, "Register", move |mut c| {
+            let r = r.clone();
+            Box::pin(async move { c.register(r).await })
+        }) {
+            Ok(v) => return Ok(Some(v)),
+            Err(s)
+                if matches!(s.code(), Code::AlreadyExists | Code::ResourceExhausted)
+                    && Instant::now() < deadline =>
+            {
+                tracing::info!(reason = s.message(), "rank not free yet: waiting");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(s)
+                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
+            {
+                return Ok(None)
+            }
+            Err(s) => return Err(rpc_err("rejected the registration", &s)),
+        }
+    }
+}
+
+/// Waits until the epoch's membership is complete; rank 0 supplies the id.
+fn rendezvous(
+    ctx: &Ctx<'_>,
+    mut view: RegisterReply,
+) -> Result<std::result::Result<RegisterReply, SessionEnd>> {
+    let mut supplied: Option<u64> = None;
+    loop {
+        if view.ready {
+            return Ok(Ok(view));
+        }
+        let nccl_id = if view.rank == 0 && view.nccl_id.is_none() && supplied != Some(view.epoch) {
+            supplied = Some(view.epoch);
+            Some(fresh_id(ctx)?)
+        } else {
+            None
+        };
+        let req = RendezvousRequest {
+            member_id: view.member_id,
+            rank: view.rank,
+            epoch: view.epoch,
+            nccl_id,
+            wait_ms: 5_000,
+        };
+        match call(ctx, "Rendezvous", move |mut c| {
+            let r = req.clone();
+            Box::pin(async move { c.rendezvous(r).await })
+        }) {
+            Ok(v) => {
+                if v.epoch != view.epoch {
+                    supplied = None;
+                }
+                view = v;
+            }
+            Err(s) if s.code() == Code::NotFound => return Ok(Err(SessionEnd::Rejoin)),
+            Err(s)
+                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
+            {
+                return Ok(Err(SessionEnd::Stop))
+            }
+            Err(s) => return Err(rpc_err("rendezvous failed", &s)),
+        }
+    }
+}
+
+/// Beats every `interval` and turns the replies into orders.
+fn spawn_heartbeat(
+    ctx: &Ctx<'_>,
+    view: &RegisterReply,
+    control: Arc<Control>,
+) -> tokio::task::JoinHandle<()> {
+    let mut client = ctx.client.clone();
+    let (member_id, rank, epoch) = (view.member_id, view.rank, view.epoch);
+    let interval = Duration::from_millis(view.heartbeat_interval_ms.max(50));
+    let lost_after = ctx.cfg.coordinator_timeout;
+    ctx.rt.spawn(async move {
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(interval).await;
+            let req = HeartbeatRequest {
+                member_id,
+                rank,
+                epoch,
+                step: control.step.load(Ordering::SeqCst),
+            };
+            match client.heartbeat(req).await {
+                Ok(r) => {
+                    last_ok = Instant::now();
+                    match Command::try_from(r.into_inner().command) {
+                        Ok(Command::Stop) => control.order(STOP),
+                        Ok(Command::Rebuild) => control.order(REBUILD),
+                        _ => {}
+                    }
+                }
+                Err(s) if s.code() == Code::NotFound => control.order(REJOIN),
+                Err(s)
+                    if s.code() == Code::FailedPrecondition
+                        && s.message().contains("job is over") =>
+                {
+                    control.order(STOP)
+                }
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "heartbeat failed");
+                    if last_ok.elapsed() > lost_after {
+                        control.order(LOST);
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn end_of(order: u8) -> Result<SessionEnd> {
+    match order {
+        STOP => Ok(SessionEnd::Stop),
+        REBUILD => Ok(SessionEnd::Rebuild),
+        REJOIN => Ok(SessionEnd::Rejoin),
+        LOST => Err(ModelError::Input(
+            "the coordinator has been unreachable for longer than the coordinator timeout".into(),
+        )),
+        _ => Err(ModelError::Input("unknown order".into())),
+    }
+}
+
+/// A pending checkpoint upload (off the training thread).
+type Upload = tokio::task::JoinHandle<std::result::Result<(), String>>;
+
+fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
+    let control = Control::new();
+    control.step.store(view.start_step, Ordering::SeqCst);
+    let beat = spawn_heartbeat(ctx, view, control.clone());
+    let result = session_inner(ctx, view, &control);
+    beat.abort();
+    match result {
+        Err(ModelError::Collective(e)) => {
+            // A peer failed mid-collective: the coordinator will order a
+            // rebuild once it notices; wait for that order.
+            tracing::warn!(error = %e, "collective failed: waiting for the coordinator");
+            let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
+            let beat = spawn_heartbeat(ctx, view, control.clone());
+            while control.pending() == NONE && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            beat.abort();
+            match control.pending() {
+                NONE => Err(ModelError::Collective(e)),
+                order => end_of(order),
+            }
+        }
+        other => other,
+    }
+}
+
+fn session_inner(
+    ctx: &mut Ctx<'_>,
+    view: &RegisterReply,
+    control: &Arc<Control>,
+) -> Result<SessionEnd> {
+    let (rank, world) = (view.rank as usize, view.world_size as usize);
+    let job = &ctx.cfg.job;
+    let id = view
+        .nccl_id
+        .clone()
+        .ok_or_else(|| ModelError::Input("ready view without an id".into()))?;
+    let mut coll: Box<dyn Collective> = match &ctx.endpoint {
+        Some(ep) => Box::new(TcpStar::connect(
+            ep,
+            &id,
+            rank,
+            world,
+            view.epoch,
+            control.abort.clone(),
+            ctx.cfg.collective_timeout,
+        )?),
+        None => Box::new(Nccl::connect(
+            &id,
+            rank,
+            world,
+            control.abort.clone(),
+            ctx.cfg.collective_timeout,
+        )?),
+    };
+    tracing::info!(
+        rank,
+        world,
+        epoch = view.epoch,
+        backend = coll.backend(),
+        start_step = view.start_step,
+        "collective ready"
+    );
+
+    let (adaptor, mut trainer) = fresh_state(ctx.model, job)?;
+    let mut cursors: Option<Vec<Cursor>> = None;
+    if let Some(url) = &view.resume_checkpoint_url {
+        let (manifest, state) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
+        if manifest.model_config_hash != ctx.model_hash && !manifest.model_config_hash.is_empty() {
+            return Err(ModelError::Input(format!(
+                "checkpoint {url} belongs to another base model (config hash {})",
+                manifest.model_config_hash
+            )));
+        }
+        if state.meta.job_hash != ctx.job_hash {
+            tracing::warn!(%url, "checkpoint was written under another job configuration; resuming anyway");
+        }
+        state.restore(&adaptor, &mut trainer)?;
+        cursors = Some(state.meta.cursors.clone());
+        tracing::info!(%url, step = state.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
+    }
+    let start = trainer.step();
+    if start as u64 != view.start_step {
+        return Err(ModelError::Input(format!(
+            "the checkpoint is at step {start}, the coordinator says {}",
+            view.start_step
+        )));
+    }
+    let builder = job_builder(ctx.tok.clone(), job)?;
+    ctx.stats = builder.stats().clone();
+    let rx = spawn_producer(
+        job,
+        builder,
+        ProducerStart {
+            rank,
+            world,
+            step: start,
+            cursors,
+        },
+    )?;
+    let total = job.train.total_steps;
+    let mut upload: Option<Upload> = None;
+    let mut trace = match &ctx.cfg.trace {
+        Some(p) => {
+            let p = PathBuf::from(p.to_string_lossy().replace("{rank}", &rank.to_string()));
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|source| ModelError::Io {
+                        path: p.clone(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    for step in start..total {
+        if control.pending() != NONE {
+            return end_of(control.pending());
+        }
+        let (batch, cursors_after) = rx
+            .recv()
+            .map_err(|_| ModelError::Input("the data thread stopped".into()))?
+            .map_err(ModelError::Input)?;
+        let t0 = Instant::now();
+        if job.distill.lora.dropout > 0.0 {
+            tch::manual_seed((job.seed ^ ((step as u64 + 1) << 20) ^ rank as u64) as i64);
+        }
+        let micro = micro_batches(&batch, job.micro_batch);
+        let done = (step + 1) as u64;
+        if let Some(ch) = &ctx.chaos {
+            ch.maybe_kill(rank, done, Phase::Step);
+        }
+        let s = trainer
+            .train_step_with(ctx.model, &adaptor, &micro, coll.as_mut())
+            .map_err(|e| match e {
+                ModelError::Collective(c) => ModelError::Collective(c),
+                e => {
+                    let ids: Vec<u64> = batch.examples.iter().map(|e| e.id).collect();
+                    ModelError::Input(format!("step {done} (rows {ids:?}): {e}"))
+                }
+            })?;
+        let seconds = t0.elapsed().as_secs_f64();
+        control.step.store(done, Ordering::SeqCst);
+        if let Some(f) = trace.as_mut() {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "step": done, "rank": rank, "world": world, "loss": s.loss,
+                "global_ids": batch.global_ids.iter().map(|g| g.row).collect::<Vec<_>>(),
+                "ids": batch.examples.iter().map(|e| e.id).collect::<Vec<_>>(),
+            });
+            let _ = writeln!(f, "{line}");
+        }
+        if s.micro_batches == 0 {
+            tracing::warn!(
+                rank,
+                step = done,
+                "every row of this step was skipped: no update"
+            );
+        } else if job.log_every > 0 && done % job.log_every as u64 == 0 {
+            tracing::info!(
+                rank,
+                step = done,
+                loss = s.loss,
+                lr = s.lr,
+                grad_norm = s.grad_norm,
+                tokens = s.tokens,
+                seconds,
+                "step"
+            );
+        }
+        let is_last = done == total as u64;
+        let ckpt_due = is_last
+            || (ctx.cfg.checkpoint_every > 0 && done % ctx.cfg.checkpoint_every as u64 == 0);
+        if ckpt_due {
+            if let Some(prev) = upload.take() {
+                finish_upload(ctx, prev)?;
+            }
+            let bytes = encode_part(
+                &adaptor,
+                &trainer,
+                rank,
+                world,
+                &ctx.job_hash,
+                &ctx.model_hash,
+                &cursors_after,
+            )?;
+            let cursor_json =
+                (rank == 0).then(|| serde_json::to_string(&cursors_after).unwrap_or_default());
+            upload = start_upload(ctx, view, done, bytes, cursor_json);
+            if is_last {
+                if let Some(prev) = upload.take() {
+                    finish_upload(ctx, prev)?;
+                }
+            }
+        }
+        if is_last && rank == 0 {
+            if let Some(out) = &ctx.cfg.out {
+                write_adaptor(ctx, &adaptor, &trainer, out)?;
+            }
+        }
+        let req = ReportStepRequest {
+            member_id: view.member_id,
+            rank: view.rank,
+            epoch: view.epoch,
+            step: done,
+            loss: s.loss,
+            tokens: s.tokens as u64,
+            seconds,
+        };
+        match call(ctx, "ReportStep", move |mut c| {
+            let r = req.clone();
+            Box::pin(async move { c.report_step(r).await })
+        }) {
+            Ok(r) => match Command::try_from(r.command) {
+                Ok(Command::Stop) if is_last => {}
+                Ok(Command::Stop) => return Ok(SessionEnd::Stop),
+                Ok(Command::Rebuild) => return Ok(SessionEnd::Rebuild),
+                _ => {}
+            },
+            Err(s) if s.code() == Code::NotFound => return Ok(SessionEnd::Rejoin),
+            Err(s)
+                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
+            {
+                if is_last {
+                    break;
+                }
+                return Ok(SessionEnd::Stop);
+            }
+            Err(s) => return Err(rpc_err("rejected a step report", &s)),
+        }
+    }
+    if let Some(prev) = upload.take() {
+        finish_upload(ctx, prev)?;
+    }
+    tracing::info!(rank, steps = total, skipped = %ctx.stats.summary(), "training finished");
+    Ok(SessionEnd::Finished(total as u64))
+}
+
+/// Writes this rank's part and commits it, on the runtime (off the training
+/// thread). `None` when the coordinator keeps no checkpoints.
+fn start_upload(
+    ctx: &Ctx<'_>,
+    view: &RegisterReply,
+    step: u64,
+    bytes: Vec<u8>,
+    cursor_json: Option<String>,
+) -> Option<Upload> {
+    let mut client = ctx.client.clone();
+    let (member_id, rank, epoch) = (view.member_id, view.rank, view.epoch);
+    let store = ctx.cfg.job.dataset.store.clone();
+    let chaos = ctx.chaos.clone();
+    Some(ctx.rt.spawn(async move {
+        let begin = client
+            .checkpoint_begin(CheckpointBeginRequest { member_id, rank, epoch, step })
+            .await;
+        let begin = match begin {
+            Ok(b) => b.into_inner(),
+            Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("no checkpoint_url") => {
+                return Ok(());
+            }
+            Err(s) => return Err(format!("CheckpointBegin: {}", s.message())),
+        };
+        let t0 = Instant::now();
+        let n = bytes.len();
+        put_url(&begin.part_url, bytes, &store)
+            .await
+            .map_err(|e| format!("writing {}: {e}", begin.part_url))?;
+        if let Some(ch) = &chaos {
+            ch.maybe_kill(rank as usize, step, Phase::Upload);
+        }
+        let reply = client
+            .checkpoint_commit(CheckpointCommitRequest {
+                member_id,
+                rank,
+                epoch,
+                step,
+                part_url: begin.part_url.clone(),
+                data_cursor_json: cursor_json,
+            })
+            .await
+            .map_err(|s| format!("CheckpointCommit: {}", s.message()))?
+            .into_inner();
+        tracing::info!(rank, step, bytes = n, seconds = t0.elapsed().as_secs_f64(), part = %begin.part_url, complete = reply.complete, "checkpoint part written");
+        Ok(())
+    }))
+}
+
+fn finish_upload(ctx: &Ctx<'_>, upload: Upload) -> Result<()> {
+    match ctx.rt.block_on(upload) {
+        Ok(Ok(())) => Ok(()),
+        // A lost checkpoint is not fatal: the previous one stays the resume point.
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "checkpoint not written (the previous one stays the resume point)");
+            Ok(())
+        }
+        Err(e) => Err(ModelError::Input(format!(
+            "checkpoint upload task failed: {e}"
+        ))),
+    }
+}
+
+fn write_adaptor(ctx: &Ctx<'_>, adaptor: &Adaptor, trainer: &Trainer, out: &str) -> Result<()> {
+    let job = &ctx.cfg.job;
+    let step = trainer.step() as u64;
+    if out.contains("://") {
+        let tmp = tempfile::NamedTempFile::new().map_err(|source| ModelError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        save(
+            adaptor,
+            &job.base_model,
+            ctx.model.config(),
+            step,
+            tmp.path(),
+        )?;
+        let bytes = std::fs::read(tmp.path()).map_err(|source| ModelError::Io {
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
+        ctx.rt.block_on(put_url(out, bytes, &job.dataset.store))?;
+    } else {
+        crate::train_loop::save_atomic(
+            adaptor,
+            &job.base_model,
+            ctx.model,
+            step,
+            std::path::Path::new(out),
+        )?;
+    }
+    tracing::info!(out, step, "adaptor written");
+    Ok(())
+}
