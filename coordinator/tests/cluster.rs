@@ -118,6 +118,7 @@ fn worker(name: &str) -> RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         requested_rank: None,
         nccl_id: None,
+        final_step: None,
     }
 }
 
@@ -653,7 +654,9 @@ async fn failed_shutdown_exits_nonzero_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_commit_builds_the_manifest_and_resume_point() {
-    let coord = Coordinator::start(&["--workers", "2", "--checkpoint-url", "file:///ckpt/job/"]);
+    let store = tempfile::tempdir().unwrap();
+    let base = format!("file://{}/job", store.path().display());
+    let coord = Coordinator::start(&["--workers", "2", "--checkpoint-url", &format!("{base}/")]);
     let mut c = coord.client().await;
     let a = register(
         &mut c,
@@ -680,13 +683,13 @@ async fn checkpoint_commit_builds_the_manifest_and_resume_point() {
             .into_inner();
         assert_eq!(
             begin.manifest_url,
-            "file:///ckpt/job/step-00000007/manifest.json"
+            format!("{base}/step-00000007/manifest.json")
         );
         parts.push(begin.part_url);
     }
     assert_eq!(
         parts[0],
-        "file:///ckpt/job/step-00000007/rank-00000-of-00002.safetensors"
+        format!("{base}/step-00000007/rank-00000-of-00002.safetensors")
     );
     assert_ne!(parts[0], parts[1]);
 
@@ -722,8 +725,12 @@ async fn checkpoint_commit_builds_the_manifest_and_resume_point() {
     let manifest = CheckpointManifest::from_json(&last.manifest_json.unwrap()).unwrap();
     assert_eq!((manifest.step, manifest.world_size), (7, 2));
     assert_eq!(manifest.parts[1].url, parts[1]);
-    assert_eq!(manifest.data_cursor.unwrap()["sample_index"], 56);
+    assert_eq!(manifest.data_cursor.as_ref().unwrap()["sample_index"], 56);
     assert_eq!(manifest.config_hash, "job-hash-111");
+    // The coordinator wrote the manifest (the commit marker) before replying.
+    let written = std::fs::read_to_string(store.path().join("job/step-00000007/manifest.json"))
+        .expect("manifest written");
+    assert_eq!(CheckpointManifest::from_json(&written).unwrap(), manifest);
 
     let v = rendezvous(&mut c, &a, 0, None, 0).await;
     assert_eq!(v.start_step, 7);

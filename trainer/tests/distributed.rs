@@ -267,3 +267,286 @@ fn three_workers_equal_the_single_process_trainer_bit_for_bit() {
         }
     }
 }
+
+/// A job whose workers run under `chaos` (KVD_CHAOS), fired once.
+fn chaos_run(name: &str, chaos: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join(format!("{name}.safetensors"));
+    let marker = dir.path().join("chaos-fired");
+    let o = spawn_local(
+        3,
+        &dir.path().join("ckpt"),
+        &[],
+        worker_command(&out, &[]),
+        &[
+            ("KVD_CHAOS", chaos.to_string()),
+            ("KVD_CHAOS_ONCE", marker.to_string_lossy().into_owned()),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "{name} job failed:\n{}",
+        text(&o.stderr)
+    );
+    assert!(marker.exists(), "the fault never fired");
+    (dir, out, o)
+}
+
+#[test]
+fn a_worker_killed_mid_step_is_replaced_and_the_result_is_unchanged() {
+    let (_, reference_out, _) = reference();
+    let (_dir, out, o) = chaos_run("killed", "kill:rank=1:step=4:at=step");
+    let log = text(&o.stderr);
+    assert!(log.contains("declared dead"), "{log}");
+    assert!(log.contains("worker died: starting it again"), "{log}");
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    assert_same_adaptor(&out, reference_out);
+}
+
+#[test]
+fn a_kill_during_a_checkpoint_upload_keeps_the_previous_checkpoint() {
+    let (_, reference_out, _) = reference();
+    let (dir, out, o) = chaos_run("upload", "kill:rank=1:step=4:at=upload");
+    let log = text(&o.stderr);
+    // The step-4 checkpoint never committed: the job went back to step 2.
+    let resumed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resumed from checkpoint"))
+        .collect();
+    assert!(!resumed.is_empty(), "{log}");
+    assert!(
+        resumed.iter().all(|l| l.contains("step-00000002")),
+        "{resumed:?}"
+    );
+    assert_same_adaptor(&out, reference_out);
+    // After recovery the step-4 checkpoint was taken again and committed.
+    assert!(dir.path().join("ckpt/step-00000004/manifest.json").exists());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn start_coordinator(port: u16, ckpt: &Path, workers: u32, extra: &[&str]) -> Child {
+    Command::new(coordinator_bin())
+        .args([
+            "--workers",
+            &workers.to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--heartbeat-timeout-s", "3", "--resume"])
+        .args(["--checkpoint-url", &format!("file://{}", ckpt.display())])
+        .args(extra)
+        .env("KVD_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator")
+}
+
+fn start_worker(port: u16, rank: Option<u32>, token: &str, cmd: &[String]) -> Child {
+    let mut c = Command::new(&cmd[0]);
+    c.args(&cmd[1..])
+        .env("KVD_COORDINATOR", format!("127.0.0.1:{port}"))
+        .env("KVD_TOKEN", token)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(r) = rank {
+        c.env("KVD_RANK", r.to_string());
+    }
+    c.spawn().expect("start worker")
+}
+
+#[test]
+fn a_restarted_coordinator_continues_the_job_from_object_storage() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    let out = dir.path().join("restart.safetensors");
+    let port = free_port();
+    let mut first = start_coordinator(port, &ckpt, 3, &[]);
+    let cmd = worker_command(&out, &["--coordinator-timeout-s", "120"]);
+    let workers: Vec<Child> = (0..3)
+        .map(|r| start_worker(port, Some(r), TOKEN, &cmd))
+        .collect();
+    let manifest = ckpt.join("step-00000002/manifest.json");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !manifest.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint within 300 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.kill().expect("kill -9 the coordinator");
+    let _ = first.wait();
+    let second = start_coordinator(port, &ckpt, 3, &[]);
+    for (r, w) in workers.into_iter().enumerate() {
+        let o = wait_output(w, Duration::from_secs(600), "a worker");
+        assert!(
+            o.status.success(),
+            "worker {r} failed:\n{}",
+            text(&o.stderr)
+        );
+    }
+    let o = wait_output(second, Duration::from_secs(60), "the restarted coordinator");
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("resuming from the latest committed checkpoint"),
+        "{log}"
+    );
+    assert_same_adaptor(&out, reference_out);
+}
+
+#[test]
+fn resuming_with_two_workers_continues_the_same_data_sequence() {
+    let (ref_dir, reference_out, ref_ckpt) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("two.safetensors");
+    let trace = dir.path().join("trace-{rank}.jsonl");
+    let from = format!("file://{}/step-00000002/manifest.json", ref_ckpt.display());
+    let o = spawn_local(
+        2,
+        &dir.path().join("ckpt"),
+        &["--resume-from", &from],
+        worker_command(&out, &["--trace", &trace.to_string_lossy()]),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let reference_trace = trace_lines(&ref_dir.path().join("trace-0.jsonl"));
+    let resumed = trace_lines(&dir.path().join("trace-0.jsonl"));
+    assert_eq!(resumed.len(), 4, "steps 3..=6 only");
+    for line in &resumed {
+        let step = line["step"].as_u64().expect("step") as usize;
+        assert_eq!(line["world"], 2);
+        assert_eq!(
+            line["global_ids"],
+            reference_trace[step - 1]["global_ids"],
+            "step {step}"
+        );
+    }
+    // Contiguous rank slices keep the sum order, so even the bits agree.
+    assert_same_adaptor(&out, reference_out);
+}
+
+#[test]
+fn bad_workers_are_rejected_with_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    let out = dir.path().join("bad.safetensors");
+    let port = free_port();
+    let coord = start_coordinator(port, &ckpt, 2, &[]);
+    let cmd = worker_command(&out, &["--coordinator-timeout-s", "15"]);
+    let good = start_worker(port, Some(0), TOKEN, &cmd);
+
+    // Wrong token.
+    let o = wait_output(
+        start_worker(port, None, "wrong-token", &cmd),
+        Duration::from_secs(120),
+        "bad token",
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).to_lowercase().contains("token"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Another job configuration (LoRA rank).
+    let mut other = cmd.clone();
+    other.extend(["--lora-rank".into(), "4".into()]);
+    let o = wait_output(
+        start_worker(port, None, TOKEN, &other),
+        Duration::from_secs(120),
+        "other config",
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("job config hash mismatch"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // A rank that is taken.
+    let o = wait_output(
+        start_worker(port, Some(0), TOKEN, &cmd),
+        Duration::from_secs(120),
+        "dup rank",
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("rank 0 is already taken"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // The job is still waiting for its second worker: a good one finishes it.
+    let second = start_worker(port, Some(1), TOKEN, &cmd);
+    for (w, name) in [(good, "rank 0"), (second, "rank 1")] {
+        let o = wait_output(w, Duration::from_secs(600), name);
+        assert!(o.status.success(), "{name}:\n{}", text(&o.stderr));
+    }
+    let o = wait_output(coord, Duration::from_secs(60), "coordinator");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn a_worker_that_cannot_read_its_data_stops_the_job_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("x.safetensors");
+    let mut cmd = worker_command(&out, &[]);
+    let i = cmd.iter().position(|a| a == "--data").expect("--data") + 1;
+    cmd[i] = format!("file://{}/no-such-dataset", dir.path().display());
+    let o = spawn_local(2, &dir.path().join("ckpt"), &[], cmd, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let log = text(&o.stderr);
+    assert!(
+        log.contains("job failed") && log.contains("no-such-dataset"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_unreachable_checkpoint_store_is_a_clear_error() {
+    let o = Command::new(coordinator_bin())
+        .args(["--workers", "1", "--listen", "127.0.0.1:0", "--resume"])
+        .args(["--checkpoint-url", "s3://kvd-bucket/ckpt"])
+        .args([
+            "--store-opt",
+            "endpoint=http://127.0.0.1:9",
+            "--store-opt",
+            "allow_http=true",
+        ])
+        .args([
+            "--store-opt",
+            "access_key_id=x",
+            "--store-opt",
+            "secret_access_key=y",
+        ])
+        .args(["--store-opt", "region=us-east-1"])
+        .env("KVD_TOKEN", TOKEN)
+        .output()
+        .expect("coordinator");
+    assert_eq!(o.status.code(), Some(1));
+    let log = text(&o.stderr);
+    assert!(log.contains("s3://kvd-bucket/ckpt"), "{log}");
+}
+
+#[test]
+fn spawn_local_without_a_worker_command_is_a_config_error() {
+    let o = Command::new(coordinator_bin())
+        .args(["--workers", "2", "--spawn-local"])
+        .env("KVD_TOKEN", TOKEN)
+        .output()
+        .expect("coordinator");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("worker command"),
+        "{}",
+        text(&o.stderr)
+    );
+}

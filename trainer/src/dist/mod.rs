@@ -3,6 +3,7 @@
 //! training-state checkpoints on object storage, fault injection for tests,
 //! and the worker that runs the job under the coordinator.
 
+pub mod bench;
 pub mod chaos;
 pub mod collective;
 pub mod nccl;

@@ -66,6 +66,10 @@ pub struct WorkerConfig {
     /// Append one JSON line per step (ids, loss) to this file (`{rank}` in
     /// the name is replaced by the rank).
     pub trace: Option<PathBuf>,
+    /// Instead of training: time the all-reduce (raw on flat buffers of these
+    /// sizes in float32 elements, and the bucketed gradient all-reduce of the
+    /// adaptor), rank 0 writing JSON lines to this file.
+    pub bench_allreduce: Option<(Vec<usize>, PathBuf)>,
 }
 
 /// How a worker ended.
@@ -165,6 +169,8 @@ struct Ctx<'a> {
     model_hash: String,
     chaos: Option<Chaos>,
     stats: SkipStats,
+    /// Has been a member: its failures end the job (a rejected newcomer's do not).
+    joined: bool,
 }
 
 /// Runs a worker until the job ends.
@@ -198,9 +204,10 @@ pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Res
         job_hash: job_hash(&cfg.job),
         model_hash: config_hash(model.config()),
         chaos,
+        joined: false,
     };
     let result = join_loop(&mut ctx);
-    if let Err(e) = &result {
+    if let (Err(e), true) = (&result, ctx.joined) {
         // Tell the coordinator why, so the job stops cleanly with the reason.
         let reason = format!("worker {}: {e}", cfg.name);
         let mut c = ctx.client.clone();
@@ -288,6 +295,7 @@ fn join_loop(ctx: &mut Ctx<'_>) -> Result<WorkerOutcome> {
             Some(v) => v,
             None => return Ok(WorkerOutcome::Stopped),
         };
+        ctx.joined = true;
         tracing::info!(
             rank = view.rank,
             world_size = view.world_size,
@@ -543,6 +551,10 @@ fn session_inner(
         cursors = Some(state.meta.cursors.clone());
         tracing::info!(%url, step = state.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
     }
+    if let Some((sizes, out)) = &ctx.cfg.bench_allreduce {
+        super::bench::allreduce(coll.as_mut(), &adaptor, sizes, out)?;
+        return report_final(ctx, view, job.train.total_steps as u64);
+    }
     let start = trainer.step();
     if start as u64 != view.start_step {
         return Err(ModelError::Input(format!(
@@ -623,7 +635,7 @@ fn session_inner(
                 step = done,
                 "every row of this step was skipped: no update"
             );
-        } else if job.log_every > 0 && done % job.log_every as u64 == 0 {
+        } else if job.log_every > 0 && done.is_multiple_of(job.log_every as u64) {
             tracing::info!(
                 rank,
                 step = done,
@@ -637,7 +649,8 @@ fn session_inner(
         }
         let is_last = done == total as u64;
         let ckpt_due = is_last
-            || (ctx.cfg.checkpoint_every > 0 && done % ctx.cfg.checkpoint_every as u64 == 0);
+            || (ctx.cfg.checkpoint_every > 0
+                && done.is_multiple_of(ctx.cfg.checkpoint_every as u64));
         if ckpt_due {
             if let Some(prev) = upload.take() {
                 finish_upload(ctx, prev)?;
@@ -675,7 +688,7 @@ fn session_inner(
             seconds,
         };
         match call(ctx, "ReportStep", move |mut c| {
-            let r = req.clone();
+            let r = req;
             Box::pin(async move { c.report_step(r).await })
         }) {
             Ok(r) => match Command::try_from(r.command) {
@@ -701,6 +714,25 @@ fn session_inner(
     }
     tracing::info!(rank, steps = total, skipped = %ctx.stats.summary(), "training finished");
     Ok(SessionEnd::Finished(total as u64))
+}
+
+/// Reports `step` as done without training (benchmarks), ending the job.
+fn report_final(ctx: &Ctx<'_>, view: &RegisterReply, step: u64) -> Result<SessionEnd> {
+    let req = ReportStepRequest {
+        member_id: view.member_id,
+        rank: view.rank,
+        epoch: view.epoch,
+        step,
+        loss: 0.0,
+        tokens: 0,
+        seconds: 0.0,
+    };
+    call(ctx, "ReportStep", move |mut c| {
+        let r = req;
+        Box::pin(async move { c.report_step(r).await })
+    })
+    .map_err(|s| rpc_err("rejected a step report", &s))?;
+    Ok(SessionEnd::Finished(step))
 }
 
 /// Writes this rank's part and commits it, on the runtime (off the training

@@ -89,7 +89,7 @@ fn zero_grads(vars: &[Tensor]) -> Result<()> {
     if !missing.is_empty() {
         let mut z = Tensor::zeros([], (Kind::Float, missing[0].device()));
         for v in missing {
-            z = z + v.sum(Kind::Float) * 0.0;
+            z += v.sum(Kind::Float) * 0.0;
         }
         z.f_backward()?;
     }

@@ -43,9 +43,18 @@ pub struct WorkerArgs {
     /// Give up when the coordinator is unreachable this long.
     #[arg(long, default_value_t = 120.0)]
     coordinator_timeout_s: f64,
-    /// Append one JSON line per step (global batch ids, this rank's ids, loss).
+    /// Append one JSON line per step (global batch ids, this rank's ids,
+    /// loss); `{rank}` in the name becomes the rank.
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Benchmark instead of training: time the all-reduce on flat float32
+    /// buffers of these sizes (elements) and on the adaptor's gradients;
+    /// rank 0 writes JSON lines to --bench-out.
+    #[arg(long, value_delimiter = ',', requires = "bench_out")]
+    bench_allreduce: Vec<usize>,
+    /// Where --bench-allreduce writes its results.
+    #[arg(long)]
+    bench_out: Option<PathBuf>,
 }
 
 fn token(a: &WorkerArgs) -> Result<String> {
@@ -85,6 +94,10 @@ pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
         collective_timeout: Duration::from_secs_f64(a.collective_timeout_s.max(1.0)),
         coordinator_timeout: Duration::from_secs_f64(a.coordinator_timeout_s.max(1.0)),
         trace: a.trace.clone(),
+        bench_allreduce: a
+            .bench_out
+            .clone()
+            .map(|out| (a.bench_allreduce.clone(), out)),
     };
     tracing::info!(job = %serde_json::to_string(&cfg.job)?, coordinator = %cfg.coordinator, "worker starting");
     match run_worker(&model, Arc::new(tok), &cfg)? {
