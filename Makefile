@@ -65,11 +65,16 @@ bench: setup
 	data/bench.sh
 
 .PHONY: test-deploy
-## test-deploy: offline checks of deploy/ (about 30 s): render the kustomizations
+## test-deploy: offline checks of deploy/ (about 80 s): render the kustomizations
 ## with kubectl's built-in kustomize (N = 2, 8 and others), validate every object
 ## (built-in kinds: kubernetes-validate; JobSet: its CRD schema in
-## ../shared/schemas), check the manifests against the binaries' flags, run
-## deploy/entrypoint.sh with fake (and, when built, the real) binaries, lint the
-## Dockerfile (hadolint) and the script (shellcheck); broken copies must fail.
+## ../shared/schemas), check the manifests against the built binaries' flags, run
+## deploy/entrypoint.sh with fake and real binaries, run the rendered pods
+## (coordinator + 2 workers, their args and env) through it on CPU against a
+## local S3 (moto) for a 3-step job, lint the Dockerfile (hadolint) and the
+## script (shellcheck); broken copies must fail. The binaries come from
+## KVD_TEST_BIN_DIR (default: the debug build that `cargo test --workspace`
+## makes); missing or outdated ones fail the tests.
+KVD_TEST_BIN_DIR ?= $(CARGO_TARGET_DIR)/debug
 test-deploy: setup
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -q deploy/tests
+	KVD_TEST_BIN_DIR="$(KVD_TEST_BIN_DIR)" $(VENV)/bin/python -m pytest -p no:cacheprovider -q deploy/tests

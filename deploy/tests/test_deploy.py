@@ -13,8 +13,15 @@
   KVD_COORDINATOR = the coordinator's DNS name and --listen port, the same
   token file from the Secret in both, AWS_* from the Secret, the rank from the
   Indexed Job's completion index (no KVD_RANK, no --rank), job.toml's keys.
-- deploy/entrypoint.sh runs as a plain script with fake binaries (and, when
-  they are built, the real ones with the venv's torch).
+- deploy/entrypoint.sh runs as a plain script with fake binaries, and with
+  the built ones (KVD_TEST_BIN_DIR; `make test-deploy` sets it) and the venv's
+  torch. The manifests' flags and job.toml keys are checked against the built
+  binaries' --help.
+- End to end: the rendered coordinator and worker containers (args and env as
+  rendered) run through entrypoint.sh on CPU, one coordinator and 2 workers
+  with JOB_COMPLETION_INDEX 0/1, against a local S3 (moto) holding the
+  manifests' s3:// URLs, and finish a 3-step job: a committed checkpoint
+  manifest and the adaptor at the worker's --out.
 - deploy/Dockerfile cannot be built here (no container engine): hadolint lints
   it and the test checks it agrees with entrypoint.sh and the manifests.
 - Negative checks: broken copies of the manifests, Dockerfile and script must
@@ -23,6 +30,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -51,9 +59,9 @@ JOBSET_CRD = SCHEMAS / "jobset.x-k8s.io_jobsets.yaml"
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
 
 # The interface of the binaries: coordinator/src/config.rs and `kv-distill
-# worker` (trainer/src/bin/kv_distill/{worker_cmd,distill_cmds,main}.rs) as of
-# this writing; test_*_flags_known_to_built_binaries compares with `--help` of
-# the built binaries once they speak this interface.
+# worker` (trainer/src/bin/kv_distill/{worker_cmd,distill_cmds,main}.rs);
+# test_*_flags_known_to_built_binary checks the built binaries' `--help` has
+# every one of them.
 COORDINATOR_FLAGS = {
     "--workers", "--listen", "--config", "--token-file", "--heartbeat-timeout-s",
     "--steps", "--max-rebuilds", "--checkpoint-url", "--keep-last", "--resume",
@@ -931,15 +939,48 @@ def test_entrypoint_errors(fake, args, env, message):
     assert r.rc == 2 and message in r.stderr and r.binary is None, (r.rc, r.stderr)
 
 
-def real_binaries() -> Path | None:
-    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "kv-distill" / "target"))
-    release = target / "release"
-    return release if all((release / b).exists() for b in ("kv-distill", "coordinator")) else None
+# --------------------------------------------------------------------------
+# The built binaries
+# --------------------------------------------------------------------------
+#
+# `make test-deploy` sets KVD_TEST_BIN_DIR (default $(CARGO_TARGET_DIR)/debug,
+# which `cargo test --workspace` builds): then binaries that are missing, or
+# that lack the interface the manifests use, FAIL these tests. Without the
+# variable the newest complete build under $CARGO_TARGET_DIR is used, and the
+# tests skip only when nothing is built at all.
+
+BINARIES = ("kv-distill", "coordinator", "kvd-data")
+BUILD_HINT = ("build them with `cargo build -p kvd-trainer -p kvd-data -p kvd-coordinator --bins` "
+              "(`make test` builds them) or point KVD_TEST_BIN_DIR at a build")
+KVD_CACHE = Path(os.environ.get("KVD_CACHE", Path.home() / ".cache" / "kv-distill"))
 
 
-def help_flags(cmd: list) -> set[str] | None:
-    r = subprocess.run([str(c) for c in cmd] + ["--help"], capture_output=True, text=True, timeout=60)
-    return set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z0-9-]+)", r.stdout)) if r.returncode == 0 else None
+def find_bin_dir() -> Path:
+    given = os.environ.get("KVD_TEST_BIN_DIR")
+    if given:
+        d = Path(given)
+        missing = [b for b in BINARIES if not (d / b).is_file() or not os.access(d / b, os.X_OK)]
+        if missing:
+            pytest.fail(f"KVD_TEST_BIN_DIR={given}: no executable {', '.join(missing)} there; {BUILD_HINT}")
+        return d
+    target = Path(os.environ.get("CARGO_TARGET_DIR", KVD_CACHE / "target"))
+    dirs = [target / "debug", target / "release"]
+    complete = [d for d in dirs if all((d / b).is_file() and os.access(d / b, os.X_OK) for b in BINARIES)]
+    if complete:
+        return max(complete, key=lambda d: (d / "kv-distill").stat().st_mtime)
+    partial = [str(d / b) for d in dirs for b in BINARIES if (d / b).exists()]
+    if partial:
+        pytest.fail(f"incomplete build (only {', '.join(partial)}); {BUILD_HINT}")
+    pytest.skip(f"no binaries built under {target} and KVD_TEST_BIN_DIR unset (make test-deploy sets it)")
+
+
+def help_flags(cmd: list) -> set[str]:
+    cmd = [str(c) for c in cmd] + ["--help"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` exited {r.returncode}: the binary does not have the interface "
+                    f"the manifests use; {BUILD_HINT}\n{r.stderr[-3000:]}")
+    return set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z0-9-]+)", r.stdout))
 
 
 def manifest_flags_and_keys() -> tuple[set, set, set, set]:
@@ -956,40 +997,480 @@ def manifest_flags_and_keys() -> tuple[set, set, set, set]:
             {as_flag(k) for k in job["worker"]})
 
 
-@pytest.mark.skipif(real_binaries() is None, reason="release binaries not built (make build)")
 def test_coordinator_flags_known_to_built_binary():
-    known = help_flags([real_binaries() / "coordinator"])
-    if known is None or "--resume" not in known:
-        pytest.skip("the built coordinator predates the interface the manifests use (make build)")
+    bin_dir = find_bin_dir()
+    binary = bin_dir / "coordinator"
+    known = help_flags([binary])
+    # The interface this file checks the manifests against is the binary's.
+    assert COORDINATOR_FLAGS <= known, \
+        f"{binary} lacks {sorted(COORDINATOR_FLAGS - known)} (COORDINATOR_FLAGS here); {BUILD_HINT}"
     flags, keys, _, _ = manifest_flags_and_keys()
-    assert flags <= known, flags - known
-    assert keys <= known, keys - known
+    assert flags <= known, f"the manifests pass flags {binary} does not know: {sorted(flags - known)}"
+    assert keys <= known, f"job.toml has keys {binary} does not know: {sorted(keys - known)}"
 
 
-@pytest.mark.skipif(real_binaries() is None, reason="release binaries not built (make build)")
 def test_worker_flags_known_to_built_binary():
-    known = help_flags([real_binaries() / "kv-distill", "worker"])
-    if known is None:
-        pytest.skip("the built kv-distill has no `worker` subcommand yet (make build)")
-    _, _, flags, keys = manifest_flags_and_keys()
+    bin_dir = find_bin_dir()
+    binary = bin_dir / "kv-distill"
+    known = help_flags([binary, "worker"])
     # `worker --config FILE` is expanded before clap parses (worker_cmd.rs), so
-    # --help does not list it.
+    # --help does not list it; the end-to-end test below exercises it.
+    assert WORKER_FLAGS - {"--config"} <= known, \
+        f"`{binary} worker` lacks {sorted(WORKER_FLAGS - {'--config'} - known)} (WORKER_FLAGS here); {BUILD_HINT}"
+    _, _, flags, keys = manifest_flags_and_keys()
     flags -= {"--config"}
-    assert flags <= known, flags - known
-    assert keys <= known, keys - known
+    assert flags <= known, f"the manifests pass worker flags {binary} does not know: {sorted(flags - known)}"
+    assert keys <= known, f"job.toml [worker] has keys {binary} does not know: {sorted(keys - known)}"
 
 
-@pytest.mark.skipif(real_binaries() is None, reason="release binaries not built (make build)")
-def test_entrypoint_with_real_binaries(tmp_path):
+def torch_site_packages() -> Path:
     import importlib.util
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.origin:
-        pytest.skip("no torch in this Python")
-    sp = Path(spec.origin).parent.parent
+        pytest.fail(f"no torch in {sys.executable} (make setup installs it; the binaries load its libtorch)")
+    return Path(spec.origin).parent.parent
+
+
+def test_entrypoint_with_real_binaries(tmp_path):
+    bin_dir = find_bin_dir()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-           "KVD_TORCH_SITE_PACKAGES": str(sp), "KVD_BIN_DIR": str(real_binaries())}
+           "KVD_TORCH_SITE_PACKAGES": str(torch_site_packages()), "KVD_BIN_DIR": str(bin_dir)}
     # kv-distill loads libtorch (CUDA included) through that library path.
     r = subprocess.run([str(ENTRYPOINT), "kv-distill", "devices"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "cuda_available=" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([str(ENTRYPOINT), "coordinator", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--workers" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([str(ENTRYPOINT), "kvd-data", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "index" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------
+# The pods, run here on CPU (end to end)
+# --------------------------------------------------------------------------
+#
+# The base JobSet (N = 2) rendered by kustomize; the coordinator container's
+# and the worker container's args and environment exactly as rendered, run
+# through deploy/entrypoint.sh as the image's ENTRYPOINT would: one coordinator
+# process, then (once its port accepts connections, like the readiness probe
+# and startupPolicy InOrder) 2 worker processes with JOB_COMPLETION_INDEX 0 and
+# 1. The s3:// URLs are kept: a local moto S3 server (authentication on) serves
+# bucket kv-distill, and the AWS_* variables come from the emulated Secret
+# kv-distill-s3 through envFrom, like in the pods. What cannot exist here is
+# substituted, and the test asserts the substitutions are exactly these:
+#   - the coordinator's DNS name in KVD_COORDINATOR -> 127.0.0.1 (same port;
+#     another free port in both --listen and KVD_COORDINATOR if it is taken);
+#   - the Secret/ConfigMap volume mounts -> local directories holding the same
+#     files (the token, job.toml), so only the path prefix of --token-file and
+#     --config changes;
+#   - in job.toml (the ConfigMap's content): the model (PVC) -> the SmolLM2
+#     GGUF, device cuda -> cpu, and the training sizes (steps, batch, lengths);
+#   - the image: binaries on PATH from the build dir, torch from the venv
+#     (KVD_TORCH_SITE_PACKAGES), HOME in a temp dir, KVD_THREADS=1.
+
+SMOLLM2 = KVD_CACHE / "assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+NEW_WIKI = KVD_CACHE / "assets" / "bigbench" / "squad_shifts" / "new_wiki_v1.0.json"
+MOTO_SETUP = ROOT / "tests" / "oracle" / "data_moto_setup.py"
+E2E_STEPS = 3
+# job.toml keys the test changes: top level, and the [worker] table.
+E2E_JOB = {"steps": E2E_STEPS}
+E2E_WORKER = {"steps": E2E_STEPS, "global_batch": 2, "micro_batch": 1, "max_len": 96, "text_suffix": 16,
+              "device": "cpu", "model": str(SMOLLM2)}
+# The environment the image gives (Dockerfile ENV), here; and what this
+# machine adds: 1 libtorch thread per process (2 workers share the CPU).
+E2E_ADDED_ENV = {"KVD_THREADS": "1"}
+E2E_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log) -> None:
+    import socket
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode} before listening on {port}:\n{log()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not listening on {port} after {timeout} s:\n{log()}")
+        time.sleep(0.1)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group `proc` leads (started with start_new_session)."""
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def tail(path: Path, n: int = 6000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no output)"
+    return text if len(text) <= n else "...\n" + text[-n:]
+
+
+@contextlib.contextmanager
+def moto_s3(tmp_path: Path):
+    """A moto S3 server on a free port with authentication on (as
+    data/src/moto.rs); yields setup(bucket) -> (boto3 client, key, secret),
+    which creates the bucket and a user with full access (setup.endpoint: the URL)."""
+    moto_server = tool("moto_server")
+    port = free_port()
+    log = tmp_path / "moto.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}, start_new_session=True)
+    try:
+        wait_port(port, proc, 60, "moto_server", lambda: tail(log))
+        endpoint = f"http://127.0.0.1:{port}"
+
+        def setup(bucket: str):
+            """Creates `bucket` and a user with full access; returns (client, key, secret)."""
+            r = subprocess.run([sys.executable, str(MOTO_SETUP), endpoint, bucket],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, f"moto setup failed:\n{r.stderr}"
+            key, secret = r.stdout.split()
+            import boto3
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                  aws_access_key_id=key, aws_secret_access_key=secret)
+            return client, key, secret
+
+        setup.endpoint = endpoint
+        yield setup
+    finally:
+        kill_group(proc)
+
+
+def s3_split(url: str) -> tuple[str, str]:
+    assert url.startswith("s3://"), url
+    bucket, _, key = url[len("s3://"):].partition("/")
+    return bucket, key.rstrip("/")
+
+
+def new_wiki_tables(qa_rows: int, text_rows: int):
+    """SQuAD-shifts new_wiki (never nyt, reddit or amazon_reviews) as the two
+    schemas of `kvd-data prepare`: QA rows, and paragraphs as text rows."""
+    import pyarrow as pa
+    data = json.loads(NEW_WIKI.read_text())["data"]
+    paragraphs = [p for article in data for p in article["paragraphs"]]
+    qa = {"id": [], "source": [], "context": [], "question": [], "answer": []}
+    for p in paragraphs:
+        for q in p["qas"]:
+            answers = list(dict.fromkeys(a["text"].strip() for a in q["answers"] if a["text"].strip()))
+            if len(qa["id"]) < qa_rows and answers:
+                qa["id"].append(q["id"])
+                qa["source"].append("new_wiki")
+                qa["context"].append(p["context"])
+                qa["question"].append(q["question"])
+                qa["answer"].append(answers)
+    text = {"id": [f"new_wiki-p{i:04d}" for i in range(text_rows)], "source": ["new_wiki"] * text_rows,
+            "text": [p["context"] for p in paragraphs[-text_rows:]]}
+    qa_schema = pa.schema([("id", pa.string(), False), ("source", pa.string(), False), ("context", pa.string()),
+                           ("question", pa.string()), ("answer", pa.list_(pa.string()))])
+    text_schema = pa.schema([("id", pa.string(), False), ("source", pa.string(), False), ("text", pa.string())])
+    assert len(qa["id"]) == qa_rows
+    return pa.table(qa, schema=qa_schema), pa.table(text, schema=text_schema)
+
+
+def parquet_bytes(table) -> bytes:
+    import io
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=8)
+    return buf.getvalue()
+
+
+def toml_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    raise TypeError(value)
+
+
+def toml_set(text: str, table: str | None, key: str, value) -> str:
+    """`key = value` in `[table]` (None: top level) of a TOML text, keeping
+    everything else (comments included); appended to the table if absent."""
+    lines = text.split("\n")
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[", line)]
+    if table is None:
+        start, end = 0, headers[0] if headers else len(lines)
+    else:
+        found = [i for i in headers if lines[i].strip() == f"[{table}]"]
+        assert len(found) == 1, f"no [{table}] in job.toml"
+        start = found[0] + 1
+        end = next((i for i in headers if i > found[0]), len(lines))
+    new = f"{key} = {toml_literal(value)}"
+    for i in range(start, end):
+        if re.match(rf"{re.escape(key)}\s*=", lines[i]):
+            lines[i] = new
+            return "\n".join(lines)
+    last = max((i for i in range(start, end) if lines[i].strip()), default=start - 1)
+    lines.insert(last + 1, new)
+    return "\n".join(lines)
+
+
+def emulate_mounts(pod: dict, c: dict, root: Path, config_maps: dict, secrets: dict) -> dict[str, Path]:
+    """The container's ConfigMap and Secret volumes as local directories
+    (mountPath -> directory) holding the files the kubelet would project."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {}
+    for m in c.get("volumeMounts", []):
+        vol = vols[m["name"]]
+        assert "subPath" not in m
+        if "configMap" in vol:
+            source, data = vol["configMap"], config_maps[vol["configMap"]["name"]]
+        elif "secret" in vol:
+            source, data = vol["secret"], secrets[vol["secret"]["secretName"]]
+        else:
+            continue  # the model PVC (substituted in job.toml), emptyDirs
+        local = root / m["mountPath"].lstrip("/")
+        local.mkdir(parents=True)
+        for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+            f = local / item["path"]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(data[item["key"]])
+            f.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+        mounts[m["mountPath"]] = local
+    return mounts
+
+
+def local_args(args: list[str], mounts: dict[str, Path]) -> list[str]:
+    out = []
+    for a in args:
+        for mount, local in mounts.items():
+            if a == mount or a.startswith(mount + "/"):
+                a = str(local) + a[len(mount):]
+        out.append(a)
+    return out
+
+
+def changed_flags(rendered: list[str], local: list[str]) -> dict[str, tuple[str, str]]:
+    """{flag: (rendered value, local value)} for the values that differ."""
+    assert len(rendered) == len(local)
+    diff = {}
+    for i, (a, b) in enumerate(zip(rendered, local)):
+        if a != b:
+            assert i > 0 and rendered[i - 1].startswith("--") and rendered[i - 1] == local[i - 1], (a, b)
+            diff[rendered[i - 1]] = (a, b)
+    return diff
+
+
+def container_env(c: dict, secrets: dict) -> dict[str, str]:
+    """The container's environment from its env and envFrom, as the kubelet builds it."""
+    env = {}
+    for source in c.get("envFrom", []):
+        assert set(source) == {"secretRef"}, f"{c['name']}: envFrom {source} is not emulated"
+        env.update(secrets[source["secretRef"]["name"]])
+    for e in c.get("env", []):
+        assert "value" in e, f"{c['name']}: env {e['name']} (valueFrom) is not emulated"
+        env[e["name"]] = e["value"]
+    return env
+
+
+def safetensors_header(blob: bytes) -> dict:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    assert 8 + n + end == len(blob), "truncated safetensors"
+    return header
+
+
+def test_pods_run_a_short_job_on_cpu(tmp_path):
+    bin_dir = find_bin_dir()
+    with moto_s3(tmp_path) as moto:
+        run_pods_on_cpu(bin_dir, moto, tmp_path)
+
+
+def run_pods_on_cpu(bin_dir: Path, moto, tmp_path: Path) -> None:
+    import time
+    t0 = time.monotonic()
+    for f in (SMOLLM2, NEW_WIKI):
+        assert f.exists(), f"{f} is missing (make setup downloads it)"
+
+    # --- the manifests, as rendered ---------------------------------------------
+    objs = render(K8S / "base")
+    check_consistency(objs, 2, "jobset")
+    view = jobset_view(objs)
+    coord_pod = view["coord_job"]["template"]["spec"]
+    worker_pod = view["workers_job"]["template"]["spec"]
+    cc, wc = container(coord_pod, "coordinator"), container(worker_pod, "worker")
+    n_workers = view["workers_job"]["completions"]
+    assert n_workers == view["workers_job"]["parallelism"] == 2
+    config_maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
+    job_toml = config_maps[JOB_CONFIGMAP]["job.toml"]
+    job = tomllib.loads(job_toml)
+    cflags = parse_flags(cc["args"][1:], COORDINATOR_FLAGS, COORDINATOR_BOOL_FLAGS)
+    wcfg = job["worker"]
+
+    # --- object storage: moto, with the URLs of the manifests -------------------
+    ckpt_bucket, ckpt_prefix = s3_split(cflags["--checkpoint-url"])
+    out_bucket, out_key = s3_split(wcfg["out"])
+    data_urls = wcfg["data"]
+    buckets = {ckpt_bucket, out_bucket} | {s3_split(u)[0] for u in data_urls}
+    assert len(buckets) == 1, f"one bucket expected, the manifests use {buckets}"
+    s3, key, secret = moto(ckpt_bucket)
+    # Secret kv-distill-s3 with the keys deploy/k8s/examples documents.
+    example_text = (K8S / "examples" / "secrets.example.yaml").read_text()
+    example = {o["metadata"]["name"]: o for o in yaml.safe_load_all(example_text)}
+    s3_secret = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": moto.endpoint, "AWS_ALLOW_HTTP": "true"}
+    # (AWS_ALLOW_HTTP is there as a comment: "only for a plain-http endpoint")
+    documented = set(example[S3_SECRET]["stringData"]) | set(re.findall(r"#\s*(AWS_\w+):", example_text))
+    assert set(s3_secret) <= documented, set(s3_secret) - documented
+    secrets = {S3_SECRET: s3_secret, TOKEN_SECRET: {"token": os.urandom(16).hex()}}
+    assert set(secrets[TOKEN_SECRET]) == set(example[TOKEN_SECRET]["stringData"])
+
+    # The image's environment here (Dockerfile ENV + binaries on PATH).
+    home = tmp_path / "home"
+    home.mkdir()
+    image_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home),
+                 "KVD_TORCH_SITE_PACKAGES": str(torch_site_packages()), "NCCL_NVLS_ENABLE": "0"}
+
+    # A QA and a text dataset, indexed with `kvd-data index` run from the image.
+    qa_table, text_table = new_wiki_tables(qa_rows=20, text_rows=8)
+    for url in data_urls:
+        kind = url.rstrip("/").rsplit("/", 1)[-1]
+        assert kind in ("qa", "text"), f"job.toml data {url}: expected .../qa or .../text"
+        table = qa_table if kind == "qa" else text_table
+        bucket, prefix = s3_split(url)
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/part-00000.parquet", Body=parquet_bytes(table))
+        r = subprocess.run([str(ENTRYPOINT), "kvd-data", "index", url, "--schema", kind],
+                           env={**image_env, **s3_secret}, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"kvd-data index {url}:\n{r.stdout}\n{r.stderr}"
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+        assert sum(f["num_rows"] for f in manifest["files"]) == table.num_rows, manifest
+
+    # --- job.toml (ConfigMap content): only model, device and sizes change ------
+    local_toml = job_toml
+    for k, v in E2E_JOB.items():
+        local_toml = toml_set(local_toml, None, k, v)
+    for k, v in E2E_WORKER.items():
+        local_toml = toml_set(local_toml, "worker", k, v)
+    expected = {**job, **E2E_JOB, "worker": {**wcfg, **E2E_WORKER}}
+    assert tomllib.loads(local_toml) == expected
+    changed = {k for k in expected["worker"] if expected["worker"][k] != wcfg.get(k)}
+    assert changed == set(E2E_WORKER), changed  # every override really changes something
+    config_maps = {**config_maps, JOB_CONFIGMAP: {**config_maps[JOB_CONFIGMAP], "job.toml": local_toml}}
+
+    # --- the coordinator's address ----------------------------------------------
+    _, port = split_hostport(cflags["--listen"])
+    rendered_coord_env = container_env(cc, secrets)
+    rendered_worker_env = container_env(wc, secrets)
+    coord_host, coord_port = split_hostport(rendered_worker_env["KVD_COORDINATOR"])
+    assert coord_host in view["coordinator_hosts"] and coord_port == port
+    local_port = port if port_free(port) else free_port()
+
+    # --- the two pods' command lines and environments ---------------------------
+    c_mounts = emulate_mounts(coord_pod, cc, tmp_path / "coordinator-pod", config_maps, secrets)
+    w_mounts = {i: emulate_mounts(worker_pod, wc, tmp_path / f"worker-{i}-pod", config_maps, secrets)
+                for i in range(n_workers)}
+    c_args = local_args(cc["args"], c_mounts)
+    listen_host = split_hostport(cflags["--listen"])[0]
+    c_args[c_args.index(cflags["--listen"])] = f"{listen_host}:{local_port}"
+    w_args = {i: local_args(wc["args"], m) for i, m in w_mounts.items()}
+    # What was substituted in the args: the mounted files' directories and
+    # (only if it is taken here) the port.
+    diff = changed_flags(cc["args"], c_args)
+    assert set(diff) - {"--listen"} == {"--config", "--token-file"}, diff
+    if "--listen" in diff:
+        assert local_port != port and diff["--listen"][1] == f"{listen_host}:{local_port}"
+    for flag in ("--config", "--token-file"):
+        old, new = diff[flag]
+        assert new.endswith(old) and Path(new).is_file(), (flag, old, new)
+    for i in range(n_workers):
+        d = changed_flags(wc["args"], w_args[i])
+        assert set(d) == {"--config", "--token-file"}, d
+        assert all(new.endswith(old) and Path(new).is_file() for old, new in d.values()), d
+
+    coord_env = {**image_env, "JOB_COMPLETION_INDEX": "0", **rendered_coord_env, **E2E_ADDED_ENV}
+    worker_envs = {}
+    for i in range(n_workers):
+        env = {**image_env, "JOB_COMPLETION_INDEX": str(i), **rendered_worker_env, **E2E_ADDED_ENV}
+        env["KVD_COORDINATOR"] = f"127.0.0.1:{local_port}"
+        worker_envs[i] = env
+        changed_env = {k for k in rendered_worker_env if env[k] != rendered_worker_env[k]}
+        assert changed_env == {"KVD_COORDINATOR"}, changed_env
+        assert "KVD_RANK" not in env  # entrypoint.sh maps JOB_COMPLETION_INDEX to it
+    assert not {k for k in rendered_coord_env if coord_env[k] != rendered_coord_env[k]}
+    assert not set(E2E_ADDED_ENV) & (set(image_env) | set(rendered_coord_env) | set(rendered_worker_env))
+
+    # --- run: coordinator, ready, then the workers -----------------------------
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def start(name: str, args: list[str], env: dict):
+        log = tmp_path / f"{name}.log"
+        cwd = tmp_path / f"{name}-cwd"  # the image's WORKDIR
+        cwd.mkdir()
+        with open(log, "w") as f:
+            # Its own process group, like a container: nothing it starts outlives the test.
+            procs[name] = (subprocess.Popen([str(ENTRYPOINT), *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log)
+
+    def logs() -> str:
+        return "\n".join(f"----- {name} (exit code {p.poll()}) -----\n{tail(log)}" for name, (p, log) in procs.items())
+
+    try:
+        start("coordinator", c_args, coord_env)
+        wait_port(local_port, procs["coordinator"][0], 60, "the coordinator", logs)
+        for i in range(n_workers):
+            start(f"worker-{i}", w_args[i], worker_envs[i])
+        deadline = time.monotonic() + E2E_TIMEOUT_S
+        while any(p.poll() is None for p, _ in procs.values()):
+            failed = [n for n, (p, _) in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                time.sleep(3)  # let the others report
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the job did not finish within {E2E_TIMEOUT_S} s:\n{logs()}")
+            time.sleep(0.2)
+        codes = {n: p.poll() for n, (p, _) in procs.items()}
+        assert codes == {"coordinator": 0, **{f"worker-{i}": 0 for i in range(n_workers)}}, f"{codes}\n{logs()}"
+    finally:
+        for p, _ in procs.values():
+            kill_group(p)
+
+    # --- what the job left in object storage ------------------------------------
+    listing = s3.list_objects_v2(Bucket=ckpt_bucket, Prefix=ckpt_prefix + "/")
+    keys = sorted(o["Key"] for o in listing.get("Contents", []))
+    manifest_key = f"{ckpt_prefix}/step-{E2E_STEPS:08d}/manifest.json"
+    assert manifest_key in keys, f"no committed checkpoint manifest {manifest_key} in {keys}\n{logs()}"
+    manifest = json.loads(s3.get_object(Bucket=ckpt_bucket, Key=manifest_key)["Body"].read())
+    assert manifest["step"] == E2E_STEPS and manifest["world_size"] == n_workers, manifest
+    assert sorted(p["rank"] for p in manifest["parts"]) == list(range(n_workers)), manifest
+    for part in manifest["parts"]:
+        b, k = s3_split(part["url"])
+        assert b == ckpt_bucket and k in keys, (part, keys)
+    adaptor = s3.get_object(Bucket=out_bucket, Key=out_key)["Body"].read()
+    header = safetensors_header(adaptor)
+    assert any("lora" in k.lower() for k in header), sorted(header)[:10]
+    # Each worker got the rank of its completion index (entrypoint.sh: KVD_RANK).
+    for i in range(n_workers):
+        lines = procs[f"worker-{i}"][1].read_text().splitlines()
+        ranks = {json.loads(line).get("fields", {}).get("rank") for line in lines if line.startswith("{")} - {None}
+        assert ranks == {i}, (i, ranks)
+    print(f"end-to-end job: {time.monotonic() - t0:.1f} s")

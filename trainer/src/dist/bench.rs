@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::collective::{reduce_gradients, Collective, DEFAULT_BUCKET_ELEMS};
+use super::collective::{Collective, FlatGrads, DEFAULT_BUCKET_ELEMS};
 use crate::distill::Adaptor;
 use crate::error::{ModelError, Result};
 
@@ -55,20 +55,16 @@ pub fn allreduce(
             "backend": coll.backend(), "seconds": s, "bus_gb_s": bus_bw(n * 4, world, s),
         }));
     }
-    // The real gradient path: every adaptor gradient defined, bucketed.
-    let z = vars
-        .iter()
-        .map(|v| v.sum(Kind::Float))
-        .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-    z.f_backward()?;
+    // The real gradient path: the adaptor's gradients in their flat buffer.
+    let flat = FlatGrads::new(&vars, 3)?;
     let elems: usize = vars.iter().map(Tensor::numel).sum();
     for _ in 0..WARMUP {
-        reduce_gradients(&vars, &[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
+        flat.all_reduce(&[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
     }
     sync(device);
     let t0 = Instant::now();
     for _ in 0..ITERS {
-        reduce_gradients(&vars, &[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
+        flat.all_reduce(&[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
     }
     sync(device);
     let s = t0.elapsed().as_secs_f64() / ITERS as f64;

@@ -74,60 +74,174 @@ impl Collective for Single {
 /// Default bucket size of the gradient all-reduce: 4 Mi float32 (16 MiB).
 pub const DEFAULT_BUCKET_ELEMS: usize = 4 << 20;
 
-/// Sums the gradients of `vars` (all defined, float32) and the scalars `stats`
-/// over all ranks. Gradients are flattened into buckets of about
-/// `bucket_elems` elements (one collective per bucket, in `vars` order, which
-/// must be the same on every rank); the scalars ride in the last bucket.
-/// Returns the summed scalars. With one rank nothing moves.
-pub fn reduce_gradients(
-    vars: &[Tensor],
-    stats: &[f64],
-    coll: &mut dyn Collective,
-    bucket_elems: usize,
-) -> crate::error::Result<Vec<f64>> {
-    if coll.world_size() == 1 {
-        return Ok(stats.to_vec());
+/// The gradients of a set of variables as views of one flat float32 buffer,
+/// followed by a few slots for per-step scalars (loss, counts). Autograd
+/// accumulates into the existing gradient in place, so backward writes
+/// straight into the buffer: the all-reduce needs no packing or unpacking,
+/// and zeroing, scaling and the norm are one kernel each.
+pub struct FlatGrads {
+    vars: Vec<Tensor>,
+    flat: Tensor,
+    elems: i64,
+    tail: i64,
+    offsets: Vec<i64>,
+}
+
+fn contiguous_strides(size: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; size.len()];
+    for i in (0..size.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * size[i + 1].max(1);
     }
-    let grads: Vec<Tensor> = vars.iter().map(Tensor::grad).collect();
-    let device = vars.first().map_or(tch::Device::Cpu, Tensor::device);
-    let mut buckets: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut filled = 0usize;
-    for (i, g) in grads.iter().enumerate() {
-        let n = g.numel();
-        if filled > 0 && filled + n > bucket_elems {
-            buckets.push(Vec::new());
-            filled = 0;
+    strides
+}
+
+impl FlatGrads {
+    /// Points the gradients of `vars` (float32) into a new flat buffer with
+    /// `tail` extra slots; the gradients start at zero.
+    pub fn new(vars: &[Tensor], tail: usize) -> crate::error::Result<Self> {
+        let device = vars.first().map_or(tch::Device::Cpu, Tensor::device);
+        let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
+        if !missing.is_empty() {
+            let mut z = Tensor::zeros([], (Kind::Float, device));
+            for v in missing {
+                z += v.sum(Kind::Float) * 0.0;
+            }
+            z.f_backward()?;
         }
-        buckets.last_mut().expect("one bucket").push(i);
-        filled += n;
+        let elems: i64 = vars.iter().map(|v| v.numel() as i64).sum();
+        let flat = Tensor::f_zeros([elems + tail as i64], (Kind::Float, device))?;
+        let mut offsets = Vec::with_capacity(vars.len());
+        let mut off = 0i64;
+        for v in vars {
+            offsets.push(off);
+            off += v.numel() as i64;
+        }
+        let me = Self {
+            vars: vars.iter().map(Tensor::shallow_clone).collect(),
+            flat,
+            elems,
+            tail: tail as i64,
+            offsets,
+        };
+        me.repoint()?;
+        Ok(me)
     }
-    let last = buckets.len() - 1;
-    let mut out = stats.to_vec();
-    tch::no_grad(|| -> crate::error::Result<()> {
-        for (b, members) in buckets.iter().enumerate() {
-            let mut parts: Vec<Tensor> = members.iter().map(|&i| grads[i].view(-1)).collect();
-            if b == last {
-                let s: Vec<f32> = stats.iter().map(|&x| x as f32).collect();
-                parts.push(Tensor::from_slice(&s).to_device(device));
+
+    /// Makes every gradient a view of its slot again if autograd replaced it
+    /// (keeping its values). Returns how many had moved.
+    fn repoint(&self) -> crate::error::Result<usize> {
+        let base = self.flat.data_ptr() as usize;
+        let mut moved = 0;
+        tch::no_grad(|| -> crate::error::Result<()> {
+            for (v, &off) in self.vars.iter().zip(&self.offsets) {
+                let mut g = v.grad();
+                if g.data_ptr() as usize == base + off as usize * 4 && g.is_contiguous() {
+                    continue;
+                }
+                moved += 1;
+                let size = g.size();
+                let mut slot = self.flat.f_narrow(0, off, v.numel() as i64)?;
+                slot.f_copy_(&g.f_reshape([-1])?)?;
+                let _ = g.f_set_source_tensor_storage_offset_(
+                    &self.flat,
+                    off,
+                    size.as_slice(),
+                    contiguous_strides(&size).as_slice(),
+                )?;
             }
-            let mut flat = Tensor::f_cat(&parts, 0)?.f_to_kind(Kind::Float)?;
-            coll.all_reduce_sum(&mut flat)?;
-            let mut off = 0i64;
-            for &i in members {
-                let n = grads[i].numel() as i64;
-                let mut g = grads[i].shallow_clone();
-                g.f_copy_(&flat.f_narrow(0, off, n)?.f_view_as(&g)?)?;
-                off += n;
-            }
-            if b == last {
-                let tail = flat
-                    .f_narrow(0, off, stats.len() as i64)?
-                    .f_to_device(tch::Device::Cpu)?;
-                let v: Vec<f32> = Vec::<f32>::try_from(&tail)?;
-                out = v.into_iter().map(f64::from).collect();
-            }
+            Ok(())
+        })?;
+        Ok(moved)
+    }
+
+    /// All gradients as one 1-D view.
+    pub fn grads(&self) -> Tensor {
+        self.flat.narrow(0, 0, self.elems)
+    }
+
+    /// Zeroes the gradients (one kernel).
+    pub fn zero(&self) -> crate::error::Result<()> {
+        if self.repoint()? > 0 {
+            tracing::debug!("gradients were re-pointed into the flat buffer");
         }
+        let _ = self.flat.shallow_clone().f_zero_()?;
         Ok(())
-    })?;
-    Ok(out)
+    }
+
+    /// Sums the gradients and `stats` (at most `tail` scalars) over all ranks,
+    /// in buckets of about `bucket_elems`; returns the summed scalars. With
+    /// one rank nothing moves.
+    pub fn all_reduce(
+        &self,
+        stats: &[f64],
+        coll: &mut dyn Collective,
+        bucket_elems: usize,
+    ) -> crate::error::Result<Vec<f64>> {
+        if coll.world_size() == 1 {
+            return Ok(stats.to_vec());
+        }
+        if stats.len() as i64 > self.tail {
+            return Err(crate::error::ModelError::Input(format!(
+                "{} step scalars for {} slots",
+                stats.len(),
+                self.tail
+            )));
+        }
+        if self.repoint()? > 0 {
+            tracing::debug!("gradients were re-pointed into the flat buffer");
+        }
+        let n = stats.len() as i64;
+        tch::no_grad(|| -> crate::error::Result<Vec<f64>> {
+            let s: Vec<f32> = stats.iter().map(|&x| x as f32).collect();
+            let mut tail = self.flat.f_narrow(0, self.elems, n)?;
+            tail.f_copy_(&Tensor::from_slice(&s).f_to_device(self.flat.device())?)?;
+            let total = self.elems + n;
+            let step = bucket_elems.max(1) as i64;
+            let mut off = 0i64;
+            while off < total {
+                let len = step.min(total - off);
+                let mut chunk = self.flat.f_narrow(0, off, len)?;
+                coll.all_reduce_sum(&mut chunk)?;
+                off += len;
+            }
+            let tail = self
+                .flat
+                .f_narrow(0, self.elems, n)?
+                .f_to_device(tch::Device::Cpu)?;
+            Ok(Vec::<f32>::try_from(&tail)?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_writes_into_the_flat_buffer() {
+        let a = Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let flat = FlatGrads::new(&[a.shallow_clone(), b.shallow_clone()], 2).unwrap();
+        let run = || ((&a * 2.0).sum(Kind::Float) + (&b * 3.0).sum(Kind::Float)).backward();
+        run();
+        run();
+        let want: Vec<f32> = [vec![4.0; 6], vec![6.0; 4]].concat();
+        assert_eq!(Vec::<f32>::try_from(&flat.grads()).unwrap(), want);
+        // The parameters' own gradients are views of the buffer.
+        assert_eq!(a.grad().data_ptr(), flat.grads().data_ptr());
+        flat.zero().unwrap();
+        assert_eq!(a.grad().sum(Kind::Float).double_value(&[]), 0.0);
+        run();
+        assert_eq!(
+            Vec::<f32>::try_from(&b.grad().reshape([-1])).unwrap(),
+            vec![3.0; 4]
+        );
+        assert_eq!(
+            flat.all_reduce(&[1.0, 2.0], &mut Single, 4).unwrap(),
+            vec![1.0, 2.0]
+        );
+    }
 }

@@ -11,4 +11,4 @@ pub mod state;
 pub mod tcp;
 pub mod worker;
 
-pub use collective::{reduce_gradients, Collective, CollectiveError, Single};
+pub use collective::{Collective, CollectiveError, FlatGrads, Single};

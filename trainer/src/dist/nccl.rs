@@ -19,6 +19,8 @@ use tch::{Kind, Tensor};
 use super::collective::{Collective, CollectiveError};
 
 const BACKEND: &str = "nccl";
+/// How long the host spins on the stream before sleeping between polls.
+const SPIN: Duration = Duration::from_millis(5);
 
 fn init_err(msg: impl Into<String>) -> CollectiveError {
     CollectiveError::Init {
@@ -102,7 +104,8 @@ impl Nccl {
     /// Waits for the null stream, aborting on a rebuild order or timeout.
     fn wait(&mut self) -> Result<(), CollectiveError> {
         use cudarc::driver::sys::{cuStreamQuery, CUresult};
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         loop {
             // SAFETY: querying the legacy null stream.
             match unsafe { cuStreamQuery(std::ptr::null_mut()) } {
@@ -136,7 +139,13 @@ impl Nccl {
                     seconds: self.timeout.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_micros(50));
+            // Spin first (small all-reduces finish in tens of microseconds),
+            // then back off so a long wait does not burn a core.
+            if started.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! `torch.optim.AdamW` (decoupled weight decay, bias-corrected moments).
 
 use crate::error::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Adam hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,15 +89,4 @@ impl AdamW {
         }
         out
     }
-}
-
-/// Sum of squares of the defined gradients of `vars`, as f64.
-pub fn grad_sq_norm(vars: &[Tensor]) -> f64 {
-    tch::no_grad(|| {
-        vars.iter()
-            .map(|v| v.grad())
-            .filter(|g| g.defined())
-            .map(|g| g.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
-            .sum()
-    })
 }

@@ -1,11 +1,11 @@
 //! The optimizer step: AdamW on the adaptor, warmup + cosine learning rate,
 //! gradient clipping and accumulation, and the data-parallel all-reduce.
 
-use super::adamw::{grad_sq_norm, AdamW, AdamWConfig};
+use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
 use super::step::{distill_step, DistillExample, StepStats};
 use crate::dist::collective::DEFAULT_BUCKET_ELEMS;
-use crate::dist::{reduce_gradients, Collective, Single};
+use crate::dist::{Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
@@ -80,26 +80,8 @@ pub struct Trainer {
     step: usize,
     vars: Vec<Tensor>,
     bucket_elems: usize,
-}
-
-/// Makes every gradient of `vars` defined and zero (a rank whose examples were
-/// all skipped must still contribute zeros to the all-reduce).
-fn zero_grads(vars: &[Tensor]) -> Result<()> {
-    let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
-    if !missing.is_empty() {
-        let mut z = Tensor::zeros([], (Kind::Float, missing[0].device()));
-        for v in missing {
-            z += v.sum(Kind::Float) * 0.0;
-        }
-        z.f_backward()?;
-    }
-    tch::no_grad(|| -> Result<()> {
-        for v in vars {
-            let mut g = v.grad();
-            let _ = g.f_zero_()?;
-        }
-        Ok(())
-    })
+    /// The gradients as one flat buffer, made at the first step.
+    grads: Option<FlatGrads>,
 }
 
 impl Trainer {
@@ -128,6 +110,7 @@ impl Trainer {
             step: 0,
             vars,
             bucket_elems: DEFAULT_BUCKET_ELEMS,
+            grads: None,
         })
     }
 
@@ -186,14 +169,18 @@ impl Trainer {
         micro_batches: &[Vec<DistillExample>],
         coll: &mut dyn Collective,
     ) -> Result<OptStats> {
-        zero_grads(&self.vars)?;
+        if self.grads.is_none() {
+            self.grads = Some(FlatGrads::new(&self.vars, 3)?);
+        }
+        let flat = self.grads.as_ref().expect("made above");
+        flat.zero()?;
         let mut local = [micro_batches.len() as f64, 0.0, 0.0];
         for mb in micro_batches {
             let s: StepStats = distill_step(model, adaptor, adaptor.config(), mb, 1.0, true)?;
             local[1] += s.loss;
             local[2] += s.tokens as f64;
         }
-        let total = reduce_gradients(&self.vars, &local, coll, self.bucket_elems)?;
+        let total = flat.all_reduce(&local, coll, self.bucket_elems)?;
         let n = total[0];
         if n < 1.0 {
             // Every row of the global batch was skipped (bad-row policy): the
@@ -208,14 +195,15 @@ impl Trainer {
                 micro_batches: 0,
             });
         }
-        tch::no_grad(|| -> Result<()> {
-            for v in &self.vars {
-                let mut g = v.grad();
-                let _ = g.f_div_scalar_(n)?;
-            }
-            Ok(())
+        let mut grads = flat.grads();
+        let grad_norm = tch::no_grad(|| -> Result<f64> {
+            let _ = grads.f_div_scalar_(n)?;
+            Ok(grads
+                .f_pow_tensor_scalar(2)?
+                .f_sum(Kind::Double)?
+                .double_value(&[])
+                .sqrt())
         })?;
-        let grad_norm = grad_sq_norm(&self.vars).sqrt();
         if !grad_norm.is_finite() {
             return Err(ModelError::Input(format!(
                 "non-finite gradient norm {grad_norm} (loss {})",
@@ -224,13 +212,7 @@ impl Trainer {
         }
         if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm {
             let c = self.cfg.max_grad_norm / (grad_norm + 1e-6);
-            tch::no_grad(|| -> Result<()> {
-                for v in &self.vars {
-                    let mut g = v.grad();
-                    let _ = g.f_mul_scalar_(c)?;
-                }
-                Ok(())
-            })?;
+            let _ = tch::no_grad(|| grads.f_mul_scalar_(c))?;
         }
         let lr = self.cfg.lr_at(self.step);
         self.opt.step(&self.vars, lr)?;

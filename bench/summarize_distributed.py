@@ -1,0 +1,116 @@
+"""Tables from bench/gpu_distributed.sh's output directory (Markdown on stdout)
+and results.json beside the logs.
+
+    python bench/summarize_distributed.py OUT GPUS
+"""
+import json
+import struct
+import sys
+from datetime import datetime
+from pathlib import Path
+
+
+def events(path):
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        f = e.get("fields", {})
+        f["_t"] = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        yield f
+
+
+def steps(path, rank=0):
+    return [e for e in events(path) if e.get("message") == "step" and e.get("rank") == rank]
+
+
+def throughput(path, gb, skip=10):
+    s = steps(path)
+    s = [e for e in s if e["step"] > skip]
+    if len(s) < 2:
+        return None
+    dt = s[-1]["_t"] - s[0]["_t"]
+    n = len(s) - 1
+    tokens = sum(e["tokens"] for e in s[1:])
+    return {"steps_timed": n, "seconds_per_step": dt / n, "examples_per_s": gb * n / dt,
+            "supervised_tokens_per_s": tokens / dt}
+
+
+def tensors(path):
+    b = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    header = json.loads(b[8:8 + n])
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        s, e = v["data_offsets"]
+        out[k] = struct.unpack(f"<{(e - s) // 4}f", b[8 + n + s:8 + n + e])
+    return out
+
+
+def main():
+    out, gpus = Path(sys.argv[1]), int(sys.argv[2])
+    res = {"gpus": gpus}
+    ref = [json.loads(l) for l in (out / "allreduce_torch.jsonl").read_text().splitlines() if l]
+    rust = [json.loads(l) for l in (out / "allreduce_rust.jsonl").read_text().splitlines() if l]
+    res["allreduce"] = {"torch": ref, "rust": rust}
+    print(f"### All-reduce, {gpus} GPUs, float32 sum in place (20 iterations after 5 warm-up)\n")
+    print("| buffer | torch.distributed (NCCL) | Rust worker (cudarc NCCL) | Rust / torch |")
+    print("| --- | --- | --- | --- |")
+    by = {r["elems"]: r for r in ref}
+    for r in rust:
+        if r["case"] != "flat":
+            continue
+        t = by.get(r["elems"])
+        mb = r["bytes"] / 2**20
+        if t:
+            print(f"| {mb:.0f} MiB | {t['bus_gb_s']:.1f} GB/s ({t['seconds']*1e6:.0f} us) | "
+                  f"{r['bus_gb_s']:.1f} GB/s ({r['seconds']*1e6:.0f} us) | {r['bus_gb_s']/t['bus_gb_s']:.1%} |")
+    for r in rust:
+        if r["case"] == "adaptor_gradients":
+            t = min(ref, key=lambda x: abs(x["elems"] - r["elems"]))
+            print(f"\nAdaptor gradients ({r['tensors']} tensors, {r['bytes']/2**20:.2f} MiB, bucketed, "
+                  f"packing and unpacking included): {r['seconds']*1e6:.0f} us, bus {r['bus_gb_s']:.1f} GB/s; "
+                  f"torch's flat all-reduce of the nearest size ({t['bytes']/2**20:.0f} MiB): {t['seconds']*1e6:.0f} us.")
+    one = throughput(out / "scale1.log", 32)
+    many = throughput(out / f"scale{gpus}.log", 32 * gpus)
+    res["scaling"] = {"1": one, str(gpus): many}
+    if one and many:
+        eff = many["examples_per_s"] / (gpus * one["examples_per_s"])
+        res["scaling"]["efficiency"] = eff
+        print(f"\n### Step throughput, SmolLM2-135M bf16, 32 examples per GPU per step, max length 1024\n")
+        print("| GPUs | s/step | examples/s | supervised tokens/s |")
+        print("| --- | --- | --- | --- |")
+        for g, r in [(1, one), (gpus, many)]:
+            print(f"| {g} | {r['seconds_per_step']:.3f} | {r['examples_per_s']:.1f} | {r['supervised_tokens_per_s']:.0f} |")
+        print(f"\nScaling efficiency at {gpus} GPUs: {eff:.1%}")
+    rec = list(events(out / "recovery.log"))
+    kill = next((e for e in rec if "chaos" in str(e.get("message", ""))), None)
+    if kill:
+        dead = next((e for e in rec if "declared dead" in str(e.get("message", "")) and e["_t"] >= kill["_t"]), None)
+        resumed = [e for e in rec if e.get("message") == "resumed from checkpoint" and e["_t"] >= kill["_t"]]
+        after = [e for e in rec if e.get("message") == "step" and e.get("rank") == 0 and e["_t"] > kill["_t"]
+                 and resumed and e["_t"] > resumed[0]["_t"]]
+        r = {"killed_at_step": kill.get("step"),
+             "detected_s": dead["_t"] - kill["_t"] if dead else None,
+             "resumed_from": resumed[0].get("url") if resumed else None,
+             "first_step_after_s": after[0]["_t"] - kill["_t"] if after else None,
+             "finished": (out / "adaptor-recovery.safetensors").exists()}
+        a, b = out / "adaptor-recovery.safetensors", out / f"adaptor-scale{gpus}.safetensors"
+        if a.exists() and b.exists():
+            ta, tb = tensors(a), tensors(b)
+            r["max_abs_diff_vs_uninterrupted"] = max(
+                max(abs(x - y) for x, y in zip(ta[k], tb[k])) for k in ta)
+        res["recovery"] = r
+        print(f"\n### kill -9 of rank 1 at step {r['killed_at_step']} ({gpus} GPUs, heartbeat timeout 5 s)\n")
+        for k, v in r.items():
+            print(f"- {k}: {v}")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
