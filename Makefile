@@ -28,14 +28,27 @@ build: setup
 	cargo build --release -p kvd-trainer -p kvd-data -p kvd-coordinator --bins
 
 ## run: the embedded default job on this machine (GPU if there is one): prepare
-## the real training data as Parquet in file://$(DATA), train a KV-Distill
-## adaptor for SmolLM2-135M-Instruct ($(STEPS) steps), then evaluate it against
-## the baselines on $(QUESTIONS) SQuAD v1.1 dev questions -> $(RESULTS)/eval
+## the real training data as Parquet in file://$(DATA), then a distributed
+## KV-Distill job for SmolLM2-135M-Instruct: `coordinator --workers 2
+## --spawn-local` with two local workers (one GPU each, or CPU), checkpoints in
+## file://$(RESULTS)/ckpt, paused at step $(PAUSE) and resumed to $(STEPS); then
+## the adaptor against the baselines on $(QUESTIONS) SQuAD v1.1 dev questions
+## -> $(RESULTS)/eval
+PAUSE ?= 4
+WORKERS ?= 2
+JOB = $(BIN)/coordinator --workers $(WORKERS) --listen 127.0.0.1:0 \
+	  --checkpoint-url file://$(abspath $(RESULTS))/ckpt --keep-last 2
+WORKER = $(BIN)/kv-distill worker --model $(SMOLLM2) \
+	  --data file://$(DATA)/train/qa --data file://$(DATA)/train/text --weights 3,1 --skip-bad-rows \
+	  --steps $(STEPS) --global-batch 4 --micro-batch 2 --max-len 256 --text-suffix 64 --warmup 5 \
+	  --log-every 1 --checkpoint-every 2 --out $(abspath $(RESULTS))/adaptor.safetensors
 run: build
 	test -f $(DATA)/train/qa/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
-	$(BIN)/kv-distill train --model $(SMOLLM2) --data file://$(DATA)/train/qa --data file://$(DATA)/train/text \
-	  --weights 3,1 --skip-bad-rows --steps $(STEPS) --global-batch 4 --micro-batch 4 --max-len 256 \
-	  --text-suffix 64 --warmup 5 --log-every 5 --out $(RESULTS)/adaptor.safetensors
+	rm -rf $(RESULTS)/ckpt $(RESULTS)/adaptor.safetensors
+	@echo "== train: $(WORKERS) workers, paused at step $(PAUSE)"
+	KVD_TOKEN=$${KVD_TOKEN:-local-run} $(JOB) --stop-at $(PAUSE) --spawn-local -- $(WORKER)
+	@echo "== resume from the latest checkpoint to step $(STEPS)"
+	KVD_TOKEN=$${KVD_TOKEN:-local-run} $(JOB) --resume --spawn-local -- $(WORKER)
 	$(BIN)/kv-distill eval --model $(SMOLLM2) --adaptor $(RESULTS)/adaptor.safetensors --squad $(SQUAD_DEV) \
 	  --questions $(QUESTIONS) --ratios 1.0,0.1 --batch 8 --max-new-tokens 16 --out-dir $(RESULTS)/eval
 
@@ -44,12 +57,14 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-## test: lint, then every test (parity against HF transformers, real models).
+## test: lint, then every test (parity against HF transformers, real models,
+## real processes), then the deploy/ checks against the binaries cargo built.
 ## The slow transformers oracles warm up in the background while cargo compiles.
 test: setup
 	@scripts/warm_oracles.sh > $(KVD_CACHE)/warm_oracles.log 2>&1 & \
 	$(MAKE) --no-print-directory lint && \
-	cargo test --workspace -- --test-threads=2; status=$$?; wait; exit $$status
+	cargo test --workspace -- --test-threads=2 && \
+	$(MAKE) --no-print-directory test-deploy; status=$$?; wait; exit $$status
 
 fmt:
 	cargo fmt --all

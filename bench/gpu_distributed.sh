@@ -5,7 +5,8 @@
 #   MODEL    SmolLM2-135M-Instruct GGUF;  DATA: a `kvd-data prepare`d train/qa
 # 1. all-reduce: torch.distributed NCCL vs the Rust worker (cudarc NCCL) at the
 #    same float32 sizes, plus the bucketed gradient all-reduce of the adaptor;
-# 2. step throughput of the same job on 1 and 2 GPUs (32 examples per GPU per step);
+# 2. step throughput of the same job on 1 and GPUS GPUs (SCALE="1 2 4" for more),
+#    32 examples per GPU per step;
 # 3. kill -9 of rank 1 mid-step at 2 GPUs: recovery from the last checkpoint.
 # Results go to OUT (logs, JSON lines); bench/summarize_distributed.py turns them
 # into the tables of docs/BENCHMARKS.md.
@@ -14,6 +15,8 @@ BIN=$1 MODEL=$2 DATA=$3 OUT=$4
 GPUS=${GPUS:-2}
 STEPS=${STEPS:-40}
 SIZES=${SIZES:-262144,1048576,4194304,16777216,67108864,268435456}
+PHASES=${PHASES:-"allreduce scaling recovery"}   # any subset
+TAG=${TAG:-}                                      # suffix of the scaling runs' names
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/gpu_env.sh"
 mkdir -p "$OUT"
@@ -22,11 +25,6 @@ export KVD_TOKEN=bench-token RUST_BACKTRACE=0
 nvidia-smi -L | tee -a "$OUT/devices.txt"
 
 PY=${KVD_PYTHON:-/opt/torch/.venv/bin/python}
-echo "== torch.distributed reference"
-"$PY" -m torch.distributed.run --nproc-per-node "$GPUS" "$here/bench/allreduce_ref.py" "$SIZES" \
-  > "$OUT/allreduce_torch.jsonl" 2> "$OUT/allreduce_torch.log" || tail -20 "$OUT/allreduce_torch.log"
-cat "$OUT/allreduce_torch.jsonl"
-
 job() { # name workers global_batch steps [extra worker flags...]
   local name=$1 n=$2 gb=$3 steps=$4; shift 4
   local t0; t0=$(date +%s%N)
@@ -39,13 +37,26 @@ job() { # name workers global_batch steps [extra worker flags...]
     > "$OUT/$name.out" 2> "$OUT/$name.log"
   echo "$name: done in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
 }
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+if has allreduce; then
+echo "== torch.distributed reference"
+"$PY" -m torch.distributed.run --nproc-per-node "$GPUS" "$here/bench/allreduce_ref.py" "$SIZES" \
+  > "$OUT/allreduce_torch.jsonl" 2> "$OUT/allreduce_torch.log" || tail -20 "$OUT/allreduce_torch.log"
+cat "$OUT/allreduce_torch.jsonl"
+
 echo "== Rust all-reduce"
 job allreduce "$GPUS" 32 1 --bench-allreduce "$SIZES" --bench-out "$OUT/allreduce_rust.jsonl"
 cat "$OUT/allreduce_rust.jsonl"
+fi
+if has scaling; then
 echo "== scaling"
-job scale1 1 32 "$STEPS"
-job scale$GPUS "$GPUS" $((32 * GPUS)) "$STEPS"
+for n in ${SCALE:-1 $GPUS}; do
+  job "scale$n$TAG" "$n" $((32 * n)) "$STEPS"
+done
+fi
+if has recovery; then
 echo "== kill -9 of rank 1 at step 25"
 KVD_CHAOS=kill:rank=1:step=25:at=step KVD_CHAOS_ONCE="$OUT/chaos-fired" job recovery "$GPUS" $((32 * GPUS)) "$STEPS"
+fi
 ls -la "$OUT"/ckpt-*/
 "$PY" "$here/bench/summarize_distributed.py" "$OUT" "$GPUS" | tee "$OUT/summary.md"

@@ -55,39 +55,51 @@ def tensors(path):
 def main():
     out, gpus = Path(sys.argv[1]), int(sys.argv[2])
     res = {"gpus": gpus}
-    ref = [json.loads(l) for l in (out / "allreduce_torch.jsonl").read_text().splitlines() if l]
-    rust = [json.loads(l) for l in (out / "allreduce_rust.jsonl").read_text().splitlines() if l]
-    res["allreduce"] = {"torch": ref, "rust": rust}
-    print(f"### All-reduce, {gpus} GPUs, float32 sum in place (20 iterations after 5 warm-up)\n")
-    print("| buffer | torch.distributed (NCCL) | Rust worker (cudarc NCCL) | Rust / torch |")
-    print("| --- | --- | --- | --- |")
-    by = {r["elems"]: r for r in ref}
-    for r in rust:
-        if r["case"] != "flat":
-            continue
-        t = by.get(r["elems"])
-        mb = r["bytes"] / 2**20
-        if t:
-            print(f"| {mb:.0f} MiB | {t['bus_gb_s']:.1f} GB/s ({t['seconds']*1e6:.0f} us) | "
-                  f"{r['bus_gb_s']:.1f} GB/s ({r['seconds']*1e6:.0f} us) | {r['bus_gb_s']/t['bus_gb_s']:.1%} |")
-    for r in rust:
-        if r["case"] == "adaptor_gradients":
-            t = min(ref, key=lambda x: abs(x["elems"] - r["elems"]))
-            print(f"\nAdaptor gradients ({r['tensors']} tensors, {r['bytes']/2**20:.2f} MiB, bucketed, "
-                  f"packing and unpacking included): {r['seconds']*1e6:.0f} us, bus {r['bus_gb_s']:.1f} GB/s; "
-                  f"torch's flat all-reduce of the nearest size ({t['bytes']/2**20:.0f} MiB): {t['seconds']*1e6:.0f} us.")
-    one = throughput(out / "scale1.log", 32)
-    many = throughput(out / f"scale{gpus}.log", 32 * gpus)
-    res["scaling"] = {"1": one, str(gpus): many}
-    if one and many:
-        eff = many["examples_per_s"] / (gpus * one["examples_per_s"])
-        res["scaling"]["efficiency"] = eff
-        print(f"\n### Step throughput, SmolLM2-135M bf16, 32 examples per GPU per step, max length 1024\n")
-        print("| GPUs | s/step | examples/s | supervised tokens/s |")
+    if (out / "allreduce_torch.jsonl").exists() and (out / "allreduce_rust.jsonl").exists():
+        ref = [json.loads(l) for l in (out / "allreduce_torch.jsonl").read_text().splitlines() if l]
+        rust = [json.loads(l) for l in (out / "allreduce_rust.jsonl").read_text().splitlines() if l]
+        res["allreduce"] = {"torch": ref, "rust": rust}
+        print(f"### All-reduce, {gpus} GPUs, float32 sum in place (20 iterations after 5 warm-up)\n")
+        print("| buffer | torch.distributed (NCCL) | Rust worker (cudarc NCCL) | Rust / torch |")
         print("| --- | --- | --- | --- |")
-        for g, r in [(1, one), (gpus, many)]:
-            print(f"| {g} | {r['seconds_per_step']:.3f} | {r['examples_per_s']:.1f} | {r['supervised_tokens_per_s']:.0f} |")
-        print(f"\nScaling efficiency at {gpus} GPUs: {eff:.1%}")
+        by = {r["elems"]: r for r in ref}
+        for r in rust:
+            if r["case"] != "flat":
+                continue
+            t = by.get(r["elems"])
+            mb = r["bytes"] / 2**20
+            if t:
+                print(f"| {mb:.0f} MiB | {t['bus_gb_s']:.1f} GB/s ({t['seconds']*1e6:.0f} us) | "
+                      f"{r['bus_gb_s']:.1f} GB/s ({r['seconds']*1e6:.0f} us) | {r['bus_gb_s']/t['bus_gb_s']:.1%} |")
+        for r in rust:
+            if r["case"] == "adaptor_gradients":
+                t = min(ref, key=lambda x: abs(x["elems"] - r["elems"]))
+                print(f"\nAdaptor gradients ({r['tensors']} tensors, {r['bytes']/2**20:.2f} MiB, bucketed, "
+                      f"packing and unpacking included): {r['seconds']*1e6:.0f} us, bus {r['bus_gb_s']:.1f} GB/s; "
+                      f"torch's flat all-reduce of the nearest size ({t['bytes']/2**20:.0f} MiB): {t['seconds']*1e6:.0f} us.")
+    runs = {}
+    for log in sorted(out.glob("scale*.log")):
+        name = log.stem[len("scale"):]
+        n, _, tag = name.partition("_")
+        runs.setdefault(tag, {})[int(n)] = throughput(log, 32 * int(n))
+    res["scaling"] = {}
+    for tag, by_n in runs.items():
+        one = by_n.get(1)
+        label = tag or "qa"
+        print(f"\n### Step throughput ({label} data), SmolLM2-135M bf16, 32 examples per GPU per step, max length 1024\n")
+        print("| GPUs | s/step | examples/s | supervised tokens/s | scaling efficiency |")
+        print("| --- | --- | --- | --- | --- |")
+        for n, r in sorted(by_n.items()):
+            if not r:
+                continue
+            eff = r["examples_per_s"] / (n * one["examples_per_s"]) if one else None
+            r["efficiency"] = eff
+            print(f"| {n} | {r['seconds_per_step']:.3f} | {r['examples_per_s']:.1f} | "
+                  f"{r['supervised_tokens_per_s']:.0f} | {eff:.1%} |")
+        res["scaling"][label] = by_n
+    if not (out / "recovery.log").exists():
+        (out / "results.json").write_text(json.dumps(res, indent=1))
+        return
     rec = list(events(out / "recovery.log"))
     kill = next((e for e in rec if "chaos" in str(e.get("message", ""))), None)
     if kill:

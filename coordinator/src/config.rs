@@ -52,6 +52,16 @@ pub struct Cli {
     /// Base URL of the job's checkpoints (file://, s3://, gs://, az://).
     #[arg(long, value_name = "URL")]
     pub checkpoint_url: Option<String>,
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Pause the job once step N is checkpointed on every rank (exit 0);
+    /// continue later with --resume.
+    #[arg(long, value_name = "N")]
+    pub stop_at: Option<u64>,
     /// Keep the newest N committed checkpoints, delete older ones [default: 3; 0 keeps all].
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
@@ -110,6 +120,12 @@ pub struct Settings {
     pub checkpoint_url: Option<String>,
     /// Committed checkpoints to keep (0: all).
     pub keep_last: u32,
+    /// Pause after this step's checkpoint.
+    pub stop_at: Option<u64>,
+    /// TLS certificate chain (PEM file).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM file).
+    pub tls_key: Option<PathBuf>,
     /// Resume from the latest committed checkpoint.
     pub resume: bool,
     /// Resume from this manifest.
@@ -149,6 +165,9 @@ impl Default for Settings {
             max_rebuilds: 10,
             checkpoint_url: None,
             keep_last: 3,
+            stop_at: None,
+            tls_cert: None,
+            tls_key: None,
             resume: false,
             resume_from: None,
             store_options: std::collections::BTreeMap::new(),
@@ -181,6 +200,12 @@ struct FlagLayer<'a> {
     checkpoint_url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     keep_last: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<&'a Path>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     resume: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +228,9 @@ impl<'a> From<&'a Cli> for FlagLayer<'a> {
             max_rebuilds: c.max_rebuilds,
             checkpoint_url: c.checkpoint_url.as_deref(),
             keep_last: c.keep_last,
+            stop_at: c.stop_at,
+            tls_cert: c.tls_cert.as_deref(),
+            tls_key: c.tls_key.as_deref(),
             resume: c.resume,
             resume_from: c.resume_from.as_deref(),
             spawn_local: c.spawn_local,
@@ -268,6 +296,10 @@ pub struct Config {
     pub resume: Resume,
     /// Committed checkpoints to keep (0: all).
     pub keep_last: u32,
+    /// Pause once this step is checkpointed.
+    pub stop_at: Option<u64>,
+    /// TLS (certificate PEM, key PEM) files, if serving over TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Object-store options of the checkpoint store.
     pub store_options: std::collections::BTreeMap<String, String>,
     /// The worker command to launch locally (`--spawn-local`), if any.
@@ -331,6 +363,9 @@ impl Config {
                 s.heartbeat_timeout_s
             );
         }
+        if s.stop_at.is_some() && s.checkpoint_url.is_none() {
+            bail!("stop_at needs checkpoint_url (the job pauses at a checkpoint)");
+        }
         if s.steps == Some(0) {
             bail!("steps must be at least 1");
         }
@@ -342,6 +377,18 @@ impl Config {
             (true, None) => Resume::Latest,
             (false, Some(url)) => Resume::From(url),
             (false, None) => Resume::Fresh,
+        };
+        let tls = match (s.tls_cert, s.tls_key) {
+            (Some(c), Some(k)) => {
+                for f in [&c, &k] {
+                    if !f.is_file() {
+                        bail!("TLS file {} does not exist", f.display());
+                    }
+                }
+                Some((c, k))
+            }
+            (None, None) => None,
+            _ => bail!("tls_cert and tls_key go together"),
         };
         let mut store_options = s.store_options;
         for kv in &cli.store_opt {
@@ -373,6 +420,8 @@ impl Config {
                 .map(|u| u.trim_end_matches('/').to_string()),
             resume,
             keep_last: s.keep_last,
+            stop_at: s.stop_at,
+            tls,
             store_options,
             spawn_local,
             log_format: s.log_format,
@@ -439,6 +488,8 @@ impl fmt::Display for Config {
         writeln!(f, "checkpoint_url = {}", opt(&self.checkpoint_url))?;
         writeln!(f, "resume = {:?}", self.resume)?;
         writeln!(f, "keep_last = {}", self.keep_last)?;
+        writeln!(f, "stop_at = {}", opt(&self.stop_at))?;
+        writeln!(f, "tls = {}", opt(&self.tls))?;
         let keys: Vec<&String> = self.store_options.keys().collect();
         writeln!(f, "store_options = {keys:?} (values not shown)")?;
         writeln!(f, "spawn_local = {}", opt(&self.spawn_local))?;

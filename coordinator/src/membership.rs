@@ -30,6 +30,8 @@ pub struct JobParams {
     pub checkpoint_url: Option<String>,
     /// Checkpoint (manifest URL, step) a fresh job resumes from.
     pub resume: Option<(String, u64)>,
+    /// Pause the job once this step's checkpoint is committed.
+    pub stop_at: Option<u64>,
 }
 
 /// How the job ended.
@@ -471,7 +473,8 @@ impl Membership {
                     ),
                     false,
                 );
-                if let Ok(m) = self.member_mut(member_id, rank) {
+                // Every rank has finished its last step: none needs telling.
+                for m in self.slots.iter_mut().flatten() {
                     m.told_stop = true;
                 }
                 command = Command::Stop;
@@ -631,6 +634,16 @@ impl Membership {
         if self.resume.as_ref().is_none_or(|r| r.1 <= step) {
             self.resume = Some((manifest_url, step));
         }
+        if let Some(at) = self.params.stop_at {
+            if step >= at {
+                self.finish(
+                    format!(
+                        "paused at step {step} as asked (stop_at = {at}); continue with --resume"
+                    ),
+                    false,
+                );
+            }
+        }
     }
 
     /// Declares members silent for longer than the timeout dead. When any is,
@@ -702,6 +715,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(1),
             max_rebuilds: 1,
             checkpoint_url: Some("file:///ckpt".into()),
+            stop_at: None,
             resume: None,
         }
     }

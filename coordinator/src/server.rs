@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::checkpoints::Checkpoints;
@@ -74,6 +74,7 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
         max_rebuilds: config.max_rebuilds,
         checkpoint_url: config.checkpoint_url.clone(),
         resume,
+        stop_at: config.stop_at,
     };
     let shared = Shared::new(Membership::new(params));
     let max_wait = (config.heartbeat_timeout / 2).min(Duration::from_secs(30));
@@ -89,13 +90,22 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tokio::spawn(
-        Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        let read = |p: &Path| {
+            std::fs::read(p).with_context(|| format!("cannot read the TLS file {}", p.display()))
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .context("bad TLS certificate or key")?;
+    }
+    let mut server = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
+        incoming,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     info!(%addr, workers = config.workers, "listening; waiting for workers");
     let mut local = match &config.spawn_local {
         Some(cmd) => Some(LocalWorkers::start(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::auth::BearerToken;
 use crate::v1::coordinator_client::CoordinatorClient;
@@ -37,16 +37,35 @@ pub enum ConnectError {
     },
 }
 
+/// TLS settings of a worker's connection.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM of the CA (or the coordinator's self-signed certificate) to trust.
+    pub ca_pem: Vec<u8>,
+    /// Name to check the certificate against (default: the address's host).
+    pub domain: Option<String>,
+}
+
 /// Connects to the coordinator at `addr` (`host:port` or `http://host:port`),
 /// authenticating with `token`. Requests and replies larger than
 /// [`MAX_MESSAGE_BYTES`] are refused (`OutOfRange`).
 pub async fn connect(addr: &str, token: &str) -> Result<Client, ConnectError> {
+    connect_with(addr, token, None).await
+}
+
+/// [`connect`], over TLS when `tls` is given (then `host:port` means `https://`).
+pub async fn connect_with(
+    addr: &str,
+    token: &str,
+    tls: Option<&ClientTls>,
+) -> Result<Client, ConnectError> {
     let interceptor =
         BearerToken::new(token).map_err(|s| ConnectError::Token(s.message().into()))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
     let endpoint = Endpoint::from_shared(uri)
         .map_err(|source| ConnectError::Address {
@@ -57,6 +76,21 @@ pub async fn connect(addr: &str, token: &str) -> Result<Client, ConnectError> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    let endpoint = match tls {
+        Some(t) => {
+            let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca_pem));
+            if let Some(d) = &t.domain {
+                cfg = cfg.domain_name(d.clone());
+            }
+            endpoint
+                .tls_config(cfg)
+                .map_err(|source| ConnectError::Connect {
+                    addr: addr.into(),
+                    source,
+                })?
+        }
+        None => endpoint,
+    };
     let channel = endpoint
         .connect()
         .await

@@ -550,3 +550,39 @@ fn spawn_local_without_a_worker_command_is_a_config_error() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn pausing_at_a_checkpoint_then_resuming_gives_the_same_adaptor() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    let out = dir.path().join("paused.safetensors");
+    let o = spawn_local(
+        3,
+        &ckpt,
+        &["--stop-at", "2"],
+        worker_command(&out, &[]),
+        &[],
+    );
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("paused at step 2"), "{log}");
+    assert!(ckpt.join("step-00000002/manifest.json").exists());
+    assert!(!out.exists(), "a paused job wrote its final adaptor");
+    // Without --resume the coordinator refuses to overwrite the job's checkpoints.
+    let o = spawn_local(3, &ckpt, &[], worker_command(&out, &[]), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("pass --resume"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = spawn_local(3, &ckpt, &["--resume"], worker_command(&out, &[]), &[]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("resuming from the latest committed checkpoint"),
+        "{log}"
+    );
+    assert_same_adaptor(&out, reference_out);
+}

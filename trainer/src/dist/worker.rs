@@ -70,6 +70,10 @@ pub struct WorkerConfig {
     /// sizes in float32 elements, and the bucketed gradient all-reduce of the
     /// adaptor), rank 0 writing JSON lines to this file.
     pub bench_allreduce: Option<(Vec<usize>, PathBuf)>,
+    /// TLS to the coordinator, if it serves TLS.
+    pub tls: Option<kvd_proto::client::ClientTls>,
+    /// Show a progress bar on rank 0 (for terminals; clusters read the logs).
+    pub progress: bool,
 }
 
 /// How a worker ended.
@@ -229,7 +233,11 @@ pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Res
 fn connect(rt: &Runtime, cfg: &WorkerConfig) -> Result<Client> {
     let deadline = Instant::now() + cfg.coordinator_timeout;
     loop {
-        match rt.block_on(kvd_proto::client::connect(&cfg.coordinator, &cfg.token)) {
+        match rt.block_on(kvd_proto::client::connect_with(
+            &cfg.coordinator,
+            &cfg.token,
+            cfg.tls.as_ref(),
+        )) {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "coordinator not reachable yet");
@@ -575,6 +583,16 @@ fn session_inner(
         },
     )?;
     let total = job.train.total_steps;
+    let bar = (ctx.cfg.progress && rank == 0).then(|| {
+        let b = indicatif::ProgressBar::new(total as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+            )
+            .expect("static template"),
+        );
+        b.set_position(start as u64);
+        b
+    });
     let mut upload: Option<Upload> = None;
     let mut trace = match &ctx.cfg.trace {
         Some(p) => {
@@ -620,6 +638,10 @@ fn session_inner(
             })?;
         let seconds = t0.elapsed().as_secs_f64();
         control.step.store(done, Ordering::SeqCst);
+        if let Some(b) = &bar {
+            b.set_position(done);
+            b.set_message(format!("loss {:.4} world {world}", s.loss));
+        }
         if let Some(f) = trace.as_mut() {
             use std::io::Write;
             let line = serde_json::json!({
@@ -684,7 +706,7 @@ fn session_inner(
             epoch: view.epoch,
             step: done,
             loss: s.loss,
-            tokens: s.tokens as u64,
+            tokens: s.local_tokens as u64,
             seconds,
         };
         match call(ctx, "ReportStep", move |mut c| {

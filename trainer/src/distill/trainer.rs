@@ -68,6 +68,8 @@ pub struct OptStats {
     pub grad_norm: f64,
     /// Supervised tokens.
     pub tokens: usize,
+    /// Supervised tokens of this rank's own examples.
+    pub local_tokens: usize,
     /// Micro-batches over all ranks (0: every row of the step was skipped
     /// and nothing was updated; `loss` is NaN then).
     pub micro_batches: usize,
@@ -192,6 +194,7 @@ impl Trainer {
                 lr,
                 grad_norm: 0.0,
                 tokens: 0,
+                local_tokens: 0,
                 micro_batches: 0,
             });
         }
@@ -222,6 +225,7 @@ impl Trainer {
             lr,
             grad_norm,
             tokens: total[2].round() as usize,
+            local_tokens: local[2] as usize,
             micro_batches: n.round() as usize,
         })
     }

@@ -46,7 +46,7 @@ enum Command {
     /// Train a KV-Distill adaptor on prepared Parquet datasets.
     Train(distill_cmds::TrainArgs),
     /// Train as one worker of a distributed job run by `coordinator`.
-    Worker(worker_cmd::WorkerArgs),
+    Worker(Box<worker_cmd::WorkerArgs>),
     /// Compress a context into a KV cache file (KV-Distill or a baseline).
     Compress(distill_cmds::CompressArgs),
     /// Evaluate KV-Distill and the baselines on SQuAD (table + plot).
@@ -164,7 +164,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Train(a) => distill_cmds::run_train(a),
-        Command::Worker(a) => worker_cmd::run_worker_cmd(a),
+        Command::Worker(a) => worker_cmd::run_worker_cmd(*a),
         Command::Compress(a) => distill_cmds::run_compress(a),
         Command::Eval(a) => distill_cmds::run_eval_cmd(a),
         Command::Generate(a) => run_generate(a),

@@ -30,6 +30,13 @@ pub struct WorkerArgs {
     /// File holding the job token (else the token itself in KVD_TOKEN).
     #[arg(long, env = "KVD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Talk TLS to the coordinator, trusting this CA certificate (PEM; the
+    /// coordinator's own certificate if self-signed).
+    #[arg(long, env = "KVD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Name the coordinator's certificate must carry [default: the address's host].
+    #[arg(long, env = "KVD_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
     /// Name in the coordinator's logs [default: HOST-PID].
     #[arg(long)]
     name: Option<String>,
@@ -83,7 +90,16 @@ pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let tls = match &a.tls_ca {
+        Some(p) => Some(kvd_proto::client::ClientTls {
+            ca_pem: std::fs::read(p)
+                .with_context(|| format!("cannot read the TLS CA file {}", p.display()))?,
+            domain: a.tls_domain.clone(),
+        }),
+        None => None,
+    };
     let cfg = WorkerConfig {
+        tls,
         coordinator: a.coordinator.clone(),
         token,
         requested_rank: a.rank,
@@ -94,6 +110,7 @@ pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
         collective_timeout: Duration::from_secs_f64(a.collective_timeout_s.max(1.0)),
         coordinator_timeout: Duration::from_secs_f64(a.coordinator_timeout_s.max(1.0)),
         trace: a.trace.clone(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         bench_allreduce: a
             .bench_out
             .clone()
