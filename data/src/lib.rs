@@ -3,6 +3,7 @@
 //! builder and padded batches, and `prepare` (Parquet from the raw sources).
 //! See `data/README.md` for the model.
 
+pub mod azurite;
 pub mod batch;
 pub mod builder;
 pub mod cursor;

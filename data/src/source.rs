@@ -21,7 +21,9 @@ pub struct StoreOptions {
     /// e.g. `endpoint`, `region`, `access_key_id`, `secret_access_key`,
     /// `allow_http`; for GCS `service_account`, `google_base_url` (an
     /// emulator), `google_bearer_token`; for Azure `account_name`,
-    /// `access_key`. Unset keys come from the standard environment
+    /// `access_key`, `endpoint` (an emulator: the account's URL, e.g.
+    /// `http://127.0.0.1:10000/devstoreaccount1`, with `allow_http`). Unset
+    /// keys come from the standard environment
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -55,7 +57,7 @@ pub struct Source {
     store: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
-    /// GCS only: etags in the quoted form of RFC 7232 (see [`quoted_etag`]).
+    /// GCS and Azure: etags in the quoted form of RFC 7232 (see [`quoted_etag`]).
     quote_etags: bool,
 }
 
@@ -78,8 +80,9 @@ fn retry(opts: &StoreOptions) -> RetryConfig {
 }
 
 /// `e` in the quoted form of RFC 7232 (`"..."`, or `W/"..."` for a weak tag).
-/// GCS etags are normalised to it because a GCS-protocol server may send them
-/// quoted in `ETag` headers but bare in XML listings (fake-gcs-server does),
+/// GCS and Azure etags are normalised to it because those servers may send
+/// them quoted in `ETag` headers but bare in XML listings (fake-gcs-server
+/// does; Azure Blob Storage and Azurite always list `<Etag>0x8D...</Etag>`),
 /// and a manifest built from a listing is verified with `HEAD`. An etag that
 /// is quoted already is kept as it is, so manifests holding quoted etags stay
 /// valid.
@@ -186,7 +189,7 @@ impl Source {
             store,
             root: Path::from(prefix),
             url: url.to_string(),
-            quote_etags: scheme == "gs",
+            quote_etags: matches!(scheme, "gs" | "az" | "azure" | "abfs"),
         })
     }
 
