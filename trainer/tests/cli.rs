@@ -238,3 +238,49 @@ fn compress_rejects_bad_input() {
         "bad.safetensors",
     );
 }
+
+#[test]
+fn bench_step_reports_throughput_flops_and_mfu() {
+    let m = smollm2();
+    let out = run(&[
+        "bench-step",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--span",
+        "48",
+        "--suffix",
+        "8",
+        "--iters",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
+    let median = line["median_s"].as_f64().unwrap();
+    let tflop = line["step_tflop"].as_f64().unwrap();
+    assert!(median > 0.0 && tflop > 0.0, "{line}");
+    assert!((line["tokens_per_s"].as_f64().unwrap() - 56.0 / median).abs() < 1e-6 * 56.0 / median);
+    assert!((line["mfu"].as_f64().unwrap() - tflop * 1e12 / median / 801e12).abs() < 1e-9);
+    // Three steps ran (2 warm-up + 1 timed) and the loss is finite.
+    let losses = line["losses"].as_array().unwrap();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    // Bad shapes are refused.
+    let bad = run(&[
+        "bench-step",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--suffix",
+        "1",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--suffix"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

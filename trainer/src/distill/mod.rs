@@ -11,6 +11,7 @@ pub mod cache_file;
 pub mod checkpoint;
 pub mod config;
 pub mod examples;
+pub mod flops;
 pub mod infer;
 pub mod loss;
 pub mod select;

@@ -1,6 +1,7 @@
 //! `kv-distill`: train KV-Distill adaptors, compress contexts and answer from
 //! the compressed caches, run prompts through a model, score text, inspect checkpoints.
 
+mod bench_step;
 mod distill_cmds;
 mod worker_cmd;
 
@@ -63,6 +64,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Time full forward passes (prefill) over a sequence: tokens/s.
     BenchForward(BenchArgs),
+    /// Time the full KV-Distill training step at a shape: tokens/s, memory, MFU.
+    BenchStep(bench_step::BenchStepArgs),
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +178,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::BenchForward(a) => run_bench(a),
+        Command::BenchStep(a) => bench_step::run_bench_step(a),
         Command::Logits(a) => run_logits(a),
         Command::Devices => {
             println!("cuda_available={}", tch::Cuda::is_available());

@@ -1,0 +1,161 @@
+//! `kv-distill bench-step`: the full KV-Distill training step (teacher
+//! forward, scorer, student encoder with routed LoRA, decoder, chunked KL,
+//! backward, AdamW) at a given shape, timed: tokens/s (span + suffix tokens
+//! per second), device memory, and MFU against a stated peak from the FLOP
+//! count of `kvd_trainer::distill::flops`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::config::ModelConfig;
+use kvd_trainer::device::{parse_device, parse_kind};
+use kvd_trainer::distill::flops::step_flops;
+use kvd_trainer::distill::{
+    kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
+};
+use kvd_trainer::model::Model;
+use kvd_trainer::weights::RandomWeights;
+use rand::{Rng, SeedableRng};
+
+/// Arguments of `bench-step`.
+#[derive(Args, Debug)]
+pub struct BenchStepArgs {
+    /// HF directory or GGUF file; omit for `--preset` with random weights.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Random-weight shape when no model is given: llama-3.2-1b.
+    #[arg(long, default_value = "llama-3.2-1b")]
+    preset: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Compressed span tokens per example (after one BOS token).
+    #[arg(long, default_value_t = 4096)]
+    span: usize,
+    /// Suffix tokens per example.
+    #[arg(long, default_value_t = 256)]
+    suffix: usize,
+    /// Retention ratio.
+    #[arg(long, default_value_t = 0.1)]
+    ratio: f64,
+    /// Examples per step (one micro-batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Peak FLOP/s for MFU [default: 801e12, bf16 matmul on one H200, shared/GPU.md].
+    #[arg(long, default_value_t = 801e12)]
+    peak_flops: f64,
+}
+
+/// Device memory in use (bytes), from the CUDA driver: torch's cache included.
+fn device_memory_used() -> Option<u64> {
+    std::panic::catch_unwind(|| cudarc::driver::result::mem_get_info().ok())
+        .ok()
+        .flatten()
+        .map(|(free, total)| (total - free) as u64)
+}
+
+/// Runs `bench-step`; prints one JSON line.
+pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let kind = parse_kind(&a.dtype, device)?;
+    let (model, name) = match &a.model {
+        Some(path) => (
+            Checkpoint::open(path)?.load_model(kind, device)?,
+            path.display().to_string(),
+        ),
+        None => {
+            let cfg = match a.preset.as_str() {
+                "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
+                other => bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
+            };
+            let src = RandomWeights::new(cfg.arch, 0);
+            (
+                Model::load(cfg, &src, kind, device)?,
+                format!("random {}", a.preset),
+            )
+        }
+    };
+    if a.span == 0 || a.suffix < 2 || a.batch == 0 {
+        bail!("--span must be positive, --suffix at least 2, --batch positive");
+    }
+    let vocab = model.config().vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..vocab)).collect() };
+    let batch: Vec<DistillExample> = (0..a.batch)
+        .map(|_| {
+            let mut context = vec![1u32];
+            context.extend(tokens(a.span));
+            DistillExample {
+                context,
+                spans: vec![(1, a.span)],
+                suffix: tokens(a.suffix),
+                ratio: a.ratio,
+                answer: None,
+            }
+        })
+        .collect();
+    let distill = DistillConfig::default();
+    let adaptor = Adaptor::new(model.config(), distill.clone(), device, 0)?;
+    let mut trainer = Trainer::new(
+        &adaptor,
+        TrainConfig {
+            total_steps: a.iters + 2,
+            warmup_steps: 1,
+            ..TrainConfig::default()
+        },
+    )?;
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let micro = [batch];
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    let mut peak_mem = 0u64;
+    for i in 0..a.iters + 2 {
+        sync();
+        let t0 = Instant::now();
+        let s = trainer.train_step(&model, &adaptor, &micro)?;
+        sync();
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        losses.push(s.loss);
+        if device.is_cuda() {
+            peak_mem = peak_mem.max(device_memory_used().unwrap_or(0));
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let kept = 1 + kept_count(a.span, a.ratio);
+    let flops = step_flops(
+        model.config(),
+        &distill,
+        a.batch,
+        a.span + 1,
+        kept,
+        a.suffix,
+    );
+    let tokens_per_step = (a.batch * (a.span + a.suffix)) as f64;
+    let line = serde_json::json!({
+        "model": name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
+        "span": a.span, "suffix": a.suffix, "ratio": a.ratio, "batch": a.batch,
+        "median_s": median, "tokens_per_s": tokens_per_step / median,
+        "step_tflop": flops.total() / 1e12, "flops": flops,
+        "mfu": flops.total() / median / a.peak_flops,
+        "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
+        "losses": losses,
+    });
+    println!("{line}");
+    Ok(())
+}
