@@ -6,11 +6,12 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::config::ModelConfig;
 use kvd_trainer::device::{parse_device, parse_kind};
+use kvd_trainer::distill::checkpoint::save;
 use kvd_trainer::distill::flops::step_flops;
 use kvd_trainer::distill::{
     kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
@@ -52,6 +53,11 @@ pub struct BenchStepArgs {
     /// Peak FLOP/s for MFU [default: 801e12, bf16 matmul on one H200, shared/GPU.md].
     #[arg(long, default_value_t = 801e12)]
     peak_flops: f64,
+    /// Write the inputs of the run to this directory, for the PyTorch reference
+    /// (`bench/kvdistill_ref.py`): `adaptor.safetensors` (initial scorer and
+    /// LoRA tensors) and `batch.json` before the first step, `losses.json` after.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
 }
 
 /// Device memory in use (bytes), from the CUDA driver: torch's cache included.
@@ -105,19 +111,16 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         .collect();
     let distill = DistillConfig::default();
     let adaptor = Adaptor::new(model.config(), distill.clone(), device, 0)?;
-    let mut trainer = Trainer::new(
-        &adaptor,
-        TrainConfig {
-            total_steps: a.iters + 2,
-            warmup_steps: 1,
-            ..TrainConfig::default()
-        },
-    )?;
+    let mut trainer = Trainer::new(&adaptor, trainer_cfg(a.iters))?;
     let sync = || {
         if let tch::Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
         }
     };
+    let train_cfg = trainer_cfg(a.iters);
+    if let Some(dir) = &a.dump {
+        dump_inputs(dir, &model, &name, &adaptor, &distill, &train_cfg, &batch)?;
+    }
     let micro = [batch];
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -156,6 +159,53 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
         "losses": losses,
     });
+    if let Some(dir) = &a.dump {
+        let out = serde_json::json!({ "losses": losses });
+        std::fs::write(dir.join("losses.json"), out.to_string())
+            .with_context(|| format!("writing {}", dir.display()))?;
+    }
     println!("{line}");
+    Ok(())
+}
+
+/// The optimizer settings of `bench-step`: 2 warm-up steps + `iters` timed ones.
+fn trainer_cfg(iters: usize) -> TrainConfig {
+    TrainConfig {
+        total_steps: iters + 2,
+        warmup_steps: 1,
+        ..TrainConfig::default()
+    }
+}
+
+/// Writes the adaptor's initial tensors and the batch (with the method and
+/// optimizer settings) to `dir`.
+fn dump_inputs(
+    dir: &std::path::Path,
+    model: &Model,
+    name: &str,
+    adaptor: &Adaptor,
+    distill: &DistillConfig,
+    train: &TrainConfig,
+    batch: &[DistillExample],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    save(
+        adaptor,
+        name,
+        model.config(),
+        0,
+        &dir.join("adaptor.safetensors"),
+    )?;
+    let examples: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "context": e.context, "spans": e.spans, "suffix": e.suffix, "ratio": e.ratio,
+            })
+        })
+        .collect();
+    let out = serde_json::json!({ "batch": examples, "distill": distill, "train": train });
+    std::fs::write(dir.join("batch.json"), out.to_string())
+        .with_context(|| format!("writing {}", dir.display()))?;
     Ok(())
 }
