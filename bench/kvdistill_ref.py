@@ -265,10 +265,22 @@ class Step:
             ad.mask = None
         from transformers import DynamicCache
 
-        comp = DynamicCache(config=model.config)
+        try:
+            comp = DynamicCache(config=model.config)
+        except TypeError:  # transformers < 4.56
+            comp = DynamicCache()
+        # The output's cache is `past_key_values` in most transformers
+        # versions, `cache` in some 5.x ones; its layers are `.layers` from
+        # 4.56 on, key/value lists before.
+        full = getattr(enc, "past_key_values", None)
+        if full is None:
+            full = enc.cache
+        if hasattr(full, "layers"):
+            kvs = [(lay.keys, lay.values) for lay in full.layers]
+        else:
+            kvs = list(zip(full.key_cache, full.value_cache))
         gi = idx[:, None, :, None]
-        for layer, lay in enumerate(enc.cache.layers):
-            k, v = lay.keys, lay.values
+        for layer, (k, v) in enumerate(kvs):
             g = gi.expand(-1, k.shape[1], -1, k.shape[3])
             comp.update(k.gather(2, g), v.gather(2, g), layer)
         slot_scores = scores.gather(1, idx)
