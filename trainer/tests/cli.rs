@@ -1,30 +1,11 @@
 //! The `kv-distill` binary as a user runs it, on the real SmolLM2 GGUF fetched
 //! by `scripts/setup.sh`.
 
-use std::path::PathBuf;
+mod common;
+use common::{assets, smollm2};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-distill");
-
-fn assets() -> PathBuf {
-    if let Ok(a) = std::env::var("KVD_ASSETS") {
-        return a.into();
-    }
-    let cache = std::env::var("KVD_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/kv-distill")
-        });
-    cache.join("assets")
-}
-
-fn smollm2() -> String {
-    assets()
-        .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)

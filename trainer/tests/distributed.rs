@@ -7,6 +7,8 @@
 //! bit for bit: single process, 3 workers, 3 workers with a worker killed
 //! mid-step or mid-upload, a coordinator restart, and a resume with 2 workers.
 
+mod common;
+use common::{assets, smollm2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,26 +31,6 @@ fn coordinator_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn assets() -> PathBuf {
-    if let Ok(a) = std::env::var("KVD_ASSETS") {
-        return a.into();
-    }
-    let cache = std::env::var("KVD_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/kv-distill")
-        });
-    cache.join("assets")
-}
-
-fn smollm2() -> String {
-    assets()
-        .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// A small QA dataset (SQuAD-shifts new_wiki paragraphs), written once.
