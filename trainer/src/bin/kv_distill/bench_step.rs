@@ -8,33 +8,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvd_trainer::checkpoint::Checkpoint;
-use kvd_trainer::config::ModelConfig;
-use kvd_trainer::device::{parse_device, parse_kind};
 use kvd_trainer::distill::checkpoint::save;
 use kvd_trainer::distill::flops::step_flops;
 use kvd_trainer::distill::{
     kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
 };
 use kvd_trainer::model::Model;
-use kvd_trainer::weights::RandomWeights;
 use rand::{Rng, SeedableRng};
 
 /// Arguments of `bench-step`.
 #[derive(Args, Debug)]
 pub struct BenchStepArgs {
-    /// HF directory or GGUF file; omit for `--preset` with random weights.
-    #[arg(long)]
-    model: Option<std::path::PathBuf>,
-    /// Random-weight shape when no model is given: llama-3.2-1b.
-    #[arg(long, default_value = "llama-3.2-1b")]
-    preset: String,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    #[command(flatten)]
+    model: super::BenchModelArgs,
     /// Compressed span tokens per example (after one BOS token).
     #[arg(long, default_value_t = 4096)]
     span: usize,
@@ -70,25 +56,8 @@ fn device_memory_used() -> Option<u64> {
 
 /// Runs `bench-step`; prints one JSON line.
 pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let kind = parse_kind(&a.dtype, device)?;
-    let (model, name) = match &a.model {
-        Some(path) => (
-            Checkpoint::open(path)?.load_model(kind, device)?,
-            path.display().to_string(),
-        ),
-        None => {
-            let cfg = match a.preset.as_str() {
-                "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
-                other => bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
-            };
-            let src = RandomWeights::new(cfg.arch, 0);
-            (
-                Model::load(cfg, &src, kind, device)?,
-                format!("random {}", a.preset),
-            )
-        }
-    };
+    let (model, name) = a.model.load()?;
+    let (device, kind) = (model.device(), model.kind());
     if a.span == 0 || a.suffix < 2 || a.batch == 0 {
         bail!("--span must be positive, --suffix at least 2, --batch positive");
     }

@@ -124,20 +124,52 @@ struct LogitsArgs {
     out: PathBuf,
 }
 
+/// The model of a benchmark: a checkpoint, or a preset shape with random weights.
 #[derive(Args, Debug)]
-struct BenchArgs {
+pub struct BenchModelArgs {
     /// HF directory or GGUF file; omit to use `--preset` with random weights.
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Random-weight shape when no model is given: llama-3.2-1b.
     #[arg(long, default_value = "llama-3.2-1b")]
-    preset: String,
+    pub preset: String,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub device: String,
     /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
-    dtype: String,
+    pub dtype: String,
+}
+
+impl BenchModelArgs {
+    /// Loads the model; returns it with a label for the report.
+    pub fn load(&self) -> Result<(Model, String)> {
+        let device = parse_device(&self.device)?;
+        let kind = parse_kind(&self.dtype, device)?;
+        Ok(match &self.model {
+            Some(path) => (
+                Checkpoint::open(path)?.load_model(kind, device)?,
+                path.display().to_string(),
+            ),
+            None => {
+                let cfg = match self.preset.as_str() {
+                    "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
+                    other => anyhow::bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
+                };
+                let src = RandomWeights::new(cfg.arch, 0);
+                (
+                    Model::load(cfg, &src, kind, device)?,
+                    format!("random {}", self.preset),
+                )
+            }
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: BenchModelArgs,
     /// Sequence length.
     #[arg(long, default_value_t = 4096)]
     tokens: i64,
@@ -314,25 +346,8 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let kind = parse_kind(&a.dtype, device)?;
-    let (model, name) = match &a.model {
-        Some(path) => (
-            Checkpoint::open(path)?.load_model(kind, device)?,
-            path.display().to_string(),
-        ),
-        None => {
-            let cfg = match a.preset.as_str() {
-                "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
-                other => anyhow::bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
-            };
-            let src = RandomWeights::new(cfg.arch, 0);
-            (
-                Model::load(cfg, &src, kind, device)?,
-                format!("random {}", a.preset),
-            )
-        }
-    };
+    let (model, name) = a.model.load()?;
+    let (device, kind) = (model.device(), model.kind());
     let vocab = model.config().vocab_size as i64;
     let ids = Tensor::randint(vocab, [1, a.tokens], (tch::Kind::Int64, device));
     let sync = || {
