@@ -21,10 +21,10 @@
 //! [`AzureAuthorizer`].
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use object_store::azure::{AzureAccessKey, AzureAuthorizer, AzureCredential};
 use object_store::client::{HttpRequest, HttpRequestBody};
@@ -78,10 +78,7 @@ impl Azurite {
     /// Starts the server in a fresh workspace and creates `container` (3 to
     /// 63 lowercase letters, digits and dashes, as Azure requires).
     pub fn start(container: &str) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| DataError::config(format!("no free port: {e}")))?
-            .port();
+        let port = crate::local_server::free_port()?;
         let bin = binary()?;
         let dir = std::env::temp_dir().join(format!("kvd-azurite-{}-{port}", std::process::id()));
         let io_err = |e| DataError::Io {
@@ -123,21 +120,19 @@ impl Azurite {
             endpoint: format!("http://127.0.0.1:{port}/{ACCOUNT}"),
             container: container.to_string(),
         };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err(DataError::config("azurite-blob did not answer within 30 s"));
-            }
-            if let Ok(Some(st)) = server.child.try_wait() {
-                let err =
-                    std::fs::read_to_string(server.dir.join("stderr.log")).unwrap_or_default();
-                return Err(DataError::config(format!(
-                    "azurite-blob exited: {st}: {}",
-                    err.trim()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = server.dir.join("stderr.log");
+        crate::local_server::wait_listening(
+            "azurite-blob",
+            &mut server.child,
+            port,
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            },
+        )?;
         server.create_container(container)?;
         Ok(server)
     }

@@ -11,10 +11,10 @@
 //! and read them back through [`crate::Source`].
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{DataError, Result};
 use crate::source::StoreOptions;
@@ -67,10 +67,7 @@ pub fn binary() -> Result<PathBuf> {
 impl GcsEmulator {
     /// Starts the server and creates `bucket`.
     pub fn start(bucket: &str) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| DataError::config(format!("no free port: {e}")))?
-            .port();
+        let port = crate::local_server::free_port()?;
         let bin = binary()?;
         let base_url = format!("http://127.0.0.1:{port}");
         // `-public-host` must be the address the client sends as `Host`: the
@@ -97,18 +94,13 @@ impl GcsEmulator {
             base_url,
             bucket: bucket.to_string(),
         };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err(DataError::config(
-                    "fake-gcs-server did not answer within 30 s",
-                ));
-            }
-            if let Ok(Some(st)) = server.child.try_wait() {
-                return Err(DataError::config(format!("fake-gcs-server exited: {st}")));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::local_server::wait_listening(
+            "fake-gcs-server",
+            &mut server.child,
+            port,
+            Duration::from_secs(30),
+            String::new,
+        )?;
         let body = format!("{{\"name\":\"{bucket}\"}}");
         server.expect_ok("POST", "/storage/v1/b", "application/json", body.as_bytes())?;
         Ok(server)

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod error;
 pub mod gcs_emulator;
 pub mod loader;
+mod local_server;
 pub mod manifest;
 pub mod moto;
 pub mod prepare;

@@ -2,10 +2,9 @@
 //! and the benchmark: started on a free port with authentication on, a
 //! bucket and an access key created, killed on drop.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{DataError, Result};
 use crate::source::StoreOptions;
@@ -37,10 +36,7 @@ impl MotoServer {
     /// Starts the server, creates `bucket` and an IAM user with full access
     /// (script `tests/oracle/data_moto_setup.py` under `repo_root`).
     pub fn start(repo_root: &std::path::Path, bucket: &str) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| DataError::config(format!("no free port: {e}")))?
-            .port();
+        let port = crate::local_server::free_port()?;
         let bin = venv_bin("moto_server");
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -62,16 +58,13 @@ impl MotoServer {
             access_key: String::new(),
             secret_key: String::new(),
         };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if t0.elapsed() > Duration::from_secs(60) {
-                return Err(DataError::config("moto_server did not answer within 60 s"));
-            }
-            if let Ok(Some(st)) = server.child.try_wait() {
-                return Err(DataError::config(format!("moto_server exited: {st}")));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::local_server::wait_listening(
+            "moto_server",
+            &mut server.child,
+            port,
+            Duration::from_secs(60),
+            String::new,
+        )?;
         let script = repo_root.join("tests/oracle/data_moto_setup.py");
         let out = Command::new(venv_bin("python"))
             .arg(&script)
