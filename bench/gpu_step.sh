@@ -1,40 +1,65 @@
 #!/usr/bin/env bash
 # The step benchmark of the performance issue on one H200 (device tool), from
 # the repo root:  bench/gpu_step.sh KV_DISTILL OUT
-# Makes a random-weight Llama-3.2-1B-shaped HF checkpoint (bf16, seed 0), then
-# for each shape runs the Rust step (`kv-distill bench-step --dump`) and the
-# PyTorch reference (bench/kvdistill_ref.py) eager and with torch.compile on the
-# same weights, adaptor init and batch; one JSON line each in OUT/results.jsonl.
+# Makes random-weight HF checkpoints (bf16, seed 0) of the Llama-3.2-1B shape
+# and of the SmolLM2-135M shape, then for each shape runs the Rust step
+# (`kv-distill bench-step --dump`) and the PyTorch reference
+# (bench/kvdistill_ref.py) eager and with torch.compile on the same weights,
+# adaptor init and batch; one JSON line each in OUT/results.jsonl.
+# MODELS picks the models, SHAPES_1b / SHAPES_smol the span:batch shapes,
+# REF="eager compile" the reference variants; PROFILE=1 adds per-phase times of
+# the Rust step (OUT/*.rust-phases.json) and torch.profiler kernel tables of the
+# reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s).
 set -euo pipefail
 BIN=$1 OUT=$2
-SHAPES=${SHAPES:-"4096:1 4096:4 16384:1"}   # span:batch
+MODELS=${MODELS:-"1b smol"}
+SHAPES_1b=${SHAPES_1b:-"4096:1 4096:4 16384:1"}
+SHAPES_smol=${SHAPES_smol:-"4096:1 4096:4"}
+REF=${REF:-"eager compile"}
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/gpu_env.sh"
 PY=${KVD_PYTHON:-/opt/torch/.venv/bin/python}
 mkdir -p "$OUT"
-M=${MODEL_DIR:-/tmp/llama-1b-random}
-if [ ! -f "$M/config.json" ]; then
-  "$PY" - "$M" <<'PYEOF'
+for model in $MODELS; do
+  M=/tmp/random-$model
+  if [ ! -f "$M/config.json" ]; then
+    "$PY" - "$M" "$model" <<'PYEOF'
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+shapes = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+               rope_theta=500000.0),
+    "smol": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                 rope_theta=100000.0),
+}
+cfg = LlamaConfig(head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2, **shapes[sys.argv[2]])
 with torch.device("cuda"):
     m = LlamaForCausalLM(cfg).to(torch.bfloat16)
 m.save_pretrained(sys.argv[1], safe_serialization=True)
 PYEOF
-fi
-for shape in $SHAPES; do
-  span=${shape%:*} batch=${shape#*:}
-  d="$OUT/dump-$span-$batch"
-  echo "== span $span batch $batch"
-  "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" --batch "$batch" \
-    --suffix 256 --ratio 0.1 --iters 5 --dump "$d" 2> "$d.rust.log" | sed 's/^/{"impl":"rust",/; s/^{"impl":"rust",{/{"impl":"rust",/' | tee -a "$OUT/results.jsonl"
-  for c in "" "--compile"; do
-    "$PY" "$here/bench/kvdistill_ref.py" --model "$M" --dump "$d" --device cuda --dtype bf16 $c \
-      2> "$d.py$c.log" | sed "s/^{/{\"impl\":\"pytorch${c:+ compile}\",\"span\":$span,\"batch\":$batch,/" \
-      | tee -a "$OUT/results.jsonl" || tail -5 "$d.py$c.log"
+  fi
+  shapes_var=SHAPES_$model
+  for shape in ${!shapes_var}; do
+    span=${shape%:*} batch=${shape#*:}
+    d="$OUT/dump-$model-$span-$batch"
+    tag="\"shape\":\"$model\",\"span\":$span,\"batch\":$batch"
+    echo "== $model span $span batch $batch"
+    "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" --batch "$batch" \
+      --suffix 256 --ratio 0.1 --iters 5 --dump "$d" 2> "$d.rust.log" \
+      | sed "s/^{/{\"impl\":\"rust\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.rust.log"
+    if [ -n "${PROFILE:-}" ]; then   # per-phase device times (synchronized), separately
+      KVD_STEP_PHASES=1 "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
+        --batch "$batch" --suffix 256 --ratio 0.1 --iters 3 > "$d.rust-phases.json" 2>> "$d.rust.log" || true
+    fi
+    for v in $REF; do
+      c=""; [ "$v" = compile ] && c="--compile"
+      timeout "${REF_TIMEOUT:-400}" "$PY" "$here/bench/kvdistill_ref.py" --model "$M" --dump "$d" --device cuda --dtype bf16 $c \
+        ${PROFILE:+--profile "$d.py-$v.prof.txt"} 2> "$d.py-$v.log" \
+        | sed "s/^{/{\"impl\":\"pytorch $v\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.py-$v.log"
+    done
   done
 done

@@ -215,6 +215,12 @@ class Step:
             self.features = out[0] if isinstance(out, tuple) else out
 
         model.model.layers[layer - 1].register_forward_hook(capture)
+        # The cache argument is `cache` in recent transformers 5.x and
+        # `past_key_values` before (an unknown keyword is silently ignored).
+        import inspect
+
+        params = inspect.signature(type(model.model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def set_attention(self, name):
         self.model.config._attn_implementation = name
@@ -292,10 +298,12 @@ class Step:
             fed = slot_scores
         bias = torch.cat([fed * span_slot, torch.zeros(b, lx, device=dev)], 1)
         pos = (torch.arange(lx, device=dev) + lc).unsqueeze(0).expand(b, -1)
+        assert comp.get_seq_length() == slots, "the compressed cache must hold the kept slots"
         _DECODER_BIAS["bias"] = bias
         self.set_attention("kvd_explicit")
         try:
-            hid = self.body(input_ids=suf, position_ids=pos, cache=comp, use_cache=True).last_hidden_state
+            kw = {self.cache_kw: comp}
+            hid = self.body(input_ids=suf, position_ids=pos, use_cache=True, **kw).last_hidden_state
         finally:
             _DECODER_BIAS["bias"] = None
             self.set_attention("sdpa")
@@ -339,6 +347,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", metavar="FILE", help="after the timed steps, profile one more step; kernel table to FILE")
     ap.add_argument("--make-tiny", metavar="DIR", help="write a tiny random Llama checkpoint and exit")
     ap.add_argument("--tiny-layers", type=int, default=4)
     a = ap.parse_args()
@@ -377,9 +386,7 @@ def main():
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
-    for i in range(steps):
-        sync()
-        t0 = time.perf_counter()
+    def one_step(i):
         for p in params:
             p.grad = None
         loss, _, _, _ = step(batch)
@@ -394,9 +401,25 @@ def main():
                 if p.grad is not None:
                     p.grad.mul_(c)
         opt.step(lr_at(train, i))
+        return loss
+
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = one_step(i)
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            one_step(steps - 1)
+            sync()
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        with open(a.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
     timed = sorted(times[2:] if len(times) > 2 else times)
     median = timed[len(timed) // 2]
     tokens = sum(len(e["context"]) - 1 + len(e["suffix"]) for e in batch)

@@ -53,7 +53,7 @@ fn trained_like_adaptor(m: &Model) -> Adaptor {
 
 /// Compresses `ctxs` (span = everything after position 1) with `method` at `r`.
 fn compress(m: &Model, method: Method, ctxs: &[Vec<u32>], r: f64) -> Compressed {
-    let (ids, len) = pad_rows(ctxs, Device::Cpu);
+    let (ids, len) = pad_rows(ctxs, m.config().vocab_size, Device::Cpu).unwrap();
     let spans: Vec<Vec<(usize, usize)>> = ctxs.iter().map(|c| vec![(1, c.len() - 1)]).collect();
     let ratios = vec![r; ctxs.len()];
     compress_contexts(
@@ -234,7 +234,7 @@ fn bad_inputs_give_clear_errors() {
     let m = model("llama");
     let a = trained_like_adaptor(&m);
     let ctx = vec![tokens(20, 19)];
-    let (ids, len) = pad_rows(&ctx, Device::Cpu);
+    let (ids, len) = pad_rows(&ctx, m.config().vocab_size, Device::Cpu).unwrap();
     let run = |spans: Vec<Vec<(usize, usize)>>, r: f64| {
         compress_contexts(
             &m,
@@ -260,7 +260,7 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.contains("outside the 20-token context"), "{e}");
     // Span longer than the model window (tiny llama: 256 positions).
     let long = vec![tokens(300, 20)];
-    let (lids, llen) = pad_rows(&long, Device::Cpu);
+    let (lids, llen) = pad_rows(&long, m.config().vocab_size, Device::Cpu).unwrap();
     let e = compress_contexts(
         &m,
         Method::KvDistill(&a),

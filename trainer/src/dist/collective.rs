@@ -87,14 +87,6 @@ pub struct FlatGrads {
     offsets: Vec<i64>,
 }
 
-fn contiguous_strides(size: &[i64]) -> Vec<i64> {
-    let mut strides = vec![1i64; size.len()];
-    for i in (0..size.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * size[i + 1].max(1);
-    }
-    strides
-}
-
 impl FlatGrads {
     /// Points the gradients of `vars` (float32) into a new flat buffer with
     /// `tail` extra slots; the gradients start at zero.
@@ -146,7 +138,7 @@ impl FlatGrads {
                     &self.flat,
                     off,
                     size.as_slice(),
-                    contiguous_strides(&size).as_slice(),
+                    crate::distill::adamw::contiguous_strides(&size).as_slice(),
                 )?;
             }
             Ok(())

@@ -3,8 +3,8 @@
 //! and every rank applies bit-identical updates. The update is PyTorch's
 //! `torch.optim.AdamW` (decoupled weight decay, bias-corrected moments).
 
-use crate::error::Result;
-use tch::Tensor;
+use crate::error::{ModelError, Result};
+use tch::{Kind, Tensor};
 
 /// Adam hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,63 +30,165 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The optimizer: one first and second moment per variable, in variable order.
+/// The optimizer. The variables live in one flat float32 buffer (moved there
+/// by [`AdamW::new`]), as do the moments, so an update is a handful of
+/// kernels over all variables at once rather than a handful per variable.
+/// Each element sees the same operations as in a per-variable update.
 pub struct AdamW {
     cfg: AdamWConfig,
     /// Updates applied so far (the bias-correction count).
     pub steps: u64,
-    /// First moments.
-    pub m: Vec<Tensor>,
-    /// Second moments.
-    pub v: Vec<Tensor>,
+    params: Tensor,
+    m: Tensor,
+    v: Tensor,
+    /// Offset and shape of each variable in the flat buffers.
+    layout: Vec<(i64, Vec<i64>)>,
 }
 
 impl AdamW {
-    /// Zero moments shaped like `vars`.
-    pub fn new(vars: &[Tensor], cfg: AdamWConfig) -> Self {
-        let zeros = || vars.iter().map(|v| v.zeros_like().detach()).collect();
-        Self {
+    /// Moves `vars` (float32, one device) into one flat buffer, in order (each
+    /// variable becomes a view of its slot, keeping its values), with zero
+    /// moments.
+    pub fn new(vars: &[Tensor], cfg: AdamWConfig) -> Result<Self> {
+        let device = vars.first().map_or(tch::Device::Cpu, Tensor::device);
+        let mut layout = Vec::with_capacity(vars.len());
+        let mut total = 0i64;
+        for v in vars {
+            if v.kind() != Kind::Float || v.device() != device {
+                return Err(ModelError::Input(format!(
+                    "AdamW variables must be float32 on one device, got {:?} on {:?}",
+                    v.kind(),
+                    v.device()
+                )));
+            }
+            layout.push((total, v.size()));
+            total += v.numel() as i64;
+        }
+        let params = Tensor::f_zeros([total], (Kind::Float, device))?;
+        tch::no_grad(|| -> Result<()> {
+            for (var, (off, size)) in vars.iter().zip(&layout) {
+                let n = var.numel() as i64;
+                params
+                    .f_narrow(0, *off, n)?
+                    .f_copy_(&var.f_reshape([-1])?)?;
+                let _ = var.shallow_clone().f_set_source_tensor_storage_offset_(
+                    &params,
+                    *off,
+                    size,
+                    &contiguous_strides(size),
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(Self {
             cfg,
             steps: 0,
-            m: zeros(),
-            v: zeros(),
-        }
+            m: params.f_zeros_like()?,
+            v: params.f_zeros_like()?,
+            params,
+            layout,
+        })
     }
 
-    /// One update of `vars` (whose gradients are set) at learning rate `lr`.
-    pub fn step(&mut self, vars: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with the flat gradients `grads` (in variable order, as
+    /// `FlatGrads::grads`) at learning rate `lr`.
+    pub fn step(&mut self, grads: &Tensor, lr: f64) -> Result<()> {
+        if grads.size() != self.params.size() {
+            return Err(ModelError::Input(format!(
+                "{:?} gradients for {:?} parameters",
+                grads.size(),
+                self.params.size()
+            )));
+        }
         self.steps += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bc2 = 1.0 - c.beta2.powi(self.steps as i32);
+        let (p, m, v, g) = (&mut self.params, &mut self.m, &mut self.v, grads);
         tch::no_grad(|| -> Result<()> {
-            for ((p, m), v) in vars.iter().zip(&mut self.m).zip(&mut self.v) {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut p = p.shallow_clone();
-                if c.weight_decay != 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
-                }
-                let _ = m.f_mul_scalar_(c.beta1)?;
-                let _ = m.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
-                let _ = v.f_mul_scalar_(c.beta2)?;
-                let _ = v.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
-                let denom = v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(c.eps)?;
-                let _ = p.f_addcdiv_(&m.f_mul_scalar(-lr / bc1)?, &denom)?;
+            if c.weight_decay != 0.0 {
+                let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
+            let _ = m.f_mul_scalar_(c.beta1)?;
+            let _ = m.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
+            let _ = v.f_mul_scalar_(c.beta2)?;
+            let _ = v.f_addcmul_(g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            let denom = v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(c.eps)?;
+            let _ = p.f_addcdiv_(&m.f_mul_scalar(-lr / bc1)?, &denom)?;
             Ok(())
         })
     }
 
+    /// Views of one flat buffer's slots, shaped like the variables.
+    fn views(&self, flat: &Tensor) -> Vec<Tensor> {
+        self.layout
+            .iter()
+            .map(|(off, size)| {
+                let n: i64 = size.iter().product();
+                flat.narrow(0, *off, n).view(size.as_slice())
+            })
+            .collect()
+    }
+
+    /// The first moments, one per variable (views of the flat buffer).
+    pub fn first_moments(&self) -> Vec<Tensor> {
+        self.views(&self.m)
+    }
+
+    /// The second moments, one per variable (views of the flat buffer).
+    pub fn second_moments(&self) -> Vec<Tensor> {
+        self.views(&self.v)
+    }
+
+    /// Sets the moments (one per variable, shaped like it) and the update count.
+    pub fn restore(&mut self, steps: u64, m: &[Tensor], v: &[Tensor]) -> Result<()> {
+        if m.len() != self.layout.len() || v.len() != self.layout.len() {
+            return Err(ModelError::Input(format!(
+                "optimizer state has {} / {} moments for {} variables",
+                m.len(),
+                v.len(),
+                self.layout.len()
+            )));
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (dst, src) in self
+                .first_moments()
+                .into_iter()
+                .zip(m)
+                .chain(self.second_moments().into_iter().zip(v))
+            {
+                if dst.size() != src.size() {
+                    return Err(ModelError::Input(format!(
+                        "optimizer moment is {:?}, its variable {:?}",
+                        src.size(),
+                        dst.size()
+                    )));
+                }
+                dst.shallow_clone().f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// The moments as named tensors (`adam.m.<name>`, `adam.v.<name>`), for checkpoints.
     pub fn named_state(&self, names: &[String]) -> Vec<(String, Tensor)> {
+        let (m, v) = (self.first_moments(), self.second_moments());
         let mut out = Vec::with_capacity(2 * names.len());
         for (i, n) in names.iter().enumerate() {
-            out.push((format!("adam.m.{n}"), self.m[i].shallow_clone()));
-            out.push((format!("adam.v.{n}"), self.v[i].shallow_clone()));
+            out.push((format!("adam.m.{n}"), m[i].shallow_clone()));
+            out.push((format!("adam.v.{n}"), v[i].shallow_clone()));
         }
         out
     }
+}
+
+/// Row-major strides of `size`.
+pub(crate) fn contiguous_strides(size: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; size.len()];
+    for i in (0..size.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * size[i + 1].max(1);
+    }
+    strides
 }

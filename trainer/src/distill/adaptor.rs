@@ -122,11 +122,22 @@ impl Adaptor {
         z.linear(&self.w2, Some(&self.b2)).squeeze_dim(-1)
     }
 
-    /// Hooks that add the LoRA terms at positions where `mask` (`[batch, seq]`) is 1.
-    pub fn lora_hooks<'a>(&'a self, mask: &Tensor, train: bool) -> LoraHooks<'a> {
+    /// Hooks that add the LoRA terms at the positions where `mask`
+    /// (`[batch, seq]`, host values) is 1: only those rows are computed.
+    /// `train` enables the LoRA dropout.
+    pub fn lora_hooks<'a>(
+        &'a self,
+        mask: &[f32],
+        device: tch::Device,
+        train: bool,
+    ) -> LoraHooks<'a> {
+        let rows: Vec<i64> = (0..mask.len() as i64)
+            .filter(|&i| mask[i as usize] == 1.0)
+            .collect();
         LoraHooks {
             adaptor: self,
-            mask: mask.to_kind(Kind::Float).unsqueeze(-1),
+            rows: Tensor::from_slice(&rows).to_device(device),
+            any: !rows.is_empty(),
             train,
         }
     }
@@ -155,27 +166,38 @@ impl Adaptor {
     }
 }
 
-/// LoRA routed to selected positions.
+/// LoRA routed to selected positions: `y + scale * (x A^T) B^T` at those rows
+/// of the flattened `[batch * seq]` positions, `y` elsewhere.
 pub struct LoraHooks<'a> {
     adaptor: &'a Adaptor,
-    mask: Tensor,
+    /// Flat indices of the routed positions.
+    rows: Tensor,
+    any: bool,
     train: bool,
 }
 
 impl Hooks for LoraHooks<'_> {
-    fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Option<Tensor> {
-        let pair = self.adaptor.lora.get(&(layer, proj))?;
-        let cfg = &self.adaptor.cfg.lora;
-        let x = if self.train && cfg.dropout > 0.0 {
-            x.dropout(cfg.dropout, true)
-        } else {
-            x.shallow_clone()
+    fn adjust_linear(&self, layer: usize, proj: Proj, x: &Tensor, y: Tensor) -> Tensor {
+        let Some(pair) = self.adaptor.lora.get(&(layer, proj)) else {
+            return y;
         };
+        if !self.any {
+            return y;
+        }
+        let cfg = &self.adaptor.cfg.lora;
         let kind = x.kind();
+        let mut xs = x.flatten(0, -2).index_select(0, &self.rows);
+        if self.train && cfg.dropout > 0.0 {
+            xs = xs.dropout(cfg.dropout, true);
+        }
         let scale = cfg.alpha / cfg.rank as f64;
-        let delta = x
+        let delta = xs
             .matmul(&pair.a.to_kind(kind).transpose(0, 1))
-            .matmul(&pair.b.to_kind(kind).transpose(0, 1));
-        Some(delta * self.mask.to_kind(kind) * scale)
+            .matmul(&pair.b.to_kind(kind).transpose(0, 1))
+            * scale;
+        let size = y.size();
+        y.flatten(0, -2)
+            .index_add(0, &self.rows, &delta)
+            .view(size.as_slice())
     }
 }

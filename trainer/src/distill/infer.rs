@@ -83,19 +83,25 @@ pub fn check_window(model: &Model, lens: &[usize]) -> Result<()> {
     }
 }
 
-/// Right-pads `rows` into `[batch, max_len]` int64 on `device`, with lengths.
-pub fn pad_rows(rows: &[Vec<u32>], device: Device) -> (Tensor, Vec<usize>) {
+/// Right-pads `rows` into `[batch, max_len]` int64 on `device`, with lengths;
+/// every id must be below `vocab` (the error names the row and position).
+pub fn pad_rows(rows: &[Vec<u32>], vocab: usize, device: Device) -> Result<(Tensor, Vec<usize>)> {
     let l = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let mut flat = vec![0i64; rows.len() * l];
     for (i, r) in rows.iter().enumerate() {
         for (j, &t) in r.iter().enumerate() {
+            if t as usize >= vocab {
+                return Err(ModelError::Input(format!(
+                    "row {i}, position {j}: token id {t} outside the vocabulary [0, {vocab})"
+                )));
+            }
             flat[i * l + j] = t as i64;
         }
     }
     let ids = Tensor::from_slice(&flat)
         .view([rows.len() as i64, l as i64])
         .to_device(device);
-    (ids, rows.iter().map(Vec::len).collect())
+    Ok((ids, rows.iter().map(Vec::len).collect()))
 }
 
 /// Greedy generation for every example of `comp` (consumed: prompts and answers
@@ -117,7 +123,7 @@ pub fn generate_batch(
     }
     let device = model.device();
     tch::no_grad(|| {
-        let (ids, lens) = pad_rows(prompts, device);
+        let (ids, lens) = pad_rows(prompts, model.config().vocab_size, device)?;
         let hidden = decode(model, comp, &ids, &lens, None)?;
         let last: Vec<i64> = lens.iter().map(|&l| l as i64 - 1).collect();
         let last = Tensor::from_slice(&last).to_device(device);
@@ -183,7 +189,7 @@ fn scored_rows(
     scored: &[(usize, usize)],
 ) -> Result<(Tensor, Vec<i64>, Vec<usize>)> {
     let device = model.device();
-    let (ids, lens) = pad_rows(suffixes, device);
+    let (ids, lens) = pad_rows(suffixes, model.config().vocab_size, device)?;
     let lx = ids.size()[1];
     let hidden = decode(model, comp, &ids, &lens, None)?;
     let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());

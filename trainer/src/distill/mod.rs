@@ -14,6 +14,7 @@ pub mod examples;
 pub mod flops;
 pub mod infer;
 pub mod loss;
+pub mod phases;
 pub mod select;
 pub mod step;
 pub mod student;

@@ -89,11 +89,12 @@ pub fn distill_step(
         .iter()
         .map(|e| [e.context.as_slice(), e.suffix.as_slice()].concat())
         .collect();
-    let full_ids = pad_rows(&full, device).0;
+    let vocab = model.config().vocab_size;
+    let full_ids = pad_rows(&full, vocab, device)?.0;
     let ctx_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.context.clone()).collect();
     let suf_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.suffix.clone()).collect();
-    let ctx_ids = pad_rows(&ctx_rows, device).0;
-    let suf_ids = pad_rows(&suf_rows, device).0;
+    let ctx_ids = pad_rows(&ctx_rows, vocab, device)?.0;
+    let suf_ids = pad_rows(&suf_rows, vocab, device)?.0;
     let lf = full_ids.size()[1];
     let lx = suf_ids.size()[1];
 
@@ -122,19 +123,21 @@ pub fn distill_step(
     let t_rows = Tensor::from_slice(&t_rows).to_device(device);
 
     // Teacher: full cache, frozen; also yields the scorer's features (first l layers).
+    let mut timer = super::phases::PhaseTimer::start(device);
     let capture = Capture {
         layer: cfg.scorer_layer,
         state: RefCell::new(None),
     };
     let (teacher_logits, features) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
-        let h = model.forward_hidden_with(Input::new(&full_ids), None, &capture)?;
+        let h = model.forward_hidden_with(Input::new(&full_ids).vocab_checked(), None, &capture)?;
         let rows = h.flatten(0, 1).index_select(0, &t_rows);
         let features = match capture.state.borrow_mut().take() {
             Some(f) => f,
-            None => model.layer_states(Input::new(&full_ids), cfg.scorer_layer)?,
+            None => model.layer_states(Input::new(&full_ids).vocab_checked(), cfg.scorer_layer)?,
         };
         Ok((model.logits(&rows), features))
     })?;
+    timer.mark("teacher");
 
     // Student.
     let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
@@ -146,8 +149,10 @@ pub fn distill_step(
         ratios: &ratios,
     };
     let mut comp = compress(model, adaptor, contexts, &features, train)?;
+    timer.skip(); // compress marks its own phases
     let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
     let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
+    timer.mark("decoder");
     let kl = kl_mix(
         &teacher_logits,
         &student_logits,
@@ -161,6 +166,7 @@ pub fn distill_step(
             kl.loss, kl.forward_kl, kl.reverse_kl
         )));
     }
+    timer.mark("kl");
     let tokens = kl.grad.size()[0] as usize;
     if train {
         // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
@@ -168,6 +174,7 @@ pub fn distill_step(
         (student_logits * g.detach())
             .sum(Kind::Float)
             .f_backward()?;
+        timer.mark("backward");
     }
     Ok(StepStats {
         loss: kl.loss,

@@ -51,7 +51,8 @@ pub struct Contexts<'a> {
     pub ratios: &'a [f64],
 }
 
-/// Compresses `ctx`. `features` are the frozen model's states after
+/// Compresses `ctx` (ids from [`super::infer::pad_rows`], which checks them
+/// against the vocabulary). `features` are the frozen model's states after
 /// `scorer_layer` layers over (at least) the context positions, `[batch, >= lc, d]`.
 pub fn compress(
     model: &Model,
@@ -74,6 +75,7 @@ pub fn compress(
         ));
     }
     let device = model.device();
+    let mut timer = super::phases::PhaseTimer::start(device);
     let scores = adaptor.score(&features.narrow(1, 0, lc));
     let host: Vec<f32> =
         Vec::<f32>::try_from(scores.detach().to_device(Device::Cpu).flatten(0, -1))?;
@@ -91,15 +93,15 @@ pub fn compress(
             }
         }
     }
-    let lora_mask = Tensor::from_slice(&lora_mask)
-        .view([b, lc])
-        .to_device(device);
-    let hooks = adaptor.lora_hooks(&lora_mask, train);
+    let hooks = adaptor.lora_hooks(&lora_mask, device, train);
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.
-    let _ = model.forward_hidden_with(Input::new(ctx_ids), Some(&mut full), &hooks)?;
-
-    gather_kept(&full, selections, &scores, ctx_len)
+    let _ =
+        model.forward_hidden_with(Input::new(ctx_ids).vocab_checked(), Some(&mut full), &hooks)?;
+    timer.mark("encoder");
+    let out = gather_kept(&full, selections, &scores, ctx_len);
+    timer.mark("gather");
+    out
 }
 
 /// Gathers the kept positions of each example from `full` (a cache over the
@@ -158,7 +160,8 @@ impl Hooks for BiasHooks {
     }
 }
 
-/// Runs the frozen decoder over right-padded suffixes `suf_ids` `[batch, lx]` of
+/// Runs the frozen decoder over right-padded suffixes `suf_ids` `[batch, lx]`
+/// (from [`super::infer::pad_rows`], which checks them against the vocabulary) of
 /// lengths `suf_len`, continuing each context at its original next position and
 /// attending to `compressed.cache` (consumed: the suffix is appended to it), with
 /// the score feed on the kept span slots (none at inference, where the
@@ -182,7 +185,10 @@ pub fn decode(
     }
     let pos = Tensor::from_slice(&pos).view([b, lx]).to_device(device);
     let valid = Tensor::from_slice(&valid).view([b, lx]).to_device(device);
-    let input = Input::new(suf_ids).with_positions(&pos).with_valid(&valid);
+    let input = Input::new(suf_ids)
+        .with_positions(&pos)
+        .with_valid(&valid)
+        .vocab_checked();
     let s = &compressed.slot_scores;
     let fed = match feed {
         None => return model.forward_hidden(input, Some(&mut compressed.cache)),

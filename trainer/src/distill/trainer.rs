@@ -105,7 +105,7 @@ impl Trainer {
                 weight_decay: cfg.weight_decay,
                 ..AdamWConfig::default()
             },
-        );
+        )?;
         Ok(Trainer {
             opt,
             cfg,
@@ -135,17 +135,7 @@ impl Trainer {
         m: Vec<Tensor>,
         v: Vec<Tensor>,
     ) -> Result<()> {
-        if m.len() != self.vars.len() || v.len() != self.vars.len() {
-            return Err(ModelError::Input(format!(
-                "optimizer state has {} / {} moments for {} variables",
-                m.len(),
-                v.len(),
-                self.vars.len()
-            )));
-        }
-        self.opt.m = m;
-        self.opt.v = v;
-        self.opt.steps = updates;
+        self.opt.restore(updates, &m, &v)?;
         self.step = step;
         Ok(())
     }
@@ -182,7 +172,9 @@ impl Trainer {
             local[1] += s.loss;
             local[2] += s.tokens as f64;
         }
+        let mut timer = super::phases::PhaseTimer::start(model.device());
         let total = flat.all_reduce(&local, coll, self.bucket_elems)?;
+        timer.mark("all_reduce");
         let n = total[0];
         if n < 1.0 {
             // Every row of the global batch was skipped (bad-row policy): the
@@ -218,7 +210,8 @@ impl Trainer {
             let _ = tch::no_grad(|| grads.f_mul_scalar_(c))?;
         }
         let lr = self.cfg.lr_at(self.step);
-        self.opt.step(&self.vars, lr)?;
+        self.opt.step(&grads, lr)?;
+        timer.mark("optimizer");
         self.step += 1;
         Ok(OptStats {
             loss: total[1] / n,

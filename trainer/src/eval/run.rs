@@ -253,7 +253,7 @@ pub fn run_eval(
         }
         evaluated += qs.len();
         let p = prepare(&builder, set, qs, cfg.context)?;
-        let (ids, len) = pad_rows(&p.ctx, device);
+        let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
         let ones = vec![1.0; qs.len()];
         // The teacher: the full cache.
         let teacher_comp = compress_contexts(

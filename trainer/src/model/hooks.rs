@@ -71,9 +71,10 @@ impl Proj {
 
 /// Caller-supplied changes to a forward pass. Every method defaults to "no change".
 pub trait Hooks {
-    /// A term added to the output of projection `proj` of layer `layer` for its input `x`.
-    fn linear_delta(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Option<Tensor> {
-        None
+    /// The output of projection `proj` of layer `layer` for its input `x`,
+    /// given the plain projection `y` (e.g. `y` plus a LoRA term).
+    fn adjust_linear(&self, _layer: usize, _proj: Proj, _x: &Tensor, y: Tensor) -> Tensor {
+        y
     }
 
     /// An additive bias `[batch, keys]` on layer `layer`'s attention logits, one value

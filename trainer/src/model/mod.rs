@@ -37,6 +37,10 @@ pub struct Input<'a> {
     pub positions: Option<&'a Tensor>,
     /// `[batch, seq]` bool, false at padding; default: all valid.
     pub valid: Option<&'a Tensor>,
+    /// The caller has checked on the host that every id is within the
+    /// vocabulary, so the forward skips its device-side check (which waits for
+    /// the device and so stalls the queue of launched work).
+    pub vocab_checked: bool,
 }
 
 impl<'a> Input<'a> {
@@ -46,7 +50,15 @@ impl<'a> Input<'a> {
             ids,
             positions: None,
             valid: None,
+            vocab_checked: false,
         }
+    }
+
+    /// Marks the ids as checked against the vocabulary on the host
+    /// (e.g. by [`crate::distill::infer::pad_rows`]).
+    pub fn vocab_checked(mut self) -> Self {
+        self.vocab_checked = true;
+        self
     }
 
     /// Sets explicit positions.
@@ -211,13 +223,15 @@ impl Model {
         if t == 0 {
             return Err(ModelError::Input("empty sequence".into()));
         }
-        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-        if lo < 0 || hi >= self.cfg.vocab_size as i64 {
-            return Err(ModelError::Input(format!(
-                "token id {} outside the vocabulary [0, {})",
-                if lo < 0 { lo } else { hi },
-                self.cfg.vocab_size
-            )));
+        if !input.vocab_checked {
+            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            if lo < 0 || hi >= self.cfg.vocab_size as i64 {
+                return Err(ModelError::Input(format!(
+                    "token id {} outside the vocabulary [0, {})",
+                    if lo < 0 { lo } else { hi },
+                    self.cfg.vocab_size
+                )));
+            }
         }
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.cfg.num_layers {

@@ -58,8 +58,8 @@ fn device_memory_used() -> Option<u64> {
 pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let (model, name) = a.model.load()?;
     let (device, kind) = (model.device(), model.kind());
-    if a.span == 0 || a.suffix < 2 || a.batch == 0 {
-        bail!("--span must be positive, --suffix at least 2, --batch positive");
+    if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 {
+        bail!("--span must be positive, --suffix at least 2, --batch and --iters positive");
     }
     let vocab = model.config().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -95,6 +95,9 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let mut losses = Vec::new();
     let mut peak_mem = 0u64;
     for i in 0..a.iters + 2 {
+        if i == 2 {
+            let _ = kvd_trainer::distill::phases::take();
+        }
         sync();
         let t0 = Instant::now();
         let s = trainer.train_step(&model, &adaptor, &micro)?;
@@ -107,6 +110,11 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             peak_mem = peak_mem.max(device_memory_used().unwrap_or(0));
         }
     }
+    // Mean seconds per timed step of each phase (KVD_STEP_PHASES=1), else empty.
+    let phases: std::collections::BTreeMap<&str, f64> = kvd_trainer::distill::phases::take()
+        .into_iter()
+        .map(|(k, v)| (k, v / a.iters as f64))
+        .collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let kept = 1 + kept_count(a.span, a.ratio);
@@ -126,7 +134,7 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "step_tflop": flops.total() / 1e12, "flops": flops,
         "mfu": flops.total() / median / a.peak_flops,
         "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
-        "losses": losses,
+        "losses": losses, "phases_s": phases,
     });
     if let Some(dir) = &a.dump {
         let out = serde_json::json!({ "losses": losses });
