@@ -7,15 +7,16 @@
 # (bench/kvdistill_ref.py) eager and with torch.compile on the same weights,
 # adaptor init and batch; one JSON line each in OUT/results.jsonl.
 # MODELS picks the models, SHAPES_1b / SHAPES_smol the span:batch shapes,
-# REF="eager compile" the reference variants; PROFILE=1 adds per-phase times of
-# the Rust step (OUT/*.rust-phases.json) and torch.profiler kernel tables of the
+# REF="eager compile" the reference variants (REF_<model>_<span>_<batch> overrides
+# for one shape); PHASES=1 adds per-phase times of the Rust step
+# (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
 # reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s).
 set -euo pipefail
 BIN=$1 OUT=$2
 MODELS=${MODELS:-"1b smol"}
 SHAPES_1b=${SHAPES_1b:-"4096:1 4096:4 16384:1"}
 SHAPES_smol=${SHAPES_smol:-"4096:1 4096:4"}
-REF=${REF:-"eager compile"}
+REF=${REF-"eager compile"}
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/gpu_env.sh"
 PY=${KVD_PYTHON:-/opt/torch/.venv/bin/python}
@@ -51,11 +52,12 @@ PYEOF
     "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" --batch "$batch" \
       --suffix 256 --ratio 0.1 --iters 5 --dump "$d" 2> "$d.rust.log" \
       | sed "s/^{/{\"impl\":\"rust\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.rust.log"
-    if [ -n "${PROFILE:-}" ]; then   # per-phase device times (synchronized), separately
+    if [ -n "${PHASES:-}" ]; then   # per-phase device times (synchronized), separately
       KVD_STEP_PHASES=1 "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
         --batch "$batch" --suffix 256 --ratio 0.1 --iters 3 > "$d.rust-phases.json" 2>> "$d.rust.log" || true
     fi
-    for v in $REF; do
+    ref_var=REF_${model}_${span}_${batch}
+    for v in ${!ref_var-$REF}; do
       c=""; [ "$v" = compile ] && c="--compile"
       timeout "${REF_TIMEOUT:-400}" "$PY" "$here/bench/kvdistill_ref.py" --model "$M" --dump "$d" --device cuda --dtype bf16 $c \
         ${PROFILE:+--profile "$d.py-$v.prof.txt"} 2> "$d.py-$v.log" \

@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::{Hooks, Proj};
 use std::collections::BTreeMap;
+use std::cell::RefCell;
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -139,6 +140,7 @@ impl Adaptor {
             rows: Tensor::from_slice(&rows).to_device(device),
             any: !rows.is_empty(),
             train,
+            gathered: RefCell::new(None),
         }
     }
 
@@ -174,6 +176,25 @@ pub struct LoraHooks<'a> {
     rows: Tensor,
     any: bool,
     train: bool,
+    /// The last input and its routed rows: q/k/v (and gate/up) share an
+    /// input, so its rows are gathered once. Holding the input keeps its
+    /// memory, so a later tensor cannot reuse the address.
+    gathered: RefCell<Option<(Tensor, Tensor)>>,
+}
+
+impl LoraHooks<'_> {
+    /// The routed rows of `x` `[.., d]` as `[rows, d]`.
+    fn rows_of(&self, x: &Tensor) -> Tensor {
+        let mut memo = self.gathered.borrow_mut();
+        if let Some((input, rows)) = memo.as_ref() {
+            if input.data_ptr() == x.data_ptr() && input.size() == x.size() {
+                return rows.shallow_clone();
+            }
+        }
+        let rows = x.flatten(0, -2).index_select(0, &self.rows);
+        *memo = Some((x.shallow_clone(), rows.shallow_clone()));
+        rows
+    }
 }
 
 impl Hooks for LoraHooks<'_> {
@@ -186,14 +207,14 @@ impl Hooks for LoraHooks<'_> {
         }
         let cfg = &self.adaptor.cfg.lora;
         let kind = x.kind();
-        let mut xs = x.flatten(0, -2).index_select(0, &self.rows);
+        let mut xs = self.rows_of(x);
         if self.train && cfg.dropout > 0.0 {
             xs = xs.dropout(cfg.dropout, true);
         }
         let scale = cfg.alpha / cfg.rank as f64;
         let delta = xs
-            .matmul(&pair.a.to_kind(kind).transpose(0, 1))
-            .matmul(&pair.b.to_kind(kind).transpose(0, 1))
+            .linear::<&Tensor>(&pair.a.to_kind(kind), None)
+            .linear::<&Tensor>(&pair.b.to_kind(kind), None)
             * scale;
         let size = y.size();
         y.flatten(0, -2)

@@ -93,6 +93,7 @@ pub fn compress(
             }
         }
     }
+    timer.mark("scorer");
     let hooks = adaptor.lora_hooks(&lora_mask, device, train);
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.

@@ -7,6 +7,7 @@ use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope;
 use crate::error::Result;
+use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
 /// Queries per chunk when attention probabilities are computed for an observer
@@ -29,10 +30,49 @@ pub enum AttnMask {
 pub struct AttnInputs {
     /// RoPE cosines `[batch, 1, q_len, head_dim]`.
     pub cos: Tensor,
-    /// RoPE sines.
+    /// RoPE sines, signed (`[-sin, sin]`, see [`rope::apply`]).
     pub sin: Tensor,
     /// The mask.
     pub mask: AttnMask,
+    /// The explicit path's additive term for the last bias seen (that bias,
+    /// and it as float32 `[batch, 1, q_len, k_len]` with `-inf` where the mask
+    /// forbids): layers sharing one bias tensor build it once.
+    pub prepared_bias: RefCell<Option<(Tensor, Tensor)>>,
+}
+
+impl AttnInputs {
+    /// RoPE tables and mask, with nothing prepared yet.
+    pub fn new(cos: Tensor, sin: Tensor, mask: AttnMask) -> Self {
+        AttnInputs {
+            cos,
+            sin,
+            mask,
+            prepared_bias: RefCell::new(None),
+        }
+    }
+
+    /// `bias` `[batch, keys]` as the additive term of the explicit attention
+    /// over `tq` queries and `tk` keys: float32 `[batch, 1, tq, tk]`, `-inf`
+    /// where the mask forbids.
+    fn additive(&self, bias: &Tensor, tq: i64, tk: i64) -> Result<Tensor> {
+        let mut memo = self.prepared_bias.borrow_mut();
+        if let Some((src, add)) = memo.as_ref() {
+            if src.data_ptr() == bias.data_ptr() && add.size()[2..] == [tq, tk] {
+                return Ok(add.shallow_clone());
+            }
+        }
+        let allowed = match &self.mask {
+            AttnMask::Causal => Tensor::ones([tq, tk], (Kind::Bool, bias.device())).tril(tk - tq),
+            AttnMask::Explicit(m) => m.shallow_clone(),
+        };
+        let add = bias
+            .f_to_kind(Kind::Float)?
+            .unsqueeze(1)
+            .unsqueeze(1)
+            .f_masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)?;
+        *memo = Some((bias.shallow_clone(), add.shallow_clone()));
+        Ok(add)
+    }
 }
 
 /// One self-attention block.
@@ -99,7 +139,7 @@ impl Attention {
             self.observe(&q, &k, &inputs.mask, bias.as_ref(), layer, hooks)?;
         }
         let out = match &bias {
-            Some(bias) => self.attend_explicit(&q, &k, &v, &inputs.mask, bias)?,
+            Some(bias) => self.attend_explicit(&q, &k, &v, inputs, bias)?,
             None => self.attend(&q, &k, &v, &inputs.mask)?,
         };
         let out = out
@@ -109,14 +149,14 @@ impl Attention {
     }
 
     /// Attention with an additive per-key bias `[batch, keys]`, computed explicitly
-    /// (matmul, bias, mask, float32 softmax, matmul) so gradients reach the bias.
+    /// (matmul, bias and mask, float32 softmax, matmul) so gradients reach the bias.
     /// Used for short query blocks (the KV-Distill decoder over a suffix).
     fn attend_explicit(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &AttnMask,
+        inputs: &AttnInputs,
         bias: &Tensor,
     ) -> Result<Tensor> {
         let rep = self.num_heads / self.num_kv_heads;
@@ -128,17 +168,11 @@ impl Attention {
         } else {
             (k.shallow_clone(), v.shallow_clone())
         };
-        let logits = q.matmul(&k.transpose(2, 3)).to_kind(Kind::Float) * self.scale
-            + bias.to_kind(Kind::Float).unsqueeze(1).unsqueeze(1);
         let (tq, tk) = (q.size()[2], k.size()[2]);
-        let allowed = match mask {
-            AttnMask::Causal => Tensor::ones([tq, tk], (Kind::Bool, q.device())).tril(tk - tq),
-            AttnMask::Explicit(m) => m.shallow_clone(),
-        };
-        let probs = logits
-            .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
-            .softmax(-1, Kind::Float)
-            .to_kind(q.kind());
+        // Where allowed, `x * scale + bias` as before; elsewhere `-inf`.
+        let logits = q.matmul(&k.transpose(2, 3)).to_kind(Kind::Float) * self.scale
+            + inputs.additive(bias, tq, tk)?;
+        let probs = logits.softmax(-1, Kind::Float).to_kind(q.kind());
         Ok(probs.f_matmul(&v)?)
     }
 

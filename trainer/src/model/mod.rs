@@ -376,6 +376,6 @@ impl Model {
             let none = allowed.any_dim(-1, true).logical_not();
             AttnMask::Explicit(allowed.logical_or(&none).unsqueeze(1))
         };
-        Ok(AttnInputs { cos, sin, mask })
+        Ok(AttnInputs::new(cos, sin, mask))
     }
 }

@@ -28,6 +28,17 @@ impl RmsNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if x.device().is_cuda() && !self.plus_one {
+            // One fused kernel forward and backward (libtorch's
+            // `_fused_rms_norm`): float32 inside, rounded once at the end
+            // instead of before the weight multiply.
+            let dim = self.weight.size();
+            if let Ok((y, _)) =
+                x.f_internal_fused_rms_norm(dim.as_slice(), Some(&self.weight), self.eps)
+            {
+                return y;
+            }
+        }
         let kind = x.kind();
         let h = x.to_kind(Kind::Float);
         let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);

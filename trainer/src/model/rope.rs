@@ -48,22 +48,25 @@ impl Rope {
         Rope { inv_freq }
     }
 
-    /// cos and sin for `positions` (`[batch, seq]` int64), each `[batch, 1, seq, head_dim]` in `kind`.
+    /// cos and the signed sin (`[-sin, sin]` over the two halves, for [`apply`])
+    /// for `positions` (`[batch, seq]` int64), each `[batch, 1, seq, head_dim]` in `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
         let freqs = positions.f_to_kind(Kind::Float)?.unsqueeze(-1)
             * self.inv_freq.unsqueeze(0).unsqueeze(0);
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.cos().to_kind(kind).unsqueeze(1);
-        let sin = emb.sin().to_kind(kind).unsqueeze(1);
+        let sin = Tensor::f_cat(&[-freqs.sin(), freqs.sin()], -1)?
+            .to_kind(kind)
+            .unsqueeze(1);
         Ok((cos, sin))
     }
 }
 
-/// Applies RoPE to `x` `[batch, heads, seq, head_dim]`.
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// Applies RoPE to `x` `[batch, heads, seq, head_dim]` with the tables of
+/// [`Rope::cos_sin`]: `x * cos + rotate_half(x) * sin`, where `rotate_half(x) =
+/// [-x2, x1]`, written as `roll(x, half) * [-sin, sin]` (bit-identical, since
+/// `(-a) * b == a * (-b)`, and two operations fewer).
+pub fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
-    x * cos + rotated * sin
+    x * cos + x.roll([half], [3]) * signed_sin
 }
