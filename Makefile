@@ -79,6 +79,13 @@ device-bundle: build
 bench: setup
 	data/bench.sh
 
+.PHONY: bench-gpu
+## bench-gpu: on a CUDA machine, the training step against the PyTorch reference
+## (eager and compiled) -> docs/results/step/new/ (tables: bench/summarize_step.py)
+bench-gpu: build
+	KVD_PYTHON=$(VENV)/bin/python bench/gpu_step.sh $(BIN)/kv-distill docs/results/step/new
+	$(VENV)/bin/python bench/summarize_step.py docs/results/step/new/step.png docs/results/step/new/results.jsonl
+
 .PHONY: test-deploy
 ## test-deploy: offline checks of deploy/ (about 80 s): render the kustomizations
 ## with kubectl's built-in kustomize (N = 2, 8 and others), validate every object

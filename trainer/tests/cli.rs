@@ -248,6 +248,52 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     let losses = line["losses"].as_array().unwrap();
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    // Without KVD_STEP_PHASES there is no phase timing.
+    assert_eq!(line["phases_s"], serde_json::json!({}), "{line}");
+    // With it, every phase of the timed steps is reported, and they add up to
+    // about the step (the marks cover it but for the host-side bookkeeping).
+    let timed = Command::new(BIN)
+        .args([
+            "bench-step",
+            "--model",
+            &m,
+            "--device",
+            "cpu",
+            "--span",
+            "48",
+            "--suffix",
+            "8",
+            "--iters",
+            "2",
+        ])
+        .env("KVD_STEP_PHASES", "1")
+        .output()
+        .expect("start kv-distill");
+    assert!(timed.status.success(), "{}", text(&timed.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(text(&timed.stdout).trim()).expect("one JSON line");
+    let phases = line["phases_s"].as_object().expect("phases");
+    let names: Vec<&str> = phases.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "all_reduce",
+            "backward",
+            "decoder",
+            "encoder",
+            "gather",
+            "kl",
+            "optimizer",
+            "scorer",
+            "teacher"
+        ]
+    );
+    let sum: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();
+    let median = line["median_s"].as_f64().unwrap();
+    assert!(
+        sum > 0.5 * median && sum < 1.5 * median,
+        "phases {sum} s vs step {median} s"
+    );
     // Bad shapes are refused.
     let bad = run(&[
         "bench-step",

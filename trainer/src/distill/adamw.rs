@@ -75,7 +75,7 @@ impl AdamW {
                     &params,
                     *off,
                     size,
-                    &contiguous_strides(size),
+                    contiguous_strides(size),
                 )?;
             }
             Ok(())
@@ -191,4 +191,107 @@ pub(crate) fn contiguous_strides(size: &[i64]) -> Vec<i64> {
         strides[i] = strides[i + 1] * size[i + 1].max(1);
     }
     strides
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn vars() -> Vec<Tensor> {
+        tch::manual_seed(0);
+        vec![
+            Tensor::randn([3, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            Tensor::randn([5], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+        ]
+    }
+
+    /// The per-variable update (the optimizer's code before it went flat)
+    /// that the flat one must reproduce element for element; updates `m`, `v`.
+    fn reference_step(
+        p: &Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        lr: f64,
+        t: i32,
+    ) -> Tensor {
+        let c = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let mut p = p.copy();
+        let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay).unwrap();
+        let _ = m.f_mul_scalar_(c.beta1).unwrap();
+        let _ = m.f_add_(&g.f_mul_scalar(1.0 - c.beta1).unwrap()).unwrap();
+        let _ = v.f_mul_scalar_(c.beta2).unwrap();
+        let _ = v
+            .f_addcmul_(g, &g.f_mul_scalar(1.0 - c.beta2).unwrap())
+            .unwrap();
+        let denom = v.sqrt() / bc2.sqrt() + c.eps;
+        let _ = p
+            .f_addcdiv_(&m.f_mul_scalar(-lr / bc1).unwrap(), &denom)
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn flat_update_equals_the_per_variable_update_and_keeps_variables_as_views() {
+        let vs = vars();
+        let before: Vec<Tensor> = vs.iter().map(|v| v.detach().copy()).collect();
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let mut opt = AdamW::new(&vs, cfg).unwrap();
+        // The variables kept their values and now live in the flat buffer.
+        for (v, b) in vs.iter().zip(&before) {
+            assert!(v.equal(b));
+        }
+        let (mut m_ref, mut v_ref): (Vec<Tensor>, Vec<Tensor>) = before
+            .iter()
+            .map(|b| (b.zeros_like(), b.zeros_like()))
+            .unzip();
+        let mut p_ref: Vec<Tensor> = before.iter().map(Tensor::copy).collect();
+        for t in 1..=3 {
+            let grads: Vec<Tensor> = vs
+                .iter()
+                .map(|v| Tensor::randn(v.size(), (Kind::Float, Device::Cpu)))
+                .collect();
+            let flat = Tensor::cat(
+                &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                0,
+            );
+            opt.step(&flat, 0.01).unwrap();
+            for i in 0..vs.len() {
+                p_ref[i] = tch::no_grad(|| {
+                    reference_step(&p_ref[i], &grads[i], &mut m_ref[i], &mut v_ref[i], 0.01, t)
+                });
+                assert!(vs[i].detach().equal(&p_ref[i]), "variable {i} at step {t}");
+            }
+        }
+        assert_eq!(opt.steps, 3);
+        // Moments come back per variable and restore into a fresh optimizer.
+        let (m, v) = (opt.first_moments(), opt.second_moments());
+        for i in 0..vs.len() {
+            assert!(m[i].equal(&m_ref[i]) && v[i].equal(&v_ref[i]));
+        }
+        let vs2 = vars();
+        let mut opt2 = AdamW::new(&vs2, cfg).unwrap();
+        opt2.restore(3, &m, &v).unwrap();
+        assert_eq!(opt2.steps, 3);
+        assert!(opt2.first_moments()[1].equal(&m_ref[1]));
+        // Wrong shapes and counts are refused.
+        assert!(opt2.restore(1, &m[..1], &v[..1]).is_err());
+        assert!(opt2
+            .restore(1, &[m[1].shallow_clone(), m[0].shallow_clone()], &v)
+            .is_err());
+        assert!(opt2
+            .step(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), 0.01)
+            .is_err());
+        // A variable of another kind is refused.
+        let half = Tensor::zeros([2], (Kind::Half, Device::Cpu));
+        assert!(AdamW::new(&[half], cfg).is_err());
+    }
 }

@@ -5,8 +5,8 @@ use super::config::DistillConfig;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::{Hooks, Proj};
-use std::collections::BTreeMap;
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 

@@ -272,3 +272,25 @@ pub fn forced_scores(
         Ok(out)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pad_rows_pads_right_and_checks_the_vocabulary() {
+        let rows = vec![vec![1u32, 2, 3], vec![4]];
+        let (ids, lens) = pad_rows(&rows, 5, Device::Cpu).unwrap();
+        assert_eq!(lens, [3, 1]);
+        assert_eq!(ids.size(), [2, 3]);
+        let flat = Vec::<i64>::try_from(ids.flatten(0, -1)).unwrap();
+        assert_eq!(flat, [1, 2, 3, 4, 0, 0]);
+        let e = pad_rows(&[vec![0u32], vec![1, 7]], 5, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("row 1, position 1: token id 7 outside the vocabulary [0, 5)"),
+            "{e}"
+        );
+    }
+}

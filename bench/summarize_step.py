@@ -1,0 +1,86 @@
+"""Tables and a plot for docs/BENCHMARKS.md from `bench/gpu_step.sh` runs.
+
+    python bench/summarize_step.py OUT_PNG RUN.jsonl [RUN.jsonl ...]
+
+Each file is one device call (rows compared within it). Prints, per file and
+shape, a markdown table: the Rust step and each PyTorch reference variant
+with s/step, tokens/s, MFU (the Rust FLOP count of the shape for every row),
+memory, the Rust speed-up, and the first-step loss (same weights, adaptor and
+batch) with its relative difference from Rust's. Exits 1 if a first-step loss
+differs from Rust's by more than LOSS_RTOL (bf16 tolerance, below). Needs
+matplotlib for the plot.
+"""
+import json
+import sys
+from pathlib import Path
+
+# bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); the loss is a
+# KL over 255 rows after 16-30 layers whose roundings differ between the two
+# implementations (fused RMSNorm, SDPA backends), so 1% relative is the bound.
+LOSS_RTOL = 1e-2
+
+
+def rows(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def shape_key(r):
+    return (r["shape"], r["span"], r["batch"])
+
+
+def main():
+    png, files = sys.argv[1], sys.argv[2:]
+    bad = []
+    plot = {}
+    for f in files:
+        runs = rows(f)
+        print(f"\n`{Path(f).name}`\n")
+        print("| shape | span | batch | implementation | s/step | tokens/s | MFU | memory (GiB) | Rust speed-up | first loss | vs Rust |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for key in dict.fromkeys(shape_key(r) for r in runs):
+            group = [r for r in runs if shape_key(r) == key]
+            rust = next(r for r in group if r["impl"] == "rust")
+            for r in group:
+                mfu = rust["step_tflop"] * 1e12 / r["median_s"] / 801e12
+                mem = r.get("device_memory_gib", r.get("peak_memory_gib"))
+                l0, lr = r["losses"][0], rust["losses"][0]
+                rel = abs(l0 - lr) / abs(l0)
+                if r is not rust and rel > LOSS_RTOL:
+                    bad.append((f, key, r["impl"], rel))
+                speed = r["median_s"] / rust["median_s"]
+                print(f"| {key[0]} | {key[1]} | {key[2]} | {r['impl']} | {r['median_s']:.3f} | "
+                      f"{r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {mem:.1f} | "
+                      f"{'' if r is rust else f'{speed:.2f}x'} | {l0:.5f} | "
+                      f"{'' if r is rust else f'{100 * rel:.2f}%'} |")
+                plot.setdefault(f"{key[0]} {key[1]}x{key[2]}", {}).setdefault(r["impl"], r["tokens_per_s"])
+    print("\nmemory: Rust = device memory in use (CUDA driver, torch's cache and context "
+          "included); PyTorch = torch.cuda.max_memory_allocated (tensors only).")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no plot)", file=sys.stderr)
+    else:
+        impls = ["rust", "pytorch eager", "pytorch compile"]
+        shapes = list(plot)
+        fig, ax = plt.subplots(figsize=(9, 4))
+        w = 0.27
+        for i, impl in enumerate(impls):
+            xs = [j + (i - 1) * w for j, s in enumerate(shapes) if impl in plot[s]]
+            ys = [plot[s][impl] / 1e3 for s in shapes if impl in plot[s]]
+            ax.bar(xs, ys, w, label={"rust": "Rust (kv-distill)"}.get(impl, impl))
+        ax.set_xticks(range(len(shapes)), [s.replace("1b", "Llama-1B").replace("smol", "SmolLM2") for s in shapes])
+        ax.set_ylabel("thousand tokens/s (span + suffix)")
+        ax.set_title("KV-Distill training step, one H200, bf16, r = 0.1, suffix 256")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+    for f, key, impl, rel in bad:
+        print(f"LOSS MISMATCH {f} {key} {impl}: {100 * rel:.2f}% > {100 * LOSS_RTOL}%", file=sys.stderr)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
