@@ -6,6 +6,7 @@
 //! with 1 libtorch thread per process, so the final adaptors can be compared
 //! bit for bit: single process, 3 workers, 3 workers with a worker killed
 //! mid-step or mid-upload, a coordinator restart, and a resume with 2 workers.
+//! One more job runs 8 workers (4 steps of 8 examples) with a worker killed.
 
 mod common;
 use common::{assets, smollm2};
@@ -66,6 +67,11 @@ fn dataset() -> &'static str {
 
 /// The training flags shared by every run.
 fn train_flags(out: &Path) -> Vec<String> {
+    train_flags_sized(out, STEPS, "3")
+}
+
+/// The training flags with another length and global batch.
+fn train_flags_sized(out: &Path, steps: &str, global_batch: &str) -> Vec<String> {
     [
         "--model",
         &smollm2(),
@@ -74,9 +80,9 @@ fn train_flags(out: &Path) -> Vec<String> {
         "--data",
         dataset(),
         "--steps",
-        STEPS,
+        steps,
         "--global-batch",
-        "3",
+        global_batch,
         "--micro-batch",
         "1",
         "--max-len",
@@ -99,13 +105,17 @@ fn train_flags(out: &Path) -> Vec<String> {
 }
 
 fn worker_command(out: &Path, extra: &[&str]) -> Vec<String> {
+    worker_command_with(train_flags(out), extra)
+}
+
+fn worker_command_with(flags: Vec<String>, extra: &[&str]) -> Vec<String> {
     let mut v = vec![
         BIN.to_string(),
         "--threads".into(),
         "1".into(),
         "worker".into(),
     ];
-    v.extend(train_flags(out));
+    v.extend(flags);
     v.extend(["--checkpoint-every".into(), "2".into()]);
     v.extend(extra.iter().map(|s| s.to_string()));
     v
@@ -139,6 +149,18 @@ fn spawn_local(
     worker: Vec<String>,
     env: &[(&str, String)],
 ) -> Output {
+    spawn_local_with(workers, 3, ckpt, extra, worker, env)
+}
+
+/// [`spawn_local`] with a heartbeat timeout of `heartbeat_s` seconds.
+fn spawn_local_with(
+    workers: u32,
+    heartbeat_s: u32,
+    ckpt: &Path,
+    extra: &[&str],
+    worker: Vec<String>,
+    env: &[(&str, String)],
+) -> Output {
     let mut cmd = Command::new(coordinator_bin());
     cmd.args([
         "--workers",
@@ -146,7 +168,7 @@ fn spawn_local(
         "--listen",
         "127.0.0.1:0",
         "--heartbeat-timeout-s",
-        "3",
+        &heartbeat_s.to_string(),
     ])
     .args(["--checkpoint-url", &format!("file://{}", ckpt.display())])
     .args(extra)
@@ -567,4 +589,56 @@ fn pausing_at_a_checkpoint_then_resuming_gives_the_same_adaptor() {
         "{log}"
     );
     assert_same_adaptor(&out, reference_out);
+}
+
+/// `coordinator --workers 8 --spawn-local` on CPU (the 8-GPU issue's CPU run):
+/// 8 workers, one example each per step, a worker killed with SIGKILL at step 3
+/// and replaced; the final adaptor equals the single-process trainer's.
+#[test]
+fn eight_workers_with_a_killed_worker_equal_the_single_process_trainer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (steps, batch) = ("4", "8");
+    let out = dir.path().join("eight.safetensors");
+    let ckpt = dir.path().join("ckpt");
+    let marker = dir.path().join("chaos-fired");
+    let started = Instant::now();
+    // 9 processes share the CI machine's cores: a longer heartbeat timeout.
+    let o = spawn_local_with(
+        8,
+        10,
+        &ckpt,
+        &[],
+        worker_command_with(train_flags_sized(&out, steps, batch), &[]),
+        &[
+            ("KVD_CHAOS", "kill:rank=5:step=3:at=step".to_string()),
+            ("KVD_CHAOS_ONCE", marker.to_string_lossy().into_owned()),
+        ],
+    );
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "8-worker job failed:\n{log}");
+    assert!(marker.exists(), "the fault never fired");
+    assert!(log.contains("declared dead"), "{log}");
+    // The survivors and the restarted worker form a new membership and resume
+    // from the last committed checkpoint: step 2's, or (when its 8 uploads had
+    // not all landed before the kill, as on a loaded machine) the start.
+    assert!(log.contains("membership epoch bumped"), "{log}");
+    assert!(
+        log.contains("resumed from checkpoint") || log.contains("resume_step=0"),
+        "{log}"
+    );
+    eprintln!("8 workers, 4 steps with a kill: {:?}", started.elapsed());
+    let m = std::fs::read_to_string(ckpt.join("step-00000004/manifest.json")).expect("manifest");
+    let m = kvd_proto::CheckpointManifest::from_json(&m).expect("manifest parses");
+    assert_eq!((m.step, m.world_size, m.parts.len()), (4, 8, 8));
+
+    let single = dir.path().join("single.safetensors");
+    let mut args = vec!["--threads".to_string(), "1".into(), "train".into()];
+    args.extend(train_flags_sized(&single, steps, batch));
+    let o = Command::new(BIN).args(&args).output().expect("train");
+    assert!(
+        o.status.success(),
+        "single-process train failed:\n{}",
+        text(&o.stderr)
+    );
+    assert_same_adaptor(&single, &out);
 }
