@@ -3,7 +3,7 @@
 
 use kvd_tests::env::tiny_models;
 use kvd_trainer::checkpoint::Checkpoint;
-use kvd_trainer::model::{Input, Model};
+use kvd_trainer::model::{Input, Model, NoHooks};
 use tch::{Device, Kind, Tensor};
 
 struct Case {
@@ -109,6 +109,43 @@ fn left_padding(name: &str) {
     assert!(d < 1e-4, "{name}: left-padded max abs diff {d}");
 }
 
+/// `fill_cache` (the last layer computes only its K/V) leaves the same cache
+/// as a full forward, bit for bit, and decoding on it gives the same logits.
+fn cache_only(name: &str) {
+    let c = case(name);
+    let t = c.ids.size()[1];
+    let prefix = c.ids.narrow(1, 0, t - 4);
+    let (mut full, mut filled) = (c.model.new_cache(), c.model.new_cache());
+    tch::no_grad(|| {
+        let _ = c
+            .model
+            .forward(Input::new(&prefix), Some(&mut full))
+            .expect("forward");
+        c.model
+            .fill_cache(Input::new(&prefix), &mut filled, &NoHooks)
+            .expect("fill_cache");
+    });
+    assert_eq!(filled.len(), full.len());
+    for i in 0..filled.num_layers() {
+        let (a, b) = (
+            full.layer(i).expect("layer"),
+            filled.layer(i).expect("layer"),
+        );
+        assert!(
+            a.k.equal(&b.k) && a.v.equal(&b.v),
+            "{name}: layer {i} K/V differ"
+        );
+    }
+    let rest = c.ids.narrow(1, t - 4, 4);
+    let out =
+        tch::no_grad(|| c.model.forward(Input::new(&rest), Some(&mut filled))).expect("decode");
+    let d = max_diff(&out, &c.logits.narrow(1, t - 4, 4));
+    assert!(
+        d < 1e-4,
+        "{name}: decoding on the filled cache max abs diff {d}"
+    );
+}
+
 macro_rules! family {
     ($m:ident, $name:literal) => {
         mod $m {
@@ -123,6 +160,10 @@ macro_rules! family {
             #[test]
             fn left_padding_keeps_logits() {
                 super::left_padding($name);
+            }
+            #[test]
+            fn fill_cache_equals_the_full_forward_cache() {
+                super::cache_only($name);
             }
         }
     };

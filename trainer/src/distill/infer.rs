@@ -8,7 +8,7 @@ use super::baselines::{baseline_scores, Baseline};
 use super::select::{select, Selection};
 use super::student::{compress, decode, gather_kept, Compressed, Contexts};
 use crate::error::{ModelError, Result};
-use crate::model::{Input, Model};
+use crate::model::{Input, Model, NoHooks};
 use tch::{Device, Kind, Tensor};
 
 /// How contexts are compressed.
@@ -45,7 +45,7 @@ pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result
         }
         Method::Full => {
             let mut full = model.new_cache();
-            let _ = model.forward_hidden(Input::new(ctx.ids), Some(&mut full))?;
+            model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
             let (b, lc) = ctx.ids.size2()?;
             let zeros = vec![0f32; lc as usize];
             let selections = (0..b as usize)

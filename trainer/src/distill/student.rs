@@ -97,8 +97,7 @@ pub fn compress(
     let hooks = adaptor.lora_hooks(&lora_mask, device, train);
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.
-    let _ =
-        model.forward_hidden_with(Input::new(ctx_ids).vocab_checked(), Some(&mut full), &hooks)?;
+    model.fill_cache(Input::new(ctx_ids).vocab_checked(), &mut full, &hooks)?;
     timer.mark("encoder");
     let out = gather_kept(&full, selections, &scores, ctx_len);
     timer.mark("gather");

@@ -112,24 +112,12 @@ impl Attention {
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let proj =
-            |p: &Linear, which: Proj, input: &Tensor| p.forward_hooked(input, layer, which, hooks);
-        let heads = |p: &Linear, which: Proj, n: i64| -> Result<Tensor> {
-            Ok(proj(p, which, x)
-                .f_view([b, t, n, self.head_dim])?
-                .transpose(1, 2))
-        };
-        let mut q = heads(&self.q_proj, Proj::Q, self.num_heads)?;
-        let mut k = heads(&self.k_proj, Proj::K, self.num_kv_heads)?;
-        let v = heads(&self.v_proj, Proj::V, self.num_kv_heads)?;
+        let mut q = self.heads(&self.q_proj, Proj::Q, self.num_heads, x, layer, hooks)?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q);
         }
-        if let Some(n) = &self.k_norm {
-            k = n.forward(&k);
-        }
         let q = rope::apply(&q, &inputs.cos, &inputs.sin);
-        let k = rope::apply(&k, &inputs.cos, &inputs.sin);
+        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
         let (k, v) = match cache {
             Some(cache) => cache.append_layer(layer, &k, &v)?,
             None => (k, v),
@@ -145,7 +133,55 @@ impl Attention {
         let out = out
             .transpose(1, 2)
             .f_reshape([b, t, self.num_heads * self.head_dim])?;
-        Ok(proj(&self.o_proj, Proj::O, &out))
+        Ok(self.o_proj.forward_hooked(&out, layer, Proj::O, hooks))
+    }
+
+    /// Appends layer `layer`'s K/V for `x` to `cache` and nothing else: the
+    /// queries, the attention itself and the output projection are skipped.
+    pub fn append_kv(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        cache: &mut KvCache,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<()> {
+        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
+        let _ = cache.append_layer(layer, &k, &v)?;
+        Ok(())
+    }
+
+    /// `x` `[batch, seq, hidden]` through projection `p` (with `hooks`) as
+    /// `[batch, n, seq, head_dim]`.
+    fn heads(
+        &self,
+        p: &Linear,
+        which: Proj,
+        n: i64,
+        x: &Tensor,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.size3()?;
+        Ok(p.forward_hooked(x, layer, which, hooks)
+            .f_view([b, t, n, self.head_dim])?
+            .transpose(1, 2))
+    }
+
+    /// The new keys (normed where the family does, with RoPE) and values.
+    fn project_kv(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut k = self.heads(&self.k_proj, Proj::K, self.num_kv_heads, x, layer, hooks)?;
+        let v = self.heads(&self.v_proj, Proj::V, self.num_kv_heads, x, layer, hooks)?;
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k);
+        }
+        Ok((rope::apply(&k, &inputs.cos, &inputs.sin), v))
     }
 
     /// Attention with an additive per-key bias `[batch, keys]`, computed explicitly

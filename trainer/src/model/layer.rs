@@ -129,6 +129,20 @@ impl DecoderLayer {
         out
     }
 
+    /// Appends block number `layer`'s K/V for `x` to `cache`, skipping the
+    /// attention and the MLP (their output feeds only later layers).
+    pub fn append_kv(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        cache: &mut KvCache,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<()> {
+        let normed = self.input_norm.forward(x);
+        self.attn.append_kv(&normed, inputs, cache, layer, hooks)
+    }
+
     /// Runs block number `layer` on `x` `[batch, seq, hidden]`.
     pub fn forward(
         &self,

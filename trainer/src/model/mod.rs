@@ -74,6 +74,17 @@ impl<'a> Input<'a> {
     }
 }
 
+/// Where a forward pass ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Every layer and the final norm.
+    All,
+    /// After this many layers, without the final norm.
+    After(usize),
+    /// Every layer's K/V into the cache; the last layer computes nothing else.
+    CacheOnly,
+}
+
 /// A loaded decoder-only language model.
 #[derive(Debug)]
 pub struct Model {
@@ -179,7 +190,7 @@ impl Model {
 
     /// Final-norm hidden states `[batch, seq, hidden]` for `input`.
     pub fn forward_hidden(&self, input: Input, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.run(input, cache, &NoHooks, None)
+        self.run(input, cache, &NoHooks, Stop::All)
     }
 
     /// [`Model::forward_hidden`] with caller hooks (LoRA terms, attention bias, observers).
@@ -189,7 +200,15 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        self.run(input, cache, hooks, None)
+        self.run(input, cache, hooks, Stop::All)
+    }
+
+    /// Appends every layer's K/V for `input` to `cache`, doing only the work
+    /// they need: the last layer's attention output and MLP and the final norm
+    /// are skipped (so `hooks.after_layer` is not called for the last layer).
+    pub fn fill_cache(&self, input: Input, cache: &mut KvCache, hooks: &dyn Hooks) -> Result<()> {
+        self.run(input, Some(cache), hooks, Stop::CacheOnly)
+            .map(|_| ())
     }
 
     /// Hidden states after the first `layers` layers (no final norm; 0 gives the
@@ -201,17 +220,17 @@ impl Model {
                 self.cfg.num_layers
             )));
         }
-        self.run(input, None, &NoHooks, Some(layers))
+        self.run(input, None, &NoHooks, Stop::After(layers))
     }
 
-    /// The forward pass: embeddings, the first `upto` layers (all if None), and the
-    /// final norm when all layers ran.
+    /// The forward pass: embeddings, layers up to `stop`, and the final norm
+    /// when all layers ran.
     fn run(
         &self,
         input: Input,
         mut cache: Option<&mut KvCache>,
         hooks: &dyn Hooks,
-        upto: Option<usize>,
+        stop: Stop,
     ) -> Result<Tensor> {
         let ids = input.ids;
         let (b, t) = ids.size2().map_err(|_| {
@@ -321,19 +340,28 @@ impl Model {
             }
             None => embedded,
         };
-        let n = upto.unwrap_or(self.layers.len());
+        let n = match stop {
+            Stop::After(n) => n,
+            Stop::All | Stop::CacheOnly => self.layers.len(),
+        };
         for (i, layer) in self.layers.iter().enumerate().take(n) {
             let inputs = match (layer.kind, &sliding) {
                 (LayerKind::Sliding, Some(s)) => s,
                 _ => &full,
             };
+            if let (Stop::CacheOnly, Some(c)) = (stop, cache.as_deref_mut()) {
+                if i + 1 == n {
+                    layer.append_kv(&x, inputs, c, i, hooks)?;
+                    break;
+                }
+            }
             x = layer.forward(&x, inputs, cache.as_deref_mut(), i, hooks)?;
             hooks.after_layer(i, &x);
         }
         if let Some(c) = cache {
             c.append_positions(&positions, input.valid)?;
         }
-        if upto.is_some() {
+        if stop != Stop::All {
             return Ok(x);
         }
         Ok(self.norm.forward(&x))
