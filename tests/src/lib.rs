@@ -2,3 +2,4 @@
 //! fetched model assets live, and how to run an oracle script.
 
 pub mod env;
+pub mod tokens;

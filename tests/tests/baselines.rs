@@ -4,6 +4,7 @@
 //! that observing attention changes nothing.
 
 use kvd_tests::env::{run_oracle, tiny_models};
+use kvd_tests::tokens::lcg_tokens;
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::distill::select::{select, Span};
 use kvd_trainer::distill::{baseline_scores, kept_count, Baseline};
@@ -16,21 +17,6 @@ fn model(name: &str) -> Model {
     Checkpoint::open(&tiny_models().join(name))
         .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
         .unwrap_or_else(|e| panic!("tiny {name}: {e}"))
-}
-
-/// Deterministic pseudo-random tokens below the tiny vocabulary (96).
-fn tokens(n: usize, seed: u64) -> Vec<i64> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % 96) as i64
-        })
-        .collect()
 }
 
 /// A right-padded batch: rows of random tokens, each `lc` long; positions at or
@@ -454,4 +440,12 @@ fn bad_inputs_are_errors() {
     };
     assert!(baseline_scores(&m, &even, &ids, &b.len, &b.spans).is_err());
     assert!(baseline_scores(&m, &h2o, &ids.view([-1]), &[80], &[vec![]]).is_err());
+}
+
+/// Deterministic pseudo-random tokens below the tiny vocabulary (96).
+fn tokens(n: usize, seed: u64) -> Vec<i64> {
+    lcg_tokens(n, seed, 0, 96)
+        .into_iter()
+        .map(i64::from)
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! selection and positions, cache size, chunked KL, and training.
 
 use kvd_tests::env::tiny_models;
+use kvd_tests::tokens::lcg_tokens;
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::distill::loss::kl_mix;
 use kvd_trainer::distill::select::select;
@@ -23,21 +24,6 @@ fn cfg() -> DistillConfig {
         scorer_layer: 1,
         ..DistillConfig::default()
     }
-}
-
-/// Deterministic pseudo-random tokens below the tiny vocabulary (96).
-fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % 96) as u32
-        })
-        .collect()
 }
 
 fn batch(ratio: f64) -> Vec<DistillExample> {
@@ -308,4 +294,9 @@ fn adaptor_checkpoint_reloads_identically_and_refuses_other_bases() {
     std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("truncate");
     let err = load(&path, m.config(), Device::Cpu).expect_err("corrupt accepted");
     assert!(err.to_string().contains("adaptor.safetensors"), "{err}");
+}
+
+/// Deterministic pseudo-random tokens below the tiny vocabulary (96).
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    lcg_tokens(n, seed, 0, 96)
 }

@@ -4,8 +4,9 @@
 //! optimizer steps (CPU, float32).
 
 use kvd_tests::env::python;
+use kvd_tests::tokens::lcg_tokens;
 use kvd_trainer::checkpoint::Checkpoint;
-use kvd_trainer::distill::checkpoint::save;
+use kvd_trainer::distill::dump::write_step_inputs;
 use kvd_trainer::distill::{Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer};
 use std::process::Command;
 use tch::{Device, Kind};
@@ -31,28 +32,12 @@ fn run_oracle(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("oracle printed non-UTF-8")
 }
 
-/// Deterministic pseudo-random tokens in `3..vocab`.
-fn tokens(n: usize, seed: u64, vocab: u64) -> Vec<u32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (3 + (x >> 33) % (vocab - 3)) as u32
-        })
-        .collect()
-}
-
 #[test]
 fn rust_step_matches_pytorch_reference() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let model_dir = dir.path().join("model");
     let dump = dir.path().join("dump");
-    std::fs::create_dir_all(&dump).expect("dump dir");
     let md = model_dir.to_str().expect("utf-8 path");
     run_oracle(&["--make-tiny", md]);
 
@@ -62,11 +47,11 @@ fn rust_step_matches_pytorch_reference() {
     let vocab = model.config().vocab_size as u64;
     let span = 64;
     let mut context = vec![1u32];
-    context.extend(tokens(span, 1, vocab));
+    context.extend(lcg_tokens(span, 1, 3, vocab));
     let batch = vec![DistillExample {
         context,
         spans: vec![(1, span)],
-        suffix: tokens(16, 2, vocab),
+        suffix: lcg_tokens(16, 2, 3, vocab),
         ratio: 0.25,
         answer: None,
     }];
@@ -77,24 +62,16 @@ fn rust_step_matches_pytorch_reference() {
         ..TrainConfig::default()
     };
     let adaptor = Adaptor::new(model.config(), distill.clone(), Device::Cpu, 0).expect("adaptor");
-    save(
-        &adaptor,
+    write_step_inputs(
+        &dump,
         "tiny",
         model.config(),
-        0,
-        &dump.join("adaptor.safetensors"),
+        &adaptor,
+        &distill,
+        &train,
+        &batch,
     )
-    .expect("save adaptor");
-    let examples: Vec<serde_json::Value> = batch
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "context": e.context, "spans": e.spans, "suffix": e.suffix, "ratio": e.ratio,
-            })
-        })
-        .collect();
-    let spec = serde_json::json!({ "batch": examples, "distill": distill, "train": train });
-    std::fs::write(dump.join("batch.json"), spec.to_string()).expect("batch.json");
+    .expect("write the reference's inputs");
 
     let mut trainer = Trainer::new(&adaptor, train.clone()).expect("trainer");
     let micro = [batch];

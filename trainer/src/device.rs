@@ -18,6 +18,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Waits until `device` has finished all queued work (a no-op on the CPU).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 fn cuda(i: usize) -> Result<Device> {
     let n = tch::Cuda::device_count() as usize;
     if i >= n {

@@ -223,19 +223,25 @@ fn compress_rejects_bad_input() {
 #[test]
 fn bench_step_reports_throughput_flops_and_mfu() {
     let m = smollm2();
-    let out = run(&[
-        "bench-step",
-        "--model",
-        &m,
-        "--device",
-        "cpu",
-        "--span",
-        "48",
-        "--suffix",
-        "8",
-        "--iters",
-        "1",
-    ]);
+    // A small CPU step on SmolLM2, `iters` timed steps.
+    let bench = |iters: &str| -> Command {
+        let mut c = Command::new(BIN);
+        c.args([
+            "bench-step",
+            "--model",
+            &m,
+            "--device",
+            "cpu",
+            "--span",
+            "48",
+            "--suffix",
+            "8",
+            "--iters",
+            iters,
+        ]);
+        c
+    };
+    let out = bench("1").output().expect("start kv-distill");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let line: serde_json::Value =
         serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
@@ -252,20 +258,7 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     assert_eq!(line["phases_s"], serde_json::json!({}), "{line}");
     // With it, every phase of the timed steps is reported, and they add up to
     // about the step (the marks cover it but for the host-side bookkeeping).
-    let timed = Command::new(BIN)
-        .args([
-            "bench-step",
-            "--model",
-            &m,
-            "--device",
-            "cpu",
-            "--span",
-            "48",
-            "--suffix",
-            "8",
-            "--iters",
-            "2",
-        ])
+    let timed = bench("2")
         .env("KVD_STEP_PHASES", "1")
         .output()
         .expect("start kv-distill");

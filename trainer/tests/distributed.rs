@@ -238,26 +238,40 @@ fn trace_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn three_workers_equal_the_single_process_trainer_bit_for_bit() {
-    let (dir, dist, ckpt) = reference();
-    let single = dir.path().join("single.safetensors");
+/// `kv-distill train` (one process, one thread) with `flags`.
+fn train_single(flags: Vec<String>) {
     let mut args = vec!["--threads".to_string(), "1".into(), "train".into()];
-    args.extend(train_flags(&single));
+    args.extend(flags);
     let o = Command::new(BIN).args(&args).output().expect("train");
     assert!(
         o.status.success(),
         "single-process train failed:\n{}",
         text(&o.stderr)
     );
+}
+
+/// The committed manifest of `step` in `ckpt` was written by `world` ranks,
+/// one part each, with the data cursor.
+fn assert_committed(ckpt: &Path, step: u64, world: u32) {
+    let m = std::fs::read_to_string(ckpt.join(format!("step-{step:08}/manifest.json")))
+        .expect("manifest");
+    let m = kvd_proto::CheckpointManifest::from_json(&m).expect("manifest parses");
+    assert_eq!(
+        (m.step, m.world_size, m.parts.len()),
+        (step, world, world as usize)
+    );
+    assert!(m.data_cursor.is_some());
+}
+
+#[test]
+fn three_workers_equal_the_single_process_trainer_bit_for_bit() {
+    let (dir, dist, ckpt) = reference();
+    let single = dir.path().join("single.safetensors");
+    train_single(train_flags(&single));
     assert_same_adaptor(&single, dist);
     // Checkpoints of steps 2, 4, 6 were committed, each with 3 parts.
     for step in [2, 4, 6] {
-        let m = std::fs::read_to_string(ckpt.join(format!("step-{step:08}/manifest.json")))
-            .expect("manifest");
-        let m = kvd_proto::CheckpointManifest::from_json(&m).expect("manifest parses");
-        assert_eq!((m.step, m.world_size, m.parts.len()), (step, 3, 3));
-        assert!(m.data_cursor.is_some());
+        assert_committed(ckpt, step, 3);
     }
     // Every rank trained its own slice of the same global batches.
     let t0 = trace_lines(&dir.path().join("trace-0.jsonl"));
@@ -274,14 +288,28 @@ fn three_workers_equal_the_single_process_trainer_bit_for_bit() {
 
 /// A job whose workers run under `chaos` (KVD_CHAOS), fired once.
 fn chaos_run(name: &str, chaos: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    chaos_run_sized(name, chaos, 3, 3, STEPS, "3")
+}
+
+/// [`chaos_run`] with `workers` workers, a heartbeat timeout of `heartbeat_s`
+/// seconds, `steps` steps and global batch `batch`.
+fn chaos_run_sized(
+    name: &str,
+    chaos: &str,
+    workers: u32,
+    heartbeat_s: u32,
+    steps: &str,
+    batch: &str,
+) -> (tempfile::TempDir, PathBuf, Output) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join(format!("{name}.safetensors"));
     let marker = dir.path().join("chaos-fired");
-    let o = spawn_local(
-        3,
+    let o = spawn_local_with(
+        workers,
+        heartbeat_s,
         &dir.path().join("ckpt"),
         &[],
-        worker_command(&out, &[]),
+        worker_command_with(train_flags_sized(&out, steps, batch), &[]),
         &[
             ("KVD_CHAOS", chaos.to_string()),
             ("KVD_CHAOS_ONCE", marker.to_string_lossy().into_owned()),
@@ -596,27 +624,11 @@ fn pausing_at_a_checkpoint_then_resuming_gives_the_same_adaptor() {
 /// and replaced; the final adaptor equals the single-process trainer's.
 #[test]
 fn eight_workers_with_a_killed_worker_equal_the_single_process_trainer() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let (steps, batch) = ("4", "8");
-    let out = dir.path().join("eight.safetensors");
-    let ckpt = dir.path().join("ckpt");
-    let marker = dir.path().join("chaos-fired");
     let started = Instant::now();
     // 9 processes share the CI machine's cores: a longer heartbeat timeout.
-    let o = spawn_local_with(
-        8,
-        10,
-        &ckpt,
-        &[],
-        worker_command_with(train_flags_sized(&out, steps, batch), &[]),
-        &[
-            ("KVD_CHAOS", "kill:rank=5:step=3:at=step".to_string()),
-            ("KVD_CHAOS_ONCE", marker.to_string_lossy().into_owned()),
-        ],
-    );
+    let (dir, out, o) = chaos_run_sized("eight", "kill:rank=5:step=3:at=step", 8, 10, steps, batch);
     let log = text(&o.stderr);
-    assert!(o.status.success(), "8-worker job failed:\n{log}");
-    assert!(marker.exists(), "the fault never fired");
     assert!(log.contains("declared dead"), "{log}");
     // The survivors and the restarted worker form a new membership and resume
     // from the last committed checkpoint: step 2's, or (when its 8 uploads had
@@ -627,18 +639,9 @@ fn eight_workers_with_a_killed_worker_equal_the_single_process_trainer() {
         "{log}"
     );
     eprintln!("8 workers, 4 steps with a kill: {:?}", started.elapsed());
-    let m = std::fs::read_to_string(ckpt.join("step-00000004/manifest.json")).expect("manifest");
-    let m = kvd_proto::CheckpointManifest::from_json(&m).expect("manifest parses");
-    assert_eq!((m.step, m.world_size, m.parts.len()), (4, 8, 8));
+    assert_committed(&dir.path().join("ckpt"), 4, 8);
 
     let single = dir.path().join("single.safetensors");
-    let mut args = vec!["--threads".to_string(), "1".into(), "train".into()];
-    args.extend(train_flags_sized(&single, steps, batch));
-    let o = Command::new(BIN).args(&args).output().expect("train");
-    assert!(
-        o.status.success(),
-        "single-process train failed:\n{}",
-        text(&o.stderr)
-    );
+    train_single(train_flags_sized(&single, steps, batch));
     assert_same_adaptor(&single, &out);
 }

@@ -17,12 +17,6 @@ use crate::error::{ModelError, Result};
 const WARMUP: usize = 5;
 const ITERS: usize = 20;
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
 fn bus_bw(bytes: usize, world: usize, seconds: f64) -> f64 {
     2.0 * (world as f64 - 1.0) / world as f64 * bytes as f64 / seconds / 1e9
 }
@@ -43,12 +37,12 @@ pub fn allreduce(
         for _ in 0..WARMUP {
             coll.all_reduce_sum(&mut buf)?;
         }
-        sync(device);
+        crate::device::synchronize(device);
         let t0 = Instant::now();
         for _ in 0..ITERS {
             coll.all_reduce_sum(&mut buf)?;
         }
-        sync(device);
+        crate::device::synchronize(device);
         let s = t0.elapsed().as_secs_f64() / ITERS as f64;
         rows.push(serde_json::json!({
             "case": "flat", "elems": n, "bytes": n * 4, "world": world,
@@ -61,12 +55,12 @@ pub fn allreduce(
     for _ in 0..WARMUP {
         flat.all_reduce(&[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
     }
-    sync(device);
+    crate::device::synchronize(device);
     let t0 = Instant::now();
     for _ in 0..ITERS {
         flat.all_reduce(&[1.0, 0.0, 0.0], coll, DEFAULT_BUCKET_ELEMS)?;
     }
-    sync(device);
+    crate::device::synchronize(device);
     let s = t0.elapsed().as_secs_f64() / ITERS as f64;
     rows.push(serde_json::json!({
         "case": "adaptor_gradients", "elems": elems, "bytes": elems * 4, "tensors": vars.len(),

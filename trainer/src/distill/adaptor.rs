@@ -138,7 +138,6 @@ impl Adaptor {
         LoraHooks {
             adaptor: self,
             rows: Tensor::from_slice(&rows).to_device(device),
-            any: !rows.is_empty(),
             train,
             gathered: RefCell::new(None),
         }
@@ -174,7 +173,6 @@ pub struct LoraHooks<'a> {
     adaptor: &'a Adaptor,
     /// Flat indices of the routed positions.
     rows: Tensor,
-    any: bool,
     train: bool,
     /// The last input and its routed rows: q/k/v (and gate/up) share an
     /// input, so its rows are gathered once. Holding the input keeps its
@@ -202,7 +200,7 @@ impl Hooks for LoraHooks<'_> {
         let Some(pair) = self.adaptor.lora.get(&(layer, proj)) else {
             return y;
         };
-        if !self.any {
+        if self.rows.numel() == 0 {
             return y;
         }
         let cfg = &self.adaptor.cfg.lora;

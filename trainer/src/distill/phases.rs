@@ -4,6 +4,7 @@
 //! device first, so the times are the phases' device times (and the step is
 //! slower by the synchronizations).
 
+use crate::device::synchronize;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -19,12 +20,6 @@ fn totals() -> &'static Mutex<BTreeMap<&'static str, f64>> {
     T.get_or_init(|| Mutex::new(BTreeMap::new()))
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
 /// Times consecutive phases on one device; a no-op unless enabled.
 pub struct PhaseTimer {
     device: Device,
@@ -35,7 +30,7 @@ impl PhaseTimer {
     /// Starts timing (synchronizes the device when enabled).
     pub fn start(device: Device) -> PhaseTimer {
         let last = enabled().then(|| {
-            sync(device);
+            synchronize(device);
             Instant::now()
         });
         PhaseTimer { device, last }
@@ -44,7 +39,7 @@ impl PhaseTimer {
     /// Ends the current phase, adding its time to `name`'s total.
     pub fn mark(&mut self, name: &'static str) {
         if let Some(t) = self.last {
-            sync(self.device);
+            synchronize(self.device);
             let now = Instant::now();
             if let Ok(mut m) = totals().lock() {
                 *m.entry(name).or_insert(0.0) += (now - t).as_secs_f64();

@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvd_trainer::distill::checkpoint::save;
+use kvd_trainer::distill::dump::write_step_inputs;
 use kvd_trainer::distill::flops::step_flops;
 use kvd_trainer::distill::{
     kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
 };
-use kvd_trainer::model::Model;
 use rand::{Rng, SeedableRng};
 
 /// Arguments of `bench-step`.
@@ -80,15 +79,19 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         .collect();
     let distill = DistillConfig::default();
     let adaptor = Adaptor::new(model.config(), distill.clone(), device, 0)?;
-    let mut trainer = Trainer::new(&adaptor, trainer_cfg(a.iters))?;
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     let train_cfg = trainer_cfg(a.iters);
+    let mut trainer = Trainer::new(&adaptor, train_cfg.clone())?;
+    let sync = || kvd_trainer::device::synchronize(device);
     if let Some(dir) = &a.dump {
-        dump_inputs(dir, &model, &name, &adaptor, &distill, &train_cfg, &batch)?;
+        write_step_inputs(
+            dir,
+            &name,
+            model.config(),
+            &adaptor,
+            &distill,
+            &train_cfg,
+            &batch,
+        )?;
     }
     let micro = [batch];
     let mut times = Vec::new();
@@ -152,37 +155,4 @@ fn trainer_cfg(iters: usize) -> TrainConfig {
         warmup_steps: 1,
         ..TrainConfig::default()
     }
-}
-
-/// Writes the adaptor's initial tensors and the batch (with the method and
-/// optimizer settings) to `dir`.
-fn dump_inputs(
-    dir: &std::path::Path,
-    model: &Model,
-    name: &str,
-    adaptor: &Adaptor,
-    distill: &DistillConfig,
-    train: &TrainConfig,
-    batch: &[DistillExample],
-) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    save(
-        adaptor,
-        name,
-        model.config(),
-        0,
-        &dir.join("adaptor.safetensors"),
-    )?;
-    let examples: Vec<serde_json::Value> = batch
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "context": e.context, "spans": e.spans, "suffix": e.suffix, "ratio": e.ratio,
-            })
-        })
-        .collect();
-    let out = serde_json::json!({ "batch": examples, "distill": distill, "train": train });
-    std::fs::write(dir.join("batch.json"), out.to_string())
-        .with_context(|| format!("writing {}", dir.display()))?;
-    Ok(())
 }

@@ -350,11 +350,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let (device, kind) = (model.device(), model.kind());
     let vocab = model.config().vocab_size as i64;
     let ids = Tensor::randint(vocab, [1, a.tokens], (tch::Kind::Int64, device));
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
+    let sync = || kvd_trainer::device::synchronize(device);
     let mut times = Vec::with_capacity(a.iters);
     tch::no_grad(|| -> Result<()> {
         for i in 0..a.iters.max(1) + 2 {
