@@ -15,7 +15,7 @@ BIN=$1 MODEL=$2 DATA=$3 OUT=$4
 GPUS=${GPUS:-2}
 STEPS=${STEPS:-40}
 SIZES=${SIZES:-262144,1048576,4194304,16777216,67108864,268435456}
-PHASES=${PHASES:-"allreduce scaling recovery"}   # any subset
+PHASES=${PHASES:-"allreduce scaling recovery"}   # any subset, and hostload
 TAG=${TAG:-}                                      # suffix of the scaling runs' names
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/gpu_env.sh"
@@ -28,7 +28,7 @@ PY=${KVD_PYTHON:-/opt/torch/.venv/bin/python}
 job() { # name workers global_batch steps [extra worker flags...]
   local name=$1 n=$2 gb=$3 steps=$4; shift 4
   local t0; t0=$(date +%s%N)
-  "$BIN/coordinator" --workers "$n" --listen 127.0.0.1:0 --heartbeat-timeout-s 5 \
+  ${PIN:+taskset -c "$PIN"} "$BIN/coordinator" --workers "$n" --listen 127.0.0.1:0 --heartbeat-timeout-s 5 \
     --checkpoint-url "file://$OUT/ckpt-$name" --keep-last 2 --log-format json --spawn-local -- \
     "$BIN/kv-distill" --log-format json worker --model "$MODEL" --device cuda --dtype bf16 \
     --data "file://$DATA" --no-verify-data --skip-bad-rows --steps "$steps" \
@@ -52,6 +52,24 @@ if has scaling; then
 echo "== scaling"
 for n in ${SCALE:-1 $GPUS}; do
   job "scale$n$TAG" "$n" $((32 * n)) "$STEPS"
+done
+fi
+if has hostload; then
+# One GPU: is a host-bound step slowed by other busy cores (as beside other
+# workers)? LOADS lists counts of busy-looping processes, one job each;
+# PINS lists CPU sets (taskset) to run the job on, e.g. near and far from the GPU.
+echo "== host load"
+{ lscpu; nvidia-smi topo -m; } > "$OUT/cpu.txt" 2>&1 || true
+grep -iE "numa|model name|^cpu\(s\)|mhz" "$OUT/cpu.txt" || true
+i=0
+for k in ${LOADS:-0 3 8 0}; do
+  pids=()
+  for _ in $(seq 1 "$k"); do (while :; do :; done) & pids+=($!); done
+  job "load${k}_$((i++))" 1 32 "$STEPS"
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}"
+done
+for cpus in ${PINS:-}; do
+  PIN=$cpus job "load0_$((i++))_$cpus" 1 32 "$STEPS"
 done
 fi
 if has recovery; then

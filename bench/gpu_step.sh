@@ -10,7 +10,9 @@
 # REF="eager compile" the reference variants (REF_<model>_<span>_<batch> overrides
 # for one shape); PHASES=1 adds per-phase times of the Rust step
 # (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
-# reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s).
+# reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
+# ABLATE="teacher_thread fill_cache" times the Rust step without each speed-up
+# (KVD_ABLATE), alternating with the full step, twice each.
 set -euo pipefail
 BIN=$1 OUT=$2
 MODELS=${MODELS:-"1b smol"}
@@ -56,6 +58,16 @@ PYEOF
       KVD_STEP_PHASES=1 "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
         --batch "$batch" --suffix 256 --ratio 0.1 --iters 3 > "$d.rust-phases.json" 2>> "$d.rust.log" || true
     fi
+    for a in ${ABLATE:-}; do   # the step without one speed-up, alternating with the full step
+      for rep in 1 2; do
+        for v in "$a" ""; do
+          name="rust"; [ -n "$v" ] && name="rust without $v"; name="$name ($rep)"
+          KVD_ABLATE=$v "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
+            --batch "$batch" --suffix 256 --ratio 0.1 --iters 10 2>> "$d.rust.log" \
+            | sed "s/^{/{\"impl\":\"$name\",$tag,/" | tee -a "$OUT/results.jsonl" || true
+        done
+      done
+    done
     ref_var=REF_${model}_${span}_${batch}
     for v in ${!ref_var-$REF}; do
       c=""; [ "$v" = compile ] && c="--compile"

@@ -39,6 +39,29 @@ def throughput(path, gb, skip=10):
             "supervised_tokens_per_s": tokens / dt}
 
 
+def split(path, skip=10):
+    """Per rank, the mean seconds per step of each part of the step (workers
+    log data_s, compute_s, comm_s, report_s beside the step's seconds)."""
+    by = {}
+    for e in events(path):
+        if e.get("message") == "step" and e.get("step", 0) > skip and "compute_s" in e:
+            by.setdefault(e["rank"], []).append(e)
+    keys = ("data_s", "compute_s", "comm_s", "report_s", "seconds")
+    return {r: {k: sum(e[k] for e in es) / len(es) for k in keys} for r, es in sorted(by.items())}
+
+
+def print_split(label, sp):
+    if not sp:
+        return
+    print(f"\nTime split of {label}, mean ms per step over steps 11+ (compute: own forward and backward, "
+          "device drained; comm: the all-reduce, waiting for the slowest rank included):\n")
+    print("| rank | data wait | compute | comm | report | step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r, m in sp.items():
+        print(f"| {r} | {m['data_s']*1e3:.1f} | {m['compute_s']*1e3:.1f} | {m['comm_s']*1e3:.1f} | "
+              f"{m['report_s']*1e3:.1f} | {m['seconds']*1e3:.1f} |")
+
+
 def tensors(path):
     b = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", b[:8])
@@ -97,6 +120,26 @@ def main():
             print(f"| {n} | {r['seconds_per_step']:.3f} | {r['examples_per_s']:.1f} | "
                   f"{r['supervised_tokens_per_s']:.0f} | {eff:.1%} |")
         res["scaling"][label] = by_n
+        for n in sorted(by_n):
+            sp = split(out / f"scale{n}{'_' + tag if tag else ''}.log")
+            by_n[n] and by_n[n].update(split=sp)
+            print_split(f"{n} GPU(s), {label}", sp)
+    loads = sorted(out.glob("load*.log"))
+    if loads:
+        print("\n### One GPU beside busy CPU processes (uniform data, same call)\n")
+        print("| busy processes | pinned to CPUs | s/step | examples/s |")
+        print("| --- | --- | --- | --- |")
+        res["hostload"] = []
+        for log in loads:
+            busy, _, rest = log.stem[len("load"):].partition("_")
+            pin = rest.partition("_")[2] or "-"
+            r = throughput(log, 32)
+            if r:
+                r.update(busy=int(busy), pin=pin, split=split(log))
+                res["hostload"].append(r)
+                print(f"| {busy} | {pin} | {r['seconds_per_step']:.3f} | {r['examples_per_s']:.1f} |")
+        for r in res["hostload"]:
+            print_split(f"{r['busy']} busy, pinned {r['pin']}", r["split"])
     if not (out / "recovery.log").exists():
         (out / "results.json").write_text(json.dumps(res, indent=1))
         return

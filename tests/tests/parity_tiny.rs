@@ -146,6 +146,33 @@ fn cache_only(name: &str) {
     );
 }
 
+/// `layer_states` then `resume_hidden` from the same layer computes what one
+/// `forward_hidden` does, bit for bit, wherever the split falls.
+fn resumed(name: &str) {
+    let c = case(name);
+    let layers = c.model.config().num_layers;
+    let input = || Input::new(&c.ids);
+    let whole = tch::no_grad(|| c.model.forward_hidden(input(), None)).expect("forward");
+    for at in [0, 1, layers] {
+        let out = tch::no_grad(|| {
+            let states = c.model.layer_states(input(), at)?;
+            c.model.resume_hidden(input(), &states, at)
+        })
+        .expect("resume");
+        assert!(
+            out.equal(&whole),
+            "{name}: resuming after layer {at} differs"
+        );
+    }
+    let states = tch::no_grad(|| c.model.layer_states(input(), 1)).expect("states");
+    let err = c
+        .model
+        .resume_hidden(input(), &states.narrow(1, 0, 1), 1)
+        .expect_err("wrong shape");
+    assert!(err.to_string().contains("cannot resume"), "{err}");
+    assert!(c.model.resume_hidden(input(), &states, layers + 1).is_err());
+}
+
 macro_rules! family {
     ($m:ident, $name:literal) => {
         mod $m {
@@ -164,6 +191,10 @@ macro_rules! family {
             #[test]
             fn fill_cache_equals_the_full_forward_cache() {
                 super::cache_only($name);
+            }
+            #[test]
+            fn resuming_after_any_layer_equals_the_full_forward() {
+                super::resumed($name);
             }
         }
     };

@@ -287,6 +287,16 @@ fn bench_step_reports_throughput_flops_and_mfu() {
         sum > 0.5 * median && sum < 1.5 * median,
         "phases {sum} s vs step {median} s"
     );
+    // Turning the speed-ups off (the encoder's last layer in full, the teacher
+    // on this thread) changes no loss.
+    let full = bench("1")
+        .env("KVD_ABLATE", "fill_cache,teacher_thread")
+        .output()
+        .expect("start kv-distill");
+    assert!(full.status.success(), "{}", text(&full.stderr));
+    let full: serde_json::Value =
+        serde_json::from_str(text(&full.stdout).trim()).expect("one JSON line");
+    assert_eq!(full["losses"], serde_json::Value::Array(losses.clone()));
     // Bad shapes are refused.
     let bad = run(&[
         "bench-step",

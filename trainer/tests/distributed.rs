@@ -226,6 +226,7 @@ fn reference() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
             "reference job failed:\n{}",
             text(&o.stderr)
         );
+        std::fs::write(dir.path().join("job.log"), &o.stderr).expect("job log");
         (dir, out, ckpt)
     })
 }
@@ -284,6 +285,52 @@ fn three_workers_equal_the_single_process_trainer_bit_for_bit() {
             assert_ne!(a["ids"], b["ids"]);
         }
     }
+    // Every rank's step log splits the step's time: waiting for data, its own
+    // forward and backward, the all-reduce, the previous step's report.
+    let log = strip_ansi(&std::fs::read_to_string(dir.path().join("job.log")).expect("job log"));
+    let field = |line: &str, name: &str| -> f64 {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name} in {line}"));
+        let rest = &line[at + name.len() + 2..];
+        rest.split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e} in {line}"))
+    };
+    let steps: Vec<&str> = log.lines().filter(|l| l.contains(" step rank=")).collect();
+    assert_eq!(steps.len(), 3 * 6, "{log}");
+    for l in steps {
+        let seconds = field(l, "seconds");
+        let (compute, comm) = (field(l, "compute_s"), field(l, "comm_s"));
+        assert!(
+            compute > 0.0 && comm > 0.0 && compute + comm <= seconds,
+            "{l}"
+        );
+        assert!(
+            field(l, "data_s") >= 0.0 && field(l, "report_s") >= 0.0,
+            "{l}"
+        );
+    }
+}
+
+/// `s` without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A job whose workers run under `chaos` (KVD_CHAOS), fired once.

@@ -610,14 +610,18 @@ fn session_inner(
         }
         None => None,
     };
+    // The previous step's ReportStep round trip (logged with the next step).
+    let mut last_report_s = 0.0;
     for step in start..total {
         if control.pending() != NONE {
             return end_of(control.pending());
         }
+        let waited = Instant::now();
         let (batch, cursors_after) = rx
             .recv()
             .map_err(|_| ModelError::Input("the data thread stopped".into()))?
             .map_err(ModelError::Input)?;
+        let data_s = waited.elapsed().as_secs_f64();
         let t0 = Instant::now();
         if job.distill.lora.dropout > 0.0 {
             tch::manual_seed((job.seed ^ ((step as u64 + 1) << 20) ^ rank as u64) as i64);
@@ -666,6 +670,10 @@ fn session_inner(
                 grad_norm = s.grad_norm,
                 tokens = s.tokens,
                 seconds,
+                data_s,
+                compute_s = s.compute_s,
+                comm_s = s.comm_s,
+                report_s = last_report_s,
                 "step"
             );
         }
@@ -709,10 +717,13 @@ fn session_inner(
             tokens: s.local_tokens as u64,
             seconds,
         };
-        match call(ctx, "ReportStep", move |mut c| {
+        let reporting = Instant::now();
+        let reply = call(ctx, "ReportStep", move |mut c| {
             let r = req;
             Box::pin(async move { c.report_step(r).await })
-        }) {
+        });
+        last_report_s = reporting.elapsed().as_secs_f64();
+        match reply {
             Ok(r) => match Command::try_from(r.command) {
                 Ok(Command::Stop) if is_last => {}
                 Ok(Command::Stop) => return Ok(SessionEnd::Stop),

@@ -10,7 +10,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 use tch::Device;
 
-fn enabled() -> bool {
+/// Whether phase timing is on (`KVD_STEP_PHASES=1`).
+pub(crate) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("KVD_STEP_PHASES").is_ok_and(|v| v == "1"))
 }

@@ -8,8 +8,7 @@ use super::loss::kl_mix;
 use super::select::{validate_spans, Span};
 use super::student::{compress, decode, Contexts};
 use crate::error::{ModelError, Result};
-use crate::model::{Hooks, Input, Model};
-use std::cell::RefCell;
+use crate::model::{Input, Model};
 use tch::{Kind, Tensor};
 
 /// One training sequence: a context (with compressible spans) and a suffix.
@@ -38,20 +37,6 @@ pub struct StepStats {
     pub reverse_kl: f64,
     /// Supervised tokens in the batch.
     pub tokens: usize,
-}
-
-/// Captures the hidden state after one layer.
-struct Capture {
-    layer: usize,
-    state: RefCell<Option<Tensor>>,
-}
-
-impl Hooks for Capture {
-    fn after_layer(&self, layer: usize, hidden: &Tensor) {
-        if layer + 1 == self.layer {
-            *self.state.borrow_mut() = Some(hidden.shallow_clone());
-        }
-    }
 }
 
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
@@ -122,64 +107,130 @@ pub fn distill_step(
     let s_rows = Tensor::from_slice(&s_rows).to_device(device);
     let t_rows = Tensor::from_slice(&t_rows).to_device(device);
 
-    // Teacher: full cache, frozen; also yields the scorer's features (first l layers).
+    // Teacher: full cache, frozen. Its first `scorer_layer` layers give the
+    // scorer's features; the remaining layers run on a second host thread
+    // while this one launches the student's work. At small shapes the step is
+    // bound by kernel launches, and two threads launch twice as fast; both use
+    // the same CUDA stream, so each kernel computes what it would alone.
     let mut timer = super::phases::PhaseTimer::start(device);
-    let capture = Capture {
-        layer: cfg.scorer_layer,
-        state: RefCell::new(None),
+    let layer = cfg.scorer_layer;
+    let features =
+        tch::no_grad(|| model.layer_states(Input::new(&full_ids).vocab_checked(), layer))?;
+    let rest = TeacherRest {
+        model: SharedModel(model),
+        ids: full_ids.shallow_clone(),
+        states: features.shallow_clone(),
+        rows: t_rows.shallow_clone(),
+        layer,
+        threads: tch::get_num_threads(),
     };
-    let (teacher_logits, features) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
-        let h = model.forward_hidden_with(Input::new(&full_ids).vocab_checked(), None, &capture)?;
-        let rows = h.flatten(0, 1).index_select(0, &t_rows);
-        let features = match capture.state.borrow_mut().take() {
-            Some(f) => f,
-            None => model.layer_states(Input::new(&full_ids).vocab_checked(), cfg.scorer_layer)?,
-        };
-        Ok((model.logits(&rows), features))
-    })?;
-    timer.mark("teacher");
+    std::thread::scope(|scope| -> Result<StepStats> {
+        let mut teacher = Teacher::Running(
+            std::thread::Builder::new()
+                .name("kvd-teacher".into())
+                .spawn_scoped(scope, move || rest.logits())
+                .map_err(|e| ModelError::Input(format!("cannot start the teacher thread: {e}")))?,
+        );
+        if super::phases::enabled() || !super::ablate::on(super::ablate::SpeedUp::TeacherThread) {
+            // Phase timing (or the ablation) runs the teacher to its end first.
+            teacher = Teacher::Done(teacher.join()?);
+        }
+        timer.mark("teacher");
 
-    // Student.
-    let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
-    let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
-    let contexts = Contexts {
-        ids: &ctx_ids,
-        len: &ctx_len,
-        spans: &spans,
-        ratios: &ratios,
-    };
-    let mut comp = compress(model, adaptor, contexts, &features, train)?;
-    timer.skip(); // compress marks its own phases
-    let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
-    let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
-    timer.mark("decoder");
-    let kl = kl_mix(
-        &teacher_logits,
-        &student_logits,
-        cfg.kl_forward_weight,
-        cfg.temperature,
-        cfg.kl_chunk_rows,
-    )?;
-    if !kl.loss.is_finite() {
-        return Err(ModelError::Input(format!(
-            "non-finite loss {} (forward KL {}, reverse KL {})",
-            kl.loss, kl.forward_kl, kl.reverse_kl
-        )));
-    }
-    timer.mark("kl");
-    let tokens = kl.grad.size()[0] as usize;
-    if train {
-        // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
-        let g = kl.grad * grad_scale;
-        (student_logits * g.detach())
-            .sum(Kind::Float)
-            .f_backward()?;
-        timer.mark("backward");
-    }
-    Ok(StepStats {
-        loss: kl.loss,
-        forward_kl: kl.forward_kl,
-        reverse_kl: kl.reverse_kl,
-        tokens,
+        // Student.
+        let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
+        let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
+        let contexts = Contexts {
+            ids: &ctx_ids,
+            len: &ctx_len,
+            spans: &spans,
+            ratios: &ratios,
+        };
+        let mut comp = compress(model, adaptor, contexts, &features, train)?;
+        timer.skip(); // compress marks its own phases
+        let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
+        let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
+        timer.mark("decoder");
+        let teacher_logits = teacher.join()?;
+        let kl = kl_mix(
+            &teacher_logits,
+            &student_logits,
+            cfg.kl_forward_weight,
+            cfg.temperature,
+            cfg.kl_chunk_rows,
+        )?;
+        if !kl.loss.is_finite() {
+            return Err(ModelError::Input(format!(
+                "non-finite loss {} (forward KL {}, reverse KL {})",
+                kl.loss, kl.forward_kl, kl.reverse_kl
+            )));
+        }
+        timer.mark("kl");
+        let tokens = kl.grad.size()[0] as usize;
+        if train {
+            // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
+            let g = kl.grad * grad_scale;
+            (student_logits * g.detach())
+                .sum(Kind::Float)
+                .f_backward()?;
+            timer.mark("backward");
+        }
+        Ok(StepStats {
+            loss: kl.loss,
+            forward_kl: kl.forward_kl,
+            reverse_kl: kl.reverse_kl,
+            tokens,
+        })
     })
+}
+
+/// `&Model` for the teacher's thread.
+struct SharedModel<'a>(&'a Model);
+
+// SAFETY: the teacher's thread only reads the model's tensors (libtorch
+// tensors may be read from several threads at once; their reference counts
+// are atomic), and the scope joins it before the borrow ends.
+unsafe impl Send for SharedModel<'_> {}
+
+/// The teacher's layers after the scorer's, and its logits at the supervised rows.
+struct TeacherRest<'a> {
+    model: SharedModel<'a>,
+    ids: Tensor,
+    states: Tensor,
+    rows: Tensor,
+    layer: usize,
+    threads: i32,
+}
+
+impl TeacherRest<'_> {
+    fn logits(self) -> Result<Tensor> {
+        // Intra-op thread counts are per thread: match the caller's.
+        tch::set_num_threads(self.threads);
+        let model = self.model.0;
+        tch::no_grad(|| {
+            let h = model.resume_hidden(
+                Input::new(&self.ids).vocab_checked(),
+                &self.states,
+                self.layer,
+            )?;
+            Ok(model.logits(&h.flatten(0, 1).index_select(0, &self.rows)))
+        })
+    }
+}
+
+/// The teacher's logits, being computed or done.
+enum Teacher<'s> {
+    Running(std::thread::ScopedJoinHandle<'s, Result<Tensor>>),
+    Done(Tensor),
+}
+
+impl Teacher<'_> {
+    fn join(self) -> Result<Tensor> {
+        match self {
+            Teacher::Done(t) => Ok(t),
+            Teacher::Running(h) => h
+                .join()
+                .map_err(|_| ModelError::Input("the teacher thread panicked".into()))?,
+        }
+    }
 }

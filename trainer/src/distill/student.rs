@@ -97,7 +97,12 @@ pub fn compress(
     let hooks = adaptor.lora_hooks(&lora_mask, device, train);
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.
-    model.fill_cache(Input::new(ctx_ids).vocab_checked(), &mut full, &hooks)?;
+    let input = Input::new(ctx_ids).vocab_checked();
+    if !super::ablate::on(super::ablate::SpeedUp::FillCache) {
+        let _ = model.forward_hidden_with(input, Some(&mut full), &hooks)?;
+    } else {
+        model.fill_cache(input, &mut full, &hooks)?;
+    }
     timer.mark("encoder");
     let out = gather_kept(&full, selections, &scores, ctx_len);
     timer.mark("gather");

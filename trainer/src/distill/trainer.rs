@@ -9,6 +9,7 @@ use crate::dist::{Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
+use std::time::Instant;
 use tch::{Kind, Tensor};
 
 /// Optimiser and schedule settings.
@@ -73,6 +74,10 @@ pub struct OptStats {
     /// Micro-batches over all ranks (0: every row of the step was skipped
     /// and nothing was updated; `loss` is NaN then).
     pub micro_batches: usize,
+    /// Seconds of this rank's own forward and backward, the device drained.
+    pub compute_s: f64,
+    /// Seconds in the gradient all-reduce, waiting for the slowest rank included.
+    pub comm_s: f64,
 }
 
 /// Owns the optimizer over an adaptor's variables.
@@ -166,14 +171,20 @@ impl Trainer {
         }
         let flat = self.grads.as_ref().expect("made above");
         flat.zero()?;
+        let started = Instant::now();
         let mut local = [micro_batches.len() as f64, 0.0, 0.0];
         for mb in micro_batches {
             let s: StepStats = distill_step(model, adaptor, adaptor.config(), mb, 1.0, true)?;
             local[1] += s.loss;
             local[2] += s.tokens as f64;
         }
+        // The all-reduce needs the gradients anyway; draining here splits the
+        // step into own work and waiting for the others.
+        crate::device::synchronize(model.device());
+        let compute_s = started.elapsed().as_secs_f64();
         let mut timer = super::phases::PhaseTimer::start(model.device());
         let total = flat.all_reduce(&local, coll, self.bucket_elems)?;
+        let comm_s = started.elapsed().as_secs_f64() - compute_s;
         timer.mark("all_reduce");
         let n = total[0];
         if n < 1.0 {
@@ -188,6 +199,8 @@ impl Trainer {
                 tokens: 0,
                 local_tokens: 0,
                 micro_batches: 0,
+                compute_s,
+                comm_s,
             });
         }
         let mut grads = flat.grads();
@@ -220,6 +233,8 @@ impl Trainer {
             tokens: total[2].round() as usize,
             local_tokens: local[2] as usize,
             micro_batches: n.round() as usize,
+            compute_s,
+            comm_s,
         })
     }
 }

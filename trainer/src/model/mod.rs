@@ -190,7 +190,7 @@ impl Model {
 
     /// Final-norm hidden states `[batch, seq, hidden]` for `input`.
     pub fn forward_hidden(&self, input: Input, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.run(input, cache, &NoHooks, Stop::All)
+        self.run(input, cache, &NoHooks, Stop::All, None)
     }
 
     /// [`Model::forward_hidden`] with caller hooks (LoRA terms, attention bias, observers).
@@ -200,14 +200,14 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        self.run(input, cache, hooks, Stop::All)
+        self.run(input, cache, hooks, Stop::All, None)
     }
 
     /// Appends every layer's K/V for `input` to `cache`, doing only the work
     /// they need: the last layer's attention output and MLP and the final norm
     /// are skipped (so `hooks.after_layer` is not called for the last layer).
     pub fn fill_cache(&self, input: Input, cache: &mut KvCache, hooks: &dyn Hooks) -> Result<()> {
-        self.run(input, Some(cache), hooks, Stop::CacheOnly)
+        self.run(input, Some(cache), hooks, Stop::CacheOnly, None)
             .map(|_| ())
     }
 
@@ -220,17 +220,38 @@ impl Model {
                 self.cfg.num_layers
             )));
         }
-        self.run(input, None, &NoHooks, Stop::After(layers))
+        self.run(input, None, &NoHooks, Stop::After(layers), None)
     }
 
-    /// The forward pass: embeddings, layers up to `stop`, and the final norm
-    /// when all layers ran.
+    /// Final-norm hidden states for `input`, continuing from `states`, the
+    /// hidden states after its first `layers` layers ([`Model::layer_states`]):
+    /// the two calls together compute what [`Model::forward_hidden`] does.
+    pub fn resume_hidden(&self, input: Input, states: &Tensor, layers: usize) -> Result<Tensor> {
+        let ids = input.ids.size();
+        let want = [
+            ids[0],
+            ids.get(1).copied().unwrap_or(0),
+            self.cfg.hidden_size as i64,
+        ];
+        if layers > self.cfg.num_layers || states.size() != want {
+            return Err(ModelError::Input(format!(
+                "cannot resume a {}-layer model after layer {layers} from states of shape {:?} (expected {want:?})",
+                self.cfg.num_layers,
+                states.size()
+            )));
+        }
+        self.run(input, None, &NoHooks, Stop::All, Some((layers, states)))
+    }
+
+    /// The forward pass: embeddings (or `from`'s states after its first layers),
+    /// layers up to `stop`, and the final norm when all layers ran.
     fn run(
         &self,
         input: Input,
         mut cache: Option<&mut KvCache>,
         hooks: &dyn Hooks,
         stop: Stop,
+        from: Option<(usize, &Tensor)>,
     ) -> Result<Tensor> {
         let ids = input.ids;
         let (b, t) = ids.size2().map_err(|_| {
@@ -329,22 +350,15 @@ impl Model {
             None
         };
 
-        let embedded = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
-        let mut x = match self.embed_scale {
-            // Like transformers: the scale is rounded to the model's dtype first.
-            Some(s) => {
-                embedded
-                    * Tensor::from(s as f32)
-                        .to_kind(self.kind)
-                        .to_device(self.device)
-            }
-            None => embedded,
+        let (skip, mut x) = match from {
+            Some((done, states)) => (done, states.shallow_clone()),
+            None => (0, self.embed(ids)?),
         };
         let n = match stop {
             Stop::After(n) => n,
             Stop::All | Stop::CacheOnly => self.layers.len(),
         };
-        for (i, layer) in self.layers.iter().enumerate().take(n) {
+        for (i, layer) in self.layers.iter().enumerate().take(n).skip(skip) {
             let inputs = match (layer.kind, &sliding) {
                 (LayerKind::Sliding, Some(s)) => s,
                 _ => &full,
@@ -365,6 +379,21 @@ impl Model {
             return Ok(x);
         }
         Ok(self.norm.forward(&x))
+    }
+
+    /// Token embeddings (scaled where the family scales them).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let embedded = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        Ok(match self.embed_scale {
+            // Like transformers: the scale is rounded to the model's dtype first.
+            Some(s) => {
+                embedded
+                    * Tensor::from(s as f32)
+                        .to_kind(self.kind)
+                        .to_device(self.device)
+            }
+            None => embedded,
+        })
     }
 
     /// LM-head logits for hidden states `[.., hidden]`.
