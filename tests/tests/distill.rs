@@ -300,3 +300,53 @@ fn adaptor_checkpoint_reloads_identically_and_refuses_other_bases() {
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
     lcg_tokens(n, seed, 0, 96)
 }
+
+/// A step's update is the gradient of the mean loss over the global batch's
+/// supervised tokens, however the batch is cut into micro-batches: both
+/// examples (11 and 8 supervised tokens) in one micro-batch or one each give
+/// the same loss and gradient norm. A mean of per-micro-batch means would
+/// weight the shorter example's tokens more.
+#[test]
+fn micro_batching_does_not_change_the_step() {
+    let m = model();
+    let fresh = || Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+    let run = |micro: &[Vec<DistillExample>]| {
+        let a = fresh();
+        let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+        t.train_step(&m, &a, micro).expect("step")
+    };
+    let b = batch(0.25);
+    let whole = run(std::slice::from_ref(&b));
+    let split = run(&[vec![b[0].clone()], vec![b[1].clone()]]);
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(y.abs());
+    assert_eq!((whole.tokens, split.tokens), (19, 19));
+    assert!(
+        close(whole.loss, split.loss),
+        "{} vs {}",
+        whole.loss,
+        split.loss
+    );
+    assert!(
+        close(whole.grad_norm, split.grad_norm),
+        "{} vs {}",
+        whole.grad_norm,
+        split.grad_norm
+    );
+    // The per-example losses: the token-weighted mean is the step's loss and
+    // differs from the plain mean of the two.
+    let a = fresh();
+    let l: Vec<f64> = b
+        .iter()
+        .map(|e| {
+            distill_step(&m, &a, &cfg(), std::slice::from_ref(e), 1.0, false)
+                .expect("loss")
+                .loss
+        })
+        .collect();
+    let weighted = (11.0 * l[0] + 8.0 * l[1]) / 19.0;
+    assert!(close(split.loss, weighted), "{} vs {weighted}", split.loss);
+    assert!(
+        !close((l[0] + l[1]) / 2.0, weighted),
+        "{l:?}: the test cannot tell the weightings apart"
+    );
+}

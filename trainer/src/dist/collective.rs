@@ -71,6 +71,31 @@ impl Collective for Single {
     }
 }
 
+/// Sums a few host values over the ranks of `coll` (through a float32 tensor
+/// on `device`, so integers are exact up to 2^24); with one rank, `values`.
+pub fn all_reduce_values(
+    coll: &mut dyn Collective,
+    values: &[f64],
+    device: tch::Device,
+) -> Result<Vec<f64>, CollectiveError> {
+    if coll.world_size() == 1 {
+        return Ok(values.to_vec());
+    }
+    let backend = coll.backend();
+    let transport = |e: tch::TchError| CollectiveError::Transport {
+        backend,
+        msg: e.to_string(),
+    };
+    let host: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    let mut buf = Tensor::from_slice(&host)
+        .f_to_device(device)
+        .map_err(transport)?;
+    coll.all_reduce_sum(&mut buf)?;
+    let back = buf.f_to_device(tch::Device::Cpu).map_err(transport)?;
+    let sums = Vec::<f32>::try_from(&back).map_err(transport)?;
+    Ok(sums.into_iter().map(f64::from).collect())
+}
+
 /// Default bucket size of the gradient all-reduce: 4 Mi float32 (16 MiB).
 pub const DEFAULT_BUCKET_ELEMS: usize = 4 << 20;
 

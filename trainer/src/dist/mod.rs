@@ -11,4 +11,4 @@ pub mod state;
 pub mod tcp;
 pub mod worker;
 
-pub use collective::{Collective, CollectiveError, FlatGrads, Single};
+pub use collective::{all_reduce_values, Collective, CollectiveError, FlatGrads, Single};

@@ -39,6 +39,18 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
+/// The suffix positions `j` whose next token (`j + 1`) the loss supervises:
+/// all but the last, or with `answer_only` those predicting the answer.
+pub fn supervised_positions<'a>(
+    ex: &'a DistillExample,
+    cfg: &'a DistillConfig,
+) -> impl Iterator<Item = usize> + 'a {
+    (0..ex.suffix.len().saturating_sub(1)).filter(move |&j| match (cfg.answer_only, ex.answer) {
+        (true, Some((s, n))) => (s..s + n).contains(&(j + 1)),
+        _ => true,
+    })
+}
+
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
 /// backward into the adaptor's gradients (accumulated; `grad_scale` multiplies
 /// them, e.g. 1/accumulation steps). Base weights get no gradient.
@@ -86,15 +98,7 @@ pub fn distill_step(
     // Supervised rows: suffix position j predicts suffix token j + 1.
     let (mut s_rows, mut t_rows) = (Vec::new(), Vec::new());
     for (i, ex) in batch.iter().enumerate() {
-        for j in 0..ex.suffix.len() - 1 {
-            let target = j + 1;
-            if cfg.answer_only {
-                if let Some((s, n)) = ex.answer {
-                    if target < s || target >= s + n {
-                        continue;
-                    }
-                }
-            }
+        for j in supervised_positions(ex, cfg) {
             s_rows.push(i as i64 * lx + j as i64);
             t_rows.push(i as i64 * lf + (ctx_len[i] + j) as i64);
         }

@@ -3,9 +3,9 @@
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
-use super::step::{distill_step, DistillExample, StepStats};
+use super::step::{distill_step, supervised_positions, DistillExample, StepStats};
 use crate::dist::collective::DEFAULT_BUCKET_ELEMS;
-use crate::dist::{Collective, FlatGrads, Single};
+use crate::dist::{all_reduce_values, Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ impl TrainConfig {
 /// Statistics of one optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct OptStats {
-    /// Mean loss over the micro-batches.
+    /// Mean loss over the supervised tokens of the global batch.
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
@@ -156,9 +156,9 @@ impl Trainer {
     }
 
     /// One data-parallel optimizer step: this rank's `micro_batches` (possibly
-    /// none), gradients summed over the ranks of `coll` and divided by the
-    /// number of micro-batches of all ranks, then clipping and AdamW. Every
-    /// rank ends with the same adaptor.
+    /// none), gradients of the mean loss over the supervised tokens of all
+    /// ranks' micro-batches, summed over the ranks of `coll`, then clipping
+    /// and AdamW. Every rank ends with the same adaptor.
     pub fn train_step_with(
         &mut self,
         model: &Model,
@@ -171,11 +171,30 @@ impl Trainer {
         }
         let flat = self.grads.as_ref().expect("made above");
         flat.zero()?;
+        // Each micro-batch's gradient is weighted by its share of the global
+        // batch's supervised tokens: the update is the gradient of the mean
+        // over all of them, however the batch is split into ranks and
+        // micro-batches (a mean of per-micro-batch means would weight a token
+        // by the size of the micro-batch it landed in).
+        let cfg = adaptor.config();
+        let counts: Vec<f64> = micro_batches
+            .iter()
+            .map(|mb| {
+                mb.iter()
+                    .map(|e| supervised_positions(e, cfg).count() as f64)
+                    .sum()
+            })
+            .collect();
+        let counted = Instant::now();
+        let global_tokens =
+            all_reduce_values(coll, &[counts.iter().sum::<f64>()], model.device())?[0];
+        let mut comm_s = counted.elapsed().as_secs_f64();
         let started = Instant::now();
         let mut local = [micro_batches.len() as f64, 0.0, 0.0];
-        for mb in micro_batches {
-            let s: StepStats = distill_step(model, adaptor, adaptor.config(), mb, 1.0, true)?;
-            local[1] += s.loss;
+        for (mb, &count) in micro_batches.iter().zip(&counts) {
+            let weight = count / global_tokens;
+            let s: StepStats = distill_step(model, adaptor, cfg, mb, weight, true)?;
+            local[1] += s.loss * weight;
             local[2] += s.tokens as f64;
         }
         // The all-reduce needs the gradients anyway; draining here splits the
@@ -184,10 +203,10 @@ impl Trainer {
         let compute_s = started.elapsed().as_secs_f64();
         let mut timer = super::phases::PhaseTimer::start(model.device());
         let total = flat.all_reduce(&local, coll, self.bucket_elems)?;
-        let comm_s = started.elapsed().as_secs_f64() - compute_s;
+        comm_s += started.elapsed().as_secs_f64() - compute_s;
         timer.mark("all_reduce");
         let n = total[0];
-        if n < 1.0 {
+        if n < 1.0 || global_tokens < 1.0 {
             // Every row of the global batch was skipped (bad-row policy): the
             // step passes without an update, identically on every rank.
             let lr = self.cfg.lr_at(self.step);
@@ -205,7 +224,6 @@ impl Trainer {
         }
         let mut grads = flat.grads();
         let grad_norm = tch::no_grad(|| -> Result<f64> {
-            let _ = grads.f_div_scalar_(n)?;
             Ok(grads
                 .f_pow_tensor_scalar(2)?
                 .f_sum(Kind::Double)?
@@ -215,7 +233,7 @@ impl Trainer {
         if !grad_norm.is_finite() {
             return Err(ModelError::Input(format!(
                 "non-finite gradient norm {grad_norm} (loss {})",
-                total[1] / n
+                total[1]
             )));
         }
         if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm {
@@ -227,7 +245,7 @@ impl Trainer {
         timer.mark("optimizer");
         self.step += 1;
         Ok(OptStats {
-            loss: total[1] / n,
+            loss: total[1],
             lr,
             grad_norm,
             tokens: total[2].round() as usize,
