@@ -322,9 +322,9 @@ impl ExampleBuilder {
         }
     }
 
-    /// Applies the policy to one item: `Ok(None)` is a counted, logged skip.
-    fn build_item(&self, item: &BuildItem) -> Result<Option<Example>> {
-        let res = match &item.record {
+    /// Builds one item without the bad-row policy: a bad row is an error.
+    fn try_build(&self, item: &BuildItem) -> Result<Example> {
+        match &item.record {
             Ok(r) => self.build(r, item.id, item.seed, &item.location),
             Err(DataError::BadRow {
                 location,
@@ -335,9 +335,14 @@ impl ExampleBuilder {
                 kind: *kind,
                 detail: detail.clone(),
             }),
-            Err(e) => return Err(DataError::Config(e.to_string())),
-        };
-        match res {
+            Err(e) => Err(DataError::Config(e.to_string())),
+        }
+    }
+
+    /// Applies the bad-row policy to a built result: `Ok(None)` is a counted,
+    /// logged skip; any other error stays an error.
+    pub fn keep(&self, built: Result<Example>) -> Result<Option<Example>> {
+        match built {
             Ok(ex) => Ok(Some(ex)),
             Err(DataError::BadRow {
                 location,
@@ -352,35 +357,42 @@ impl ExampleBuilder {
         }
     }
 
+    /// Builds many items on `threads` threads without the bad-row policy
+    /// (nothing counted or logged), one result per item in input order.
+    pub fn try_build_many(&self, items: &[BuildItem]) -> Vec<Result<Example>> {
+        let threads = self.cfg.threads.max(1).min(items.len().max(1));
+        if threads == 1 {
+            return items.iter().map(|i| self.try_build(i)).collect();
+        }
+        let chunk = items.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .chunks(chunk)
+                .map(|c| {
+                    (
+                        c.len(),
+                        s.spawn(move || c.iter().map(|i| self.try_build(i)).collect::<Vec<_>>()),
+                    )
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|(n, h)| match h.join() {
+                    Ok(v) => v,
+                    Err(_) => (0..n)
+                        .map(|_| Err(DataError::Tokenizer("tokenizer thread panicked".into())))
+                        .collect(),
+                })
+                .collect()
+        })
+    }
+
     /// Builds many examples on `threads` threads, keeping input order;
     /// skipped rows are left out (and counted).
     pub fn build_many(&self, items: &[BuildItem]) -> Result<Vec<Example>> {
-        let threads = self.cfg.threads.max(1).min(items.len().max(1));
-        let results: Vec<Result<Option<Example>>> = if threads == 1 {
-            items.iter().map(|i| self.build_item(i)).collect()
-        } else {
-            let chunk = items.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = items
-                    .chunks(chunk)
-                    .map(|c| {
-                        s.spawn(move || c.iter().map(|i| self.build_item(i)).collect::<Vec<_>>())
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| match h.join() {
-                        Ok(v) => v,
-                        Err(_) => vec![Err(DataError::Tokenizer(
-                            "tokenizer thread panicked".into(),
-                        ))],
-                    })
-                    .collect()
-            })
-        };
         let mut out = Vec::with_capacity(items.len());
-        for r in results {
-            if let Some(e) = r? {
+        for built in self.try_build_many(items) {
+            if let Some(e) = self.keep(built)? {
                 out.push(e);
             }
         }

@@ -32,6 +32,6 @@ pub use error::{BadInputKind, DataError, Location, Result};
 pub use loader::{Loader, LoaderConfig, RankBatch};
 pub use manifest::{FileEntry, Manifest};
 pub use schema::{Record, SchemaSpec};
-pub use shard::{rank_slice, ExampleId, GlobalBatcher};
+pub use shard::{balanced_range, rank_slice, ExampleId, GlobalBatcher};
 pub use source::{ObjectInfo, Source, StoreOptions};
 pub use tokenize::{HfTokenizer, TextTokenizer};

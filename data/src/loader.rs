@@ -8,7 +8,7 @@ use crate::builder::{BuildItem, Example, ExampleBuilder};
 use crate::cursor::Cursor;
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::shard::{rank_slice, ExampleId, GlobalBatcher};
+use crate::shard::{balanced_range, ExampleId, GlobalBatcher};
 
 /// Loader settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -80,7 +80,11 @@ impl Loader {
         &self.builder
     }
 
-    /// The next step for `rank` of `world`, advancing `cursor` by one global batch.
+    /// The next step for `rank` of `world`, advancing `cursor` by one global
+    /// batch. With several ranks, every rank builds the whole global batch and
+    /// keeps its [`balanced_range`] by tokens, so each rank's step does about
+    /// the same work (the step waits for the slowest rank); the tokenizing is
+    /// repeated on every rank, off the training thread.
     pub async fn next(
         &mut self,
         cursor: &mut Cursor,
@@ -88,13 +92,12 @@ impl Loader {
         world: usize,
     ) -> Result<RankBatch> {
         let global_ids = self.batcher.next_batch(cursor, self.cfg.global_batch)?;
-        let mine = rank_slice(&global_ids, rank, world).to_vec();
         if self.cfg.prefetch_batches > 0 {
             let mut ahead = cursor.clone();
             let mut upcoming = Vec::new();
             for _ in 0..self.cfg.prefetch_batches {
                 let b = self.batcher.next_batch(&mut ahead, self.cfg.global_batch)?;
-                upcoming.extend_from_slice(rank_slice(&b, rank, world));
+                upcoming.extend(b);
             }
             let ds = self.dataset.clone();
             tokio::spawn(async move {
@@ -102,7 +105,7 @@ impl Loader {
                 let _ = ds.read(&upcoming).await;
             });
         }
-        let rows = self.dataset.read(&mine).await?;
+        let rows = self.dataset.read(&global_ids).await?;
         let seed = self.cfg.seed;
         let items: Vec<BuildItem> = rows
             .into_iter()
@@ -114,12 +117,28 @@ impl Loader {
             })
             .collect();
         let builder = self.builder.clone();
-        let n = items.len();
-        let examples = tokio::task::spawn_blocking(move || builder.build_many(&items))
-            .await
-            .map_err(|e| crate::DataError::Tokenizer(format!("builder task failed: {e}")))??;
+        let (examples, skipped) = tokio::task::spawn_blocking(move || {
+            let mut built = builder.try_build_many(&items);
+            let costs: Vec<u64> = built
+                .iter()
+                .map(|b| b.as_ref().map_or(0, |e| e.tokens.len() as u64))
+                .collect();
+            let mine = balanced_range(&costs, rank, world);
+            built.truncate(mine.end);
+            built.drain(..mine.start);
+            let n = built.len();
+            let mut examples = Vec::with_capacity(n);
+            for b in built {
+                if let Some(e) = builder.keep(b)? {
+                    examples.push(e);
+                }
+            }
+            Ok::<_, crate::DataError>((examples, n))
+        })
+        .await
+        .map_err(|e| crate::DataError::Tokenizer(format!("builder task failed: {e}")))??;
         Ok(RankBatch {
-            skipped: n - examples.len(),
+            skipped: skipped - examples.len(),
             global_ids,
             examples,
         })

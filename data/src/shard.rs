@@ -262,6 +262,57 @@ impl GlobalBatcher {
     }
 }
 
+/// The contiguous part of a global batch that `rank` of `world` processes
+/// when each item has a cost (its tokens): every split point is where the
+/// running cost comes closest to that rank's equal share, so each rank's
+/// load is within one item of the mean. With at least `world` items every
+/// rank gets one or more; with no cost at all this is [`rank_slice`]'s
+/// range. Order is kept, and every rank computes the same split.
+pub fn balanced_range(costs: &[u64], rank: usize, world: usize) -> std::ops::Range<usize> {
+    let n = costs.len();
+    if world == 0 || rank >= world {
+        return 0..0;
+    }
+    let mut prefix = Vec::with_capacity(n + 1);
+    prefix.push(0u128);
+    for &c in costs {
+        prefix.push(prefix[prefix.len() - 1] + u128::from(c));
+    }
+    let total = prefix[n];
+    if total == 0 {
+        let base = n / world;
+        let extra = n % world;
+        let start = rank * base + rank.min(extra);
+        return start..start + base + usize::from(rank < extra);
+    }
+    let one_each = n >= world;
+    let mut start = 0;
+    for r in 1..=world {
+        let end = if r == world {
+            n
+        } else {
+            let target = total * r as u128 / world as u128;
+            let i = prefix.partition_point(|&p| p < target);
+            let closest = if i > 0 && target - prefix[i - 1] <= prefix[i] - target {
+                i - 1
+            } else {
+                i
+            };
+            let (lo, hi) = if one_each {
+                (start + 1, n - (world - r))
+            } else {
+                (start, n)
+            };
+            closest.clamp(lo.min(hi), hi)
+        };
+        if r == rank + 1 {
+            return start..end;
+        }
+        start = end;
+    }
+    0..0
+}
+
 /// The part of a global batch that `rank` of `world` processes: contiguous,
 /// balanced (the first `len % world` ranks take one more).
 pub fn rank_slice<T>(batch: &[T], rank: usize, world: usize) -> &[T] {

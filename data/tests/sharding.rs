@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kvd_data::{
-    rank_slice, BuilderConfig, Cursor, Dataset, DatasetOptions, ExampleBuilder, ExampleId,
-    GlobalBatcher, Loader, LoaderConfig, Manifest,
+    balanced_range, rank_slice, BuilderConfig, Cursor, Dataset, DatasetOptions, ExampleBuilder,
+    ExampleId, GlobalBatcher, Loader, LoaderConfig, Manifest,
 };
 
 const ROWS: &[usize] = &[37, 50, 13, 61];
@@ -157,6 +157,58 @@ fn rank_slice_is_balanced_and_covering() {
 }
 
 #[test]
+fn balanced_range_splits_by_cost_in_order() {
+    let check = |costs: &[u64], world: usize| -> Vec<std::ops::Range<usize>> {
+        let parts: Vec<_> = (0..world)
+            .map(|r| balanced_range(costs, r, world))
+            .collect();
+        // Contiguous and covering, in rank order.
+        assert_eq!(parts[0].start, 0);
+        assert_eq!(parts[world - 1].end, costs.len());
+        for w in parts.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+        let total: u64 = costs.iter().sum();
+        let largest = costs.iter().max().copied().unwrap_or(0);
+        for p in &parts {
+            if costs.len() >= world {
+                assert!(!p.is_empty(), "{costs:?} over {world}: {parts:?}");
+            }
+            let load: u64 = costs[p.clone()].iter().sum();
+            assert!(
+                load <= total / world as u64 + largest,
+                "{costs:?} over {world}: {parts:?}"
+            );
+        }
+        parts
+    };
+    // One long example among short ones gets a rank to itself.
+    assert_eq!(check(&[100, 1, 1, 1, 1, 1], 2), [0..1, 1..6]);
+    assert_eq!(check(&[1, 1, 1, 1, 1, 100], 2), [0..5, 5..6]);
+    // Equal costs: equal counts, to within one.
+    let v: Vec<usize> = (0..11).collect();
+    for world in 1..=6 {
+        let lens: Vec<usize> = check(&[7; 11], world).iter().map(|p| p.len()).collect();
+        assert!(
+            lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1,
+            "{lens:?}"
+        );
+        // No cost at all (every row skipped): rank_slice's split too.
+        let zero = check(&[0; 11], world);
+        for (r, p) in zero.iter().enumerate() {
+            assert_eq!(&v[p.clone()], rank_slice(&v, r, world));
+        }
+    }
+    // Skewed lengths over several worlds, and fewer items than ranks.
+    let costs: Vec<u64> = (0..40u64).map(|i| 50 + (i * 37 % 11) * 90).collect();
+    for world in 1..=9 {
+        check(&costs, world);
+    }
+    check(&[5, 9], 4);
+    assert_eq!(balanced_range(&[1, 2], 4, 4), 0..0);
+}
+
+#[test]
 fn loader_reads_every_row_once_across_ranks() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
@@ -195,19 +247,37 @@ fn loader_reads_every_row_once_across_ranks() {
             .collect();
         let mut cursors: Vec<Cursor> = loaders.iter().map(|l| l.cursor()).collect();
         while cursors[0].sample_index < m.num_rows() {
+            // The ranks' parts, in rank order, are the global batch in order,
+            // each non-empty and balanced by tokens to within one example.
+            let (mut step, mut loads, mut global) = (Vec::new(), Vec::new(), Vec::new());
             for r in 0..world {
                 let b = loaders[r]
                     .next(&mut cursors[r], r, world)
                     .await
                     .expect("next");
-                let want: Vec<u64> = rank_slice(&b.global_ids, r, world)
-                    .iter()
-                    .map(|e| e.row)
-                    .collect();
-                let got: Vec<u64> = b.examples.iter().map(|e| e.id).collect();
-                assert_eq!(got, want);
-                seen.extend(got);
+                global = b.global_ids.iter().map(|e| e.row).collect::<Vec<_>>();
+                assert!(global.len() < world || !b.examples.is_empty());
+                loads.push(
+                    b.examples
+                        .iter()
+                        .map(|e| e.tokens.len())
+                        .collect::<Vec<_>>(),
+                );
+                step.extend(b.examples.iter().map(|e| e.id));
             }
+            assert_eq!(step, global);
+            let all: Vec<usize> = loads.concat();
+            let (total, largest) = (
+                all.iter().sum::<usize>(),
+                all.iter().max().copied().unwrap_or(0),
+            );
+            for l in &loads {
+                assert!(
+                    l.iter().sum::<usize>() <= total / world + largest,
+                    "{loads:?}"
+                );
+            }
+            seen.extend(step);
         }
         seen.sort();
         assert_eq!(seen, (0..m.num_rows()).collect::<Vec<_>>());
