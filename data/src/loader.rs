@@ -117,7 +117,7 @@ impl Loader {
             })
             .collect();
         let builder = self.builder.clone();
-        let (examples, skipped) = tokio::task::spawn_blocking(move || {
+        let (examples, taken) = tokio::task::spawn_blocking(move || {
             let mut built = builder.try_build_many(&items);
             let costs: Vec<u64> = built
                 .iter()
@@ -138,7 +138,7 @@ impl Loader {
         .await
         .map_err(|e| crate::DataError::Tokenizer(format!("builder task failed: {e}")))??;
         Ok(RankBatch {
-            skipped: skipped - examples.len(),
+            skipped: taken - examples.len(),
             global_ids,
             examples,
         })

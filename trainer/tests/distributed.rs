@@ -211,6 +211,34 @@ fn assert_same_adaptor(a: &Path, b: &Path) {
     }
 }
 
+/// The adaptors at `a` and `b` have the same float32 tensors to within
+/// `rtol` relative to the largest magnitude of each tensor.
+fn assert_close_adaptor(a: &Path, b: &Path, rtol: f32) {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let floats = |bytes: &[u8]| -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    for (name, bytes) in &ta {
+        let (x, y) = (floats(bytes), floats(&tb[name]));
+        assert_eq!(x.len(), y.len(), "{name}");
+        let scale = x.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            worst <= rtol * scale,
+            "tensor {name}: max difference {worst} (largest value {scale}) between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
 /// The uninterrupted 3-worker run (adaptor, step trace), made once.
 fn reference() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static REF: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
@@ -507,9 +535,20 @@ fn resuming_with_two_workers_continues_the_same_data_sequence() {
             reference_trace[step - 1]["global_ids"],
             "step {step}"
         );
+        let (l, r) = (
+            line["loss"].as_f64().expect("loss"),
+            reference_trace[step - 1]["loss"].as_f64().expect("loss"),
+        );
+        assert!(
+            (l - r).abs() <= 1e-5 * r.abs(),
+            "step {step}: loss {l} vs {r}"
+        );
     }
-    // Contiguous rank slices keep the sum order, so even the bits agree.
-    assert_same_adaptor(&out, reference_out);
+    // Same data, same math. The bits may differ: with 2 ranks one of them
+    // holds two of a step's 3 examples, so the sum over ranks associates
+    // differently than with 3 (float addition is not associative), and AdamW
+    // normalizes the tiny differences of near-zero gradients.
+    assert_close_adaptor(&out, reference_out, 1e-4);
 }
 
 #[test]
