@@ -142,20 +142,25 @@ pub fn distill_step(
         timer.mark("teacher");
 
         // Student.
-        let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
-        let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
-        let contexts = Contexts {
-            ids: &ctx_ids,
-            len: &ctx_len,
-            spans: &spans,
-            ratios: &ratios,
-        };
-        let mut comp = compress(model, adaptor, contexts, &features, train)?;
-        timer.skip(); // compress marks its own phases
-        let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
-        let student_logits = model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows));
+        let student = (|| -> Result<Tensor> {
+            let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
+            let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
+            let contexts = Contexts {
+                ids: &ctx_ids,
+                len: &ctx_len,
+                spans: &spans,
+                ratios: &ratios,
+            };
+            let mut comp = compress(model, adaptor, contexts, &features, train)?;
+            timer.skip(); // compress marks its own phases
+            let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
+            Ok(model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows)))
+        })();
+        // Joined even when the student failed, so its error is the one returned.
+        let teacher_logits = teacher.join();
+        let student_logits = student?;
+        let teacher_logits = teacher_logits?;
         timer.mark("decoder");
-        let teacher_logits = teacher.join()?;
         let kl = kl_mix(
             &teacher_logits,
             &student_logits,
@@ -232,9 +237,14 @@ impl Teacher<'_> {
     fn join(self) -> Result<Tensor> {
         match self {
             Teacher::Done(t) => Ok(t),
-            Teacher::Running(h) => h
-                .join()
-                .map_err(|_| ModelError::Input("the teacher thread panicked".into()))?,
+            Teacher::Running(h) => h.join().map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                ModelError::Input(format!("the teacher thread panicked: {why}"))
+            })?,
         }
     }
 }
