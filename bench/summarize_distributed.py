@@ -122,7 +122,8 @@ def main():
         res["scaling"][label] = by_n
         for n in sorted(by_n):
             sp = split(out / f"scale{n}{'_' + tag if tag else ''}.log")
-            by_n[n] and by_n[n].update(split=sp)
+            if by_n[n]:
+                by_n[n]["split"] = sp
             print_split(f"{n} GPU(s), {label}", sp)
     loads = sorted(out.glob("load*.log"))
     if loads:

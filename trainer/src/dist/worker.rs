@@ -248,19 +248,17 @@ fn connect(rt: &Runtime, cfg: &WorkerConfig) -> Result<Client> {
     }
 }
 
+/// One call to the coordinator, as the retry helpers take it.
+type Rpc<T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>> + Send>,
+>;
+
 /// Calls `f` until it succeeds, retrying while the coordinator is unreachable
 /// (up to the coordinator timeout).
 fn call<T>(
     ctx: &Ctx<'_>,
     what: &str,
-    mut f: impl FnMut(
-        Client,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>
-                + Send,
-        >,
-    >,
+    mut f: impl FnMut(Client) -> Rpc<T>,
 ) -> std::result::Result<T, Status> {
     let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
     loop {
@@ -851,14 +849,7 @@ impl Link {
         &self,
         what: &str,
         client: &mut Client,
-        mut f: impl FnMut(
-            Client,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>
-                    + Send,
-            >,
-        >,
+        mut f: impl FnMut(Client) -> Rpc<T>,
     ) -> std::result::Result<tonic::Response<T>, Status> {
         for attempt in 1..=3 {
             match tokio::time::timeout(self.timeout, f(client.clone())).await {
