@@ -125,17 +125,53 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A child process whose stdout and stderr go to files. A pipe that is read
+/// only at exit fills up (64 KiB) and then blocks every writer: the process
+/// and the workers it spawns, which inherit it, hang in a log line.
+struct Proc {
+    child: Child,
+    logs: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output captured to files.
+    fn spawn(cmd: &mut Command, what: &str) -> Self {
+        let logs = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str| {
+            Stdio::from(std::fs::File::create(logs.path().join(name)).expect("log file"))
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Self { child, logs }
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.logs.path().join(name)).unwrap_or_default()
+    }
+}
+
 /// Runs a child to completion with a deadline.
-fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
+fn wait_output(mut p: Proc, limit: Duration, what: &str) -> Output {
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait().expect("poll").is_some() {
-            return child.wait_with_output().expect("output");
+        if let Some(status) = p.child.try_wait().expect("poll") {
+            return Output {
+                status,
+                stdout: p.read("stdout"),
+                stderr: p.read("stderr"),
+            };
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("{what} did not finish in {limit:?}:\n{}", text(&out.stderr));
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            panic!(
+                "{what} did not finish in {limit:?}:\n{}",
+                text(&p.read("stderr"))
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -176,14 +212,12 @@ fn spawn_local_with(
     .arg("--")
     .args(worker)
     .env("KVD_TOKEN", TOKEN)
-    .env("RUST_BACKTRACE", "0")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .env("RUST_BACKTRACE", "0");
     for (k, v) in env {
         cmd.env(k, v);
     }
     wait_output(
-        cmd.spawn().expect("start coordinator"),
+        Proc::spawn(&mut cmd, "the coordinator"),
         Duration::from_secs(600),
         "the job",
     )
@@ -438,36 +472,31 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_coordinator(port: u16, ckpt: &Path, workers: u32, extra: &[&str]) -> Child {
-    Command::new(coordinator_bin())
-        .args([
-            "--workers",
-            &workers.to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--heartbeat-timeout-s", "3", "--resume"])
-        .args(["--checkpoint-url", &format!("file://{}", ckpt.display())])
-        .args(extra)
-        .env("KVD_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start coordinator")
+fn start_coordinator(port: u16, ckpt: &Path, workers: u32, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(coordinator_bin());
+    cmd.args([
+        "--workers",
+        &workers.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .args(["--heartbeat-timeout-s", "3", "--resume"])
+    .args(["--checkpoint-url", &format!("file://{}", ckpt.display())])
+    .args(extra)
+    .env("KVD_TOKEN", TOKEN);
+    Proc::spawn(&mut cmd, "the coordinator")
 }
 
-fn start_worker(port: u16, rank: Option<u32>, token: &str, cmd: &[String]) -> Child {
+fn start_worker(port: u16, rank: Option<u32>, token: &str, cmd: &[String]) -> Proc {
     let mut c = Command::new(&cmd[0]);
     c.args(&cmd[1..])
         .env("KVD_COORDINATOR", format!("127.0.0.1:{port}"))
         .env("KVD_TOKEN", token)
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_BACKTRACE", "0");
     if let Some(r) = rank {
         c.env("KVD_RANK", r.to_string());
     }
-    c.spawn().expect("start worker")
+    Proc::spawn(&mut c, "a worker")
 }
 
 #[test]
@@ -479,7 +508,7 @@ fn a_restarted_coordinator_continues_the_job_from_object_storage() {
     let port = free_port();
     let mut first = start_coordinator(port, &ckpt, 3, &[]);
     let cmd = worker_command(&out, &["--coordinator-timeout-s", "120"]);
-    let workers: Vec<Child> = (0..3)
+    let workers: Vec<Proc> = (0..3)
         .map(|r| start_worker(port, Some(r), TOKEN, &cmd))
         .collect();
     let manifest = ckpt.join("step-00000002/manifest.json");
@@ -488,8 +517,8 @@ fn a_restarted_coordinator_continues_the_job_from_object_storage() {
         assert!(Instant::now() < deadline, "no checkpoint within 300 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-    first.kill().expect("kill -9 the coordinator");
-    let _ = first.wait();
+    first.child.kill().expect("kill -9 the coordinator");
+    let _ = first.child.wait();
     let second = start_coordinator(port, &ckpt, 3, &[]);
     for (r, w) in workers.into_iter().enumerate() {
         let o = wait_output(w, Duration::from_secs(600), "a worker");
