@@ -1,6 +1,7 @@
 //! kv-distill trainer library: decoder-only LMs on libtorch (tch), checkpoint
 //! loading (HF safetensors, GGUF), tokenizers and chat templates, generation.
 
+pub mod ablate;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

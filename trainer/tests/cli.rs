@@ -288,9 +288,9 @@ fn bench_step_reports_throughput_flops_and_mfu() {
         "phases {sum} s vs step {median} s"
     );
     // Turning the speed-ups off (the encoder's last layer in full, the teacher
-    // on this thread) changes no loss.
+    // on this thread, the loss read before the backward) changes no loss.
     let full = bench("1")
-        .env("KVD_ABLATE", "fill_cache,teacher_thread")
+        .env("KVD_ABLATE", "fill_cache,teacher_thread,deferred_loss")
         .output()
         .expect("start kv-distill");
     assert!(full.status.success(), "{}", text(&full.stderr));

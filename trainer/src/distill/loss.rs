@@ -1,22 +1,46 @@
 //! The distillation loss: `a * KL(p_T || p_S) + (1 - a) * KL(p_S || p_T)` over
 //! selected token rows, computed chunk by chunk with its gradient written
 //! analytically, so no full `[tokens x vocab]` float32 tensor (nor autograd's
-//! saved copies of one) ever exists.
+//! saved copies of one) ever exists. The sums stay on the device until
+//! [`KlOutput::values`] reads them, so the caller can launch the backward first.
 
 use crate::error::Result;
 use tch::{Kind, Tensor};
 
-/// Value and gradient of the KL mix.
+/// The KL mix's gradient, and its value still on the device.
 #[derive(Debug)]
 pub struct KlOutput {
+    /// d loss / d student logits, `[rows, vocab]` in the student logits' kind.
+    pub grad: Tensor,
+    /// Sums over rows of the forward and reverse KL, float64 scalars.
+    sums: (Tensor, Tensor),
+    rows: i64,
+    a: f64,
+}
+
+/// The KL mix's value.
+#[derive(Debug, Clone, Copy)]
+pub struct KlValues {
     /// Mean loss over rows.
     pub loss: f64,
     /// Mean forward KL over rows.
     pub forward_kl: f64,
     /// Mean reverse KL over rows.
     pub reverse_kl: f64,
-    /// d loss / d student logits, `[rows, vocab]` in the student logits' kind.
-    pub grad: Tensor,
+}
+
+impl KlOutput {
+    /// Reads the value (waits for the device to compute it).
+    pub fn values(&self) -> Result<KlValues> {
+        let n = self.rows.max(1) as f64;
+        let forward_kl = self.sums.0.f_double_value(&[])? / n;
+        let reverse_kl = self.sums.1.f_double_value(&[])? / n;
+        Ok(KlValues {
+            loss: self.a * forward_kl + (1.0 - self.a) * reverse_kl,
+            forward_kl,
+            reverse_kl,
+        })
+    }
 }
 
 /// Computes the KL mix between teacher and student logits (`[rows, vocab]`,
@@ -32,7 +56,8 @@ pub fn kl_mix(
     tch::no_grad(|| {
         let rows = student.size()[0];
         let grad = student.f_zeros_like()?;
-        let (mut fkl_sum, mut rkl_sum) = (0.0f64, 0.0f64);
+        let zero = || Tensor::f_zeros([], (Kind::Double, student.device()));
+        let (mut fkl_sum, mut rkl_sum) = (zero()?, zero()?);
         let chunk = chunk.max(1);
         let mut start = 0;
         while start < rows {
@@ -46,8 +71,9 @@ pub fn kl_mix(
             let diff = &logq - &logp;
             let fkl = (&p * -&diff).f_sum_dim_intlist(-1, true, Kind::Float)?;
             let rkl = (&q * &diff).f_sum_dim_intlist(-1, true, Kind::Float)?;
-            fkl_sum += fkl.f_sum(Kind::Double)?.double_value(&[]);
-            rkl_sum += rkl.f_sum(Kind::Double)?.double_value(&[]);
+            // The same float64 additions, in the same order, as summing on the host.
+            let _ = fkl_sum.f_add_(&fkl.f_sum(Kind::Double)?)?;
+            let _ = rkl_sum.f_add_(&rkl.f_sum(Kind::Double)?)?;
             // d FKL/ds = q - p ; d RKL/ds = q * (log q - log p - RKL)
             let g = (&q - &p) * a + &q * (&diff - &rkl) * (1.0 - a);
             let g = g / (tau * rows as f64);
@@ -55,13 +81,11 @@ pub fn kl_mix(
                 .f_copy_(&g.f_to_kind(grad.kind())?)?;
             start += len;
         }
-        let n = rows.max(1) as f64;
-        let (forward_kl, reverse_kl) = (fkl_sum / n, rkl_sum / n);
         Ok(KlOutput {
-            loss: a * forward_kl + (1.0 - a) * reverse_kl,
-            forward_kl,
-            reverse_kl,
             grad,
+            sums: (fkl_sum, rkl_sum),
+            rows,
+            a,
         })
     })
 }

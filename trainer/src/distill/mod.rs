@@ -4,7 +4,6 @@
 //! cache; the student is trained to match the full-cache teacher with a forward +
 //! reverse KL mix.
 
-pub mod ablate;
 pub mod adamw;
 pub mod adaptor;
 pub mod baselines;

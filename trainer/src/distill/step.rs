@@ -4,7 +4,7 @@
 use super::adaptor::Adaptor;
 use super::config::DistillConfig;
 use super::infer::pad_rows;
-use super::loss::kl_mix;
+use super::loss::{kl_mix, KlOutput, KlValues};
 use super::select::{validate_spans, Span};
 use super::student::{compress, decode, Contexts};
 use crate::error::{ModelError, Result};
@@ -135,7 +135,7 @@ pub fn distill_step(
                 .spawn_scoped(scope, move || rest.logits())
                 .map_err(|e| ModelError::Input(format!("cannot start the teacher thread: {e}")))?,
         );
-        if super::phases::enabled() || !super::ablate::on(super::ablate::SpeedUp::TeacherThread) {
+        if super::phases::enabled() || !crate::ablate::on(crate::ablate::SpeedUp::TeacherThread) {
             // Phase timing (or the ablation) runs the teacher to its end first.
             teacher = Teacher::Done(teacher.join()?);
         }
@@ -168,29 +168,45 @@ pub fn distill_step(
             cfg.temperature,
             cfg.kl_chunk_rows,
         )?;
-        if !kl.loss.is_finite() {
-            return Err(ModelError::Input(format!(
-                "non-finite loss {} (forward KL {}, reverse KL {})",
-                kl.loss, kl.forward_kl, kl.reverse_kl
-            )));
-        }
+        // Reading the loss waits for the device. Read after the backward is
+        // launched, the host queues the backward while the device finishes the
+        // forward; a non-finite loss still fails the step before the optimizer
+        // (the trainer zeroes the gradients at the next step).
+        let deferred = crate::ablate::on(crate::ablate::SpeedUp::DeferredLoss);
+        let early = if deferred { None } else { Some(checked(&kl)?) };
         timer.mark("kl");
         let tokens = kl.grad.size()[0] as usize;
         if train {
             // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
-            let g = kl.grad * grad_scale;
+            let g = &kl.grad * grad_scale;
             (student_logits * g.detach())
                 .sum(Kind::Float)
                 .f_backward()?;
             timer.mark("backward");
         }
+        let v = match early {
+            Some(v) => v,
+            None => checked(&kl)?,
+        };
         Ok(StepStats {
-            loss: kl.loss,
-            forward_kl: kl.forward_kl,
-            reverse_kl: kl.reverse_kl,
+            loss: v.loss,
+            forward_kl: v.forward_kl,
+            reverse_kl: v.reverse_kl,
             tokens,
         })
     })
+}
+
+/// The loss's value, refused when it is not finite.
+fn checked(kl: &KlOutput) -> Result<KlValues> {
+    let v = kl.values()?;
+    if !v.loss.is_finite() {
+        return Err(ModelError::Input(format!(
+            "non-finite loss {} (forward KL {}, reverse KL {})",
+            v.loss, v.forward_kl, v.reverse_kl
+        )));
+    }
+    Ok(v)
 }
 
 /// `&Model` for the teacher's thread.

@@ -98,7 +98,7 @@ pub fn compress(
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.
     let input = Input::new(ctx_ids).vocab_checked();
-    if !super::ablate::on(super::ablate::SpeedUp::FillCache) {
+    if !crate::ablate::on(crate::ablate::SpeedUp::FillCache) {
         let _ = model.forward_hidden_with(input, Some(&mut full), &hooks)?;
     } else {
         model.fill_cache(input, &mut full, &hooks)?;

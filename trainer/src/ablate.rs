@@ -1,5 +1,5 @@
-//! Benchmark ablations: `KVD_ABLATE=fill_cache,teacher_thread` turns the named
-//! speed-ups off, so one benchmark run can time the step with and without each
+//! Benchmark ablations: `KVD_ABLATE=fill_cache,teacher_thread,...` turns the
+//! named speed-ups off, so one benchmark run can time the step with and without each
 //! (`ABLATE=...` in bench/gpu_step.sh). Results are the same either way.
 
 use std::sync::OnceLock;
@@ -11,16 +11,27 @@ pub enum SpeedUp {
     FillCache,
     /// The teacher's layers after the scorer's run on a second host thread.
     TeacherThread,
+    /// On CUDA, q/k/v and gate/up are one matmul each ([`crate::model::Model::fuse_projections`]).
+    FusedProj,
+    /// The step reads the loss back after launching the backward, not before.
+    DeferredLoss,
 }
 
 impl SpeedUp {
-    const ALL: [SpeedUp; 2] = [SpeedUp::FillCache, SpeedUp::TeacherThread];
+    const ALL: [SpeedUp; 4] = [
+        SpeedUp::FillCache,
+        SpeedUp::TeacherThread,
+        SpeedUp::FusedProj,
+        SpeedUp::DeferredLoss,
+    ];
 
     /// The name `KVD_ABLATE` uses.
     pub fn name(self) -> &'static str {
         match self {
             SpeedUp::FillCache => "fill_cache",
             SpeedUp::TeacherThread => "teacher_thread",
+            SpeedUp::FusedProj => "fused_proj",
+            SpeedUp::DeferredLoss => "deferred_loss",
         }
     }
 }
