@@ -11,7 +11,7 @@
 # for one shape); PHASES=1 adds per-phase times of the Rust step
 # (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
 # reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
-# ABLATE="teacher_thread fill_cache" times the Rust step without each speed-up
+# ABLATE="teacher_thread fill_cache deferred_loss" times the Rust step without each speed-up
 # (KVD_ABLATE), alternating with the full step, twice each.
 set -euo pipefail
 BIN=$1 OUT=$2

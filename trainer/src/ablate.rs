@@ -11,17 +11,14 @@ pub enum SpeedUp {
     FillCache,
     /// The teacher's layers after the scorer's run on a second host thread.
     TeacherThread,
-    /// On CUDA, q/k/v and gate/up are one matmul each ([`crate::model::Model::fuse_projections`]).
-    FusedProj,
     /// The step reads the loss back after launching the backward, not before.
     DeferredLoss,
 }
 
 impl SpeedUp {
-    const ALL: [SpeedUp; 4] = [
+    const ALL: [SpeedUp; 3] = [
         SpeedUp::FillCache,
         SpeedUp::TeacherThread,
-        SpeedUp::FusedProj,
         SpeedUp::DeferredLoss,
     ];
 
@@ -30,7 +27,6 @@ impl SpeedUp {
         match self {
             SpeedUp::FillCache => "fill_cache",
             SpeedUp::TeacherThread => "teacher_thread",
-            SpeedUp::FusedProj => "fused_proj",
             SpeedUp::DeferredLoss => "deferred_loss",
         }
     }

@@ -3,7 +3,7 @@
 
 use super::cache::KvCache;
 use super::hooks::{Hooks, Proj};
-use super::linear::{self, Linear};
+use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope;
 use crate::error::Result;
@@ -86,9 +86,6 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection.
     pub o_proj: Linear,
-    /// q, k and v stacked into one projection, when fused
-    /// ([`Attention::fuse_qkv`]); their own weights are then views of it.
-    pub qkv: Option<Linear>,
     /// Per-head RMSNorm of queries (Gemma 3).
     pub q_norm: Option<RmsNorm>,
     /// Per-head RMSNorm of keys (Gemma 3).
@@ -115,38 +112,12 @@ impl Attention {
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let (q, k, v) = match &self.qkv {
-            Some(fused) => {
-                let (nq, nkv) = (
-                    self.num_heads * self.head_dim,
-                    self.num_kv_heads * self.head_dim,
-                );
-                let mut p = linear::forward_split(
-                    fused,
-                    x,
-                    &[nq, nkv, nkv],
-                    layer,
-                    &[Proj::Q, Proj::K, Proj::V],
-                    hooks,
-                )?;
-                let (v, k) = (p.pop(), p.pop());
-                match (p.pop(), k, v) {
-                    (Some(q), Some(k), Some(v)) => (q, k, v),
-                    _ => unreachable!("split into three widths"),
-                }
-            }
-            None => {
-                let q = self.q_proj.forward_hooked(x, layer, Proj::Q, hooks);
-                let k = self.k_proj.forward_hooked(x, layer, Proj::K, hooks);
-                (q, k, self.v_proj.forward_hooked(x, layer, Proj::V, hooks))
-            }
-        };
-        let mut q = self.heads(&q, self.num_heads)?;
+        let mut q = self.heads(&self.q_proj, Proj::Q, self.num_heads, x, layer, hooks)?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q);
         }
         let q = rope::apply(&q, &inputs.cos, &inputs.sin);
-        let (k, v) = self.finish_kv(&k, &v, inputs)?;
+        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
         let (k, v) = match cache {
             Some(cache) => cache.append_layer(layer, &k, &v)?,
             None => (k, v),
@@ -175,33 +146,38 @@ impl Attention {
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<()> {
-        let k = self.k_proj.forward_hooked(x, layer, Proj::K, hooks);
-        let v = self.v_proj.forward_hooked(x, layer, Proj::V, hooks);
-        let (k, v) = self.finish_kv(&k, &v, inputs)?;
+        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
         let _ = cache.append_layer(layer, &k, &v)?;
         Ok(())
     }
 
-    /// Stacks q, k and v into one projection ([`Attention::qkv`]), so the
-    /// forward does one matmul where it did three.
-    pub fn fuse_qkv(&mut self) -> Result<()> {
-        if self.qkv.is_none() {
-            self.qkv = linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj])?;
-        }
-        Ok(())
+    /// `x` `[batch, seq, hidden]` through projection `p` (with `hooks`) as
+    /// `[batch, n, seq, head_dim]`.
+    fn heads(
+        &self,
+        p: &Linear,
+        which: Proj,
+        n: i64,
+        x: &Tensor,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.size3()?;
+        Ok(p.forward_hooked(x, layer, which, hooks)
+            .f_view([b, t, n, self.head_dim])?
+            .transpose(1, 2))
     }
 
-    /// A projection's output `[batch, seq, n * head_dim]` as `[batch, n, seq, head_dim]`.
-    fn heads(&self, y: &Tensor, n: i64) -> Result<Tensor> {
-        let (b, t, _) = y.size3()?;
-        Ok(y.f_view([b, t, n, self.head_dim])?.transpose(1, 2))
-    }
-
-    /// The new keys (normed where the family does, with RoPE) and values, as
-    /// heads, from the k and v projections' outputs.
-    fn finish_kv(&self, k: &Tensor, v: &Tensor, inputs: &AttnInputs) -> Result<(Tensor, Tensor)> {
-        let mut k = self.heads(k, self.num_kv_heads)?;
-        let v = self.heads(v, self.num_kv_heads)?;
+    /// The new keys (normed where the family does, with RoPE) and values.
+    fn project_kv(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        layer: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut k = self.heads(&self.k_proj, Proj::K, self.num_kv_heads, x, layer, hooks)?;
+        let v = self.heads(&self.v_proj, Proj::V, self.num_kv_heads, x, layer, hooks)?;
         if let Some(n) = &self.k_norm {
             k = n.forward(&k);
         }

@@ -54,7 +54,6 @@ impl DecoderLayer {
             k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), kv * hd, d, cfg.qkv_bias)?,
             v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), kv * hd, d, cfg.qkv_bias)?,
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), d, h * hd, cfg.o_bias)?,
-            qkv: None,
             q_norm: if gemma {
                 Some(norm("self_attn.q_norm", hd)?)
             } else {
@@ -75,7 +74,6 @@ impl DecoderLayer {
             up_proj: ld.linear(&format!("{p}.mlp.up_proj"), ff, d, cfg.mlp_bias)?,
             down_proj: ld.linear(&format!("{p}.mlp.down_proj"), d, ff, cfg.mlp_bias)?,
             activation: cfg.activation,
-            gate_up: None,
         };
         Ok(DecoderLayer {
             kind: cfg.layer_kinds[i],
@@ -98,13 +96,6 @@ impl DecoderLayer {
                 None
             },
         })
-    }
-
-    /// Stacks q/k/v and gate/up into one projection each (see
-    /// [`Attention::fuse_qkv`]).
-    pub fn fuse_projections(&mut self) -> Result<()> {
-        self.attn.fuse_qkv()?;
-        self.mlp.fuse_gate_up()
     }
 
     /// Every weight tensor of the layer.
@@ -169,7 +160,7 @@ impl DecoderLayer {
         let x = x + h;
         let mut h = self
             .mlp
-            .forward(&self.pre_mlp_norm.forward(&x), layer, hooks)?;
+            .forward(&self.pre_mlp_norm.forward(&x), layer, hooks);
         if let Some(n) = &self.post_mlp_norm {
             h = n.forward(&h);
         }

@@ -139,7 +139,7 @@ impl Model {
                 .weight("lm_head.weight", &[v, d])?
         };
         let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.hidden_size as f64).sqrt());
-        let mut model = Model {
+        Ok(Model {
             rope_full: Rope::new(&cfg.rope_full, cfg.head_dim, device),
             rope_sliding: Rope::new(&cfg.rope_sliding, cfg.head_dim, device),
             cfg,
@@ -150,24 +150,7 @@ impl Model {
             lm_head,
             kind,
             device,
-        };
-        if device.is_cuda() && crate::ablate::on(crate::ablate::SpeedUp::FusedProj) {
-            model.fuse_projections()?;
-        }
-        Ok(model)
-    }
-
-    /// Stacks each layer's q/k/v and gate/up weights so each group is one
-    /// matmul: fewer kernel launches and autograd nodes per layer, the same
-    /// memory (the separate weights become views). Done on load for CUDA
-    /// models. The outputs equal the separate projections' up to float
-    /// rounding (a matmul's kernel may depend on its width), which is why CPU
-    /// models, whose results the tests compare bit for bit, keep them apart.
-    pub fn fuse_projections(&mut self) -> Result<()> {
-        for l in &mut self.layers {
-            l.fuse_projections()?;
-        }
-        Ok(())
+        })
     }
 
     /// The configuration.
