@@ -110,7 +110,7 @@ pub enum ModelError {
     Input(String),
 
     /// A collective (gradient all-reduce) failed: a peer died, timed out or
-    /// the communicator was aborted for a membership rebuild.
+    /// the communicator was aborted by the coordinator's order.
     #[error(transparent)]
     Collective(#[from] crate::dist::CollectiveError),
 }

@@ -714,6 +714,12 @@ fn pausing_at_a_checkpoint_then_resuming_gives_the_same_adaptor() {
     let log = text(&o.stderr);
     assert!(o.status.success(), "{log}");
     assert!(log.contains("paused at step 2"), "{log}");
+    // Workers already in step 3's collective are stopped by the order: a
+    // planned pause, not a failure.
+    assert!(
+        !log.contains("collective failed"),
+        "a pause looked like a failure:\n{log}"
+    );
     assert!(ckpt.join("step-00000002/manifest.json").exists());
     assert!(!out.exists(), "a paused job wrote its final adaptor");
     // Without --resume the coordinator refuses to overwrite the job's checkpoints.

@@ -13,8 +13,8 @@ pub enum CollectiveError {
         /// What happened.
         msg: String,
     },
-    /// The communicator was aborted (a membership rebuild was ordered).
-    #[error("{backend} communicator aborted for a membership rebuild")]
+    /// The communicator was aborted: the coordinator ordered a rebuild or a stop.
+    #[error("{backend} communicator aborted by the coordinator's order (rebuild or stop)")]
     Aborted {
         /// `tcp` or `nccl`.
         backend: &'static str,

@@ -461,6 +461,16 @@ fn spawn_heartbeat(
     })
 }
 
+fn order_name(order: u8) -> &'static str {
+    match order {
+        STOP => "stop",
+        REBUILD => "rebuild",
+        REJOIN => "rejoin",
+        LOST => "coordinator lost",
+        _ => "none",
+    }
+}
+
 fn end_of(order: u8) -> Result<SessionEnd> {
     match order {
         STOP => Ok(SessionEnd::Stop),
@@ -483,6 +493,12 @@ fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
     let result = session_inner(ctx, view, &control);
     beat.abort();
     match result {
+        Err(ModelError::Collective(e)) if control.pending() != NONE => {
+            // The heartbeat aborted the collective on the coordinator's order
+            // (a pause at --stop-at, a job end, a rebuild): expected.
+            tracing::info!(order = order_name(control.pending()), reason = %e, "collective ended by the coordinator's order");
+            end_of(control.pending())
+        }
         Err(ModelError::Collective(e)) => {
             // A peer failed mid-collective: the coordinator will order a
             // rebuild once it notices; wait for that order.
