@@ -241,10 +241,13 @@ fn bench_step_reports_throughput_flops_and_mfu() {
         ]);
         c
     };
-    let out = bench("1").output().expect("start kv-distill");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let line: serde_json::Value =
-        serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
+    // Runs it; its one JSON line.
+    let report = |c: &mut Command| -> serde_json::Value {
+        let out = c.output().expect("start kv-distill");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line")
+    };
+    let line = report(&mut bench("1"));
     let median = line["median_s"].as_f64().unwrap();
     let tflop = line["step_tflop"].as_f64().unwrap();
     assert!(median > 0.0 && tflop > 0.0, "{line}");
@@ -258,13 +261,7 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     assert_eq!(line["phases_s"], serde_json::json!({}), "{line}");
     // With it, every phase of the timed steps is reported, and they add up to
     // about the step (the marks cover it but for the host-side bookkeeping).
-    let timed = bench("2")
-        .env("KVD_STEP_PHASES", "1")
-        .output()
-        .expect("start kv-distill");
-    assert!(timed.status.success(), "{}", text(&timed.stderr));
-    let line: serde_json::Value =
-        serde_json::from_str(text(&timed.stdout).trim()).expect("one JSON line");
+    let line = report(bench("2").env("KVD_STEP_PHASES", "1"));
     let phases = line["phases_s"].as_object().expect("phases");
     let names: Vec<&str> = phases.keys().map(String::as_str).collect();
     assert_eq!(
@@ -289,13 +286,7 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     );
     // Turning the speed-ups off (the encoder's last layer in full, the teacher
     // on this thread, the loss read before the backward) changes no loss.
-    let full = bench("1")
-        .env("KVD_ABLATE", "fill_cache,teacher_thread,deferred_loss")
-        .output()
-        .expect("start kv-distill");
-    assert!(full.status.success(), "{}", text(&full.stderr));
-    let full: serde_json::Value =
-        serde_json::from_str(text(&full.stdout).trim()).expect("one JSON line");
+    let full = report(bench("1").env("KVD_ABLATE", "fill_cache,teacher_thread,deferred_loss"));
     assert_eq!(full["losses"], serde_json::Value::Array(losses.clone()));
     // Bad shapes are refused.
     let bad = run(&[

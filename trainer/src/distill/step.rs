@@ -173,7 +173,7 @@ pub fn distill_step(
         // forward; a non-finite loss still fails the step before the optimizer
         // (the trainer zeroes the gradients at the next step).
         let deferred = crate::ablate::on(crate::ablate::SpeedUp::DeferredLoss);
-        let early = if deferred { None } else { Some(checked(&kl)?) };
+        let early = (!deferred).then(|| checked(&kl)).transpose()?;
         timer.mark("kl");
         let tokens = kl.grad.size()[0] as usize;
         if train {
@@ -184,10 +184,7 @@ pub fn distill_step(
                 .f_backward()?;
             timer.mark("backward");
         }
-        let v = match early {
-            Some(v) => v,
-            None => checked(&kl)?,
-        };
+        let v = early.map_or_else(|| checked(&kl), Ok)?;
         Ok(StepStats {
             loss: v.loss,
             forward_kl: v.forward_kl,
