@@ -248,7 +248,7 @@ fn connect(rt: &Runtime, cfg: &WorkerConfig) -> Result<Client> {
     }
 }
 
-/// One call to the coordinator, as the retry helpers take it.
+/// One call to the coordinator, as [`call`] takes it.
 type Rpc<T> = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>> + Send>,
 >;
@@ -795,22 +795,9 @@ fn start_upload(
     let (member_id, rank, epoch) = (view.member_id, view.rank, view.epoch);
     let store = ctx.cfg.job.dataset.store.clone();
     let chaos = ctx.chaos.clone();
-    let link = Link {
-        addr: ctx.cfg.coordinator.clone(),
-        token: ctx.cfg.token.clone(),
-        tls: ctx.cfg.tls.clone(),
-        timeout: ctx
-            .cfg
-            .coordinator_timeout
-            .clamp(Duration::from_secs(5), Duration::from_secs(60)),
-    };
     Some(ctx.rt.spawn(async move {
-        let req = CheckpointBeginRequest { member_id, rank, epoch, step };
-        let begin = link
-            .retry("CheckpointBegin", &mut client, |mut c| {
-                let r = req;
-                Box::pin(async move { c.checkpoint_begin(r).await })
-            })
+        let begin = client
+            .checkpoint_begin(CheckpointBeginRequest { member_id, rank, epoch, step })
             .await;
         let begin = match begin {
             Ok(b) => b.into_inner(),
@@ -827,18 +814,14 @@ fn start_upload(
         if let Some(ch) = &chaos {
             ch.maybe_kill(rank as usize, step, Phase::Upload);
         }
-        let req = CheckpointCommitRequest {
-            member_id,
-            rank,
-            epoch,
-            step,
-            part_url: begin.part_url.clone(),
-            data_cursor_json: cursor_json,
-        };
-        let reply = link
-            .retry("CheckpointCommit", &mut client, |mut c| {
-                let r = req.clone();
-                Box::pin(async move { c.checkpoint_commit(r).await })
+        let reply = client
+            .checkpoint_commit(CheckpointCommitRequest {
+                member_id,
+                rank,
+                epoch,
+                step,
+                part_url: begin.part_url.clone(),
+                data_cursor_json: cursor_json,
             })
             .await
             .map_err(|s| format!("CheckpointCommit: {}", s.message()))?
@@ -846,51 +829,6 @@ fn start_upload(
         tracing::info!(rank, step, bytes = n, seconds = t0.elapsed().as_secs_f64(), part = %begin.part_url, complete = reply.complete, "checkpoint part written");
         Ok(())
     }))
-}
-
-/// How the upload task reaches the coordinator again when a call hangs.
-struct Link {
-    addr: String,
-    token: String,
-    tls: Option<kvd_proto::client::ClientTls>,
-    timeout: Duration,
-}
-
-impl Link {
-    /// Calls `f`, bounding each attempt by the timeout; a call that hangs is
-    /// tried again (3 attempts) on a fresh connection, as a wedged connection
-    /// must not hang the upload, and with it the worker, forever. Both calls
-    /// are idempotent for the coordinator.
-    async fn retry<T>(
-        &self,
-        what: &str,
-        client: &mut Client,
-        mut f: impl FnMut(Client) -> Rpc<T>,
-    ) -> std::result::Result<tonic::Response<T>, Status> {
-        for attempt in 1..=3 {
-            match tokio::time::timeout(self.timeout, f(client.clone())).await {
-                Ok(r) => return r,
-                Err(_) => {
-                    tracing::warn!(
-                        rpc = what,
-                        attempt,
-                        timeout_s = self.timeout.as_secs(),
-                        "no answer: reconnecting"
-                    );
-                    if let Ok(c) =
-                        kvd_proto::client::connect_with(&self.addr, &self.token, self.tls.as_ref())
-                            .await
-                    {
-                        *client = c;
-                    }
-                }
-            }
-        }
-        Err(Status::deadline_exceeded(format!(
-            "{what}: no answer from the coordinator in 3 attempts of {} s",
-            self.timeout.as_secs()
-        )))
-    }
 }
 
 fn finish_upload(ctx: &Ctx<'_>, upload: Upload) -> Result<()> {
