@@ -81,9 +81,9 @@ bench: setup
 
 .PHONY: bench-gpu
 ## bench-gpu: on a CUDA machine, the training step against the PyTorch reference
-## (eager and compiled) -> docs/results/step/new/ (tables: bench/summarize_step.py)
+## (eager and compiled), with and without CUDA graphs -> docs/results/step/new/ (tables: bench/summarize_step.py)
 bench-gpu: build
-	KVD_PYTHON=$(VENV)/bin/python bench/gpu_step.sh $(BIN)/kv-distill docs/results/step/new
+	KVD_PYTHON=$(VENV)/bin/python GRAPHS=1 bench/gpu_step.sh $(BIN)/kv-distill docs/results/step/new
 	$(VENV)/bin/python bench/summarize_step.py docs/results/step/new/step.png docs/results/step/new/results.jsonl
 
 .PHONY: test-deploy

@@ -12,7 +12,8 @@
 # (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
 # reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
 # ABLATE="teacher_thread fill_cache deferred_loss" times the Rust step without each speed-up
-# (KVD_ABLATE), alternating with the full step, twice each.
+# (KVD_ABLATE), alternating with the full step, twice each; GRAPHS=1 times the
+# step with CUDA graphs (`--cuda-graphs`) the same way.
 set -euo pipefail
 BIN=$1 OUT=$2
 MODELS=${MODELS:-"1b smol"}
@@ -68,6 +69,16 @@ PYEOF
         done
       done
     done
+    if [ -n "${GRAPHS:-}" ]; then   # with CUDA graphs, alternating with the eager step
+      for rep in 1 2; do
+        for g in 1 ""; do
+          name="rust"; [ -n "$g" ] && name="rust graphs"; name="$name ($rep)"
+          "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
+            --batch "$batch" --suffix 256 --ratio 0.1 --iters 10 ${g:+--cuda-graphs} 2>> "$d.rust.log" \
+            | sed "s/^{/{\"impl\":\"$name\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.rust.log"
+        done
+      done
+    fi
     ref_var=REF_${model}_${span}_${batch}
     for v in ${!ref_var-$REF}; do
       c=""; [ "$v" = compile ] && c="--compile"

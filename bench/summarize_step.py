@@ -52,7 +52,9 @@ def main():
                       f"{r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {mem:.1f} | "
                       f"{'' if r is rust else f'{speed:.2f}x'} | {l0:.5f} | "
                       f"{'' if r is rust else f'{100 * rel:.2f}%'} |")
-                plot.setdefault(f"{key[0]} {key[1]}x{key[2]}", {}).setdefault(r["impl"], r["tokens_per_s"])
+                # Repeated rows ("rust graphs (1)", ...): the first one is plotted.
+                impl = r["impl"].split(" (")[0]
+                plot.setdefault(f"{key[0]} {key[1]}x{key[2]}", {}).setdefault(impl, r["tokens_per_s"])
     print("\nmemory: Rust = device memory in use (CUDA driver, torch's cache and context "
           "included); PyTorch = torch.cuda.max_memory_allocated (tensors only).")
     try:
@@ -63,14 +65,15 @@ def main():
     except ImportError:
         print("(matplotlib missing: no plot)", file=sys.stderr)
     else:
-        impls = ["rust", "pytorch eager", "pytorch compile"]
+        impls = ["rust", "rust graphs", "pytorch eager", "pytorch compile"]
+        labels = {"rust": "Rust (kv-distill)", "rust graphs": "Rust, CUDA graphs"}
         shapes = list(plot)
         fig, ax = plt.subplots(figsize=(9, 4))
-        w = 0.27
+        w = 0.2
         for i, impl in enumerate(impls):
-            xs = [j + (i - 1) * w for j, s in enumerate(shapes) if impl in plot[s]]
+            xs = [j + (i - 1.5) * w for j, s in enumerate(shapes) if impl in plot[s]]
             ys = [plot[s][impl] / 1e3 for s in shapes if impl in plot[s]]
-            ax.bar(xs, ys, w, label={"rust": "Rust (kv-distill)"}.get(impl, impl))
+            ax.bar(xs, ys, w, label=labels.get(impl, impl))
         ax.set_xticks(range(len(shapes)), [s.replace("1b", "Llama-1B").replace("smol", "SmolLM2") for s in shapes])
         ax.set_ylabel("thousand tokens/s (span + suffix)")
         ax.set_title("KV-Distill training step, one H200, bf16, r = 0.1, suffix 256")

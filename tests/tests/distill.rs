@@ -49,7 +49,7 @@ fn batch(ratio: f64) -> Vec<DistillExample> {
 fn full_retention_with_fresh_lora_equals_teacher() {
     let m = model();
     let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
-    let s = distill_step(&m, &a, &cfg(), &batch(1.0), 1.0, false).expect("step");
+    let s = distill_step(&m, &a, &cfg(), &batch(1.0), 1.0, false, None).expect("step");
     assert!(
         s.loss.abs() < 1e-6,
         "KL at r = 1 with zero LoRA: {}",
@@ -223,7 +223,7 @@ fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
         };
         let mut t = Trainer::new(&a, tc).expect("trainer");
         let b = batch(0.2);
-        let first = distill_step(&m, &a, &cfg(), &b, 1.0, false)
+        let first = distill_step(&m, &a, &cfg(), &b, 1.0, false, None)
             .expect("eval")
             .loss;
         let mut losses = Vec::new();
@@ -234,7 +234,7 @@ fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
                     .loss,
             );
         }
-        let last = distill_step(&m, &a, &cfg(), &b, 1.0, false)
+        let last = distill_step(&m, &a, &cfg(), &b, 1.0, false, None)
             .expect("eval")
             .loss;
         (first, last, losses)
@@ -273,10 +273,10 @@ fn adaptor_checkpoint_reloads_identically_and_refuses_other_bases() {
     assert_eq!(meta.step, 3);
     assert_eq!(meta.base_model, "tiny-llama");
     assert_eq!(meta.distill, cfg());
-    let la = distill_step(&m, &a, &cfg(), &batch(0.3), 1.0, false)
+    let la = distill_step(&m, &a, &cfg(), &batch(0.3), 1.0, false, None)
         .expect("a")
         .loss;
-    let lb = distill_step(&m, &b, &cfg(), &batch(0.3), 1.0, false)
+    let lb = distill_step(&m, &b, &cfg(), &batch(0.3), 1.0, false, None)
         .expect("b")
         .loss;
     assert_eq!(la, lb, "reloaded adaptor gives different outputs");
@@ -339,7 +339,7 @@ fn micro_batching_does_not_change_the_step() {
     let l: Vec<f64> = b
         .iter()
         .map(|e| {
-            distill_step(&m, &a, &cfg(), std::slice::from_ref(e), 1.0, false)
+            distill_step(&m, &a, &cfg(), std::slice::from_ref(e), 1.0, false, None)
                 .expect("loss")
                 .loss
         })
@@ -389,4 +389,24 @@ fn a_non_finite_loss_fails_the_step_with_its_values() {
     });
     let ok = t.train_step(&m, &a, &[batch(0.25)]).expect("healthy step");
     assert!(ok.loss.is_finite() && ok.grad_norm.is_finite(), "{ok:?}");
+}
+
+#[test]
+fn cuda_graphs_are_built_in_and_refuse_the_cpu() {
+    // The setup's libtorch has CUDA, so the graph shim must have been built;
+    // without it `bench-step --cuda-graphs` would fail on the GPU.
+    assert!(
+        kvd_trainer::cuda_graph::available(),
+        "the CUDA graph shim was not built (trainer/build.rs found no CUDA headers)"
+    );
+    let err = kvd_trainer::distill::StepGraphs::new(Device::Cpu, 1).expect_err("cpu graphs");
+    assert!(
+        err.to_string().contains("CUDA graphs need a CUDA device"),
+        "{err}"
+    );
+    let m = model();
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+    assert!(t.use_cuda_graphs(Device::Cpu, 1).is_err());
+    assert!(t.cuda_graphs().is_none());
 }

@@ -4,6 +4,7 @@
 pub mod ablate;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_graph;
 pub mod device;
 pub mod dist;
 pub mod distill;

@@ -123,21 +123,13 @@ impl Adaptor {
         z.linear(&self.w2, Some(&self.b2)).squeeze_dim(-1)
     }
 
-    /// Hooks that add the LoRA terms at the positions where `mask`
-    /// (`[batch, seq]`, host values) is 1: only those rows are computed.
-    /// `train` enables the LoRA dropout.
-    pub fn lora_hooks<'a>(
-        &'a self,
-        mask: &[f32],
-        device: tch::Device,
-        train: bool,
-    ) -> LoraHooks<'a> {
-        let rows: Vec<i64> = (0..mask.len() as i64)
-            .filter(|&i| mask[i as usize] == 1.0)
-            .collect();
+    /// Hooks that add the LoRA terms at `rows`, flat indices into the
+    /// `[batch * seq]` positions: only those rows are computed. `train`
+    /// enables the LoRA dropout.
+    pub fn lora_hooks(&self, rows: Tensor, train: bool) -> LoraHooks<'_> {
         LoraHooks {
             adaptor: self,
-            rows: Tensor::from_slice(&rows).to_device(device),
+            rows,
             train,
             gathered: RefCell::new(None),
         }

@@ -6,7 +6,7 @@
 use super::adaptor::Adaptor;
 use super::baselines::{baseline_scores, Baseline};
 use super::select::{select, Selection};
-use super::student::{compress, decode, gather_kept, Compressed, Contexts};
+use super::student::{compress, decode, gather_kept, Compressed, Contexts, Kept, Suffixes};
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model, NoHooks};
 use tch::{Device, Kind, Tensor};
@@ -52,7 +52,8 @@ pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result
                 .map(|i| select(&zeros, ctx.len[i], &ctx.spans[i], 1.0))
                 .collect::<Result<Vec<_>>>()?;
             let scores = Tensor::zeros([b, lc], (Kind::Float, model.device()));
-            gather_kept(&full, selections, &scores, ctx.len)
+            let kept = Kept::new(selections, lc, ctx.len, model.device());
+            gather_kept(&full, &kept, &scores)
         }
         Method::Baseline(baseline) => {
             let (scores, full) = baseline_scores(model, &baseline, ctx.ids, ctx.len, ctx.spans)?;
@@ -66,7 +67,8 @@ pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result
                 .collect::<Result<Vec<Selection>>>()?;
             // Baseline scores never enter the decoder: the slots get zero scores.
             let zeros = Tensor::zeros([b, lc], (Kind::Float, model.device()));
-            gather_kept(&full, selections, &zeros, ctx.len)
+            let kept = Kept::new(selections, lc, ctx.len, model.device());
+            gather_kept(&full, &kept, &zeros)
         }
     })
 }
@@ -124,7 +126,8 @@ pub fn generate_batch(
     let device = model.device();
     tch::no_grad(|| {
         let (ids, lens) = pad_rows(prompts, model.config().vocab_size, device)?;
-        let hidden = decode(model, comp, &ids, &lens, None)?;
+        let suffixes = Suffixes::new(ids, &lens, &comp.ctx_len)?;
+        let hidden = decode(model, comp, &suffixes, None)?;
         let last: Vec<i64> = lens.iter().map(|&l| l as i64 - 1).collect();
         let last = Tensor::from_slice(&last).to_device(device);
         let d = hidden.size()[2];
@@ -191,7 +194,12 @@ fn scored_rows(
     let device = model.device();
     let (ids, lens) = pad_rows(suffixes, model.config().vocab_size, device)?;
     let lx = ids.size()[1];
-    let hidden = decode(model, comp, &ids, &lens, None)?;
+    let hidden = decode(
+        model,
+        comp,
+        &Suffixes::new(ids, &lens, &comp.ctx_len)?,
+        None,
+    )?;
     let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (&(s, n), suf)) in scored.iter().zip(suffixes).enumerate() {
         if s == 0 || s + n > suf.len() || n == 0 {

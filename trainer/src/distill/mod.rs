@@ -18,6 +18,7 @@ pub mod loss;
 pub mod phases;
 pub mod select;
 pub mod step;
+pub mod step_graph;
 pub mod student;
 pub mod trainer;
 
@@ -25,4 +26,5 @@ pub use adaptor::Adaptor;
 pub use baselines::{baseline_scores, Baseline};
 pub use config::{kept_count, DistillConfig, LoraConfig, ScoreFeed};
 pub use step::{distill_step, DistillExample, StepStats};
+pub use step_graph::StepGraphs;
 pub use trainer::{OptStats, TrainConfig, Trainer};

@@ -6,7 +6,8 @@ use super::config::DistillConfig;
 use super::infer::pad_rows;
 use super::loss::{kl_mix, KlOutput, KlValues};
 use super::select::{validate_spans, Span};
-use super::student::{compress, decode, Contexts};
+use super::step_graph::StepGraphs;
+use super::student::{decode, encode, gather_kept, Contexts, Kept, Suffixes};
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model};
 use tch::{Kind, Tensor};
@@ -51,9 +52,48 @@ pub fn supervised_positions<'a>(
     })
 }
 
+/// Everything the step's device work reads after the scorer's selection,
+/// uploaded before it starts. A captured step ([`super::step_graph`]) keeps one
+/// of these as its static inputs and copies each new batch's into it.
+#[derive(Debug)]
+pub struct StepInputs {
+    /// Context + suffix ids `[batch, lf]`.
+    pub full_ids: Tensor,
+    /// Context ids `[batch, lc]`.
+    pub ctx_ids: Tensor,
+    /// The teacher's states after the scorer's layer `[batch, lf, d]`.
+    pub features: Tensor,
+    /// Flat indices of the teacher's supervised rows.
+    pub t_rows: Tensor,
+    /// Flat indices of the student's supervised rows.
+    pub s_rows: Tensor,
+    /// The kept positions.
+    pub kept: Kept,
+    /// The suffixes.
+    pub suffixes: Suffixes,
+}
+
+impl StepInputs {
+    /// All device tensors, in a fixed order.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut t = vec![
+            &self.full_ids,
+            &self.ctx_ids,
+            &self.features,
+            &self.t_rows,
+            &self.s_rows,
+        ];
+        t.extend(self.kept.tensors());
+        t.extend(self.suffixes.tensors());
+        t
+    }
+}
+
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
 /// backward into the adaptor's gradients (accumulated; `grad_scale` multiplies
-/// them, e.g. 1/accumulation steps). Base weights get no gradient.
+/// them, e.g. 1/accumulation steps). Base weights get no gradient. With
+/// `graphs`, the work after the scorer's selection replays a captured CUDA
+/// graph when the batch's shapes were seen before.
 pub fn distill_step(
     model: &Model,
     adaptor: &Adaptor,
@@ -61,7 +101,49 @@ pub fn distill_step(
     batch: &[DistillExample],
     grad_scale: f64,
     train: bool,
+    graphs: Option<&mut StepGraphs>,
 ) -> Result<StepStats> {
+    let inputs = prepare(model, adaptor, cfg, batch)?;
+    let tokens = inputs.s_rows.size()[0] as usize;
+    let pass = StudentPass {
+        model,
+        adaptor,
+        cfg,
+        grad_scale,
+        train,
+    };
+    let v = match graphs {
+        Some(g) => g.run(&pass, inputs)?,
+        None => {
+            // Reading the loss waits for the device. Read after the backward
+            // is launched, the host queues the backward while the device
+            // finishes the forward; a non-finite loss still fails the step
+            // before the optimizer (the trainer zeroes the gradients at the
+            // next step).
+            let deferred = crate::ablate::on(crate::ablate::SpeedUp::DeferredLoss);
+            let thread = crate::ablate::on(crate::ablate::SpeedUp::TeacherThread)
+                && !super::phases::enabled();
+            let kl = pass.run(&inputs, thread, !deferred)?;
+            checked(&kl)?
+        }
+    };
+    Ok(StepStats {
+        loss: v.loss,
+        forward_kl: v.forward_kl,
+        reverse_kl: v.reverse_kl,
+        tokens,
+    })
+}
+
+/// Checks the batch, uploads it, runs the teacher's first `scorer_layer`
+/// layers and the scorer, and selects the kept positions (reading the scores
+/// to the host).
+fn prepare(
+    model: &Model,
+    adaptor: &Adaptor,
+    cfg: &DistillConfig,
+    batch: &[DistillExample],
+) -> Result<StepInputs> {
     if batch.is_empty() {
         return Err(ModelError::Input("empty batch".into()));
     }
@@ -111,91 +193,127 @@ pub fn distill_step(
     let s_rows = Tensor::from_slice(&s_rows).to_device(device);
     let t_rows = Tensor::from_slice(&t_rows).to_device(device);
 
-    // Teacher: full cache, frozen. Its first `scorer_layer` layers give the
-    // scorer's features; the remaining layers run on a second host thread
-    // while this one launches the student's work. At small shapes the step is
-    // bound by kernel launches, and two threads launch twice as fast; both use
-    // the same CUDA stream, so each kernel computes what it would alone.
+    // The scorer reads the teacher's states after its first `scorer_layer`
+    // layers; the selection reads the scores on the host.
     let mut timer = super::phases::PhaseTimer::start(device);
     let layer = cfg.scorer_layer;
-    let features =
-        tch::no_grad(|| model.layer_states(Input::new(&full_ids).vocab_checked(), layer))?;
-    let rest = TeacherRest {
-        model: SharedModel(model),
-        ids: full_ids.shallow_clone(),
-        states: features.shallow_clone(),
-        rows: t_rows.shallow_clone(),
-        layer,
-        threads: tch::get_num_threads(),
+    let lc = ctx_ids.size2()?.1;
+    let (features, scores) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+        let f = model.layer_states(Input::new(&full_ids).vocab_checked(), layer)?;
+        let s = adaptor.score(&f.narrow(1, 0, lc));
+        Ok((f, s))
+    })?;
+    let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
+    let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
+    let contexts = Contexts {
+        ids: &ctx_ids,
+        len: &ctx_len,
+        spans: &spans,
+        ratios: &ratios,
     };
-    std::thread::scope(|scope| -> Result<StepStats> {
-        let mut teacher = Teacher::Running(
-            std::thread::Builder::new()
-                .name("kvd-teacher".into())
-                .spawn_scoped(scope, move || rest.logits())
-                .map_err(|e| ModelError::Input(format!("cannot start the teacher thread: {e}")))?,
-        );
-        if super::phases::enabled() || !crate::ablate::on(crate::ablate::SpeedUp::TeacherThread) {
-            // Phase timing (or the ablation) runs the teacher to its end first.
-            teacher = Teacher::Done(teacher.join()?);
-        }
-        timer.mark("teacher");
-
-        // Student.
-        let student = (|| -> Result<Tensor> {
-            let spans: Vec<Vec<Span>> = batch.iter().map(|e| e.spans.clone()).collect();
-            let ratios: Vec<f64> = batch.iter().map(|e| e.ratio).collect();
-            let contexts = Contexts {
-                ids: &ctx_ids,
-                len: &ctx_len,
-                spans: &spans,
-                ratios: &ratios,
-            };
-            let mut comp = compress(model, adaptor, contexts, &features, train)?;
-            timer.skip(); // compress marks its own phases
-            let hidden = decode(model, &mut comp, &suf_ids, &suf_len, Some(cfg.score_feed))?;
-            Ok(model.logits(&hidden.flatten(0, 1).index_select(0, &s_rows)))
-        })();
-        // Joined even when the student failed, so its error is the one returned.
-        let teacher_logits = teacher.join();
-        let student_logits = student?;
-        let teacher_logits = teacher_logits?;
-        timer.mark("decoder");
-        let kl = kl_mix(
-            &teacher_logits,
-            &student_logits,
-            cfg.kl_forward_weight,
-            cfg.temperature,
-            cfg.kl_chunk_rows,
-        )?;
-        // Reading the loss waits for the device. Read after the backward is
-        // launched, the host queues the backward while the device finishes the
-        // forward; a non-finite loss still fails the step before the optimizer
-        // (the trainer zeroes the gradients at the next step).
-        let deferred = crate::ablate::on(crate::ablate::SpeedUp::DeferredLoss);
-        let early = (!deferred).then(|| checked(&kl)).transpose()?;
-        timer.mark("kl");
-        let tokens = kl.grad.size()[0] as usize;
-        if train {
-            // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
-            let g = &kl.grad * grad_scale;
-            (student_logits * g.detach())
-                .sum(Kind::Float)
-                .f_backward()?;
-            timer.mark("backward");
-        }
-        let v = early.map_or_else(|| checked(&kl), Ok)?;
-        Ok(StepStats {
-            loss: v.loss,
-            forward_kl: v.forward_kl,
-            reverse_kl: v.reverse_kl,
-            tokens,
-        })
+    let kept = Kept::select(&scores, contexts)?;
+    timer.mark("scorer");
+    Ok(StepInputs {
+        suffixes: Suffixes::new(suf_ids, &suf_len, &ctx_len)?,
+        full_ids,
+        ctx_ids,
+        features,
+        t_rows,
+        s_rows,
+        kept,
     })
 }
 
+/// The step's device work after the selection: the teacher's remaining layers
+/// and logits, the student (scorer with gradient, encoder with routed LoRA,
+/// gather, decoder), the KL mix and the backward. It reads the host only for
+/// shapes, so a CUDA graph can capture it.
+pub struct StudentPass<'a> {
+    /// The frozen model.
+    pub model: &'a Model,
+    /// The trained adaptor.
+    pub adaptor: &'a Adaptor,
+    /// Method settings.
+    pub cfg: &'a DistillConfig,
+    /// Multiplies the gradients.
+    pub grad_scale: f64,
+    /// Backpropagate (and enable LoRA dropout).
+    pub train: bool,
+}
+
+impl StudentPass<'_> {
+    /// Runs the pass on `inp`. With `thread`, the teacher's layers run on a
+    /// second host thread while this one launches the student's: at small
+    /// shapes the step is bound by kernel launches, and two threads launch
+    /// twice as fast; both use the same CUDA stream, so each kernel computes
+    /// what it would alone. With `read_early`, the loss is read (and refused
+    /// when not finite) before the backward.
+    pub fn run(&self, inp: &StepInputs, thread: bool, read_early: bool) -> Result<KlOutput> {
+        let (model, adaptor, cfg) = (self.model, self.adaptor, self.cfg);
+        let mut timer = super::phases::PhaseTimer::start(model.device());
+        let rest = TeacherRest {
+            model: SharedModel(model),
+            ids: inp.full_ids.shallow_clone(),
+            states: inp.features.shallow_clone(),
+            rows: inp.t_rows.shallow_clone(),
+            layer: cfg.scorer_layer,
+            threads: tch::get_num_threads(),
+        };
+        std::thread::scope(|scope| -> Result<KlOutput> {
+            let teacher = if thread {
+                Teacher::Running(
+                    std::thread::Builder::new()
+                        .name("kvd-teacher".into())
+                        .spawn_scoped(scope, move || rest.logits())
+                        .map_err(|e| {
+                            ModelError::Input(format!("cannot start the teacher thread: {e}"))
+                        })?,
+                )
+            } else {
+                Teacher::Done(rest.logits()?)
+            };
+            timer.mark("teacher");
+            let student = (|| -> Result<Tensor> {
+                let lc = inp.ctx_ids.size2()?.1;
+                let scores = adaptor.score(&inp.features.narrow(1, 0, lc));
+                let full = encode(model, adaptor, &inp.ctx_ids, &inp.kept, self.train)?;
+                timer.mark("encoder");
+                let mut comp = gather_kept(&full, &inp.kept, &scores)?;
+                timer.mark("gather");
+                let hidden = decode(model, &mut comp, &inp.suffixes, Some(cfg.score_feed))?;
+                Ok(model.logits(&hidden.flatten(0, 1).index_select(0, &inp.s_rows)))
+            })();
+            // Joined even when the student failed, so its error is the one returned.
+            let teacher_logits = teacher.join();
+            let student_logits = student?;
+            let teacher_logits = teacher_logits?;
+            timer.mark("decoder");
+            let kl = kl_mix(
+                &teacher_logits,
+                &student_logits,
+                cfg.kl_forward_weight,
+                cfg.temperature,
+                cfg.kl_chunk_rows,
+            )?;
+            if read_early {
+                checked(&kl)?;
+            }
+            timer.mark("kl");
+            if self.train {
+                // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
+                let g = &kl.grad * self.grad_scale;
+                (student_logits * g.detach())
+                    .sum(Kind::Float)
+                    .f_backward()?;
+                timer.mark("backward");
+            }
+            Ok(kl)
+        })
+    }
+}
+
 /// The loss's value, refused when it is not finite.
-fn checked(kl: &KlOutput) -> Result<KlValues> {
+pub(crate) fn checked(kl: &KlOutput) -> Result<KlValues> {
     let v = kl.values()?;
     if !v.loss.is_finite() {
         return Err(ModelError::Input(format!(

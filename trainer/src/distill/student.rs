@@ -51,6 +51,97 @@ pub struct Contexts<'a> {
     pub ratios: &'a [f64],
 }
 
+/// The kept positions of a batch: chosen on the host, uploaded once, so the
+/// device work that uses them (encoder, gather) never waits for the host.
+#[derive(Debug)]
+pub struct Kept {
+    /// Per example, the kept positions.
+    pub selections: Vec<Selection>,
+    /// Context lengths.
+    pub ctx_len: Vec<usize>,
+    /// Flat `[batch * lc]` indices of the kept span positions, ascending: the
+    /// rows the LoRA adaptor routes to.
+    pub lora_rows: Tensor,
+    /// The position each cache slot holds `[batch, slots]` (0 in padded slots).
+    pub index: Tensor,
+    /// Whether a slot holds a kept position `[batch, slots]`.
+    pub valid: Tensor,
+    /// 1.0 where the slot holds a scored span position, else 0 `[batch, slots]`.
+    pub span_slot: Tensor,
+    /// Each context's next position (its length) `[batch]`.
+    pub next: Tensor,
+}
+
+impl Kept {
+    /// Uploads `selections` of contexts right-padded to `lc` positions.
+    pub fn new(selections: Vec<Selection>, lc: i64, ctx_len: &[usize], device: Device) -> Kept {
+        let bu = selections.len();
+        let slots = selections
+            .iter()
+            .map(|s| s.kept.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut index = vec![0i64; bu * slots];
+        let mut valid = vec![false; bu * slots];
+        let mut span_slot = vec![0f32; bu * slots];
+        let mut lora_rows = Vec::new();
+        for (i, s) in selections.iter().enumerate() {
+            for (j, (&p, &fs)) in s.kept.iter().zip(&s.from_span).enumerate() {
+                index[i * slots + j] = p as i64;
+                valid[i * slots + j] = true;
+                if fs {
+                    span_slot[i * slots + j] = 1.0;
+                    lora_rows.push(i as i64 * lc + p as i64);
+                }
+            }
+        }
+        let shape = [bu as i64, slots as i64];
+        let up = |t: Tensor| t.to_device(device);
+        let next: Vec<i64> = ctx_len.iter().map(|&l| l as i64).collect();
+        Kept {
+            selections,
+            ctx_len: ctx_len.to_vec(),
+            lora_rows: up(Tensor::from_slice(&lora_rows)),
+            index: up(Tensor::from_slice(&index).view(shape)),
+            valid: up(Tensor::from_slice(&valid).view(shape)),
+            span_slot: up(Tensor::from_slice(&span_slot).view(shape)),
+            next: up(Tensor::from_slice(&next)),
+        }
+    }
+
+    /// Keeps the top-scored positions of each context's spans by `scores`
+    /// `[batch, lc]` (read to the host: this waits for the device).
+    pub fn select(scores: &Tensor, ctx: Contexts) -> Result<Kept> {
+        let (b, lc) = ctx.ids.size2()?;
+        let bu = b as usize;
+        if ctx.len.len() != bu || ctx.spans.len() != bu || ctx.ratios.len() != bu {
+            return Err(ModelError::Input(
+                "per-example lengths, spans and ratios must match the batch".into(),
+            ));
+        }
+        let host: Vec<f32> =
+            Vec::<f32>::try_from(scores.detach().to_device(Device::Cpu).flatten(0, -1))?;
+        let mut selections = Vec::with_capacity(bu);
+        for i in 0..bu {
+            let row = &host[i * lc as usize..(i + 1) * lc as usize];
+            selections.push(select(row, ctx.len[i], &ctx.spans[i], ctx.ratios[i])?);
+        }
+        Ok(Kept::new(selections, lc, ctx.len, scores.device()))
+    }
+
+    /// The device tensors (for copying into a captured step's inputs).
+    pub fn tensors(&self) -> [&Tensor; 5] {
+        [
+            &self.lora_rows,
+            &self.index,
+            &self.valid,
+            &self.span_slot,
+            &self.next,
+        ]
+    }
+}
+
 /// Compresses `ctx` (ids from [`super::infer::pad_rows`], which checks them
 /// against the vocabulary). `features` are the frozen model's states after
 /// `scorer_layer` layers over (at least) the context positions, `[batch, >= lc, d]`.
@@ -61,40 +152,29 @@ pub fn compress(
     features: &Tensor,
     train: bool,
 ) -> Result<Compressed> {
-    let Contexts {
-        ids: ctx_ids,
-        len: ctx_len,
-        spans,
-        ratios,
-    } = ctx;
-    let (b, lc) = ctx_ids.size2()?;
-    let bu = b as usize;
-    if ctx_len.len() != bu || spans.len() != bu || ratios.len() != bu {
-        return Err(ModelError::Input(
-            "per-example lengths, spans and ratios must match the batch".into(),
-        ));
-    }
-    let device = model.device();
-    let mut timer = super::phases::PhaseTimer::start(device);
+    let lc = ctx.ids.size2()?.1;
+    let mut timer = super::phases::PhaseTimer::start(model.device());
     let scores = adaptor.score(&features.narrow(1, 0, lc));
-    let host: Vec<f32> =
-        Vec::<f32>::try_from(scores.detach().to_device(Device::Cpu).flatten(0, -1))?;
-    let mut selections = Vec::with_capacity(bu);
-    for i in 0..bu {
-        let row = &host[i * lc as usize..(i + 1) * lc as usize];
-        selections.push(select(row, ctx_len[i], &spans[i], ratios[i])?);
-    }
-    // LoRA is active only at kept span positions.
-    let mut lora_mask = vec![0f32; bu * lc as usize];
-    for (i, s) in selections.iter().enumerate() {
-        for (&p, &from_span) in s.kept.iter().zip(&s.from_span) {
-            if from_span {
-                lora_mask[i * lc as usize + p] = 1.0;
-            }
-        }
-    }
+    let kept = Kept::select(&scores, ctx)?;
     timer.mark("scorer");
-    let hooks = adaptor.lora_hooks(&lora_mask, device, train);
+    let full = encode(model, adaptor, ctx.ids, &kept, train)?;
+    timer.mark("encoder");
+    let out = gather_kept(&full, &kept, &scores);
+    timer.mark("gather");
+    out
+}
+
+/// The student's encoder: the frozen model over right-padded contexts
+/// `ctx_ids` with the LoRA adaptor at the kept span positions; returns the
+/// cache of every position (no host reads or uploads).
+pub fn encode(
+    model: &Model,
+    adaptor: &Adaptor,
+    ctx_ids: &Tensor,
+    kept: &Kept,
+    train: bool,
+) -> Result<KvCache> {
+    let hooks = adaptor.lora_hooks(kept.lora_rows.shallow_clone(), train);
     let mut full = model.new_cache();
     // Right padding: causal attention never lets a real token see padding.
     let input = Input::new(ctx_ids).vocab_checked();
@@ -103,54 +183,23 @@ pub fn compress(
     } else {
         model.fill_cache(input, &mut full, &hooks)?;
     }
-    timer.mark("encoder");
-    let out = gather_kept(&full, selections, &scores, ctx_len);
-    timer.mark("gather");
-    out
+    Ok(full)
 }
 
 /// Gathers the kept positions of each example from `full` (a cache over the
 /// right-padded contexts) into a compressed cache whose padded slots are invalid
 /// and whose next position is each context's length. `scores` `[batch, lc]` give
 /// the kept slots' scores (for the score feed).
-pub fn gather_kept(
-    full: &KvCache,
-    selections: Vec<Selection>,
-    scores: &Tensor,
-    ctx_len: &[usize],
-) -> Result<Compressed> {
-    let bu = selections.len();
-    let b = bu as i64;
-    let device = scores.device();
-    let slots = selections
-        .iter()
-        .map(|s| s.kept.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut idx = vec![0i64; bu * slots];
-    let mut valid = vec![false; bu * slots];
-    let mut span_slot = vec![0f32; bu * slots];
-    for (i, s) in selections.iter().enumerate() {
-        for (j, (&p, &fs)) in s.kept.iter().zip(&s.from_span).enumerate() {
-            idx[i * slots + j] = p as i64;
-            valid[i * slots + j] = true;
-            span_slot[i * slots + j] = if fs { 1.0 } else { 0.0 };
-        }
-    }
-    let shape = [b, slots as i64];
-    let idx = Tensor::from_slice(&idx).view(shape).to_device(device);
-    let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
-    let mut cache = full.gather(&idx)?;
-    cache.and_valid(&valid)?;
-    let next: Vec<i64> = ctx_len.iter().map(|&l| l as i64).collect();
-    cache.set_next_positions(Tensor::from_slice(&next).to_device(device))?;
+pub fn gather_kept(full: &KvCache, kept: &Kept, scores: &Tensor) -> Result<Compressed> {
+    let mut cache = full.gather(&kept.index)?;
+    cache.and_valid(&kept.valid)?;
+    cache.set_next_positions(kept.next.shallow_clone())?;
     Ok(Compressed {
         cache,
-        selections,
-        slot_scores: scores.gather(1, &idx, false),
-        span_slot: Tensor::from_slice(&span_slot).view(shape).to_device(device),
-        ctx_len: ctx_len.to_vec(),
+        selections: kept.selections.clone(),
+        slot_scores: scores.f_gather(1, &kept.index, false)?,
+        span_slot: kept.span_slot.shallow_clone(),
+        ctx_len: kept.ctx_len.clone(),
     })
 }
 
@@ -165,34 +214,60 @@ impl Hooks for BiasHooks {
     }
 }
 
-/// Runs the frozen decoder over right-padded suffixes `suf_ids` `[batch, lx]`
-/// (from [`super::infer::pad_rows`], which checks them against the vocabulary) of
-/// lengths `suf_len`, continuing each context at its original next position and
-/// attending to `compressed.cache` (consumed: the suffix is appended to it), with
-/// the score feed on the kept span slots (none at inference, where the
-/// straight-through feed is zero anyway). Returns final hidden states `[batch, lx, d]`.
+/// Right-padded suffixes `[batch, lx]` (from [`super::infer::pad_rows`], which
+/// checks them against the vocabulary) with their positions (each continuing
+/// its context) and validity, uploaded for [`decode`].
+#[derive(Debug)]
+pub struct Suffixes {
+    /// Token ids `[batch, lx]`.
+    pub ids: Tensor,
+    /// Positions `[batch, lx]`.
+    pub positions: Tensor,
+    /// Whether each position is a real token (not padding) `[batch, lx]`.
+    pub valid: Tensor,
+}
+
+impl Suffixes {
+    /// Suffixes `ids` of lengths `len` after contexts of lengths `ctx_len`.
+    pub fn new(ids: Tensor, len: &[usize], ctx_len: &[usize]) -> Result<Suffixes> {
+        let (b, lx) = ids.size2()?;
+        let mut pos = Vec::with_capacity((b * lx) as usize);
+        let mut valid = Vec::with_capacity((b * lx) as usize);
+        for (&start, &n) in ctx_len.iter().zip(len) {
+            for j in 0..lx as usize {
+                pos.push((start + j) as i64);
+                valid.push(j < n);
+            }
+        }
+        let device = ids.device();
+        Ok(Suffixes {
+            positions: Tensor::from_slice(&pos).view([b, lx]).to_device(device),
+            valid: Tensor::from_slice(&valid).view([b, lx]).to_device(device),
+            ids,
+        })
+    }
+
+    /// The device tensors (for copying into a captured step's inputs).
+    pub fn tensors(&self) -> [&Tensor; 3] {
+        [&self.ids, &self.positions, &self.valid]
+    }
+}
+
+/// Runs the frozen decoder over `suffixes`, attending to `compressed.cache`
+/// (consumed: the suffix is appended to it), with the score feed on the kept
+/// span slots (none at inference, where the straight-through feed is zero
+/// anyway). Returns final hidden states `[batch, lx, d]`. No host reads or uploads.
 pub fn decode(
     model: &Model,
     compressed: &mut Compressed,
-    suf_ids: &Tensor,
-    suf_len: &[usize],
+    suffixes: &Suffixes,
     feed: Option<ScoreFeed>,
 ) -> Result<Tensor> {
-    let (b, lx) = suf_ids.size2()?;
+    let (b, lx) = suffixes.ids.size2()?;
     let device = model.device();
-    let mut pos = Vec::with_capacity((b * lx) as usize);
-    let mut valid = Vec::with_capacity((b * lx) as usize);
-    for (&start, &len) in compressed.ctx_len.iter().zip(suf_len) {
-        for j in 0..lx as usize {
-            pos.push((start + j) as i64);
-            valid.push(j < len);
-        }
-    }
-    let pos = Tensor::from_slice(&pos).view([b, lx]).to_device(device);
-    let valid = Tensor::from_slice(&valid).view([b, lx]).to_device(device);
-    let input = Input::new(suf_ids)
-        .with_positions(&pos)
-        .with_valid(&valid)
+    let input = Input::new(&suffixes.ids)
+        .with_positions(&suffixes.positions)
+        .with_valid(&suffixes.valid)
         .vocab_checked();
     let s = &compressed.slot_scores;
     let fed = match feed {

@@ -4,6 +4,7 @@
 use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
 use super::step::{distill_step, supervised_positions, DistillExample, StepStats};
+use super::step_graph::StepGraphs;
 use crate::dist::collective::DEFAULT_BUCKET_ELEMS;
 use crate::dist::{all_reduce_values, Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
@@ -89,6 +90,8 @@ pub struct Trainer {
     bucket_elems: usize,
     /// The gradients as one flat buffer, made at the first step.
     grads: Option<FlatGrads>,
+    /// Captured steps, when CUDA graphs are on.
+    graphs: Option<StepGraphs>,
 }
 
 impl Trainer {
@@ -118,7 +121,22 @@ impl Trainer {
             vars,
             bucket_elems: DEFAULT_BUCKET_ELEMS,
             grads: None,
+            graphs: None,
         })
+    }
+
+    /// Runs each micro-batch's work after the selection as a CUDA graph,
+    /// captured once per batch shape (at most `shapes` kept) on `device`. It
+    /// pays off where shapes repeat (fixed-length or bucketed data): a new
+    /// shape costs an eager step plus a capture.
+    pub fn use_cuda_graphs(&mut self, device: tch::Device, shapes: usize) -> Result<()> {
+        self.graphs = Some(StepGraphs::new(device, shapes)?);
+        Ok(())
+    }
+
+    /// The captured steps, when CUDA graphs are on.
+    pub fn cuda_graphs(&self) -> Option<&StepGraphs> {
+        self.graphs.as_ref()
     }
 
     /// Optimizer steps taken.
@@ -193,7 +211,8 @@ impl Trainer {
         let mut local = [micro_batches.len() as f64, 0.0, 0.0];
         for (mb, &count) in micro_batches.iter().zip(&counts) {
             let weight = count / global_tokens;
-            let s: StepStats = distill_step(model, adaptor, cfg, mb, weight, true)?;
+            let s: StepStats =
+                distill_step(model, adaptor, cfg, mb, weight, true, self.graphs.as_mut())?;
             local[1] += s.loss * weight;
             local[2] += s.tokens as f64;
         }

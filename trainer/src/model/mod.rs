@@ -90,7 +90,10 @@ enum Stop {
 pub struct Model {
     cfg: ModelConfig,
     embed: Tensor,
-    embed_scale: Option<f64>,
+    /// The embedding scale as a 0-dim tensor in the model's kind, on its device
+    /// (made once: a host-to-device copy per forward would stall the queue and
+    /// cannot be captured in a CUDA graph).
+    embed_scale: Option<Tensor>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
@@ -138,7 +141,12 @@ impl Model {
             root.with_prefix(head_prefix)
                 .weight("lm_head.weight", &[v, d])?
         };
-        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.hidden_size as f64).sqrt());
+        // Like transformers: the scale is rounded to the model's dtype first.
+        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| {
+            Tensor::from((cfg.hidden_size as f64).sqrt() as f32)
+                .to_kind(kind)
+                .to_device(device)
+        });
         Ok(Model {
             rope_full: Rope::new(&cfg.rope_full, cfg.head_dim, device),
             rope_sliding: Rope::new(&cfg.rope_sliding, cfg.head_dim, device),
@@ -384,14 +392,8 @@ impl Model {
     /// Token embeddings (scaled where the family scales them).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let embedded = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
-        Ok(match self.embed_scale {
-            // Like transformers: the scale is rounded to the model's dtype first.
-            Some(s) => {
-                embedded
-                    * Tensor::from(s as f32)
-                        .to_kind(self.kind)
-                        .to_device(self.device)
-            }
+        Ok(match &self.embed_scale {
+            Some(s) => embedded * s,
             None => embedded,
         })
     }

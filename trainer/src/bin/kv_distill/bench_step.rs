@@ -43,6 +43,10 @@ pub struct BenchStepArgs {
     /// LoRA tensors) and `batch.json` before the first step, `losses.json` after.
     #[arg(long)]
     dump: Option<std::path::PathBuf>,
+    /// Run the step's work after the selection as a CUDA graph (captured at
+    /// the first step, replayed after; CUDA only).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 /// Device memory in use (bytes), from the CUDA driver: torch's cache included.
@@ -81,6 +85,9 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let adaptor = Adaptor::new(model.config(), distill.clone(), device, 0)?;
     let train_cfg = trainer_cfg(a.iters);
     let mut trainer = Trainer::new(&adaptor, train_cfg.clone())?;
+    if a.cuda_graphs {
+        trainer.use_cuda_graphs(device, 1)?;
+    }
     let sync = || kvd_trainer::device::synchronize(device);
     if let Some(dir) = &a.dump {
         write_step_inputs(
@@ -138,6 +145,8 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "mfu": flops.total() / median / a.peak_flops,
         "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
         "losses": losses, "phases_s": phases,
+        "cuda_graphs": a.cuda_graphs,
+        "graph_replays": trainer.cuda_graphs().map_or(0, |g| g.replays()),
     });
     if let Some(dir) = &a.dump {
         let out = serde_json::json!({ "losses": losses });
