@@ -13,7 +13,9 @@
 # reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
 # ABLATE="teacher_thread fill_cache deferred_loss" times the Rust step without each speed-up
 # (KVD_ABLATE), alternating with the full step, twice each; GRAPHS=1 times the
-# step with CUDA graphs (`--cuda-graphs`) the same way.
+# step with CUDA graphs (`--cuda-graphs`) the same way, on two batches used in
+# turn (summarize_step.py checks that every graph step replayed and that its
+# losses follow the eager step's).
 set -euo pipefail
 BIN=$1 OUT=$2
 MODELS=${MODELS:-"1b smol"}
@@ -74,7 +76,7 @@ PYEOF
         for g in 1 ""; do
           name="rust"; [ -n "$g" ] && name="rust graphs"; name="$name ($rep)"
           "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
-            --batch "$batch" --suffix 256 --ratio 0.1 --iters 10 ${g:+--cuda-graphs} 2>> "$d.rust.log" \
+            --batch "$batch" --suffix 256 --ratio 0.1 --iters 10 --batches 2 ${g:+--cuda-graphs} 2>> "$d.rust.log" \
             | sed "s/^{/{\"impl\":\"$name\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.rust.log"
         done
       done

@@ -32,6 +32,10 @@ pub struct BenchStepArgs {
     /// Examples per step (one micro-batch).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Distinct random batches of the shape, used in turn (with more than
+    /// one, a captured step must take each step's inputs, not the first's).
+    #[arg(long, default_value_t = 1)]
+    batches: usize,
     /// Timed steps (after 2 warm-up steps).
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -61,24 +65,33 @@ fn device_memory_used() -> Option<u64> {
 pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let (model, name) = a.model.load()?;
     let (device, kind) = (model.device(), model.kind());
-    if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 {
-        bail!("--span must be positive, --suffix at least 2, --batch and --iters positive");
+    if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 || a.batches == 0 {
+        bail!(
+            "--span must be positive, --suffix at least 2, --batch, --batches and --iters positive"
+        );
+    }
+    if a.dump.is_some() && a.batches > 1 {
+        bail!("--dump needs --batches 1: the PyTorch reference steps on one batch");
     }
     let vocab = model.config().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..vocab)).collect() };
-    let batch: Vec<DistillExample> = (0..a.batch)
+    let batches: Vec<Vec<DistillExample>> = (0..a.batches)
         .map(|_| {
-            let mut context = vec![1u32];
-            context.extend(tokens(a.span));
-            DistillExample {
-                context,
-                spans: vec![(1, a.span)],
-                suffix: tokens(a.suffix),
-                ratio: a.ratio,
-                answer: None,
-            }
+            (0..a.batch)
+                .map(|_| {
+                    let mut context = vec![1u32];
+                    context.extend(tokens(a.span));
+                    DistillExample {
+                        context,
+                        spans: vec![(1, a.span)],
+                        suffix: tokens(a.suffix),
+                        ratio: a.ratio,
+                        answer: None,
+                    }
+                })
+                .collect()
         })
         .collect();
     let distill = DistillConfig::default();
@@ -97,10 +110,10 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             &adaptor,
             &distill,
             &train_cfg,
-            &batch,
+            &batches[0],
         )?;
     }
-    let micro = [batch];
+    let micro: Vec<[Vec<DistillExample>; 1]> = batches.into_iter().map(|b| [b]).collect();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut peak_mem = 0u64;
@@ -110,7 +123,7 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         }
         sync();
         let t0 = Instant::now();
-        let s = trainer.train_step(&model, &adaptor, &micro)?;
+        let s = trainer.train_step(&model, &adaptor, &micro[i % micro.len()])?;
         sync();
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64());
@@ -140,6 +153,7 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let line = serde_json::json!({
         "model": name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
         "span": a.span, "suffix": a.suffix, "ratio": a.ratio, "batch": a.batch,
+        "batches": a.batches,
         "median_s": median, "tokens_per_s": tokens_per_step / median,
         "step_tflop": flops.total() / 1e12, "flops": flops,
         "mfu": flops.total() / median / a.peak_flops,
