@@ -1,5 +1,9 @@
 //! One distillation step on a batch: frozen teacher over the whole sequence,
 //! student compress + decode, KL mix on the suffix, gradients into the adaptor.
+//! In two parts: `prepare` uploads the batch, runs the teacher's first layers
+//! and the scorer, and selects the kept positions on the host; [`StudentPass`]
+//! does the rest without reading the host, so it can run as a CUDA graph
+//! ([`super::step_graph`]).
 
 use super::adaptor::Adaptor;
 use super::config::DistillConfig;
