@@ -39,11 +39,12 @@ WORKERS ?= 2
 JOB = $(BIN)/coordinator --workers $(WORKERS) --listen 127.0.0.1:0 \
 	  --checkpoint-url file://$(abspath $(RESULTS))/ckpt --keep-last 2
 WORKER = $(BIN)/kv-distill worker --model $(SMOLLM2) \
-	  --data file://$(DATA)/train/qa --data file://$(DATA)/train/text --weights 3,1 --skip-bad-rows \
+	  --data file://$(DATA)/train/qa --data file://$(DATA)/train/text --data file://$(DATA)/train/synth \
+	  --weights 2,1,2 --skip-bad-rows \
 	  --steps $(STEPS) --global-batch 4 --micro-batch 2 --max-len 256 --text-suffix 64 --warmup 5 \
 	  --log-every 1 --checkpoint-every 2 --out $(abspath $(RESULTS))/adaptor.safetensors
 run: build
-	test -f $(DATA)/train/qa/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
+	test -f $(DATA)/train/synth/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
 	rm -rf $(RESULTS)/ckpt $(RESULTS)/adaptor.safetensors
 	@echo "== train: $(WORKERS) workers, paused at step $(PAUSE)"
 	KVD_TOKEN=$${KVD_TOKEN:-local-run} $(JOB) --stop-at $(PAUSE) --spawn-local -- $(WORKER)

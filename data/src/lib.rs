@@ -19,6 +19,7 @@ pub mod reader;
 pub mod schema;
 pub mod shard;
 pub mod source;
+pub mod synth;
 pub mod tokenize;
 pub mod writer;
 

@@ -3,8 +3,9 @@
 //! DROP, minute mysteries and the essays; evaluate on SQuAD v1.1 dev. The
 //! held-out SQuAD-shifts files (nyt, reddit, amazon_reviews) are refused.
 //!
-//! Output under the target URL: `train/qa/`, `train/text/`, `eval/qa/`, each
-//! a dataset (Parquet files + `manifest.json`).
+//! Output under the target URL: `train/qa/`, `train/text/`, `train/synth/`
+//! (synthetic retrieval rows, [`crate::synth`]), `eval/qa/`, each a dataset
+//! (Parquet files + `manifest.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -339,9 +340,15 @@ pub struct Split {
     pub train_qa: Vec<SourcedRecord>,
     /// Training documents.
     pub train_text: Vec<SourcedRecord>,
+    /// Synthetic retrieval rows built from the training contexts and
+    /// documents ([`crate::synth`]).
+    pub train_synth: Vec<SourcedRecord>,
     /// Evaluation QA rows (SQuAD v1.1 dev).
     pub eval_qa: Vec<SourcedRecord>,
 }
+
+/// Synthetic retrieval rows written to `train/synth`.
+pub const SYNTH_ROWS: usize = 16_000;
 
 /// Reads the split of shared/DATA.md from `assets`.
 pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
@@ -362,9 +369,11 @@ pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
     train_qa.extend(read_minute_mysteries(
         &bb.join("minute_mysteries_qa/freetext/task.json"),
     )?);
+    let train_text = read_text_dir(&assets.join("essays"), "essays")?;
     Ok(Split {
+        train_synth: crate::synth::synthesize(&train_qa, &train_text, SYNTH_ROWS, 300, 0),
         train_qa,
-        train_text: read_text_dir(&assets.join("essays"), "essays")?,
+        train_text,
         eval_qa: read_squad(
             &bb.join("squad_shifts/squaddev_v1.1.json"),
             "squad_dev",
@@ -421,7 +430,10 @@ pub async fn prepare(
     progress: bool,
 ) -> Result<PrepareSummary> {
     let split = read_split(assets, ctx)?;
-    let total = (split.train_qa.len() + split.train_text.len() + split.eval_qa.len()) as u64;
+    let total = (split.train_qa.len()
+        + split.train_text.len()
+        + split.train_synth.len()
+        + split.eval_qa.len()) as u64;
     let bar = if progress {
         indicatif::ProgressBar::new(total)
     } else {
@@ -436,6 +448,7 @@ pub async fn prepare(
     for (name, rows) in [
         ("train/qa", &split.train_qa),
         ("train/text", &split.train_text),
+        ("train/synth", &split.train_synth),
         ("eval/qa", &split.eval_qa),
     ] {
         bar.set_message(name);

@@ -1351,15 +1351,17 @@ def run_pods_on_cpu(bin_dir: Path, moto, tmp_path: Path) -> None:
     image_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home),
                  "KVD_TORCH_SITE_PACKAGES": str(torch_site_packages()), "NCCL_NVLS_ENABLE": "0"}
 
-    # A QA and a text dataset, indexed with `kvd-data index` run from the image.
+    # The QA, text and synthetic-QA datasets, indexed with `kvd-data index` run from the image.
     qa_table, text_table = new_wiki_tables(qa_rows=20, text_rows=8)
     for url in data_urls:
         kind = url.rstrip("/").rsplit("/", 1)[-1]
-        assert kind in ("qa", "text"), f"job.toml data {url}: expected .../qa or .../text"
-        table = qa_table if kind == "qa" else text_table
+        assert kind in ("qa", "text", "synth"), f"job.toml data {url}: expected .../qa, .../text or .../synth"
+        # train/synth holds QA rows (synthetic retrieval questions).
+        schema = "text" if kind == "text" else "qa"
+        table = text_table if schema == "text" else qa_table
         bucket, prefix = s3_split(url)
         s3.put_object(Bucket=bucket, Key=f"{prefix}/part-00000.parquet", Body=parquet_bytes(table))
-        r = subprocess.run([str(ENTRYPOINT), "kvd-data", "index", url, "--schema", kind],
+        r = subprocess.run([str(ENTRYPOINT), "kvd-data", "index", url, "--schema", schema],
                            env={**image_env, **s3_secret}, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"kvd-data index {url}:\n{r.stdout}\n{r.stderr}"
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())

@@ -333,3 +333,134 @@ fn bad_inputs_give_clear_errors() {
         .to_string();
     assert!(e.contains("missing.safetensors"), "{e}");
 }
+
+#[test]
+fn a_sigmoid_feed_adaptor_decodes_the_same_from_memory_and_from_a_cache_file() {
+    // The σ(s) feed changes attention at decoding time: a cache file carries
+    // the kept entries' bias, and generation from it equals generation from
+    // the in-memory compressed context (which applies the feed itself), and
+    // differs from ignoring the bias.
+    let m = model("llama");
+    let cfg = DistillConfig {
+        scorer_layer: 1,
+        score_feed: kvd_trainer::distill::ScoreFeed::LogSigmoid,
+        ..DistillConfig::default()
+    };
+    let a = Adaptor::new(m.config(), cfg, Device::Cpu, 7).expect("adaptor");
+    tch::no_grad(|| {
+        for (name, mut v) in a.vs.variables() {
+            if name.ends_with(".b") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+            if name == "scorer.b2" {
+                // Scores around -2: σ(s) far from 1, so the feed matters.
+                v.copy_(&Tensor::full([1], -2.0, (Kind::Float, Device::Cpu)));
+            }
+        }
+    });
+    let ctx = tokens(60, 21);
+    let prompt = tokens(5, 22);
+    let r = 0.25;
+    let mem = compress(&m, Method::KvDistill(&a), std::slice::from_ref(&ctx), r);
+    assert!(mem.feed.is_some());
+    let want = generate_batch(
+        &m,
+        &mut mem.shallow_clone(),
+        std::slice::from_ref(&prompt),
+        8,
+        &[],
+    )
+    .expect("batch")[0]
+        .clone();
+    let cache =
+        CompressedCache::from_compressed(mem, meta(&m, "kv_distill", r, ctx.len())).expect("cache");
+    let bias = cache
+        .feed_bias
+        .as_ref()
+        .expect("feed bias stored")
+        .shallow_clone();
+    assert_eq!(bias.size(), [1, cache.meta.kept as i64]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.safetensors");
+    cache.save(&path).expect("save");
+    let mut back = CompressedCache::load(&path, &m).expect("load");
+    let loaded = back
+        .feed_bias
+        .as_ref()
+        .expect("bias loaded")
+        .shallow_clone();
+    assert!(loaded.equal(&bias), "the bias round-trips");
+    let got = kvd_trainer::generate::generate_with_bias(
+        &m,
+        &prompt,
+        Some(&mut back.cache),
+        Some(&loaded),
+        &greedy(8),
+        |_| {},
+    )
+    .expect("from file");
+    assert_eq!(got, want, "cache file + bias vs in-memory decoding");
+    // The in-memory path through a cache file's Compressed agrees too.
+    let again = CompressedCache::load(&path, &m).expect("load");
+    let got2 = generate_batch(
+        &m,
+        &mut again.into_compressed(),
+        std::slice::from_ref(&prompt),
+        8,
+        &[],
+    )
+    .expect("into_compressed")[0]
+        .clone();
+    assert_eq!(got2, want);
+    // Without the bias the forward pass differs (the feed is not a no-op).
+    let plain = CompressedCache::load(&path, &m).expect("load");
+    let h_bias = {
+        let mut c = plain.into_compressed();
+        let (ids, len) = pad_rows(std::slice::from_ref(&prompt), 96, Device::Cpu).expect("pad");
+        let s = kvd_trainer::distill::student::Suffixes::new(ids, &len, &c.ctx_len).expect("s");
+        kvd_trainer::distill::student::decode(&m, &mut c, &s, None).expect("decode")
+    };
+    let h_plain = {
+        let mut c = CompressedCache::load(&path, &m)
+            .expect("load")
+            .into_compressed();
+        c.feed = None;
+        let (ids, len) = pad_rows(std::slice::from_ref(&prompt), 96, Device::Cpu).expect("pad");
+        let s = kvd_trainer::distill::student::Suffixes::new(ids, &len, &c.ctx_len).expect("s");
+        kvd_trainer::distill::student::decode(&m, &mut c, &s, None).expect("decode")
+    };
+    let diff = (h_bias - h_plain).abs().max().double_value(&[]);
+    assert!(diff > 1e-4, "the feed changes the decoder's states: {diff}");
+}
+
+#[test]
+fn generation_stays_inside_the_model_window() {
+    let m = model("llama");
+    let window = m.config().max_position_embeddings;
+    let long = tokens(window + 5, 31);
+    let e = generate(&m, &long, None, &greedy(4), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("more than the model window of {window}")),
+        "{e}"
+    );
+    // An unbounded request stops at the window.
+    let near = tokens(window - 6, 32);
+    let out = generate(&m, &near, None, &greedy(usize::MAX), |_| {}).expect("bounded");
+    assert!(
+        out.len() <= 6,
+        "{} new tokens past a window of {window}",
+        out.len()
+    );
+    // After a compressed context, the window counts from the context's length.
+    let ctx = tokens(window - 10, 33);
+    let mut c = compress(&m, Method::Baseline(Baseline::H2o), &[ctx], 0.25);
+    let e = generate(&m, &tokens(12, 34), Some(&mut c.cache), &greedy(2), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("after a context of {}", window - 10)),
+        "{e}"
+    );
+}

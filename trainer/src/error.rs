@@ -108,6 +108,24 @@ pub enum ModelError {
     /// A caller passed inputs the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
+    /// The device ran out of memory; names the work that needed it and how
+    /// to make it fit.
+    #[error("out of memory {what}: {detail}\n  fix: a smaller --micro-batch (gradients accumulate to the same --global-batch) or a shorter --max-len")]
+    OutOfMemory {
+        /// The work that ran out (e.g. `in a micro-batch of 16 examples of up to 1024 tokens`).
+        what: String,
+        /// libtorch's message.
+        detail: String,
+    },
+    /// A libtorch operation panicked (tch's infallible operations abort the
+    /// thread on an error; the step catches it).
+    #[error("libtorch failed {what}: {detail}")]
+    Panic {
+        /// The work that failed.
+        what: String,
+        /// The panic's message.
+        detail: String,
+    },
 
     /// A collective (gradient all-reduce) failed: a peer died, timed out or
     /// the communicator was aborted by the coordinator's order.
@@ -117,3 +135,88 @@ pub enum ModelError {
 
 /// Result alias for this crate's model code.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    /// Whether this is the device running out of memory (typed, or libtorch's message).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            ModelError::OutOfMemory { .. } => true,
+            ModelError::Torch(e) => e.to_string().contains("out of memory"),
+            ModelError::Panic { detail, .. } => detail.contains("out of memory"),
+            _ => false,
+        }
+    }
+
+    /// This error as [`ModelError::OutOfMemory`] naming `what` when it is one,
+    /// else unchanged.
+    pub fn with_oom_context(self, what: impl FnOnce() -> String) -> ModelError {
+        if !self.is_out_of_memory() {
+            return self;
+        }
+        let detail = match self {
+            ModelError::OutOfMemory { detail, .. } | ModelError::Panic { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        // libtorch appends a C++ backtrace: keep the first line.
+        let detail = detail.lines().next().unwrap_or_default().to_string();
+        ModelError::OutOfMemory {
+            what: what(),
+            detail,
+        }
+    }
+}
+
+/// Runs `f`, turning a panic inside it (tch's infallible operations panic on
+/// a libtorch error, e.g. CUDA out of memory) into [`ModelError::Panic`]
+/// naming `what`, so a worker reports it instead of aborting.
+pub fn catch_panic<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let detail = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("no message")
+                .to_string();
+            Err(ModelError::Panic {
+                what: what(),
+                detail,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_naming_the_work() {
+        let r: Result<()> = catch_panic(
+            || "in step 3".into(),
+            || {
+                panic!("called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 974.00 MiB\")")
+            },
+        );
+        let e = r.unwrap_err();
+        assert!(matches!(e, ModelError::Panic { .. }), "{e:?}");
+        assert!(e.is_out_of_memory());
+        let e =
+            e.with_oom_context(|| "in a micro-batch of 16 examples of up to 1024 tokens".into());
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("out of memory in a micro-batch of 16 examples of up to 1024 tokens"),
+            "{msg}"
+        );
+        assert!(msg.contains("smaller --micro-batch"), "{msg}");
+        assert!(!msg.contains("invalid input"), "{msg}");
+    }
+
+    #[test]
+    fn other_errors_keep_their_kind() {
+        let e = ModelError::Input("bad".into()).with_oom_context(|| "x".into());
+        assert_eq!(e.to_string(), "invalid input: bad");
+        assert_eq!(catch_panic(|| "x".into(), || Ok(5)).unwrap(), 5);
+    }
+}

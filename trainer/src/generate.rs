@@ -43,6 +43,31 @@ pub fn generate(
     prompt: &[u32],
     cache: Option<&mut KvCache>,
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    generate_with_bias(model, prompt, cache, None, opts, on_token)
+}
+
+/// Adds a fixed bias to the attention logits of the first keys of every layer.
+struct KeyBias {
+    bias: Tensor,
+}
+
+impl crate::model::Hooks for KeyBias {
+    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
+        Some(self.bias.shallow_clone())
+    }
+}
+
+/// [`generate`] with `bias` `[1, n]` added to the attention logits of the
+/// cache's first `n` entries in every decoder pass (a compressed cache's
+/// score feed, [`crate::distill::cache_file::CompressedCache::feed_bias`]).
+pub fn generate_with_bias(
+    model: &Model,
+    prompt: &[u32],
+    cache: Option<&mut KvCache>,
+    bias: Option<&Tensor>,
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
@@ -73,14 +98,46 @@ pub fn generate(
         Sampling::Greedy => StdRng::seed_from_u64(0),
     };
     let device = model.device();
+    // Positions past the model window are refused, and generation stops there.
+    let window = model.config().max_position_embeddings;
+    let start = match cache.next_positions() {
+        Some(next) => next.max().f_int64_value(&[])? as usize,
+        None => 0,
+    };
+    if start + prompt.len() > window {
+        return Err(ModelError::Input(format!(
+            "the prompt has {} tokens{}: {} positions, more than the model window of {window}",
+            prompt.len(),
+            if start > 0 {
+                format!(" after a context of {start}")
+            } else {
+                String::new()
+            },
+            start + prompt.len()
+        )));
+    }
+    let max_new = opts.max_new_tokens.min(window - start - prompt.len());
+    if max_new < opts.max_new_tokens {
+        tracing::debug!(max_new, window, "new tokens bounded by the model window");
+    }
     let mut next_input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut out = Vec::new();
     tch::no_grad(|| -> Result<()> {
-        while out.len() < opts.max_new_tokens {
+        while out.len() < max_new {
             let ids = Tensor::from_slice(&next_input)
                 .unsqueeze(0)
                 .to_device(device);
-            let hidden = model.forward_hidden(Input::new(&ids), Some(&mut *cache))?;
+            let hidden = match bias {
+                None => model.forward_hidden(Input::new(&ids), Some(&mut *cache))?,
+                Some(b) => {
+                    let later = cache.len() + ids.size()[1] - b.size()[1];
+                    let zeros = Tensor::f_zeros([1, later], (Kind::Float, b.device()))?;
+                    let hooks = KeyBias {
+                        bias: Tensor::f_cat(&[b.shallow_clone(), zeros], 1)?,
+                    };
+                    model.forward_hidden_with(Input::new(&ids), Some(&mut *cache), &hooks)?
+                }
+            };
             let last = hidden.select(1, -1);
             let logits = model.logits(&last).squeeze_dim(0).to_kind(Kind::Float);
             let token = choose(&logits, &opts.sampling, &mut rng)?;

@@ -313,10 +313,31 @@ pub fn train(
         cursors = cur;
         let micro = micro_batches(&batch, job.micro_batch);
         let n_examples: usize = micro.iter().map(Vec::len).sum();
-        let s = trainer.train_step(model, &adaptor, &micro).map_err(|e| {
-            let ids: Vec<u64> = batch.examples.iter().map(|e| e.id).collect();
-            ModelError::Input(format!("step {step} (rows {ids:?}): {e}"))
-        })?;
+        let s = match trainer.train_step(model, &adaptor, &micro) {
+            Ok(s) => s,
+            Err(e) => {
+                // Keep the work: the adaptor as of the last completed step.
+                let kept = job.out.with_extension("failed.safetensors");
+                let saved = save_atomic(
+                    &adaptor,
+                    &job.base_model,
+                    model,
+                    trainer.step() as u64,
+                    &kept,
+                );
+                let note = match saved {
+                    Ok(()) => format!("the adaptor after step {step} is in {}", kept.display()),
+                    Err(s) => format!("the adaptor could not be saved: {s}"),
+                };
+                tracing::error!(step = step + 1, error = %e, "{note}");
+                return Err(if e.is_out_of_memory() {
+                    e
+                } else {
+                    let ids: Vec<u64> = batch.examples.iter().map(|e| e.id).collect();
+                    ModelError::Input(format!("step {step} (rows {ids:?}): {e}"))
+                });
+            }
+        };
         if s.micro_batches == 0 {
             tracing::warn!(
                 step = step + 1,
@@ -338,6 +359,7 @@ pub fn train(
             tracing::info!(
                 step = step + 1,
                 loss = s.loss,
+                select_loss = s.select_loss,
                 lr = s.lr,
                 grad_norm = s.grad_norm,
                 tokens,

@@ -305,3 +305,50 @@ fn bench_step_reports_throughput_flops_and_mfu() {
         text(&bad.stderr)
     );
 }
+
+#[test]
+fn inspect_shows_the_kept_tokens_of_each_method() {
+    let m = smollm2();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let html = dir.path().join("kept.html");
+    let o = run(&[
+        "inspect",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--methods",
+        "streaming_llm,snapkv",
+        "--ratio",
+        "0.25",
+        "--context",
+        CONTEXT,
+        "--html",
+        html.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let said = text(&o.stdout);
+    assert!(
+        said.contains("== streaming_llm (") && said.contains("== snapkv ("),
+        "{said}"
+    );
+    // Kept tokens are bracketed in the terminal view: BOS + ceil(r * n) of them
+    // (BOS is not shown).
+    let page = std::fs::read_to_string(&html).expect("html");
+    let sections: Vec<&str> = page.split("<h2>").skip(1).collect();
+    assert_eq!(sections.len(), 2, "{page}");
+    for s in sections {
+        let kept: usize = s
+            .split(" kept)")
+            .next()
+            .and_then(|h| h.rsplit('(').next())
+            .and_then(|n| n.trim().parse().ok())
+            .expect("kept count in the heading");
+        assert_eq!(s.matches("<span class=k>").count() + 1, kept, "{s}");
+        assert!(s.matches("<span class=d>").count() > 2 * kept, "{s}");
+    }
+    // StreamingLLM keeps the recent end: the context's last word is kept.
+    let streaming = page.split("<h2>").nth(1).expect("first method");
+    let last = streaming.rsplit("<span").next().expect("last token");
+    assert!(last.starts_with(" class=k>"), "{last}");
+}

@@ -680,6 +680,7 @@ fn session_inner(
                 rank,
                 step = done,
                 loss = s.loss,
+                select_loss = s.select_loss,
                 lr = s.lr,
                 grad_norm = s.grad_norm,
                 tokens = s.tokens,

@@ -160,7 +160,8 @@ impl Adaptor {
 }
 
 /// LoRA routed to selected positions: `y + scale * (x A^T) B^T` at those rows
-/// of the flattened `[batch * seq]` positions, `y` elsewhere.
+/// of the flattened `[batch * seq]` positions, `y` elsewhere (K and V at every
+/// position with [`super::config::LoraConfig::kv_all_tokens`]).
 pub struct LoraHooks<'a> {
     adaptor: &'a Adaptor,
     /// Flat indices of the routed positions.
@@ -192,20 +193,26 @@ impl Hooks for LoraHooks<'_> {
         let Some(pair) = self.adaptor.lora.get(&(layer, proj)) else {
             return y;
         };
+        let cfg = &self.adaptor.cfg.lora;
+        let kind = x.kind();
+        let lora = |xs: Tensor| {
+            let xs = if self.train && cfg.dropout > 0.0 {
+                xs.dropout(cfg.dropout, true)
+            } else {
+                xs
+            };
+            xs.linear::<&Tensor>(&pair.a.to_kind(kind), None)
+                .linear::<&Tensor>(&pair.b.to_kind(kind), None)
+                * cfg.scale()
+        };
+        if cfg.kv_all_tokens && matches!(proj, Proj::K | Proj::V) {
+            // Every position, kept or not.
+            return y + lora(x.shallow_clone());
+        }
         if self.rows.numel() == 0 {
             return y;
         }
-        let cfg = &self.adaptor.cfg.lora;
-        let kind = x.kind();
-        let mut xs = self.rows_of(x);
-        if self.train && cfg.dropout > 0.0 {
-            xs = xs.dropout(cfg.dropout, true);
-        }
-        let scale = cfg.alpha / cfg.rank as f64;
-        let delta = xs
-            .linear::<&Tensor>(&pair.a.to_kind(kind), None)
-            .linear::<&Tensor>(&pair.b.to_kind(kind), None)
-            * scale;
+        let delta = lora(self.rows_of(x));
         let size = y.size();
         y.flatten(0, -2)
             .index_add(0, &self.rows, &delta)

@@ -13,7 +13,8 @@
 //! the full cache (from which the caller gathers the kept positions) and, through
 //! [`Hooks`], gathers what the method needs; nothing runs twice.
 
-use super::select::{validate_spans, Span};
+use super::select::{select, validate_spans, Span};
+use super::student::{gather_kept, Compressed, Contexts, Kept};
 use crate::error::{ModelError, Result};
 use crate::model::{Hooks, Input, KvCache, Model, NoHooks};
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,10 @@ pub enum Baseline {
         #[serde(default = "default_kernel")]
         kernel: usize,
     },
+    /// TOVA (one-shot, as in kvpress): the attention each span position
+    /// receives from the span's last position, averaged over heads, summed
+    /// over layers (SnapKV with a window of 1 and no pooling).
+    Tova,
 }
 
 fn default_sinks() -> usize {
@@ -76,7 +81,7 @@ fn default_kernel() -> usize {
 
 impl Baseline {
     /// Every baseline with its default parameters.
-    pub fn all() -> [Baseline; 5] {
+    pub fn all() -> [Baseline; 6] {
         [
             Baseline::Random { seed: 0 },
             Baseline::StreamingLlm {
@@ -88,6 +93,7 @@ impl Baseline {
                 window: default_window(),
                 kernel: default_kernel(),
             },
+            Baseline::Tova,
         ]
     }
 
@@ -99,6 +105,7 @@ impl Baseline {
             Baseline::KeyNorm => "key_norm",
             Baseline::H2o => "h2o",
             Baseline::SnapKv { .. } => "snapkv",
+            Baseline::Tova => "tova",
         }
     }
 
@@ -112,7 +119,7 @@ impl Baseline {
             .find(|b| b.name() == name.trim().to_ascii_lowercase().replace('-', "_"))
             .ok_or_else(|| {
                 ModelError::Input(format!(
-                    "unknown baseline `{name}` (known: random, streaming_llm, key_norm, h2o, snapkv)"
+                    "unknown baseline `{name}` (known: random, streaming_llm, key_norm, h2o, snapkv, tova)"
                 ))
             })?;
         for kv in params.split(',').filter(|p| !p.trim().is_empty()) {
@@ -182,6 +189,13 @@ pub fn baseline_scores(
     spans: &[Vec<Span>],
 ) -> Result<(Tensor, KvCache)> {
     method.check()?;
+    let method = &match *method {
+        Baseline::Tova => Baseline::SnapKv {
+            window: 1,
+            kernel: 1,
+        },
+        m => m,
+    };
     let (b, lc) = ids.size2().map_err(|_| {
         ModelError::Input(format!(
             "context ids must be [batch, len], got {:?}",
@@ -252,9 +266,61 @@ pub fn baseline_scores(
                 let layers = observer.map(Observer::into_layers).unwrap_or_default();
                 snapkv_pool(layers, spans, kernel, b, lc)?
             }
+            Baseline::Tova => unreachable!("mapped to SnapKv above"),
         })
     })?;
     Ok((mask_padding(&scores, len)?, cache))
+}
+
+/// The question-aware SnapKV reference: `rows` are each context followed by
+/// its question prompt; `queries[i]` = (start, len) of row i's prompt, whose
+/// positions observe the attention to every span position of `ctx` (pooled
+/// with `kernel`, summed over layers). Keeps the top-k of each span like the
+/// question-agnostic methods, from the same forward's cache.
+pub fn question_aware_compress(
+    model: &Model,
+    rows: &[Vec<u32>],
+    ctx: Contexts,
+    queries: &[(usize, usize)],
+    kernel: usize,
+) -> Result<Compressed> {
+    let device = model.device();
+    let (ids, _) = super::infer::pad_rows(rows, model.config().vocab_size, device)?;
+    let (b, l) = ids.size2()?;
+    let lu = l as usize;
+    let mut query = vec![-2i64; rows.len() * lu];
+    let mut key = vec![-1i64; rows.len() * lu];
+    for (i, &(s, n)) in queries.iter().enumerate() {
+        query[i * lu + s..i * lu + s + n].fill(0);
+        for &(ks, kn) in &ctx.spans[i] {
+            key[i * lu + ks..i * lu + ks + kn].fill(0);
+        }
+    }
+    let observer = Observer {
+        query: Tensor::from_slice(&query).view([b, l]).to_device(device),
+        key_span: Some(Tensor::from_slice(&key).view([b, l]).to_device(device)),
+        lc: l,
+        acc: RefCell::new((0..model.config().num_layers).map(|_| None).collect()),
+    };
+    let mut cache = model.new_cache();
+    tch::no_grad(|| -> Result<Compressed> {
+        let _ = model.forward_hidden_with(Input::new(&ids), Some(&mut cache), &observer)?;
+        let scores = snapkv_pool(observer.into_layers(), ctx.spans, kernel, b, l)?;
+        let scores = mask_padding(&scores, ctx.len)?;
+        let host = Vec::<f32>::try_from(scores.flatten(0, -1))?;
+        let selections = (0..rows.len())
+            .map(|i| {
+                select(
+                    &host[i * lu..(i + 1) * lu],
+                    ctx.len[i],
+                    &ctx.spans[i],
+                    ctx.ratios[i],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let kept = Kept::new(selections, l, ctx.len, device);
+        gather_kept(&cache, &kept, &Tensor::zeros([b, l], (Kind::Float, device)))
+    })
 }
 
 /// Scores `[batch, lc]` filled row by row on the host.
@@ -356,9 +422,9 @@ fn snapkv_pool(
     Ok(out)
 }
 
-/// Gathers H2O or SnapKV statistics from observed attention probabilities, one
-/// `[batch, lc]` float32 tensor per layer.
-struct Observer {
+/// Gathers H2O or SnapKV statistics (or any weighted sum of query rows) from
+/// observed attention probabilities, one `[batch, lc]` float32 tensor per layer.
+pub(crate) struct Observer {
     /// Per query `[batch, lc]`. H2O: 1.0 at real queries, else 0 (float32).
     /// SnapKV: the index of the span whose window holds the query, else −2 (int64).
     query: Tensor,
@@ -377,14 +443,35 @@ impl Observer {
             .iter()
             .flat_map(|&n| (0..lc as usize).map(move |p| if p < n { 1.0 } else { 0.0 }))
             .collect();
-        Observer {
-            query: Tensor::from_slice(&real)
+        Observer::weighted(
+            Tensor::from_slice(&real)
                 .view([len.len() as i64, lc])
                 .to_device(device),
+            layers,
+        )
+    }
+
+    /// The head-summed attention mass each key receives from the queries
+    /// weighted by `query` `[batch, len]` (float32, one weight per position of
+    /// the observed pass, which attends over `len` keys).
+    pub(crate) fn weighted(query: Tensor, layers: usize) -> Observer {
+        let lc = query.size()[1];
+        Observer {
+            query,
             key_span: None,
             lc,
             acc: RefCell::new((0..layers).map(|_| None).collect()),
         }
+    }
+
+    /// The sum over observed layers `[batch, len]` (zeros when none was observed).
+    pub(crate) fn total(self) -> Tensor {
+        let zeros = Tensor::zeros_like(&self.query).to_kind(Kind::Float);
+        self.acc
+            .into_inner()
+            .into_iter()
+            .flatten()
+            .fold(zeros, |acc, t| acc + t)
     }
 
     /// SnapKV: the last `window` queries of each span count, for that span's keys.

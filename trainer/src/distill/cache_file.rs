@@ -4,6 +4,7 @@
 //! sizes that prove the compression (kept vs. source entries).
 
 use super::checkpoint::{config_hash, read_with_meta};
+use super::config::ScoreFeed;
 use super::select::{Selection, Span};
 use super::student::Compressed;
 use crate::error::{ModelError, Result};
@@ -43,6 +44,10 @@ pub struct CompressedCache {
     pub cache: KvCache,
     /// What it is.
     pub meta: CacheMeta,
+    /// The additive attention bias `[1, kept]` (float32) every later decoder
+    /// pass puts on the kept entries, when the adaptor's score feed changes
+    /// the forward pass (stored as tensor `feed_bias`).
+    pub feed_bias: Option<Tensor>,
 }
 
 impl CompressedCache {
@@ -70,9 +75,13 @@ impl CompressedCache {
             )));
         }
         meta.kept = want;
+        let feed_bias = comp
+            .feed_bias(None, 0)?
+            .map(|b| b.detach().to_kind(Kind::Float));
         Ok(CompressedCache {
             cache: comp.cache,
             meta,
+            feed_bias,
         })
     }
 
@@ -100,9 +109,14 @@ impl CompressedCache {
                 kept: Vec::new(),
                 from_span: Vec::new(),
             }],
-            slot_scores: Tensor::zeros([1, n], (Kind::Float, device)),
-            span_slot: Tensor::zeros([1, n], (Kind::Float, device)),
+            // The stored bias is re-applied as a direct feed of itself.
+            slot_scores: match &self.feed_bias {
+                Some(b) => b.shallow_clone(),
+                None => Tensor::zeros([1, n], (Kind::Float, device)),
+            },
+            span_slot: Tensor::ones([1, n], (Kind::Float, device)),
             ctx_len: vec![self.meta.context_len],
+            feed: self.feed_bias.as_ref().map(|_| ScoreFeed::Direct),
         }
     }
 
@@ -122,6 +136,9 @@ impl CompressedCache {
             .positions()
             .ok_or_else(|| ModelError::Input("cannot save an empty cache".into()))?;
         named.push(("positions".into(), positions.shallow_clone()));
+        if let Some(b) = &self.feed_bias {
+            named.push(("feed_bias".into(), b.shallow_clone()));
+        }
         let mut bufs = Vec::with_capacity(named.len());
         for (name, t) in &named {
             let t = t.detach().to_device(Device::Cpu).contiguous();
@@ -230,6 +247,20 @@ impl CompressedCache {
         }
         let next = Tensor::from_slice(&[meta.context_len as i64]).to_device(device);
         let cache = KvCache::from_parts(layers, positions, None, Some(next))?;
-        Ok(CompressedCache { cache, meta })
+        let feed_bias = match st.tensor("feed_bias") {
+            Ok(_) => {
+                let b = read("feed_bias", &[1, n])?;
+                if b.kind() != Kind::Float {
+                    return Err(bad("tensor `feed_bias` must be F32".into()));
+                }
+                Some(b)
+            }
+            Err(_) => None,
+        };
+        Ok(CompressedCache {
+            cache,
+            meta,
+            feed_bias,
+        })
     }
 }

@@ -11,6 +11,29 @@ pub enum ScoreFeed {
     StraightThrough,
     /// `s` itself (Dodo's form).
     Direct,
+    /// `log σ(s)`: the sigmoid of the score multiplies the kept entries'
+    /// unnormalised attention weights (the KV-Distill paper's form). Unlike the
+    /// straight-through feed it changes the forward pass, so inference applies
+    /// it too.
+    LogSigmoid,
+}
+
+impl ScoreFeed {
+    /// CLI name: `straight_through`, `direct` or `log_sigmoid`.
+    pub fn parse(s: &str) -> Option<ScoreFeed> {
+        Some(match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "straight_through" | "st" => ScoreFeed::StraightThrough,
+            "direct" => ScoreFeed::Direct,
+            "log_sigmoid" | "sigmoid" => ScoreFeed::LogSigmoid,
+            _ => return None,
+        })
+    }
+
+    /// Whether the feed changes the decoder's forward pass (and so must be
+    /// applied at inference as well as in training).
+    pub fn in_forward(self) -> bool {
+        !matches!(self, ScoreFeed::StraightThrough)
+    }
 }
 
 /// LoRA adaptor settings.
@@ -24,6 +47,25 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adaptor's input during training.
     pub dropout: f64,
+    /// Rank-stabilised scaling `alpha / sqrt(rank)` instead of `alpha / rank`.
+    #[serde(default)]
+    pub rslora: bool,
+    /// K and V adaptors act at every context position, Q/O (and MLP) ones
+    /// only at the kept positions (the paper: dropped tokens can still shape
+    /// what the kept ones carry). Off: every adaptor acts at kept positions only.
+    #[serde(default)]
+    pub kv_all_tokens: bool,
+}
+
+impl LoraConfig {
+    /// The multiplier of `B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
 }
 
 impl Default for LoraConfig {
@@ -33,6 +75,8 @@ impl Default for LoraConfig {
             rank: 8,
             alpha: 16.0,
             dropout: 0.0,
+            rslora: false,
+            kv_all_tokens: false,
         }
     }
 }
@@ -54,6 +98,18 @@ pub struct DistillConfig {
     pub answer_only: bool,
     /// Rows of `[tokens x vocab]` processed at once in the KL (memory bound).
     pub kl_chunk_rows: i64,
+    /// The first this many positions of each span are always kept (attention
+    /// sinks), within the span's budget of k positions.
+    #[serde(default)]
+    pub sinks: usize,
+    /// Weight of the selection loss: the cross-entropy between the teacher's
+    /// attention from the suffix onto each span position (summed over layers
+    /// after the scorer's, heads and suffix queries; normalised over the span)
+    /// and the softmax of the scorer's scores over the span. It trains the
+    /// scorer on every span position, kept or not, to predict what a
+    /// question-aware method would keep. 0 turns it off.
+    #[serde(default)]
+    pub select_weight: f64,
 }
 
 impl Default for DistillConfig {
@@ -66,6 +122,8 @@ impl Default for DistillConfig {
             score_feed: ScoreFeed::StraightThrough,
             answer_only: false,
             kl_chunk_rows: 64,
+            sinks: 0,
+            select_weight: 0.0,
         }
     }
 }

@@ -6,7 +6,10 @@
 use super::adaptor::Adaptor;
 use super::baselines::{baseline_scores, Baseline};
 use super::select::{select, Selection};
-use super::student::{compress, decode, gather_kept, Compressed, Contexts, Kept, Suffixes};
+use super::student::{
+    compress_forcing, decode, decode_step, gather_kept, with_forced, Compressed, Contexts, Kept,
+    Suffixes,
+};
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model, NoHooks};
 use tch::{Device, Kind, Tensor};
@@ -36,12 +39,24 @@ impl Method<'_> {
 /// Compresses right-padded contexts with `method` (no gradients). With
 /// [`Method::Full`] every position is kept and the ratios are ignored.
 pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result<Compressed> {
+    compress_contexts_forcing(model, method, ctx, None)
+}
+
+/// [`compress_contexts`], keeping the context positions `force[i]` of each
+/// example whatever the method's scores (within its budget): the oracle of a
+/// diagnosis (e.g. force the answer's tokens: can the decoder then read them?).
+pub fn compress_contexts_forcing(
+    model: &Model,
+    method: Method,
+    ctx: Contexts,
+    force: Option<&[Vec<usize>]>,
+) -> Result<Compressed> {
     check_window(model, ctx.len)?;
     tch::no_grad(|| match method {
         Method::KvDistill(adaptor) => {
             let features =
                 model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
-            compress(model, adaptor, ctx, &features, false)
+            compress_forcing(model, adaptor, ctx, &features, false, force)
         }
         Method::Full => {
             let mut full = model.new_cache();
@@ -57,6 +72,10 @@ pub fn compress_contexts(model: &Model, method: Method, ctx: Contexts) -> Result
         }
         Method::Baseline(baseline) => {
             let (scores, full) = baseline_scores(model, &baseline, ctx.ids, ctx.len, ctx.spans)?;
+            let scores = match force {
+                Some(f) => with_forced(&scores, f)?,
+                None => scores,
+            };
             let (b, lc) = scores.size2()?;
             let host = Vec::<f32>::try_from(scores.to_device(Device::Cpu).flatten(0, -1))?;
             let selections = (0..b as usize)
@@ -163,10 +182,7 @@ pub fn generate_batch(
             let pos = Tensor::from_slice(&next_pos)
                 .view([b as i64, 1])
                 .to_device(device);
-            let h = model.forward_hidden(
-                Input::new(&tokens.view([b as i64, 1])).with_positions(&pos),
-                Some(&mut comp.cache),
-            )?;
+            let h = decode_step(model, comp, &tokens.view([b as i64, 1]), &pos)?;
             tokens = model.logits(&h.squeeze_dim(1)).argmax(-1, false);
             next_pos.iter_mut().for_each(|p| *p += 1);
         }

@@ -16,6 +16,8 @@ pub struct KlOutput {
     sums: (Tensor, Tensor),
     rows: i64,
     a: f64,
+    /// The selection loss (a detached scalar), when the step computes one.
+    pub select: Option<Tensor>,
 }
 
 /// The KL mix's value.
@@ -27,6 +29,8 @@ pub struct KlValues {
     pub forward_kl: f64,
     /// Mean reverse KL over rows.
     pub reverse_kl: f64,
+    /// The selection loss (0 when none is computed).
+    pub select_loss: f64,
 }
 
 impl KlOutput {
@@ -35,10 +39,15 @@ impl KlOutput {
         let n = self.rows.max(1) as f64;
         let forward_kl = self.sums.0.f_double_value(&[])? / n;
         let reverse_kl = self.sums.1.f_double_value(&[])? / n;
+        let select_loss = match &self.select {
+            Some(t) => t.f_double_value(&[])?,
+            None => 0.0,
+        };
         Ok(KlValues {
             loss: self.a * forward_kl + (1.0 - self.a) * reverse_kl,
             forward_kl,
             reverse_kl,
+            select_loss,
         })
     }
 }
@@ -86,6 +95,7 @@ pub fn kl_mix(
             sums: (fkl_sum, rkl_sum),
             rows,
             a,
+            select: None,
         })
     })
 }

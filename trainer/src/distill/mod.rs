@@ -10,6 +10,7 @@ pub mod baselines;
 pub mod cache_file;
 pub mod checkpoint;
 pub mod config;
+pub mod diagnose;
 pub mod dump;
 pub mod examples;
 pub mod flops;

@@ -6,6 +6,7 @@
 //! ([`super::step_graph`]).
 
 use super::adaptor::Adaptor;
+use super::baselines::Observer;
 use super::config::DistillConfig;
 use super::infer::pad_rows;
 use super::loss::{kl_mix, KlOutput, KlValues};
@@ -42,6 +43,8 @@ pub struct StepStats {
     pub reverse_kl: f64,
     /// Supervised tokens in the batch.
     pub tokens: usize,
+    /// The selection loss (0 when [`DistillConfig::select_weight`] is 0).
+    pub select_loss: f64,
 }
 
 /// The suffix positions `j` whose next token (`j + 1`) the loss supervises:
@@ -75,6 +78,12 @@ pub struct StepInputs {
     pub kept: Kept,
     /// The suffixes.
     pub suffixes: Suffixes,
+    /// 1.0 at each example's suffix positions of `full_ids` `[batch, lf]`:
+    /// the queries whose attention is the selection target.
+    pub target_queries: Tensor,
+    /// 1.0 at the span positions the scorer chooses among (sinks excluded)
+    /// `[batch, lc]`.
+    pub choosable: Tensor,
 }
 
 impl StepInputs {
@@ -86,6 +95,8 @@ impl StepInputs {
             &self.features,
             &self.t_rows,
             &self.s_rows,
+            &self.target_queries,
+            &self.choosable,
         ];
         t.extend(self.kept.tensors());
         t.extend(self.suffixes.tensors());
@@ -107,7 +118,7 @@ pub fn distill_step(
     train: bool,
     graphs: Option<&mut StepGraphs>,
 ) -> Result<StepStats> {
-    let inputs = prepare(model, adaptor, cfg, batch)?;
+    let inputs = prepare(model, adaptor, cfg, batch, None)?;
     let tokens = inputs.s_rows.size()[0] as usize;
     let pass = StudentPass {
         model,
@@ -136,17 +147,21 @@ pub fn distill_step(
         forward_kl: v.forward_kl,
         reverse_kl: v.reverse_kl,
         tokens,
+        select_loss: v.select_loss,
     })
 }
 
 /// Checks the batch, uploads it, runs the teacher's first `scorer_layer`
 /// layers and the scorer, and selects the kept positions (reading the scores
 /// to the host).
-fn prepare(
+/// With `force`, the context positions `force[i]` of example i are kept
+/// whatever their scores (a diagnosis).
+pub(crate) fn prepare(
     model: &Model,
     adaptor: &Adaptor,
     cfg: &DistillConfig,
     batch: &[DistillExample],
+    force: Option<&[Vec<usize>]>,
 ) -> Result<StepInputs> {
     if batch.is_empty() {
         return Err(ModelError::Input("empty batch".into()));
@@ -215,9 +230,29 @@ fn prepare(
         spans: &spans,
         ratios: &ratios,
     };
-    let kept = Kept::select(&scores, contexts)?;
+    let scores = match force {
+        Some(f) => super::student::with_forced(&scores, f)?,
+        None => scores,
+    };
+    let kept = Kept::select(&scores, contexts, cfg.sinks)?;
     timer.mark("scorer");
+    let (lfu, lcu) = (lf as usize, lc as usize);
+    let mut queries = vec![0f32; batch.len() * lfu];
+    let mut choosable = vec![0f32; batch.len() * lcu];
+    for (i, ex) in batch.iter().enumerate() {
+        let row = i * lfu + ctx_len[i];
+        queries[row..row + suf_len[i]].fill(1.0);
+        for &(s, n) in &ex.spans {
+            let from = s + cfg.sinks.min(n);
+            choosable[i * lcu + from..i * lcu + s + n].fill(1.0);
+        }
+    }
+    let b = batch.len() as i64;
     Ok(StepInputs {
+        target_queries: Tensor::from_slice(&queries).view([b, lf]).to_device(device),
+        choosable: Tensor::from_slice(&choosable)
+            .view([b, lc])
+            .to_device(device),
         suffixes: Suffixes::new(suf_ids, &suf_len, &ctx_len)?,
         full_ids,
         ctx_ids,
@@ -260,6 +295,7 @@ impl StudentPass<'_> {
             ids: inp.full_ids.shallow_clone(),
             states: inp.features.shallow_clone(),
             rows: inp.t_rows.shallow_clone(),
+            queries: (cfg.select_weight > 0.0).then(|| inp.target_queries.shallow_clone()),
             layer: cfg.scorer_layer,
             threads: tch::get_num_threads(),
         };
@@ -277,7 +313,7 @@ impl StudentPass<'_> {
                 Teacher::Done(rest.logits()?)
             };
             timer.mark("teacher");
-            let student = (|| -> Result<Tensor> {
+            let student = (|| -> Result<(Tensor, Tensor)> {
                 let lc = inp.ctx_ids.size2()?.1;
                 let scores = adaptor.score(&inp.features.narrow(1, 0, lc));
                 let full = encode(model, adaptor, &inp.ctx_ids, &inp.kept, self.train)?;
@@ -285,20 +321,33 @@ impl StudentPass<'_> {
                 let mut comp = gather_kept(&full, &inp.kept, &scores)?;
                 timer.mark("gather");
                 let hidden = decode(model, &mut comp, &inp.suffixes, Some(cfg.score_feed))?;
-                Ok(model.logits(&hidden.flatten(0, 1).index_select(0, &inp.s_rows)))
+                let logits = model.logits(&hidden.flatten(0, 1).index_select(0, &inp.s_rows));
+                Ok((logits, scores))
             })();
             // Joined even when the student failed, so its error is the one returned.
-            let teacher_logits = teacher.join();
-            let student_logits = student?;
-            let teacher_logits = teacher_logits?;
+            let teacher_out = teacher.join();
+            let (student_logits, scores) = student?;
+            let (teacher_logits, target) = teacher_out?;
             timer.mark("decoder");
-            let kl = kl_mix(
+            let mut kl = kl_mix(
                 &teacher_logits,
                 &student_logits,
                 cfg.kl_forward_weight,
                 cfg.temperature,
                 cfg.kl_chunk_rows,
             )?;
+            let select = match &target {
+                Some(t) => {
+                    let lc = inp.choosable.size2()?.1;
+                    Some(selection_loss(
+                        &scores,
+                        &t.narrow(1, 0, lc),
+                        &inp.choosable,
+                    )?)
+                }
+                None => None,
+            };
+            kl.select = select.as_ref().map(|l| l.detach());
             if read_early {
                 checked(&kl)?;
             }
@@ -306,14 +355,36 @@ impl StudentPass<'_> {
             if self.train {
                 // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
                 let g = &kl.grad * self.grad_scale;
-                (student_logits * g.detach())
-                    .sum(Kind::Float)
-                    .f_backward()?;
+                let mut total = (student_logits * g.detach()).sum(Kind::Float);
+                if let Some(l) = &select {
+                    total += l * (cfg.select_weight * self.grad_scale);
+                }
+                total.f_backward()?;
                 timer.mark("backward");
             }
             Ok(kl)
         })
     }
+}
+
+/// The selection loss: cross-entropy between the teacher's attention
+/// `target` `[batch, lc]` restricted to the `choosable` positions (normalised
+/// per example) and the softmax of `scores` over those positions, averaged
+/// over the batch. Every choosable position gets a gradient, kept or not.
+pub fn selection_loss(scores: &Tensor, target: &Tensor, choosable: &Tensor) -> Result<Tensor> {
+    let off = choosable.f_le(0.5)?;
+    let t = target.f_mul(choosable)?;
+    let p = &t
+        / t.f_sum_dim_intlist([1].as_slice(), true, Kind::Float)?
+            .f_clamp_min(1e-12)?;
+    let logq = scores
+        .f_masked_fill(&off, -1e9)?
+        .f_log_softmax(1, Kind::Float)?
+        .f_masked_fill(&off, 0.0)?;
+    Ok((p.detach() * logq)
+        .f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?
+        .f_mean(Kind::Float)?
+        .f_neg()?)
 }
 
 /// The loss's value, refused when it is not finite.
@@ -336,40 +407,73 @@ struct SharedModel<'a>(&'a Model);
 // are atomic), and the scope joins it before the borrow ends.
 unsafe impl Send for SharedModel<'_> {}
 
+/// The teacher's logits at the supervised rows of `inp` (no selection target).
+pub(crate) fn teacher_logits(
+    model: &Model,
+    cfg: &DistillConfig,
+    inp: &StepInputs,
+) -> Result<Tensor> {
+    let rest = TeacherRest {
+        model: SharedModel(model),
+        ids: inp.full_ids.shallow_clone(),
+        states: inp.features.shallow_clone(),
+        rows: inp.t_rows.shallow_clone(),
+        queries: None,
+        layer: cfg.scorer_layer,
+        threads: tch::get_num_threads(),
+    };
+    Ok(rest.logits()?.0)
+}
+
 /// The teacher's layers after the scorer's, and its logits at the supervised rows.
 struct TeacherRest<'a> {
     model: SharedModel<'a>,
     ids: Tensor,
     states: Tensor,
     rows: Tensor,
+    /// With the selection loss: the suffix queries whose attention is its target.
+    queries: Option<Tensor>,
     layer: usize,
     threads: i32,
 }
 
 impl TeacherRest<'_> {
-    fn logits(self) -> Result<Tensor> {
+    /// The teacher's logits at the supervised rows, and with the selection
+    /// loss its attention target `[batch, lc]` (over all its positions; the
+    /// loss keeps the span's).
+    fn logits(self) -> Result<(Tensor, Option<Tensor>)> {
         // Intra-op thread counts are per thread: match the caller's.
         tch::set_num_threads(self.threads);
         let model = self.model.0;
         tch::no_grad(|| {
-            let h = model.resume_hidden(
-                Input::new(&self.ids).vocab_checked(),
-                &self.states,
-                self.layer,
-            )?;
-            Ok(model.logits(&h.flatten(0, 1).index_select(0, &self.rows)))
+            let input = Input::new(&self.ids).vocab_checked();
+            let (h, target) = match self.queries {
+                None => (model.resume_hidden(input, &self.states, self.layer)?, None),
+                Some(q) => {
+                    let obs = Observer::weighted(q, model.config().num_layers);
+                    let h = model.resume_hidden_with(input, &self.states, self.layer, &obs)?;
+                    (h, Some(obs.total()))
+                }
+            };
+            Ok((
+                model.logits(&h.flatten(0, 1).index_select(0, &self.rows)),
+                target,
+            ))
         })
     }
 }
 
-/// The teacher's logits, being computed or done.
+/// The teacher's logits (and selection target), being computed or done.
 enum Teacher<'s> {
-    Running(std::thread::ScopedJoinHandle<'s, Result<Tensor>>),
-    Done(Tensor),
+    Running(std::thread::ScopedJoinHandle<'s, Result<TeacherOut>>),
+    Done(TeacherOut),
 }
 
+/// The teacher's logits and optional selection target.
+type TeacherOut = (Tensor, Option<Tensor>);
+
 impl Teacher<'_> {
-    fn join(self) -> Result<Tensor> {
+    fn join(self) -> Result<TeacherOut> {
         match self {
             Teacher::Done(t) => Ok(t),
             Teacher::Running(h) => h.join().map_err(|p| {

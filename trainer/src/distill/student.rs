@@ -22,9 +22,33 @@ pub struct Compressed {
     pub span_slot: Tensor,
     /// Context lengths (the next position of each example).
     pub ctx_len: Vec<usize>,
+    /// A score feed that changes the forward pass ([`ScoreFeed::in_forward`]):
+    /// every later decoder pass over this cache applies it to the kept span
+    /// slots, as training did.
+    pub feed: Option<ScoreFeed>,
 }
 
 impl Compressed {
+    /// The per-key attention bias for a decoder pass of `new` tokens over
+    /// this cache with `feed` (the cache's own feed when `None`): the fed
+    /// scores on the kept span slots, 0 on every other key. `None` when no
+    /// feed applies.
+    pub fn feed_bias(&self, feed: Option<ScoreFeed>, new: i64) -> Result<Option<Tensor>> {
+        let Some(feed) = feed.or(self.feed) else {
+            return Ok(None);
+        };
+        let s = &self.slot_scores;
+        let fed = match feed {
+            ScoreFeed::StraightThrough => s - s.detach(),
+            ScoreFeed::Direct => s.shallow_clone(),
+            ScoreFeed::LogSigmoid => s.f_log_sigmoid()?,
+        };
+        let (b, slots) = s.size2()?;
+        let later = self.cache.len() - slots + new;
+        let zeros = Tensor::f_zeros([b, later], (Kind::Float, s.device()))?;
+        Ok(Some(Tensor::f_cat(&[fed * &self.span_slot, zeros], 1)?))
+    }
+
     /// A second handle on the batch: the caches share tensors, and appending to
     /// one (decoding) never changes the other.
     pub fn shallow_clone(&self) -> Compressed {
@@ -34,6 +58,7 @@ impl Compressed {
             slot_scores: self.slot_scores.shallow_clone(),
             span_slot: self.span_slot.shallow_clone(),
             ctx_len: self.ctx_len.clone(),
+            feed: self.feed,
         }
     }
 }
@@ -111,8 +136,9 @@ impl Kept {
     }
 
     /// Keeps the top-scored positions of each context's spans by `scores`
-    /// `[batch, lc]` (read to the host: this waits for the device).
-    pub fn select(scores: &Tensor, ctx: Contexts) -> Result<Kept> {
+    /// `[batch, lc]` (read to the host: this waits for the device); the first
+    /// `sinks` positions of each span are kept whatever their scores.
+    pub fn select(scores: &Tensor, ctx: Contexts, sinks: usize) -> Result<Kept> {
         let (b, lc) = ctx.ids.size2()?;
         let bu = b as usize;
         if ctx.len.len() != bu || ctx.spans.len() != bu || ctx.ratios.len() != bu {
@@ -123,8 +149,15 @@ impl Kept {
         let host: Vec<f32> =
             Vec::<f32>::try_from(scores.detach().to_device(Device::Cpu).flatten(0, -1))?;
         let mut selections = Vec::with_capacity(bu);
+        let mut host = host;
         for i in 0..bu {
-            let row = &host[i * lc as usize..(i + 1) * lc as usize];
+            let row = &mut host[i * lc as usize..(i + 1) * lc as usize];
+            for &(s, n) in &ctx.spans[i] {
+                row.get_mut(s..s + sinks.min(n))
+                    .into_iter()
+                    .flatten()
+                    .for_each(|x| *x = f32::INFINITY);
+            }
             selections.push(select(row, ctx.len[i], &ctx.spans[i], ctx.ratios[i])?);
         }
         Ok(Kept::new(selections, lc, ctx.len, scores.device()))
@@ -152,16 +185,49 @@ pub fn compress(
     features: &Tensor,
     train: bool,
 ) -> Result<Compressed> {
+    compress_forcing(model, adaptor, ctx, features, train, None)
+}
+
+/// [`compress`], keeping `force[i]` (context positions of example i) whatever
+/// their scores, within the budget: the oracle of a diagnosis.
+pub fn compress_forcing(
+    model: &Model,
+    adaptor: &Adaptor,
+    ctx: Contexts,
+    features: &Tensor,
+    train: bool,
+    force: Option<&[Vec<usize>]>,
+) -> Result<Compressed> {
     let lc = ctx.ids.size2()?.1;
     let mut timer = super::phases::PhaseTimer::start(model.device());
-    let scores = adaptor.score(&features.narrow(1, 0, lc));
-    let kept = Kept::select(&scores, ctx)?;
+    let mut scores = adaptor.score(&features.narrow(1, 0, lc));
+    if let Some(force) = force {
+        scores = with_forced(&scores, force)?;
+    }
+    let kept = Kept::select(&scores, ctx, adaptor.config().sinks)?;
     timer.mark("scorer");
     let full = encode(model, adaptor, ctx.ids, &kept, train)?;
     timer.mark("encoder");
-    let out = gather_kept(&full, &kept, &scores);
+    let mut out = gather_kept(&full, &kept, &scores)?;
+    let feed = adaptor.config().score_feed;
+    out.feed = feed.in_forward().then_some(feed);
     timer.mark("gather");
-    out
+    Ok(out)
+}
+
+/// `scores` `[batch, lc]` with +inf at the positions `force[i]` of row i.
+pub fn with_forced(scores: &Tensor, force: &[Vec<usize>]) -> Result<Tensor> {
+    let (b, lc) = scores.size2()?;
+    let mut mask = vec![false; (b * lc) as usize];
+    for (i, f) in force.iter().enumerate().take(b as usize) {
+        for &p in f.iter().filter(|&&p| (p as i64) < lc) {
+            mask[i * lc as usize + p] = true;
+        }
+    }
+    let mask = Tensor::from_slice(&mask)
+        .view([b, lc])
+        .to_device(scores.device());
+    Ok(scores.f_masked_fill(&mask, f64::INFINITY)?)
 }
 
 /// The student's encoder: the frozen model over right-padded contexts
@@ -200,6 +266,7 @@ pub fn gather_kept(full: &KvCache, kept: &Kept, scores: &Tensor) -> Result<Compr
         slot_scores: scores.f_gather(1, &kept.index, false)?,
         span_slot: kept.span_slot.shallow_clone(),
         ctx_len: kept.ctx_len.clone(),
+        feed: None,
     })
 }
 
@@ -254,34 +321,44 @@ impl Suffixes {
 }
 
 /// Runs the frozen decoder over `suffixes`, attending to `compressed.cache`
-/// (consumed: the suffix is appended to it), with the score feed on the kept
-/// span slots (none at inference, where the straight-through feed is zero
-/// anyway). Returns final hidden states `[batch, lx, d]`. No host reads or uploads.
+/// (consumed: the suffix is appended to it), with the score feed `feed` on the
+/// kept span slots (at inference `None`: the cache's own feed, if its feed
+/// changes the forward pass). Returns final hidden states `[batch, lx, d]`.
+/// No host reads or uploads.
 pub fn decode(
     model: &Model,
     compressed: &mut Compressed,
     suffixes: &Suffixes,
     feed: Option<ScoreFeed>,
 ) -> Result<Tensor> {
-    let (b, lx) = suffixes.ids.size2()?;
-    let device = model.device();
+    let (_, lx) = suffixes.ids.size2()?;
     let input = Input::new(&suffixes.ids)
         .with_positions(&suffixes.positions)
         .with_valid(&suffixes.valid)
         .vocab_checked();
-    let s = &compressed.slot_scores;
-    let fed = match feed {
-        None => return model.forward_hidden(input, Some(&mut compressed.cache)),
-        Some(ScoreFeed::StraightThrough) => s - s.detach(),
-        Some(ScoreFeed::Direct) => s.shallow_clone(),
-    };
-    let bias = Tensor::cat(
-        &[
-            fed * &compressed.span_slot,
-            Tensor::zeros([b, lx], (Kind::Float, device)),
-        ],
-        1,
-    );
-    let hooks = BiasHooks { bias };
-    model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
+    match compressed.feed_bias(feed, lx)? {
+        None => model.forward_hidden(input, Some(&mut compressed.cache)),
+        Some(bias) => {
+            let hooks = BiasHooks { bias };
+            model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
+        }
+    }
+}
+
+/// One decoding step of `ids` `[batch, 1]` at `positions` over `compressed`
+/// (appended to its cache), applying the cache's own score feed.
+pub fn decode_step(
+    model: &Model,
+    compressed: &mut Compressed,
+    ids: &Tensor,
+    positions: &Tensor,
+) -> Result<Tensor> {
+    let input = Input::new(ids).with_positions(positions);
+    match compressed.feed_bias(None, ids.size2()?.1)? {
+        None => model.forward_hidden(input, Some(&mut compressed.cache)),
+        Some(bias) => {
+            let hooks = BiasHooks { bias };
+            model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
+        }
+    }
 }

@@ -79,6 +79,8 @@ pub struct OptStats {
     pub compute_s: f64,
     /// Seconds in the gradient all-reduce, waiting for the slowest rank included.
     pub comm_s: f64,
+    /// The selection loss, weighted like `loss` (0 when it is off).
+    pub select_loss: f64,
 }
 
 /// Owns the optimizer over an adaptor's variables.
@@ -185,7 +187,7 @@ impl Trainer {
         coll: &mut dyn Collective,
     ) -> Result<OptStats> {
         if self.grads.is_none() {
-            self.grads = Some(FlatGrads::new(&self.vars, 3)?);
+            self.grads = Some(FlatGrads::new(&self.vars, 4)?);
         }
         let flat = self.grads.as_ref().expect("made above");
         flat.zero()?;
@@ -208,13 +210,28 @@ impl Trainer {
             all_reduce_values(coll, &[counts.iter().sum::<f64>()], model.device())?[0];
         let mut comm_s = counted.elapsed().as_secs_f64();
         let started = Instant::now();
-        let mut local = [micro_batches.len() as f64, 0.0, 0.0];
+        let mut local = [micro_batches.len() as f64, 0.0, 0.0, 0.0];
         for (mb, &count) in micro_batches.iter().zip(&counts) {
             let weight = count / global_tokens;
-            let s: StepStats =
-                distill_step(model, adaptor, cfg, mb, weight, true, self.graphs.as_mut())?;
+            let shape = || {
+                let longest = mb
+                    .iter()
+                    .map(|e| e.context.len() + e.suffix.len())
+                    .max()
+                    .unwrap_or(0);
+                format!(
+                    "in a micro-batch of {} examples of up to {longest} tokens",
+                    mb.len()
+                )
+            };
+            let graphs = self.graphs.as_mut();
+            let s: StepStats = crate::error::catch_panic(shape, || {
+                distill_step(model, adaptor, cfg, mb, weight, true, graphs)
+            })
+            .map_err(|e| e.with_oom_context(shape))?;
             local[1] += s.loss * weight;
             local[2] += s.tokens as f64;
+            local[3] += s.select_loss * weight;
         }
         // The all-reduce needs the gradients anyway; draining here splits the
         // step into own work and waiting for the others.
@@ -239,6 +256,7 @@ impl Trainer {
                 micro_batches: 0,
                 compute_s,
                 comm_s,
+                select_loss: 0.0,
             });
         }
         let mut grads = flat.grads();
@@ -272,6 +290,7 @@ impl Trainer {
             micro_batches: n.round() as usize,
             compute_s,
             comm_s,
+            select_loss: total[3],
         })
     }
 }

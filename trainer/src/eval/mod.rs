@@ -12,13 +12,14 @@
 
 pub mod error;
 pub mod metrics;
+pub mod needle;
 pub mod plot;
 pub mod run;
 pub mod squad;
 
 pub use error::EvalError;
 pub use metrics::{answer_tokens, best_over, exact_match, f1, normalize_answer, MetricSum};
-pub use plot::{plot_f1_vs_ratio, Series, RATIO_TICKS};
+pub use plot::{plot_f1_vs_ratio, plot_heatmaps, HeatPanel, Series, RATIO_TICKS};
 pub use squad::{
     load_squad, select_questions, SquadArticle, SquadQuestion, SquadSet, PARAGRAPH_SEPARATOR,
 };

@@ -7,6 +7,7 @@
 use super::error::{EvalError, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -155,4 +156,129 @@ fn format_ratio(v: f64) -> String {
     } else {
         format!("{v}")
     }
+}
+
+/// One heat map: a title and values `[row][column]` in percent (`None`: no data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeatPanel {
+    /// Panel title (e.g. the method).
+    pub title: String,
+    /// Values per row (y) and column (x).
+    pub cells: Vec<Vec<Option<f64>>>,
+}
+
+/// Writes a PNG of heat maps side by side (white 0 to dark green 100, each
+/// cell labelled with its value), sharing the column labels `x_labels` (x axis
+/// `x_desc`) and row labels `y_labels` (y axis `y_desc`).
+pub fn plot_heatmaps(
+    path: &Path,
+    title: &str,
+    panels: &[HeatPanel],
+    (x_desc, x_labels): (&str, &[String]),
+    (y_desc, y_labels): (&str, &[String]),
+) -> Result<()> {
+    let err = |msg: String| EvalError::Plot {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if panels.is_empty() || x_labels.is_empty() || y_labels.is_empty() {
+        return Err(err("no heat map panels or labels to draw".into()));
+    }
+    for p in panels {
+        if p.cells.len() != y_labels.len() || p.cells.iter().any(|r| r.len() != x_labels.len()) {
+            return Err(err(format!(
+                "panel {:?} is not {} x {}",
+                p.title,
+                y_labels.len(),
+                x_labels.len()
+            )));
+        }
+    }
+    register_font().map_err(err)?;
+    let cols = panels.len().min(4);
+    let rows = panels.len().div_ceil(cols);
+    let size = (360 * cols as u32 + 40, 330 * rows as u32 + 60);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    draw_heatmaps(
+        &root,
+        title,
+        panels,
+        (x_desc, x_labels),
+        (y_desc, y_labels),
+        (rows, cols),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+fn draw_heatmaps(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    panels: &[HeatPanel],
+    (x_desc, x_labels): (&str, &[String]),
+    (y_desc, y_labels): (&str, &[String]),
+    (rows, cols): (usize, usize),
+) -> DrawResult<()> {
+    root.fill(&WHITE)?;
+    let root = root.titled(title, (FONT, 22))?;
+    let areas = root.split_evenly((rows, cols));
+    let (nx, ny) = (x_labels.len() as i32, y_labels.len() as i32);
+    let label = |labels: &[String], v: &SegmentValue<i32>| match v {
+        SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    for (panel, area) in panels.iter().zip(areas) {
+        let mut chart = ChartBuilder::on(&area)
+            .caption(&panel.title, (FONT, 18))
+            .margin(8)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((0..nx).into_segmented(), (0..ny).into_segmented())?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_labels(nx as usize)
+            .y_labels(ny as usize)
+            .x_label_formatter(&|v| label(x_labels, v))
+            .y_label_formatter(&|v| label(y_labels, v))
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 14))
+            .draw()?;
+        for (y, row) in panel.cells.iter().enumerate() {
+            for (x, cell) in row.iter().enumerate() {
+                let (x, y) = (x as i32, y as i32);
+                let color = match cell {
+                    Some(v) => {
+                        let t = (v / 100.0).clamp(0.0, 1.0);
+                        RGBColor(
+                            (255.0 * (1.0 - 0.85 * t)) as u8,
+                            (255.0 * (1.0 - 0.45 * t)) as u8,
+                            (255.0 * (1.0 - 0.75 * t)) as u8,
+                        )
+                    }
+                    None => RGBColor(220, 220, 220),
+                };
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [
+                        (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                        (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                    ],
+                    color.filled(),
+                )))?;
+                if let Some(v) = cell {
+                    let style = TextStyle::from((FONT, 15).into_font())
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
+                    chart.draw_series(std::iter::once(Text::new(
+                        format!("{v:.0}"),
+                        (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                        style,
+                    )))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,8 @@ use super::squad::{SquadQuestion, SquadSet};
 use crate::distill::baselines::Baseline;
 use crate::distill::examples::ModelTokenizer;
 use crate::distill::infer::{
-    compress_contexts, forced_scores, generate_batch, pad_rows, teacher_logprobs, Method,
+    compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, pad_rows,
+    teacher_logprobs, Method,
 };
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
@@ -61,6 +62,9 @@ pub struct EvalConfig {
     /// the questions actually evaluated).
     #[serde(default)]
     pub time_limit_s: Option<f64>,
+    /// Record every question's result per method and ratio in the report.
+    #[serde(default)]
+    pub per_item: bool,
 }
 
 impl Default for EvalConfig {
@@ -83,6 +87,7 @@ impl Default for EvalConfig {
             max_len: 2048,
             template: QaTemplate::default(),
             time_limit_s: None,
+            per_item: false,
         }
     }
 }
@@ -100,12 +105,42 @@ pub struct EvalRow {
     pub exact_match: f64,
     /// F1, percent.
     pub f1: f64,
+    /// Standard error of the mean F1, percent points.
+    #[serde(default)]
+    pub f1_se: f64,
     /// Mean teacher-forced NLL of the gold answer (nats/token).
     pub answer_nll: f64,
     /// Mean KL(teacher || method) over the answer tokens.
     pub kl: f64,
     /// Cache entries kept / context entries (mean over questions).
     pub cache_fraction: f64,
+    /// Containment accuracy, percent: a gold answer (SQuAD-normalised) is
+    /// contained in the normalised generation (the KV-Distill paper's metric).
+    #[serde(default)]
+    pub contains: f64,
+    /// Share of the gold answer's context tokens the method kept (mean over
+    /// the questions whose answer could be located in the context).
+    #[serde(default)]
+    pub answer_kept: Option<f64>,
+}
+
+/// One question's result for one method and ratio.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    /// Question id.
+    pub id: String,
+    /// Method.
+    pub method: String,
+    /// Retention ratio.
+    pub ratio: f64,
+    /// F1, percent.
+    pub f1: f64,
+    /// Containment (0 or 1).
+    pub contains: bool,
+    /// Teacher-forced NLL of the answer.
+    pub answer_nll: f64,
+    /// Share of the answer's context tokens kept.
+    pub answer_kept: Option<f64>,
 }
 
 /// A finished evaluation.
@@ -123,6 +158,12 @@ pub struct EvalReport {
     pub rows: Vec<EvalRow>,
     /// Up to 3 example predictions per method at r = 0.1 (or the first ratio).
     pub samples: Vec<(String, String, String, Vec<String>)>,
+    /// Per question results ([`EvalConfig::per_item`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<ItemResult>,
+    /// The needle test's grid position of each item (empty for SQuAD).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needle: Vec<super::needle::NeedleItem>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -134,6 +175,11 @@ struct Acc {
     nll: f64,
     kl: f64,
     fraction: f64,
+    contains: f64,
+    answer_kept: f64,
+    answer_located: usize,
+    /// Sum of squared per-question F1 (percent).
+    f1_sq: f64,
 }
 
 /// One batch's tokenised examples.
@@ -143,10 +189,14 @@ struct Prepared {
     prompts: Vec<Vec<u32>>,
     suffixes: Vec<Vec<u32>>,
     scored: Vec<(usize, usize)>,
+    /// Context positions of the first gold answer's tokens (empty when it
+    /// could not be located, e.g. cut off by the window).
+    answer_pos: Vec<Vec<usize>>,
 }
 
 fn prepare(
     builder: &ExampleBuilder,
+    tok: &Tokenizer,
     set: &SquadSet,
     qs: &[SquadQuestion],
     kind: ContextKind,
@@ -157,12 +207,23 @@ fn prepare(
         prompts: Vec::new(),
         suffixes: Vec::new(),
         scored: Vec::new(),
+        answer_pos: Vec::new(),
     };
     for q in qs {
-        let context = match kind {
-            ContextKind::Paragraph => q.context.clone(),
-            ContextKind::Article => set.article_context(q).to_string(),
+        let (context, offset) = match kind {
+            ContextKind::Paragraph => (q.context.clone(), 0),
+            ContextKind::Article => (
+                set.article_context(q).to_string(),
+                set.articles
+                    .get(q.article)
+                    .map_or(0, |a| a.paragraph_char_offset(q.paragraph)),
+            ),
         };
+        let answer_chars = match (q.answer_starts.first(), q.answers.first()) {
+            (Some(&s), Some(a)) => Some((offset + s, offset + s + a.chars().count())),
+            _ => None,
+        };
+        let located = answer_token_positions(tok, &context, answer_chars)?;
         let record = Record::Qa {
             context,
             question: q.question.clone(),
@@ -179,8 +240,44 @@ fn prepare(
         p.prompts.push(ex.tokens[ctx_len..a_start].to_vec());
         p.suffixes.push(ex.tokens[ctx_len..].to_vec());
         p.scored.push((a_start - ctx_len, a_len));
+        // Token j of the context text is context position prefix_len + j;
+        // positions cut off by the window are not in the context.
+        p.answer_pos.push(
+            located
+                .into_iter()
+                .map(|j| j + ex.prefix_len)
+                .filter(|&j| j < ctx_len)
+                .collect(),
+        );
     }
     Ok(p)
+}
+
+/// The indices of the tokens of `context` (encoded alone) that overlap the
+/// character range `answer`; empty when there is none.
+fn answer_token_positions(
+    tok: &Tokenizer,
+    context: &str,
+    answer: Option<(usize, usize)>,
+) -> Result<Vec<usize>> {
+    let Some((a, b)) = answer else {
+        return Ok(Vec::new());
+    };
+    let (ids, offsets) = tok
+        .encode_with_offsets(context)
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+    let plain = tok
+        .encode(context, false)
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+    if ids != plain {
+        return Ok(Vec::new());
+    }
+    Ok(offsets
+        .iter()
+        .enumerate()
+        .filter(|(_, &(s, e))| s < b && e > a)
+        .map(|(j, _)| j)
+        .collect())
 }
 
 /// Runs every method x ratio over the selected questions. `progress(done,
@@ -202,15 +299,27 @@ pub fn run_eval(
     if cfg.batch == 0 {
         return Err(ModelError::Input("batch must be positive".into()));
     }
-    let methods: Vec<Method> = cfg
+    let methods: Vec<EvalMethod> = cfg
         .methods
         .iter()
         .map(|m| match (m.as_str(), adaptor) {
-            ("kv_distill", Some(a)) => Ok(Method::KvDistill(a)),
+            ("kv_distill", Some(a)) => Ok(EvalMethod::Compress(Method::KvDistill(a))),
             ("kv_distill", None) => Err(ModelError::Input(
                 "method kv_distill needs an adaptor".into(),
             )),
-            (name, _) => Ok(Method::Baseline(Baseline::parse(name)?)),
+            (QUESTION_AWARE, _) => Ok(EvalMethod::QuestionAware(7)),
+            (name, a) if name.ends_with(ORACLE_SUFFIX) => Ok(EvalMethod::Oracle(
+                match (&name[..name.len() - ORACLE_SUFFIX.len()], a) {
+                    ("kv_distill", Some(a)) => Method::KvDistill(a),
+                    ("kv_distill", None) => {
+                        return Err(ModelError::Input(format!("method {name} needs an adaptor")))
+                    }
+                    (base, _) => Method::Baseline(Baseline::parse(base)?),
+                },
+            )),
+            (name, _) => Ok(EvalMethod::Compress(Method::Baseline(Baseline::parse(
+                name,
+            )?))),
         })
         .collect::<Result<_>>()?;
     let start = Instant::now();
@@ -243,6 +352,7 @@ pub fn run_eval(
     let mut samples: Vec<(String, String, String, Vec<String>)> = Vec::new();
     let device = model.device();
     let mut evaluated = 0;
+    let mut items = Vec::new();
     for qs in batches {
         if cfg
             .time_limit_s
@@ -252,7 +362,7 @@ pub fn run_eval(
             break;
         }
         evaluated += qs.len();
-        let p = prepare(&builder, set, qs, cfg.context)?;
+        let p = prepare(&builder, &tok, set, qs, cfg.context)?;
         let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
         let ones = vec![1.0; qs.len()];
         // The teacher: the full cache.
@@ -272,55 +382,88 @@ pub fn run_eval(
             &p.suffixes,
             &p.scored,
         )?;
-        let mut score = |comp: Compressed, acc: &mut Acc, name: &str, sample: bool| -> Result<()> {
-            let mut gen = comp.shallow_clone();
-            let mut forced = comp;
-            for (i, s) in forced.selections.iter().enumerate() {
-                acc.fraction += s.kept.len() as f64 / len[i] as f64;
-            }
-            let f = forced_scores(model, &mut forced, &p.suffixes, &p.scored, Some(&teacher))?;
-            let outs = generate_batch(model, &mut gen, &p.prompts, cfg.max_new_tokens, &stop)?;
-            for ((q, out), f) in qs.iter().zip(outs).zip(f) {
-                let text = tok.decode(&out, true)?;
-                // The answer is the first non-empty line.
-                let pred = text
-                    .trim_start()
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
-                acc.metric.add_prediction(&pred, &q.answers);
-                acc.nll += f.nll;
-                acc.kl += f.kl;
-                if sample && samples.iter().filter(|s| s.0 == name).count() < 3 {
-                    samples.push((
-                        name.to_string(),
-                        q.question.clone(),
-                        pred,
-                        q.answers.clone(),
-                    ));
+        let mut score =
+            |comp: Compressed, acc: &mut Acc, name: &str, ratio: f64, sample: bool| -> Result<()> {
+                let mut gen = comp.shallow_clone();
+                let mut forced = comp;
+                let mut kept_share = Vec::with_capacity(qs.len());
+                for (i, s) in forced.selections.iter().enumerate() {
+                    acc.fraction += s.kept.len() as f64 / len[i] as f64;
+                    let want = &p.answer_pos[i];
+                    kept_share.push((!want.is_empty()).then(|| {
+                        let hit = want
+                            .iter()
+                            .filter(|j| s.kept.binary_search(j).is_ok())
+                            .count();
+                        hit as f64 / want.len() as f64
+                    }));
                 }
-            }
-            Ok(())
-        };
-        score(teacher_comp, &mut full, "full", true)?;
+                let f = forced_scores(model, &mut forced, &p.suffixes, &p.scored, Some(&teacher))?;
+                let outs = generate_batch(model, &mut gen, &p.prompts, cfg.max_new_tokens, &stop)?;
+                for (((q, out), f), share) in qs.iter().zip(outs).zip(f).zip(kept_share) {
+                    let text = tok.decode(&out, true)?;
+                    // The answer is the first non-empty line.
+                    let pred = text
+                        .trim_start()
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_string();
+                    let (_, item_f1) = acc.metric.add_prediction(&pred, &q.answers);
+                    acc.f1_sq += (100.0 * item_f1).powi(2);
+                    let contains = contains_answer(&text, &q.answers);
+                    acc.contains += f64::from(u8::from(contains));
+                    if let Some(x) = share {
+                        acc.answer_kept += x;
+                        acc.answer_located += 1;
+                    }
+                    acc.nll += f.nll;
+                    acc.kl += f.kl;
+                    if cfg.per_item {
+                        items.push(ItemResult {
+                            id: q.id.clone(),
+                            method: name.to_string(),
+                            ratio,
+                            f1: 100.0 * item_f1,
+                            contains,
+                            answer_nll: f.nll,
+                            answer_kept: share,
+                        });
+                    }
+                    if sample && samples.iter().filter(|s| s.0 == name).count() < 3 {
+                        samples.push((
+                            name.to_string(),
+                            q.question.clone(),
+                            pred,
+                            q.answers.clone(),
+                        ));
+                    }
+                }
+                Ok(())
+            };
+        score(teacher_comp, &mut full, "full", 1.0, true)?;
         done += 1;
         progress(done, total);
         for (m, method) in methods.iter().enumerate() {
             for (ri, &r) in cfg.ratios.iter().enumerate() {
                 let ratios = vec![r; qs.len()];
-                let comp = compress_contexts(
-                    model,
-                    *method,
-                    Contexts {
-                        ids: &ids,
-                        len: &len,
-                        spans: &p.spans,
-                        ratios: &ratios,
-                    },
-                )?;
-                score(comp, &mut accs[m][ri], &method.name(), ri == sample_r)?;
+                let contexts = Contexts {
+                    ids: &ids,
+                    len: &len,
+                    spans: &p.spans,
+                    ratios: &ratios,
+                };
+                let comp = match method {
+                    EvalMethod::Compress(method) => compress_contexts(model, *method, contexts)?,
+                    EvalMethod::Oracle(method) => {
+                        compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
+                    }
+                    EvalMethod::QuestionAware(b) => {
+                        question_aware(model, *b, contexts, &p.prompts)?
+                    }
+                };
+                score(comp, &mut accs[m][ri], &method.name(), r, ri == sample_r)?;
                 done += 1;
                 progress(done, total);
             }
@@ -336,6 +479,17 @@ pub fn run_eval(
         answer_nll: a.nll / n.max(1) as f64,
         kl: a.kl / n.max(1) as f64,
         cache_fraction: a.fraction / n.max(1) as f64,
+        contains: 100.0 * a.contains / a.metric.count.max(1) as f64,
+        f1_se: {
+            let k = a.metric.count as f64;
+            let mean = a.metric.f1();
+            if k > 1.0 {
+                ((a.f1_sq / k - mean * mean).max(0.0) * k / (k - 1.0) / k).sqrt()
+            } else {
+                0.0
+            }
+        },
+        answer_kept: (a.answer_located > 0).then(|| a.answer_kept / a.answer_located as f64),
     };
     let mut rows = vec![row("full".into(), 1.0, &full)];
     for (m, method) in methods.iter().enumerate() {
@@ -350,8 +504,79 @@ pub fn run_eval(
         adaptor: None,
         rows,
         samples,
+        items,
+        needle: Vec::new(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether a gold answer, SQuAD-normalised, is contained in the normalised
+/// generation (the KV-Distill paper's SQuAD accuracy).
+pub fn contains_answer<S: AsRef<str>>(generated: &str, golds: &[S]) -> bool {
+    let text = format!(" {} ", super::metrics::normalize_answer(generated));
+    golds.iter().any(|g| {
+        let g = super::metrics::normalize_answer(g.as_ref());
+        !g.is_empty() && text.contains(&format!(" {g} "))
+    })
+}
+
+/// A method of the evaluation: a compressor of the context alone, or a
+/// question-aware reference that sees the question.
+#[derive(Debug, Clone, Copy)]
+enum EvalMethod<'a> {
+    Compress(Method<'a>),
+    /// The method with the gold answer's context tokens always kept (a
+    /// diagnosis: can the decoder read a fact that was kept?).
+    Oracle(Method<'a>),
+    /// SnapKV whose observation window is the question prompt, with this
+    /// pooling kernel (an upper reference: it is not question-agnostic).
+    QuestionAware(usize),
+}
+
+impl EvalMethod<'_> {
+    fn name(&self) -> String {
+        match self {
+            EvalMethod::Compress(m) => m.name(),
+            EvalMethod::Oracle(m) => format!("{}{ORACLE_SUFFIX}", m.name()),
+            EvalMethod::QuestionAware(_) => QUESTION_AWARE.into(),
+        }
+    }
+}
+
+/// Suffix of a method's name that forces the answer's tokens kept.
+pub const ORACLE_SUFFIX: &str = "+answer";
+
+/// The question-aware SnapKV reference's name in tables.
+pub const QUESTION_AWARE: &str = "snapkv_question";
+
+/// Compresses the contexts by the attention their prompts (question template
+/// and question) pay to each span position, summed over layers, averaged
+/// over heads and max-pooled like SnapKV.
+fn question_aware(
+    model: &Model,
+    kernel: usize,
+    ctx: Contexts,
+    prompts: &[Vec<u32>],
+) -> Result<Compressed> {
+    let host = Vec::<i64>::try_from(ctx.ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
+    let lc = ctx.ids.size2()?.1 as usize;
+    let rows: Vec<Vec<u32>> = (0..ctx.len.len())
+        .map(|i| {
+            let mut r: Vec<u32> = host[i * lc..i * lc + ctx.len[i]]
+                .iter()
+                .map(|&t| t as u32)
+                .collect();
+            r.extend(&prompts[i]);
+            r
+        })
+        .collect();
+    let queries: Vec<(usize, usize)> = ctx
+        .len
+        .iter()
+        .zip(prompts)
+        .map(|(&c, q)| (c, q.len()))
+        .collect();
+    crate::distill::baselines::question_aware_compress(model, &rows, ctx, &queries, kernel)
 }
 
 /// The report as Markdown: one table per metric (methods x ratios).
@@ -377,14 +602,24 @@ pub fn markdown(report: &EvalReport) -> String {
     if let Some(f) = full {
         let _ = writeln!(
             out,
-            "Uncompressed (full cache): EM {:.1}, F1 {:.1}, answer NLL {:.3}.\n",
-            f.exact_match, f.f1, f.answer_nll
+            "Uncompressed (full cache): EM {:.1}, F1 {:.1}, containment {:.1}, answer NLL {:.3}.\n",
+            f.exact_match, f.f1, f.contains, f.answer_nll
         );
     }
     type Pick = fn(&EvalRow) -> String;
-    let tables: [(&str, Pick); 4] = [
-        ("F1 (%)", |r| format!("{:.1}", r.f1)),
+    let tables: [(&str, Pick); 6] = [
+        ("F1 (%) ± standard error", |r| {
+            format!("{:.1} ± {:.1}", r.f1, r.f1_se)
+        }),
         ("Exact match (%)", |r| format!("{:.1}", r.exact_match)),
+        (
+            "Containment accuracy (%): the gold answer is contained in the generation",
+            |r| format!("{:.1}", r.contains),
+        ),
+        ("Share of the answer's context tokens kept (%)", |r| {
+            r.answer_kept
+                .map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
+        }),
         ("Teacher-forced answer NLL (nats/token)", |r| {
             format!("{:.3}", r.answer_nll)
         }),
@@ -483,4 +718,114 @@ pub fn write_report(report: &EvalReport, dir: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What the distillation loss's gradient says about the scores of the
+/// answer's context tokens ([`crate::distill::diagnose::score_gradients`]),
+/// with those tokens forced into the kept set so that they receive one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GradientReport {
+    /// Questions whose answer was located in the context.
+    pub questions: usize,
+    /// Retention ratio.
+    pub ratio: f64,
+    /// Kept answer-token slots.
+    pub answer_slots: usize,
+    /// Their mean d loss / d score.
+    pub answer_mean_grad: f64,
+    /// Share of them whose gradient is positive: a descent step LOWERS their
+    /// score, pushing them toward being dropped.
+    pub answer_pushed_down: f64,
+    /// The other kept span slots.
+    pub other_slots: usize,
+    /// Their mean d loss / d score.
+    pub other_mean_grad: f64,
+    /// Share of them pushed down.
+    pub other_pushed_down: f64,
+    /// Mean, over answer slots, of the slot's rank among its example's kept
+    /// slots by gradient, as a fraction (0: raised the most, 1: lowered the
+    /// most; 0.5 when the gradient ignores what the slot holds).
+    pub answer_rank: f64,
+}
+
+/// Runs [`crate::distill::diagnose::score_gradients`] on `questions` of
+/// `set` at retention `ratio` with the answer's tokens forced into the kept
+/// set, and summarises the gradients at answer slots against the others.
+pub fn gradient_report(
+    model: &Model,
+    tok: Arc<Tokenizer>,
+    adaptor: &Adaptor,
+    set: &SquadSet,
+    questions: usize,
+    ratio: f64,
+    batch: usize,
+) -> Result<GradientReport> {
+    let builder = ExampleBuilder::new(
+        Arc::new(ModelTokenizer(tok.clone())),
+        BuilderConfig {
+            max_len: 2048.min(model.config().max_position_embeddings),
+            ratios: vec![1.0],
+            min_span: 1,
+            ..BuilderConfig::default()
+        },
+    )?;
+    let qs = super::squad::select_questions(&set.questions, questions, 0);
+    let mut r = GradientReport {
+        ratio,
+        ..GradientReport::default()
+    };
+    let (mut ans_sum, mut ans_pos, mut oth_sum, mut oth_pos, mut rank_sum) =
+        (0.0, 0usize, 0.0, 0usize, 0.0);
+    for chunk in qs.chunks(batch.max(1)) {
+        let p = prepare(&builder, &tok, set, chunk, ContextKind::Paragraph)?;
+        let keep: Vec<usize> = (0..chunk.len())
+            .filter(|&i| !p.answer_pos[i].is_empty())
+            .collect();
+        if keep.is_empty() {
+            continue;
+        }
+        let examples: Vec<crate::distill::DistillExample> = keep
+            .iter()
+            .map(|&i| crate::distill::DistillExample {
+                context: p.ctx[i].clone(),
+                spans: p.spans[i].clone(),
+                suffix: p.suffixes[i].clone(),
+                ratio,
+                answer: Some(p.scored[i]),
+            })
+            .collect();
+        let force: Vec<Vec<usize>> = keep.iter().map(|&i| p.answer_pos[i].clone()).collect();
+        let grads = crate::distill::diagnose::score_gradients(
+            model,
+            adaptor,
+            adaptor.config(),
+            &examples,
+            &force,
+        )?;
+        for (g, want) in grads.iter().zip(&force) {
+            r.questions += 1;
+            let mut order: Vec<f64> = g.iter().map(|x| x.1).collect();
+            order.sort_by(f64::total_cmp);
+            for &(pos, v) in g {
+                if want.contains(&pos) {
+                    r.answer_slots += 1;
+                    ans_sum += v;
+                    ans_pos += usize::from(v > 0.0);
+                    let below = order.partition_point(|&x| x < v);
+                    rank_sum += below as f64 / (order.len().max(2) - 1) as f64;
+                } else {
+                    r.other_slots += 1;
+                    oth_sum += v;
+                    oth_pos += usize::from(v > 0.0);
+                }
+            }
+        }
+    }
+    let div = |a: f64, n: usize| if n == 0 { f64::NAN } else { a / n as f64 };
+    r.answer_mean_grad = div(ans_sum, r.answer_slots);
+    r.answer_pushed_down = div(ans_pos as f64, r.answer_slots);
+    r.other_mean_grad = div(oth_sum, r.other_slots);
+    r.other_pushed_down = div(oth_pos as f64, r.other_slots);
+    r.answer_rank = div(rank_sum, r.answer_slots);
+    Ok(r)
 }

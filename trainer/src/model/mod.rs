@@ -235,6 +235,17 @@ impl Model {
     /// hidden states after its first `layers` layers ([`Model::layer_states`]):
     /// the two calls together compute what [`Model::forward_hidden`] does.
     pub fn resume_hidden(&self, input: Input, states: &Tensor, layers: usize) -> Result<Tensor> {
+        self.resume_hidden_with(input, states, layers, &NoHooks)
+    }
+
+    /// [`Model::resume_hidden`] with caller hooks (observers of the remaining layers).
+    pub fn resume_hidden_with(
+        &self,
+        input: Input,
+        states: &Tensor,
+        layers: usize,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
         let ids = input.ids.size();
         let want = [
             ids[0],
@@ -248,7 +259,7 @@ impl Model {
                 states.size()
             )));
         }
-        self.run(input, None, &NoHooks, Stop::All, Some((layers, states)))
+        self.run(input, None, hooks, Stop::All, Some((layers, states)))
     }
 
     /// The forward pass: embeddings (or `from`'s states after its first layers),

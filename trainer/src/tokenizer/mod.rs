@@ -87,6 +87,9 @@ pub(crate) const SPECIAL_TOKEN_ATTRIBUTES: &[&str] = &[
 /// pre-tokenizer, model, post-processor, decoder, added tokens) is the one
 /// transformers builds for the same source, so [`Tokenizer::encode`] and
 /// [`Tokenizer::decode`] agree with `tokenizer(text, add_special_tokens=...)`
+/// A token's character range `[start, end)` in its text.
+pub type CharRange = (usize, usize);
+
 /// and `tokenizer.decode(ids, skip_special_tokens=...)`.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -329,6 +332,22 @@ impl Tokenizer {
                 source,
             })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` (no special tokens) with each token's
+    /// [`CharRange`] in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<CharRange>), TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_char_offsets(text, false)
+            .map_err(|source| TokenizerError::Encode {
+                path: self.source.clone(),
+                source,
+            })?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Text of `ids`, as `tokenizer.decode(ids, skip_special_tokens=...)`.

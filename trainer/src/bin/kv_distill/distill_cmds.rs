@@ -9,7 +9,7 @@ use kvd_trainer::distill::cache_file::{CacheMeta, CompressedCache};
 use kvd_trainer::distill::checkpoint::{config_hash, load as load_adaptor};
 use kvd_trainer::distill::infer::{compress_contexts, Method};
 use kvd_trainer::distill::student::Contexts;
-use kvd_trainer::distill::{Adaptor, DistillConfig, LoraConfig, TrainConfig};
+use kvd_trainer::distill::{Adaptor, DistillConfig, LoraConfig, ScoreFeed, TrainConfig};
 use kvd_trainer::model::{Model, Proj};
 use kvd_trainer::train_loop::{train, DataMix, TrainJob};
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
     /// Retention ratios drawn per example.
-    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.25,0.5")]
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.8")]
     ratios: Vec<f32>,
     /// Tokens per example at most (the model window or less).
     #[arg(long, default_value_t = 1024)]
@@ -93,31 +93,52 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     text_suffix: usize,
     /// The scorer reads the state after this many layers.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 6)]
     scorer_layer: usize,
     /// LoRA target projections.
-    #[arg(long, value_delimiter = ',', default_value = "q,o")]
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
     lora_targets: Vec<String>,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     lora_rank: i64,
     /// LoRA alpha.
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
     /// Weight of forward KL (reverse KL gets 1 - this).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.6)]
     kl_forward_weight: f64,
     /// Loss on answer tokens only (QA rows).
     #[arg(long)]
     answer_only: bool,
+    /// LoRA scaling: rs (rank-stabilised, alpha / sqrt(rank)) or standard
+    /// (alpha / rank).
+    #[arg(long, default_value = "rs")]
+    lora_scaling: String,
+    /// Where the K and V adaptors act: all (every context position; Q/O only
+    /// at kept ones) or kept (every adaptor only at kept positions).
+    #[arg(long, default_value = "all")]
+    lora_kv_positions: String,
+    /// How the kept tokens' scores enter the decoder's attention:
+    /// log_sigmoid (the paper's σ(s) weighting), straight_through or direct.
+    #[arg(long, default_value = "log_sigmoid")]
+    score_feed: String,
+    /// The first N positions of each span are always kept (attention sinks).
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Weight of the selection loss: the scorer learns to predict the
+    /// teacher's attention from the suffix onto every span position (0: off,
+    /// the straight-through signal alone).
+    #[arg(long, default_value_t = 4.0)]
+    select_weight: f64,
     /// Skip (count and log) bad rows instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
     /// Seed of data order, ratios and initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write the adaptor every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    /// Also write the adaptor every N steps (0: only at the end), so a crash
+    /// costs at most N steps.
+    #[arg(long, default_value_t = 100)]
     save_every: usize,
     /// Log every N steps.
     #[arg(long, default_value_t = 10)]
@@ -172,9 +193,27 @@ pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
                 rank: a.lora_rank,
                 alpha: a.lora_alpha,
                 dropout: 0.0,
+                rslora: match a.lora_scaling.as_str() {
+                    "rs" => true,
+                    "standard" => false,
+                    x => bail!("--lora-scaling `{x}`: expected rs or standard"),
+                },
+                kv_all_tokens: match a.lora_kv_positions.as_str() {
+                    "all" => true,
+                    "kept" => false,
+                    x => bail!("--lora-kv-positions `{x}`: expected all or kept"),
+                },
             },
             kl_forward_weight: a.kl_forward_weight,
             answer_only: a.answer_only,
+            score_feed: ScoreFeed::parse(&a.score_feed).with_context(|| {
+                format!(
+                    "unknown --score-feed `{}` (straight_through, direct, log_sigmoid)",
+                    a.score_feed
+                )
+            })?,
+            sinks: a.sinks,
+            select_weight: a.select_weight,
             ..DistillConfig::default()
         },
         train: TrainConfig {
@@ -380,9 +419,26 @@ pub struct EvalArgs {
     /// A trained adaptor: adds the `kv_distill` method.
     #[arg(long)]
     adaptor: Option<PathBuf>,
-    /// SQuAD-format JSON (e.g. SQuAD v1.1 dev).
+    /// SQuAD-format JSON (e.g. SQuAD v1.1 dev), for `--task squad`.
+    #[arg(long, required_if_eq("task", "squad"))]
+    squad: Option<PathBuf>,
+    /// squad (questions about real passages) or needle (a fact inserted into
+    /// filler prose at varied depths and lengths; needs --haystack).
+    #[arg(long, default_value = "squad")]
+    task: String,
+    /// Needle test: a directory of .txt files of filler prose (e.g. the Paul
+    /// Graham essays of the assets).
+    #[arg(long, required_if_eq("task", "needle"))]
+    haystack: Option<PathBuf>,
+    /// Needle test: context lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048")]
+    needle_lengths: Vec<usize>,
+    /// Needle test: depths of the fact in the context, in [0, 1].
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    needle_depths: Vec<f64>,
+    /// Record each question's result in results.json (always on for needle).
     #[arg(long)]
-    squad: PathBuf,
+    per_item: bool,
     /// Questions (a seeded subset).
     #[arg(long, default_value_t = 1000)]
     questions: usize,
@@ -399,11 +455,12 @@ pub struct EvalArgs {
         default_value = "1.0,0.5,0.25,0.1,0.05,0.02"
     )]
     ratios: Vec<f64>,
-    /// Methods (kv_distill is added first when --adaptor is given).
+    /// Methods (kv_distill is added first when --adaptor is given);
+    /// snapkv_question is a question-aware reference, not a competitor.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "random,streaming_llm,key_norm,h2o,snapkv"
+        default_value = "random,streaming_llm,key_norm,h2o,snapkv,tova,snapkv_question"
     )]
     methods: Vec<String>,
     /// Questions per batch.
@@ -431,8 +488,24 @@ pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         "article" => ContextKind::Article,
         other => bail!("--context `{other}`: expected paragraph or article"),
     };
-    let set = kvd_trainer::eval::load_squad(&a.squad)?;
     let (model, tok) = load(&a.model)?;
+    let (set, needle) = match (a.task.as_str(), &a.squad, &a.haystack) {
+        ("squad", Some(p), _) => (kvd_trainer::eval::load_squad(p)?, Vec::new()),
+        ("needle", _, Some(dir)) => {
+            use kvd_trainer::eval::needle::{build_needles, load_haystack, NeedleConfig};
+            let filler = load_haystack(dir)?;
+            let ncfg = NeedleConfig {
+                items: a.questions,
+                lengths: a.needle_lengths.clone(),
+                depths: a.needle_depths.clone(),
+                seed: a.seed,
+            };
+            build_needles(&filler, &tok, &ncfg)?
+        }
+        (t, _, _) => {
+            bail!("--task `{t}`: expected squad (with --squad) or needle (with --haystack)")
+        }
+    };
     let adaptor = match &a.adaptor {
         Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
         None => None,
@@ -449,8 +522,12 @@ pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         methods,
         batch: a.batch,
         max_new_tokens: a.max_new_tokens,
-        max_len: a.max_len,
+        // A needle context must not be cut (the fact may sit at its end).
+        max_len: a
+            .max_len
+            .max(needle.iter().map(|n| n.length + 128).max().unwrap_or(0)),
         time_limit_s: a.time_limit_s,
+        per_item: a.per_item || !needle.is_empty(),
         ..EvalConfig::default()
     };
     let bar = ProgressBar::new(0).with_style(
@@ -479,8 +556,198 @@ pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
             m.step
         )
     });
+    report.needle = needle;
     write_report(&report, &a.out_dir)?;
-    println!("{}", markdown(&report));
+    let mut md = markdown(&report);
+    if !report.needle.is_empty() {
+        let grid = kvd_trainer::eval::needle::write_needle_report(&report, &a.out_dir)?;
+        let path = a.out_dir.join("results.md");
+        md.push_str(&grid);
+        std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{md}");
     println!("results written to {}", a.out_dir.display());
+    Ok(())
+}
+
+/// Arguments of `inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained adaptor (adds `kv_distill`).
+    #[arg(long)]
+    adaptor: Option<PathBuf>,
+    /// Methods to show (kv_distill and baseline names).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kv_distill,snapkv,streaming_llm"
+    )]
+    methods: Vec<String>,
+    /// Retention ratio r in (0, 1].
+    #[arg(long)]
+    ratio: f64,
+    /// The context (compressed after the BOS token).
+    #[arg(long, conflicts_with = "context_file")]
+    context: Option<String>,
+    /// A UTF-8 file holding the context.
+    #[arg(long)]
+    context_file: Option<PathBuf>,
+    /// Also write an HTML page with the kept tokens highlighted.
+    #[arg(long)]
+    html: Option<PathBuf>,
+}
+
+/// Runs `inspect`: for each method, the context with its kept tokens shown
+/// (`[token]` and bold in the terminal, highlighted in the HTML page).
+pub fn run_inspect(a: InspectArgs) -> Result<()> {
+    if !(a.ratio > 0.0 && a.ratio <= 1.0) {
+        bail!("--ratio {} is outside (0, 1]", a.ratio);
+    }
+    let text = match (&a.context, &a.context_file) {
+        (Some(t), None) => t.clone(),
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        _ => bail!("give the context with --context or --context-file"),
+    };
+    let (model, tok) = load(&a.model)?;
+    let adaptor = match &a.adaptor {
+        Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
+        None => None,
+    };
+    let mut tokens: Vec<u32> = tok.bos_token_id().into_iter().collect();
+    let prefix = tokens.len();
+    tokens.extend(tok.encode(&text, false)?);
+    if tokens.len() == prefix {
+        bail!("the context is empty: nothing to inspect");
+    }
+    let pieces: Vec<String> = tokens
+        .iter()
+        .map(|&t| tok.decode(&[t], false))
+        .collect::<std::result::Result<_, _>>()?;
+    let (ids, len) = kvd_trainer::distill::infer::pad_rows(
+        &[tokens.clone()],
+        model.config().vocab_size,
+        model.device(),
+    )?;
+    let spans = [vec![(prefix, tokens.len() - prefix)]];
+    let mut html = String::from(
+        "<!doctype html><meta charset=utf-8><title>kv-distill inspect</title>\
+         <style>body{font:14px/1.6 sans-serif;max-width:60em;margin:2em auto}\
+         .k{background:#9be39b}.d{color:#999}h2{font-size:16px}</style>\n",
+    );
+    html.push_str(&format!(
+        "<h1>Kept tokens at r = {} ({} tokens)</h1>\n",
+        a.ratio,
+        tokens.len()
+    ));
+    for name in &a.methods {
+        if name == "kv_distill" && adaptor.is_none() {
+            continue;
+        }
+        let method = parse_method(name, adaptor.as_ref().map(|x| &x.0))?;
+        let comp = compress_contexts(
+            &model,
+            method,
+            Contexts {
+                ids: &ids,
+                len: &len,
+                spans: &spans,
+                ratios: &[a.ratio],
+            },
+        )?;
+        let kept = &comp.selections[0].kept;
+        let mut term = String::new();
+        html.push_str(&format!(
+            "<h2>{} ({} kept)</h2><p>",
+            method.name(),
+            kept.len()
+        ));
+        for (p, piece) in pieces.iter().enumerate().skip(prefix) {
+            let esc = piece
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;");
+            if kept.binary_search(&p).is_ok() {
+                term.push_str(&format!("\x1b[1;32m[{piece}]\x1b[0m"));
+                html.push_str(&format!("<span class=k>{esc}</span>"));
+            } else {
+                term.push_str(piece);
+                html.push_str(&format!("<span class=d>{esc}</span>"));
+            }
+        }
+        html.push_str("</p>\n");
+        println!(
+            "== {} ({} of {} kept)\n{term}\n",
+            method.name(),
+            kept.len(),
+            tokens.len()
+        );
+    }
+    if let Some(path) = &a.html {
+        std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))?;
+        println!("written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Arguments of `diagnose`.
+#[derive(Args, Debug)]
+pub struct DiagnoseArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained adaptor; without it a fresh one (LoRA zero, random scorer).
+    #[arg(long)]
+    adaptor: Option<PathBuf>,
+    /// SQuAD-format JSON whose answers are located in their contexts.
+    #[arg(long)]
+    squad: PathBuf,
+    /// Questions (a seeded subset).
+    #[arg(long, default_value_t = 200)]
+    questions: usize,
+    /// Retention ratio.
+    #[arg(long, default_value_t = 0.25)]
+    ratio: f64,
+    /// Fresh adaptor: the scorer's layer.
+    #[arg(long, default_value_t = 3)]
+    scorer_layer: usize,
+    /// Fresh adaptor: the score feed.
+    #[arg(long, default_value = "straight_through")]
+    score_feed: String,
+    /// Questions per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+/// Runs `diagnose`: prints (and returns as JSON) the [`GradientReport`].
+pub fn run_diagnose(a: DiagnoseArgs) -> Result<()> {
+    let set = kvd_trainer::eval::load_squad(&a.squad)?;
+    let (model, tok) = load(&a.model)?;
+    let adaptor = match &a.adaptor {
+        Some(p) => load_adaptor(p, model.config(), model.device())?.0,
+        None => Adaptor::new(
+            model.config(),
+            DistillConfig {
+                scorer_layer: a.scorer_layer,
+                score_feed: ScoreFeed::parse(&a.score_feed)
+                    .with_context(|| format!("unknown --score-feed `{}`", a.score_feed))?,
+                ..DistillConfig::default()
+            },
+            model.device(),
+            0,
+        )?,
+    };
+    let r = kvd_trainer::eval::run::gradient_report(
+        &model,
+        Arc::new(tok),
+        &adaptor,
+        &set,
+        a.questions,
+        a.ratio,
+        a.batch,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::config::ModelConfig;
 use kvd_trainer::device::{parse_device, parse_kind};
-use kvd_trainer::generate::{generate, mean_nll, GenerateOptions, Sampling};
+use kvd_trainer::generate::{generate_with_bias, mean_nll, GenerateOptions, Sampling};
 use kvd_trainer::model::{Input, Model};
 use kvd_trainer::tokenizer::{ChatMessage, Tokenizer};
 use kvd_trainer::weights::RandomWeights;
@@ -50,8 +50,12 @@ enum Command {
     Worker(Box<worker_cmd::WorkerArgs>),
     /// Compress a context into a KV cache file (KV-Distill or a baseline).
     Compress(distill_cmds::CompressArgs),
-    /// Evaluate KV-Distill and the baselines on SQuAD (table + plot).
+    /// Evaluate KV-Distill and the baselines on SQuAD or the needle test.
     Eval(distill_cmds::EvalArgs),
+    /// Show which tokens a method keeps of a context (terminal + HTML).
+    Inspect(distill_cmds::InspectArgs),
+    /// The gradient the loss sends to the scores of answer tokens (diagnosis).
+    Diagnose(distill_cmds::DiagnoseArgs),
     /// Run a prompt through a model and print the continuation.
     Generate(GenerateArgs),
     /// Perplexity of a text file's first tokens.
@@ -202,6 +206,8 @@ fn main() -> Result<()> {
         Command::Worker(a) => worker_cmd::run_worker_cmd(*a),
         Command::Compress(a) => distill_cmds::run_compress(a),
         Command::Eval(a) => distill_cmds::run_eval_cmd(a),
+        Command::Inspect(a) => distill_cmds::run_inspect(a),
+        Command::Diagnose(a) => distill_cmds::run_diagnose(a),
         Command::Generate(a) => run_generate(a),
         Command::Perplexity(a) => run_perplexity(a),
         Command::Info(a) => {
@@ -301,8 +307,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut produced: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout();
+    let bias = context
+        .as_ref()
+        .and_then(|c| c.feed_bias.as_ref().map(|b| b.shallow_clone()));
     let cache = context.as_mut().map(|c| &mut c.cache);
-    let out = generate(&model, &ids, cache, &opts, |t| {
+    let out = generate_with_bias(&model, &ids, cache, bias.as_ref(), &opts, |t| {
         produced.push(t);
         // Print whole characters only: decode everything so far, emit the new suffix.
         if let Ok(s) = tok.decode(&produced, true) {

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Compression-quality runs on one H200 (device tool), from the repo root.
+# Small models leave most of the GPU idle, so several trainings (and
+# evaluations) run side by side as separate processes.
+#
+#   bench/gpu_quality.sh train BIN MODEL DATA OUT SECONDS NAME=FLAGS...
+#       one `train` per NAME, all at once, each for SECONDS; adaptors in
+#       $KEEP/NAME.safetensors, logs in OUT/NAME.train.log
+#   bench/gpu_quality.sh needle BIN MODEL HAYSTACK OUT ITEMS RATIOS METHODS NAME...
+#       the needle test of each NAME's adaptor (all at once) -> OUT/needle-NAME/;
+#       NAME `none` runs BASE_METHODS (default: every training-free method) at
+#       BASE_RATIOS (default RATIOS) instead; EVAL_LIMIT_S bounds each run
+#   bench/gpu_quality.sh squad BIN MODEL SQUAD OUT QUESTIONS RATIOS METHODS NAME...
+#       SQuAD v1.1 dev for each NAME's adaptor -> OUT/squad-NAME/
+#
+# DATA holds train/{qa,text,synth} from `kvd-data prepare`. KEEP (default
+# /root/keep) holds adaptors between calls.
+set -uo pipefail
+PHASE=$1 BIN=$2 MODEL=$3 SRC=$4 OUT=$5
+shift 5
+KEEP=${KEEP:-/root/keep}
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/gpu_env.sh"
+mkdir -p "$OUT" "$KEEP"
+pids=()
+case $PHASE in
+  train)
+    SECONDS_LIMIT=$1; shift
+    for spec in "$@"; do
+      name=${spec%%=*} flags=${spec#*=}
+      # shellcheck disable=SC2086
+      "$BIN" --log-format json train --model "$MODEL" --device cuda --dtype bf16 \
+        --data "file://$SRC/train/qa" --data "file://$SRC/train/text" --data "file://$SRC/train/synth" \
+        --weights 2,1,2 --steps 100000 --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
+        --text-suffix 64 --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
+        --log-every 25 --time-limit-s "$SECONDS_LIMIT" --out "$KEEP/$name.safetensors" $flags \
+        > "$OUT/$name.train.json" 2> "$OUT/$name.train.log" &
+      pids+=($!)
+    done
+    ;;
+  needle|squad)
+    ITEMS=$1 RATIOS=$2 METHODS=$3; shift 3
+    for name in "$@"; do
+      if [ "$PHASE" = needle ]; then
+        task=(--task needle --haystack "$SRC" --max-new-tokens 32)
+      else
+        task=(--task squad --squad "$SRC" --max-new-tokens 24)
+      fi
+      adaptor=() methods=$METHODS ratios=$RATIOS
+      if [ "$name" = none ]; then
+        # The training-free methods alone (BASE_METHODS, BASE_RATIOS).
+        methods=${BASE_METHODS:-random,streaming_llm,key_norm,h2o,snapkv,tova,snapkv_question}
+        ratios=${BASE_RATIOS:-$RATIOS}
+      else
+        adaptor=(--adaptor "$KEEP/$name.safetensors")
+      fi
+      limit=()
+      [ -n "${EVAL_LIMIT_S:-}" ] && limit=(--time-limit-s "$EVAL_LIMIT_S")
+      "$BIN" eval --model "$MODEL" --device cuda --dtype bf16 "${adaptor[@]}" "${task[@]}" "${limit[@]}" \
+        --questions "$ITEMS" --seed 0 --batch 100 --ratios "$ratios" --methods "$methods" \
+        --out-dir "$OUT/$PHASE-$name" > "$OUT/$PHASE-$name.md" 2> "$OUT/$PHASE-$name.log" &
+      pids+=($!)
+    done
+    ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader || true
+exit $status

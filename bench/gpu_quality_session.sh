@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device session of the compression-quality work (docs/RESULTS.md), in
+# stages that fit the device tool's calls. The working tree is limited, so
+# the model and data travel in two ignored folders (.dev/c1, .dev/c2; made on
+# the CPU machine, see docs/RESULTS.md) and are assembled in $KEEP.
+#   bench/gpu_quality_session.sh stash1         # call 1: keep .dev/c1
+#   bench/gpu_quality_session.sh assemble       # call 2: + .dev/c2 -> model, data, binary
+#   bench/gpu_quality_session.sh train SECONDS NAME=FLAGS...
+#   bench/gpu_quality_session.sh needle ITEMS RATIOS METHODS NAME...
+#   bench/gpu_quality_session.sh squad QUESTIONS RATIOS METHODS NAME...
+set -uo pipefail
+KEEP=${KEEP:-/root/keep}
+export KEEP
+here=$(cd "$(dirname "$0")/.." && pwd)
+OUTDIR=$KEEP/out
+stage=$1
+shift
+# What comes back: everything under $KEEP/out as one archive, and adaptors.
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/out.tgz" -C "$KEEP" out 2>/dev/null
+  for a in "$KEEP"/*.safetensors; do [ -e "$a" ] && cp "$a" "$OUT/"; done
+  ls -l "$OUT"
+}
+trap pack EXIT
+mkdir -p "$OUTDIR"
+case $stage in
+  stash1)
+    mkdir -p "$KEEP" && cp .dev/c1/* "$KEEP/" && ls -l "$KEEP" && nvidia-smi -L
+    ;;
+  assemble)
+    cat "$KEEP/gguf.part1" .dev/c2/gguf.part2 > "$KEEP/smol.gguf" &&
+      sha256sum "$KEEP/smol.gguf" &&
+      mkdir -p "$KEEP/data" && tar -C "$KEEP/data" -xf "$KEEP/qa.tar" &&
+      tar -C "$KEEP/data" -xf .dev/c2/rest.tar &&
+      xz -dc .dev/c2/squad.json.xz > "$KEEP/squad.json" &&
+      tar -C "$KEEP" -xJf .dev/c2/essays.tar.xz &&
+      xz -dc .dev/c2/kvd.xz > "$KEEP/kv-distill" && chmod +x "$KEEP/kv-distill" &&
+      . scripts/gpu_env.sh && "$KEEP/kv-distill" devices
+    ;;
+  train)
+    "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" "$@"
+    for f in "$OUTDIR"/*.train.log; do
+      echo "== $f"
+      grep '"train"' "$f" | tail -2 | cut -c1-400
+      grep -i error "$f" | head -3
+    done
+    ;;
+  needle)
+    "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/essays" "$OUTDIR" "$@"
+    ;;
+  squad)
+    "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR" "$@"
+    ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac

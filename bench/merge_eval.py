@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Merges `kv-distill eval` results.json files of one task (e.g. the
+baselines' run and an adaptor's run, made side by side on one GPU) into one
+JSON, and prints Markdown tables: F1 (with its standard error where per-item
+results exist), containment and the share of answer tokens kept.
+
+    bench/merge_eval.py OUT.json LABEL=results.json [LABEL=results.json ...]
+
+A row's method is prefixed with its run's LABEL when several runs have the
+method (kv_distill of two adaptors); `full` is taken from the first run.
+Standard library only.
+"""
+import json
+import math
+import sys
+
+
+def main():
+    out, specs = sys.argv[1], sys.argv[2:]
+    runs = []
+    for spec in specs:
+        label, path = spec.split("=", 1)
+        with open(path) as f:
+            runs.append((label, json.load(f)))
+    counts = {}
+    for _, r in runs:
+        for row in r["rows"]:
+            if row["method"] != "full":
+                counts[row["method"]] = counts.get(row["method"], 0) + 1
+
+    def name(label, method):
+        return f"{label}:{method}" if counts.get(method, 0) > 1 else method
+
+    merged = {"runs": [], "rows": [], "items": [], "needle": []}
+    seen_full = False
+    for label, r in runs:
+        merged["runs"].append(
+            {"label": label, "dataset": r["dataset"], "adaptor": r.get("adaptor"),
+             "config": r["config"], "seconds": r["seconds"]})
+        if not merged["needle"] and r.get("needle"):
+            merged["needle"] = r["needle"]
+        for row in r["rows"]:
+            if row["method"] == "full":
+                if seen_full:
+                    continue
+                seen_full = True
+            row = dict(row, method=name(label, row["method"]) if row["method"] != "full" else "full")
+            merged["rows"].append(row)
+        for it in r.get("items", []):
+            if it["method"] == "full" and label != runs[0][0]:
+                continue
+            m = name(label, it["method"]) if it["method"] != "full" else "full"
+            merged["items"].append(dict(it, method=m))
+    # Standard errors of F1 from per-item results.
+    per = {}
+    for it in merged["items"]:
+        per.setdefault((it["method"], it["ratio"]), []).append(it["f1"])
+    for row in merged["rows"]:
+        v = per.get((row["method"], row["ratio"]))
+        if v and len(v) > 1:
+            m = sum(v) / len(v)
+            var = sum((x - m) ** 2 for x in v) / (len(v) - 1)
+            row["f1_se"] = math.sqrt(var / len(v))
+    with open(out, "w") as f:
+        json.dump(merged, f, indent=1)
+
+    ratios = sorted({row["ratio"] for row in merged["rows"]}, reverse=True)
+    methods = []
+    for row in merged["rows"]:
+        if row["method"] not in methods:
+            methods.append(row["method"])
+
+    def table(title, cell):
+        print(f"**{title}**\n")
+        print("| method | " + " | ".join(f"r = {r}" for r in ratios) + " |")
+        print("|---|" + "---|" * len(ratios))
+        for m in methods:
+            cells = []
+            for r in ratios:
+                row = next((x for x in merged["rows"] if x["method"] == m and x["ratio"] == r), None)
+                cells.append(cell(row) if row else "")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+        print()
+
+    table("F1 (%)", lambda x: f"{x['f1']:.1f}" + (f" ± {x['f1_se']:.1f}" if "f1_se" in x else ""))
+    table("Containment (%)", lambda x: f"{x.get('contains', 0):.1f}")
+    table("Answer tokens kept (%)",
+          lambda x: "-" if x.get("answer_kept") is None else f"{100 * x['answer_kept']:.1f}")
+    table("KL(teacher || method) on the answer", lambda x: f"{x['kl']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+//! The paper's method options and the diagnosis's agreement check, on a tiny
+//! random Llama (CPU):
+//! - the training step's loss on an example equals the evaluation path's KL
+//!   on the same answer tokens, ratio and selection, for every score feed;
+//! - sinks are always kept; rsLoRA scaling; K/V adaptors at every position;
+//! - the selection loss trains the scorer at positions it did not keep, and
+//!   moves its choice toward the teacher's attention.
+
+use kvd_tests::env::tiny_models;
+use kvd_trainer::checkpoint::Checkpoint;
+use kvd_trainer::distill::infer::{
+    compress_contexts, compress_contexts_forcing, forced_scores, pad_rows, teacher_logprobs, Method,
+};
+use kvd_trainer::distill::student::Contexts;
+use kvd_trainer::distill::{
+    distill_step, Adaptor, DistillConfig, DistillExample, LoraConfig, ScoreFeed,
+};
+use kvd_trainer::model::{Model, Proj};
+use tch::{Device, Kind, Tensor};
+
+fn model() -> Model {
+    Checkpoint::open(&tiny_models().join("llama"))
+        .and_then(|c| c.load_model(Kind::Float, Device::Cpu))
+        .expect("tiny llama")
+}
+
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    kvd_tests::tokens::lcg_tokens(n, seed, 3, 96)
+}
+
+/// An adaptor whose LoRA B matrices are non-zero, so the adaptor matters.
+fn trained_like(m: &Model, cfg: DistillConfig, seed: i64) -> Adaptor {
+    let a = Adaptor::new(m.config(), cfg, Device::Cpu, seed).expect("adaptor");
+    tch::no_grad(|| {
+        for (name, mut v) in a.vs.variables() {
+            if name.ends_with(".b") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+        }
+    });
+    a
+}
+
+fn base_cfg() -> DistillConfig {
+    DistillConfig {
+        scorer_layer: 1,
+        lora: LoraConfig {
+            targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+            ..LoraConfig::default()
+        },
+        ..DistillConfig::default()
+    }
+}
+
+#[test]
+fn training_loss_equals_the_evaluation_kl_on_the_same_tokens_and_selection() {
+    let m = model();
+    let (ctx_len, span) = (48usize, (1usize, 47usize));
+    let context = tokens(ctx_len, 11);
+    let suffix = tokens(12, 12);
+    let answer = (5usize, 6usize);
+    for (feed, kv_all, sinks) in [
+        (ScoreFeed::StraightThrough, false, 0),
+        (ScoreFeed::LogSigmoid, true, 4),
+        (ScoreFeed::Direct, false, 2),
+    ] {
+        let mut cfg = base_cfg();
+        cfg.score_feed = feed;
+        cfg.lora.kv_all_tokens = kv_all;
+        cfg.sinks = sinks;
+        // KL(teacher || student) on the answer only: what the evaluation reports.
+        cfg.kl_forward_weight = 1.0;
+        cfg.answer_only = true;
+        let a = trained_like(&m, cfg.clone(), 5);
+        let ex = DistillExample {
+            context: context.clone(),
+            spans: vec![span],
+            suffix: suffix.clone(),
+            ratio: 0.25,
+            answer: Some(answer),
+        };
+        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, false, None).expect("step");
+        assert_eq!(step.tokens, answer.1);
+
+        let (ids, len) = pad_rows(std::slice::from_ref(&context), 96, Device::Cpu).expect("pad");
+        let ctx = Contexts {
+            ids: &ids,
+            len: &len,
+            spans: &[vec![span]],
+            ratios: &[0.25],
+        };
+        let full = compress_contexts(&m, Method::Full, ctx).expect("full");
+        let teacher = teacher_logprobs(
+            &m,
+            &mut full.shallow_clone(),
+            std::slice::from_ref(&suffix),
+            &[answer],
+        )
+        .expect("teacher");
+        let mut comp = compress_contexts(&m, Method::KvDistill(&a), ctx).expect("compress");
+        assert_eq!(comp.feed.is_some(), feed.in_forward(), "{feed:?}");
+        let kept = comp.selections[0].kept.clone();
+        assert_eq!(kept.len(), 1 + 12, "BOS + ceil(0.25 * 47)");
+        assert!(
+            (1..1 + sinks).all(|p| kept.contains(&p)),
+            "sinks kept: {kept:?}"
+        );
+        let f = forced_scores(
+            &m,
+            &mut comp,
+            std::slice::from_ref(&suffix),
+            &[answer],
+            Some(&teacher),
+        )
+        .expect("scores");
+        let (train, eval) = (step.forward_kl, f[0].kl);
+        assert!(
+            train > 1e-4,
+            "the adaptor changes the answer distribution: {train}"
+        );
+        assert!(
+            (train - eval).abs() <= 1e-4 * train.max(1.0),
+            "{feed:?}: training KL {train} vs evaluation KL {eval}"
+        );
+    }
+}
+
+#[test]
+fn rslora_scales_by_the_square_root_of_the_rank() {
+    let mut l = LoraConfig {
+        rank: 16,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    };
+    assert_eq!(l.scale(), 0.5);
+    l.rslora = true;
+    assert_eq!(l.scale(), 2.0);
+}
+
+#[test]
+fn kv_adaptors_at_every_position_change_dropped_positions_keys() {
+    // With K/V adaptors on every position, a kept position's cache entry at
+    // layer >= 1 depends on the adaptor's effect on dropped positions too:
+    // compare the same kept set with the option on and off.
+    let m = model();
+    let context = tokens(40, 21);
+    let (ids, len) = pad_rows(&[context], 96, Device::Cpu).expect("pad");
+    let ctx = Contexts {
+        ids: &ids,
+        len: &len,
+        spans: &[vec![(1, 39)]],
+        ratios: &[0.25],
+    };
+    let mut cfg = base_cfg();
+    let off = trained_like(&m, cfg.clone(), 9);
+    cfg.lora.kv_all_tokens = true;
+    let on = Adaptor::new(m.config(), cfg, Device::Cpu, 9).expect("adaptor");
+    tch::no_grad(|| {
+        let src = off.vs.variables();
+        for (name, mut v) in on.vs.variables() {
+            v.copy_(&src[&name]);
+        }
+    });
+    let a = compress_contexts(&m, Method::KvDistill(&off), ctx).expect("off");
+    let b = compress_contexts(&m, Method::KvDistill(&on), ctx).expect("on");
+    assert_eq!(a.selections, b.selections, "same scorer, same selection");
+    let layer = |c: &kvd_trainer::distill::student::Compressed, i| {
+        c.cache.layer(i).expect("layer").k.shallow_clone()
+    };
+    let diff = (layer(&a, 1) - layer(&b, 1)).abs().max().double_value(&[]);
+    assert!(diff > 1e-6, "K at kept positions unchanged: {diff}");
+}
+
+#[test]
+fn forcing_keeps_the_given_positions_within_the_budget() {
+    let m = model();
+    let context = tokens(40, 31);
+    let (ids, len) = pad_rows(&[context], 96, Device::Cpu).expect("pad");
+    let ctx = Contexts {
+        ids: &ids,
+        len: &len,
+        spans: &[vec![(1, 39)]],
+        ratios: &[0.1],
+    };
+    let a = trained_like(&m, base_cfg(), 3);
+    let force = vec![vec![17usize, 18, 30]];
+    for method in [
+        Method::KvDistill(&a),
+        Method::Baseline(kvd_trainer::distill::Baseline::Random { seed: 1 }),
+    ] {
+        let c = compress_contexts_forcing(&m, method, ctx, Some(&force)).expect("forced");
+        let kept = &c.selections[0].kept;
+        assert_eq!(
+            kept.len(),
+            1 + 4,
+            "{}: the budget is unchanged",
+            method.name()
+        );
+        for p in &force[0] {
+            assert!(
+                kept.contains(p),
+                "{}: {p} not kept in {kept:?}",
+                method.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_selection_loss_reaches_every_choosable_position_and_ranks_like_its_target() {
+    use kvd_trainer::distill::step::selection_loss;
+    // Two examples of 8 positions; position 0 is not choosable (a sink or
+    // the prefix), nor are example 1's last two (padding).
+    let choosable = Tensor::from_slice(&[
+        0f32, 1., 1., 1., 1., 1., 1., 1., //
+        0., 1., 1., 1., 1., 1., 0., 0.,
+    ])
+    .view([2, 8]);
+    let target = Tensor::from_slice(&[
+        9f32, 0.1, 0.2, 3.0, 0.1, 0.1, 1.0, 0.1, //
+        9., 0.2, 0.1, 0.1, 0.1, 2.0, 5.0, 5.0,
+    ])
+    .view([2, 8]);
+    let scores = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let first = selection_loss(&scores, &target, &choosable).expect("loss");
+    first.backward();
+    let g = scores.grad();
+    let on = Vec::<f32>::try_from(g.abs().flatten(0, -1)).expect("grad");
+    let mask = Vec::<f32>::try_from(choosable.flatten(0, -1)).expect("mask");
+    for (i, (&x, &m)) in on.iter().zip(&mask).enumerate() {
+        assert_eq!(
+            x > 0.0,
+            m > 0.0,
+            "position {i}: gradient {x}, choosable {m}"
+        );
+    }
+    // Gradient descent on the scores ranks the positions as the target does.
+    let s = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut last = f64::INFINITY;
+    for _ in 0..200 {
+        let l = selection_loss(&s, &target, &choosable).expect("loss");
+        last = l.double_value(&[]);
+        l.backward();
+        tch::no_grad(|| {
+            let step = s.grad() * 2.0;
+            let _ = s.shallow_clone().f_sub_(&step).expect("update");
+            let _ = s.grad().zero_();
+        });
+    }
+    assert!(last < first.double_value(&[]) - 0.3, "{last}");
+    let best = |row: i64| s.get(row).narrow(0, 1, 5).argmax(0, false).int64_value(&[]) + 1;
+    assert_eq!(best(0), 3);
+    assert_eq!(best(1), 5);
+}
+
+#[test]
+fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
+    let m = model();
+    let batch: Vec<DistillExample> = (0..3)
+        .map(|i| DistillExample {
+            context: tokens(40, 40 + i),
+            spans: vec![(1, 39)],
+            suffix: tokens(10, 50 + i),
+            ratio: 0.1,
+            answer: None,
+        })
+        .collect();
+    let grad_of = |w: f64| {
+        let mut cfg = base_cfg();
+        cfg.select_weight = w;
+        let a = Adaptor::new(m.config(), cfg.clone(), Device::Cpu, 2).expect("adaptor");
+        let s = distill_step(&m, &a, &cfg, &batch, 1.0, true, None).expect("step");
+        let g = a
+            .named_trainable()
+            .into_iter()
+            .find(|(k, _)| k == "scorer.w1")
+            .map(|(_, t)| t.grad().copy())
+            .expect("w1");
+        (s, g)
+    };
+    let (off, g0) = grad_of(0.0);
+    let (on, g1) = grad_of(1.0);
+    assert_eq!(off.select_loss, 0.0);
+    assert!(on.select_loss > 0.0);
+    assert_eq!(
+        off.loss, on.loss,
+        "the KL does not depend on the selection loss"
+    );
+    let diff = (&g1 - &g0).abs().max().double_value(&[]);
+    assert!(
+        diff > 0.0,
+        "the selection loss changes the scorer's gradient"
+    );
+}
