@@ -115,7 +115,29 @@ async fn prepare_writes_datasets_readable_by_pyarrow_and_the_loader() {
     .await
     .expect("prepare");
     let rows: Vec<u64> = s.datasets.iter().map(|d| d.1).collect();
-    assert_eq!(rows, vec![7936 + 10930 + 6500 + 6500 + 274, 49, 10565]);
+    assert_eq!(
+        rows,
+        vec![
+            7936 + 10930 + 6500 + 6500 + 274,
+            49,
+            prepare::SYNTH_ROWS as u64,
+            10565
+        ]
+    );
+    // The synthetic retrieval rows: every answer is in its context.
+    let synth = prepare::read_split(&cache().join("assets"), SquadContext::Paragraph)
+        .expect("split")
+        .train_synth;
+    assert_eq!(synth.len(), prepare::SYNTH_ROWS);
+    for r in synth.iter().step_by(97) {
+        let kvd_data::Record::Qa {
+            context, answers, ..
+        } = &r.record
+        else {
+            panic!("{}: not a QA row", r.id)
+        };
+        assert!(context.contains(&answers[0]), "{}", r.id);
+    }
     // pyarrow reads the same rows, zstd-compressed, with row groups <= 256.
     let script = "import sys,glob,pyarrow.parquet as pq\nn=0\nfor f in sorted(glob.glob(sys.argv[1]+'/*.parquet')):\n  m=pq.ParquetFile(f).metadata\n  n+=m.num_rows\n  assert all(m.row_group(i).num_rows<=256 for i in range(m.num_row_groups))\n  assert m.row_group(0).column(0).compression=='ZSTD'\nprint(n)";
     let o = Command::new(python())

@@ -766,3 +766,40 @@ fn eight_workers_with_a_killed_worker_equal_the_single_process_trainer() {
     train_single(train_flags_sized(&single, steps, batch));
     assert_same_adaptor(&single, &out);
 }
+
+/// Issue: `--resume` on a finished job hung forever and never wrote `--out`.
+/// Resumed from a checkpoint at the final step (with another worker count),
+/// the job writes the final adaptor, equal to the original run's, and ends.
+#[test]
+fn resuming_a_finished_job_writes_its_adaptor_and_ends() {
+    let (ref_dir, reference_out, ref_ckpt) = reference();
+    let _ = ref_dir;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    copy_dir(ref_ckpt, &ckpt);
+    let out = dir.path().join("again.safetensors");
+    let started = Instant::now();
+    let o = spawn_local(2, &ckpt, &["--resume"], worker_command(&out, &[]), &[]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("the checkpoint is at the final step"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_same_adaptor(&out, reference_out);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
+    }
+}

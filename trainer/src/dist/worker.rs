@@ -584,6 +584,22 @@ fn session_inner(
             view.start_step
         )));
     }
+    if start >= job.train.total_steps {
+        // Resumed from the final checkpoint (a finished job run again, or a
+        // retry after the final adaptor could not be written): nothing to
+        // train; write the adaptor and report the final step.
+        tracing::info!(
+            rank,
+            step = start,
+            "the checkpoint is at the final step: writing the final adaptor"
+        );
+        if rank == 0 {
+            if let Some(out) = &ctx.cfg.out {
+                write_adaptor(ctx, &adaptor, &trainer, out)?;
+            }
+        }
+        return report_final(ctx, view, job.train.total_steps as u64);
+    }
     let builder = job_builder(ctx.tok.clone(), job)?;
     ctx.stats = builder.stats().clone();
     let rx = spawn_producer(
