@@ -1,8 +1,9 @@
 //! `coordinator`: drives a distributed KV-Distill job (see `kvd_coordinator`).
 //!
-//! Exit status: 0 when every worker reported the final step, on SIGINT/SIGTERM
-//! and on a Shutdown request that is not a failure; 1 when the job failed
-//! (the reason is logged); 2 for a bad configuration.
+//! Exit status: 0 when every worker reported the final step, when paused
+//! (`--stop-at`) and on a Shutdown request that is not a failure; 1 when the
+//! job failed (the reason is logged); 2 for a bad configuration; 3 when
+//! SIGINT/SIGTERM stopped the job before it finished (resume with `--resume`).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -48,6 +49,10 @@ async fn main() -> ExitCode {
         }
     };
     match run(&config, signals).await {
+        Ok(outcome) if outcome.interrupted => {
+            error!(reason = %outcome.reason, "job interrupted");
+            ExitCode::from(3)
+        }
         Ok(outcome) if !outcome.failed => {
             info!(reason = %outcome.reason, "coordinator done");
             ExitCode::SUCCESS

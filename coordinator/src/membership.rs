@@ -41,6 +41,9 @@ pub struct Outcome {
     pub reason: String,
     /// Whether it is a failure (non-zero exit).
     pub failed: bool,
+    /// Whether a signal stopped the job before it finished (non-zero exit:
+    /// an orchestrator that restarts failed coordinators resumes it).
+    pub interrupted: bool,
 }
 
 #[derive(Debug)]
@@ -183,6 +186,20 @@ impl Membership {
         }
     }
 
+    /// Ends the job because a signal stopped the coordinator (unless it
+    /// already ended): not a failure of the job, but not done either.
+    pub fn interrupt(&mut self, reason: impl Into<String>) {
+        if self.outcome.is_none() {
+            let reason = reason.into();
+            warn!(%reason, "job interrupted");
+            self.outcome = Some(Outcome {
+                reason,
+                failed: false,
+                interrupted: true,
+            });
+        }
+    }
+
     /// Ends the job (the first outcome wins).
     pub fn finish(&mut self, reason: impl Into<String>, failed: bool) {
         if self.outcome.is_none() {
@@ -192,7 +209,11 @@ impl Membership {
             } else {
                 info!(%reason, "job ending");
             }
-            self.outcome = Some(Outcome { reason, failed });
+            self.outcome = Some(Outcome {
+                reason,
+                failed,
+                interrupted: false,
+            });
         }
     }
 

@@ -167,7 +167,10 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
             }
             _ = changes.changed() => {}
             name = signals.next() => {
-                shared.update(|m| m.finish(format!("stopped by {name}"), false));
+                shared.update(|m| m.interrupt(format!(
+                    "stopped by {name} before the job finished; the same command with --resume \
+                     continues from the last committed checkpoint"
+                )));
             }
             result = &mut server => {
                 return match result {

@@ -589,7 +589,7 @@ async fn exits_zero_after_every_worker_reports_the_final_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_exits_cleanly_with_token_file_and_json_logs() {
+async fn sigterm_stops_an_unfinished_job_with_status_3_token_file_and_json_logs() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -618,8 +618,11 @@ async fn sigterm_exits_cleanly_with_token_file_and_json_logs() {
         .success());
     let status = coord.wait(Duration::from_secs(15)).await;
     let log = coord.log();
-    assert_eq!(status.code(), Some(0), "{log}");
+    // Stopped before the job finished: not "done" (exit 3), and the log says
+    // how to continue.
+    assert_eq!(status.code(), Some(3), "{log}");
     assert!(log.contains("stopped by SIGTERM"), "{log}");
+    assert!(log.contains("with --resume"), "{log}");
     assert!(!log.contains(TOKEN), "{log}");
     for line in log.lines() {
         serde_json::from_str::<serde_json::Value>(line)
