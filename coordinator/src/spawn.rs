@@ -101,6 +101,7 @@ impl LocalWorkers {
         if !self.gpus.is_empty() {
             cmd.env("CUDA_VISIBLE_DEVICES", &self.gpus[rank % self.gpus.len()]);
         }
+        die_with_parent(&mut cmd);
         // Share the cores: each worker's thread pools default to all of them,
         // and N oversubscribed workers launch GPU kernels late (measured: 2
         // workers on a 32-core host scale 85% -> 90% with 4 threads each).
@@ -167,3 +168,29 @@ impl LocalWorkers {
         }
     }
 }
+
+/// Makes the worker die with this process (Linux: the parent-death signal),
+/// so a coordinator killed with SIGKILL leaves no orphaned workers holding
+/// GPUs and memory. Spawns happen on the thread that runs the coordinator's
+/// loop, which lives as long as the process.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (prctl, getppid).
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the signal was armed.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the coordinator exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}

@@ -803,3 +803,67 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Issue: after a coordinator `kill -9` with `--spawn-local`, its workers
+/// lived on (~120 s, 1.1 GB each). They now die with it.
+#[test]
+fn spawned_workers_die_with_a_killed_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("never.safetensors");
+    let mut cmd = Command::new(coordinator_bin());
+    cmd.args(["--workers", "2", "--listen", "127.0.0.1:0"])
+        .args([
+            "--checkpoint-url",
+            &format!("file://{}", dir.path().join("ckpt").display()),
+        ])
+        .arg("--spawn-local")
+        .arg("--")
+        .args(worker_command_with(
+            train_flags_sized(&out, "1000", "2"),
+            &[],
+        ))
+        .env("KVD_TOKEN", TOKEN)
+        .env("RUST_BACKTRACE", "0");
+    let mut p = Proc::spawn(&mut cmd, "the coordinator");
+    // The workers' pids, from the coordinator's log.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pids: Vec<i32> = loop {
+        let log = strip_ansi(&text(&p.read("stderr")));
+        let pids: Vec<i32> = log
+            .lines()
+            .filter(|l| l.contains("worker started"))
+            .filter_map(|l| l.split("pid=").nth(1))
+            .filter_map(|s| {
+                let digits: String = s
+                    .trim_start_matches("Some(")
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect();
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "workers did not start:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let alive = |pid: i32| {
+        std::path::Path::new(&format!("/proc/{pid}")).exists() && {
+            // A zombie (dead, not yet reaped) counts as gone.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat.split(") ").nth(1).is_some_and(|r| r.starts_with('Z'))
+        }
+    };
+    assert!(pids.iter().all(|&pid| alive(pid)), "{pids:?}");
+    p.child.kill().expect("kill -9 the coordinator");
+    let _ = p.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&pid| alive(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "workers {pids:?} outlived their coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
