@@ -620,7 +620,7 @@ impl Membership {
             parts: pending
                 .parts
                 .into_iter()
-                .map(|(rank, url)| CheckpointPart { rank, url })
+                .map(|(rank, url)| CheckpointPart::relative(rank, &url, &manifest_url))
                 .collect(),
             data_cursor: pending.data_cursor.map(|(_, c)| c),
             config_hash: reference.map_or_else(String::new, |r| r.job_config_hash.clone()),

@@ -729,7 +729,9 @@ async fn checkpoint_commit_builds_the_manifest_and_resume_point() {
     assert!(last.complete);
     let manifest = CheckpointManifest::from_json(&last.manifest_json.unwrap()).unwrap();
     assert_eq!((manifest.step, manifest.world_size), (7, 2));
-    assert_eq!(manifest.parts[1].url, parts[1]);
+    // Parts are named relative to the manifest, and resolve to where they were written.
+    assert_eq!(manifest.parts[1].url, "rank-00001-of-00002.safetensors");
+    assert_eq!(manifest.parts[1].resolve(&last.manifest_url), parts[1]);
     assert_eq!(manifest.data_cursor.as_ref().unwrap()["sample_index"], 56);
     assert_eq!(manifest.config_hash, "job-hash-111");
     // The coordinator wrote the manifest (the commit marker) before replying.

@@ -35,8 +35,35 @@ pub struct CheckpointManifest {
 pub struct CheckpointPart {
     /// The rank that wrote it.
     pub rank: u32,
-    /// Where it is (`file://`, `s3://`, ...).
+    /// Where it is: a file name relative to the manifest's directory (so a
+    /// checkpoint directory can be copied or moved, also between stores), or
+    /// an absolute URL (`file://`, `s3://`, ...; manifests written before).
     pub url: String,
+}
+
+impl CheckpointPart {
+    /// The part's absolute URL, for a manifest read from `manifest_url`.
+    pub fn resolve(&self, manifest_url: &str) -> String {
+        if self.url.contains("://") {
+            return self.url.clone();
+        }
+        match manifest_url.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/{}", self.url),
+            None => self.url.clone(),
+        }
+    }
+
+    /// `part_url` as stored in the manifest at `manifest_url`: relative to
+    /// the manifest's directory when it lies inside it.
+    pub fn relative(rank: u32, part_url: &str, manifest_url: &str) -> CheckpointPart {
+        let url = manifest_url
+            .rsplit_once('/')
+            .and_then(|(dir, _)| part_url.strip_prefix(&format!("{dir}/")))
+            .filter(|rest| !rest.contains('/'))
+            .unwrap_or(part_url)
+            .to_string();
+        CheckpointPart { rank, url }
+    }
 }
 
 impl CheckpointManifest {
@@ -107,5 +134,24 @@ mod tests {
             .unwrap_err()
             .contains("[0]"));
         assert!(CheckpointManifest::from_json("{").is_err());
+    }
+
+    #[test]
+    fn parts_are_stored_relative_to_the_manifest_and_resolved_back() {
+        let m = "s3://b/jobs/run1/step-00000004/manifest.json";
+        let p = CheckpointPart::relative(
+            1,
+            "s3://b/jobs/run1/step-00000004/rank-00001-of-00002.safetensors",
+            m,
+        );
+        assert_eq!(p.url, "rank-00001-of-00002.safetensors");
+        assert_eq!(
+            p.resolve("file:///moved/step-00000004/manifest.json"),
+            "file:///moved/step-00000004/rank-00001-of-00002.safetensors"
+        );
+        // Elsewhere, or in a subfolder: kept absolute, resolved as is.
+        let q = CheckpointPart::relative(0, "s3://other/x.safetensors", m);
+        assert_eq!(q.url, "s3://other/x.safetensors");
+        assert_eq!(q.resolve(m), "s3://other/x.safetensors");
     }
 }

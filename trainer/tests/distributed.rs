@@ -867,3 +867,38 @@ fn spawned_workers_die_with_a_killed_coordinator() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Issue: manifests held absolute part URLs, so a moved checkpoint directory
+/// could not be resumed (and a copied one read the original's parts). Parts
+/// are now named relative to their manifest.
+#[test]
+fn a_moved_checkpoint_directory_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = dir.path().join("ckpt-a");
+    let out = dir.path().join("moved.safetensors");
+    let o = spawn_local(
+        2,
+        &first,
+        &["--stop-at", "2"],
+        worker_command(&out, &[]),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let manifest =
+        std::fs::read_to_string(first.join("step-00000002/manifest.json")).expect("manifest");
+    assert!(
+        !manifest.contains(&first.display().to_string()),
+        "the manifest names its directory:\n{manifest}"
+    );
+    let moved = dir.path().join("elsewhere");
+    std::fs::rename(&first, &moved).expect("move");
+    let o = spawn_local(2, &moved, &["--resume"], worker_command(&out, &[]), &[]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("resuming from the latest committed checkpoint"),
+        "{log}"
+    );
+    assert!(out.exists());
+    assert_committed(&moved, STEPS.parse().expect("steps"), 2);
+}

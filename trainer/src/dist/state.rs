@@ -249,7 +249,9 @@ pub async fn load_checkpoint(
         kvd_proto::CheckpointManifest::from_json(text).map_err(|e| err(manifest_url, e))?;
     let mut parts = Vec::new();
     for p in &manifest.parts {
-        parts.push((p.url.clone(), get_url(&p.url, opts).await?));
+        let url = p.resolve(manifest_url);
+        let bytes = get_url(&url, opts).await?;
+        parts.push((url, bytes));
     }
     let state = decode_parts(&parts)?;
     if state.meta.step != manifest.step {
