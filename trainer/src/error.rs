@@ -108,6 +108,9 @@ pub enum ModelError {
     /// A caller passed inputs the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
+    /// A checkpoint cannot be read or does not fit (names the manifest or part).
+    #[error("checkpoint {0}")]
+    Checkpoint(String),
     /// The device ran out of memory; names the work that needed it and how
     /// to make it fit.
     #[error("out of memory {what}: {detail}\n  fix: a smaller --micro-batch (gradients accumulate to the same --global-batch) or a shorter --max-len")]

@@ -902,3 +902,28 @@ fn a_moved_checkpoint_directory_resumes() {
     assert!(out.exists());
     assert_committed(&moved, STEPS.parse().expect("steps"), 2);
 }
+
+/// Issue: a missing checkpoint part read "object listed in the dataset
+/// manifest is missing" behind "invalid input:". The error now names the
+/// checkpoint, the rank and the part.
+#[test]
+fn a_missing_checkpoint_part_is_named() {
+    let (_, _, ref_ckpt) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    copy_dir(ref_ckpt, &ckpt);
+    let step = format!("step-{:08}", STEPS.parse::<u64>().expect("steps"));
+    let part = ckpt.join(&step).join("rank-00001-of-00003.safetensors");
+    std::fs::remove_file(&part).expect("remove a part");
+    let out = dir.path().join("never.safetensors");
+    let o = spawn_local(2, &ckpt, &["--resume"], worker_command(&out, &[]), &[]);
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the part of rank 1") && log.contains("is missing"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("{step}/manifest.json")), "{log}");
+    assert!(!log.contains("dataset manifest"), "{log}");
+    assert!(!out.exists());
+}

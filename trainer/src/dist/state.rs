@@ -48,7 +48,7 @@ pub struct PartMeta {
 }
 
 fn err(what: &str, msg: impl std::fmt::Display) -> ModelError {
-    ModelError::Input(format!("checkpoint {what}: {msg}"))
+    ModelError::Checkpoint(format!("{what}: {msg}"))
 }
 
 /// All state tensors by name: `adaptor.<var>`, `adam.m.<var>`, `adam.v.<var>`.
@@ -243,14 +243,28 @@ pub async fn load_checkpoint(
     manifest_url: &str,
     opts: &StoreOptions,
 ) -> Result<(kvd_proto::CheckpointManifest, LoadedState)> {
-    let text = get_url(manifest_url, opts).await?;
+    let text = get_url(manifest_url, opts).await.map_err(|e| match e {
+        ModelError::Data(kvd_data::DataError::MissingObject { .. }) => {
+            err(manifest_url, "the manifest does not exist")
+        }
+        e => err(manifest_url, e),
+    })?;
     let text = std::str::from_utf8(&text).map_err(|e| err(manifest_url, e))?;
     let manifest =
         kvd_proto::CheckpointManifest::from_json(text).map_err(|e| err(manifest_url, e))?;
     let mut parts = Vec::new();
     for p in &manifest.parts {
         let url = p.resolve(manifest_url);
-        let bytes = get_url(&url, opts).await?;
+        let bytes = get_url(&url, opts).await.map_err(|e| match e {
+            ModelError::Data(kvd_data::DataError::MissingObject { .. }) => err(
+                manifest_url,
+                format!("the part of rank {} ({url}) is missing", p.rank),
+            ),
+            e => err(
+                manifest_url,
+                format!("the part of rank {} ({url}): {e}", p.rank),
+            ),
+        })?;
         parts.push((url, bytes));
     }
     let state = decode_parts(&parts)?;
