@@ -33,6 +33,12 @@ impl SplitMix64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 
+    /// A number in `0..n` by remainder (`n` = 0 counts as 1): the draw of
+    /// the seeded generators of synthetic data and needle items.
+    pub fn below_rem(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
     /// A float in `[0, 1)`.
     pub fn unit_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64

@@ -9,21 +9,15 @@
 //! facts, not recognising a memorised template.
 
 use crate::schema::Record;
+use crate::shard::SplitMix64;
 use crate::writer::SourcedRecord;
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
+/// The seeded generator, with the draws the facts need.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.below_rem(n)
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
         xs[self.below(xs.len())]
@@ -181,7 +175,7 @@ pub fn synthesize(
             }
         }
     }
-    let mut rng = Rng(seed ^ 0x0073_796E_7468);
+    let mut rng = Rng(SplitMix64::new(seed ^ 0x0073_796E_7468));
     let mut out = Vec::new();
     if contexts.is_empty() {
         return out;

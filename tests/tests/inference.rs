@@ -413,22 +413,19 @@ fn a_sigmoid_feed_adaptor_decodes_the_same_from_memory_and_from_a_cache_file() {
         .clone();
     assert_eq!(got2, want);
     // Without the bias the forward pass differs (the feed is not a no-op).
-    let plain = CompressedCache::load(&path, &m).expect("load");
-    let h_bias = {
-        let mut c = plain.into_compressed();
-        let (ids, len) = pad_rows(std::slice::from_ref(&prompt), 96, Device::Cpu).expect("pad");
-        let s = kvd_trainer::distill::student::Suffixes::new(ids, &len, &c.ctx_len).expect("s");
-        kvd_trainer::distill::student::decode(&m, &mut c, &s, None).expect("decode")
-    };
-    let h_plain = {
+    // Decoder states from the loaded cache, with its feed and with the feed dropped.
+    let states = |with_feed: bool| {
         let mut c = CompressedCache::load(&path, &m)
             .expect("load")
             .into_compressed();
-        c.feed = None;
+        if !with_feed {
+            c.feed = None;
+        }
         let (ids, len) = pad_rows(std::slice::from_ref(&prompt), 96, Device::Cpu).expect("pad");
         let s = kvd_trainer::distill::student::Suffixes::new(ids, &len, &c.ctx_len).expect("s");
         kvd_trainer::distill::student::decode(&m, &mut c, &s, None).expect("decode")
     };
+    let (h_bias, h_plain) = (states(true), states(false));
     let diff = (h_bias - h_plain).abs().max().double_value(&[]);
     assert!(diff > 1e-4, "the feed changes the decoder's states: {diff}");
 }

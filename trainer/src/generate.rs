@@ -48,17 +48,6 @@ pub fn generate(
     generate_with_bias(model, prompt, cache, None, opts, on_token)
 }
 
-/// Adds a fixed bias to the attention logits of the first keys of every layer.
-struct KeyBias {
-    bias: Tensor,
-}
-
-impl crate::model::Hooks for KeyBias {
-    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
-        Some(self.bias.shallow_clone())
-    }
-}
-
 /// [`generate`] with `bias` `[1, n]` added to the attention logits of the
 /// cache's first `n` entries in every decoder pass (a compressed cache's
 /// score feed, [`crate::distill::cache_file::CompressedCache::feed_bias`]).
@@ -132,9 +121,8 @@ pub fn generate_with_bias(
                 Some(b) => {
                     let later = cache.len() + ids.size()[1] - b.size()[1];
                     let zeros = Tensor::f_zeros([1, later], (Kind::Float, b.device()))?;
-                    let hooks = KeyBias {
-                        bias: Tensor::f_cat(&[b.shallow_clone(), zeros], 1)?,
-                    };
+                    let hooks =
+                        crate::model::KeyBias(Tensor::f_cat(&[b.shallow_clone(), zeros], 1)?);
                     model.forward_hidden_with(Input::new(&ids), Some(&mut *cache), &hooks)?
                 }
             };

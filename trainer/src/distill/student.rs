@@ -6,7 +6,7 @@ use super::adaptor::Adaptor;
 use super::config::ScoreFeed;
 use super::select::{select, Selection, Span};
 use crate::error::{ModelError, Result};
-use crate::model::{Hooks, Input, KvCache, Model};
+use crate::model::{Input, KeyBias, KvCache, Model};
 use tch::{Device, Kind, Tensor};
 
 /// A batch of compressed contexts.
@@ -270,17 +270,6 @@ pub fn gather_kept(full: &KvCache, kept: &Kept, scores: &Tensor) -> Result<Compr
     })
 }
 
-/// Adds a fixed per-key bias to every layer's attention.
-struct BiasHooks {
-    bias: Tensor,
-}
-
-impl Hooks for BiasHooks {
-    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
-        Some(self.bias.shallow_clone())
-    }
-}
-
 /// Right-padded suffixes `[batch, lx]` (from [`super::infer::pad_rows`], which
 /// checks them against the vocabulary) with their positions (each continuing
 /// its context) and validity, uploaded for [`decode`].
@@ -331,18 +320,11 @@ pub fn decode(
     suffixes: &Suffixes,
     feed: Option<ScoreFeed>,
 ) -> Result<Tensor> {
-    let (_, lx) = suffixes.ids.size2()?;
     let input = Input::new(&suffixes.ids)
         .with_positions(&suffixes.positions)
         .with_valid(&suffixes.valid)
         .vocab_checked();
-    match compressed.feed_bias(feed, lx)? {
-        None => model.forward_hidden(input, Some(&mut compressed.cache)),
-        Some(bias) => {
-            let hooks = BiasHooks { bias };
-            model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
-        }
-    }
+    forward_fed(model, compressed, input, feed)
 }
 
 /// One decoding step of `ids` `[batch, 1]` at `positions` over `compressed`
@@ -353,12 +335,24 @@ pub fn decode_step(
     ids: &Tensor,
     positions: &Tensor,
 ) -> Result<Tensor> {
-    let input = Input::new(ids).with_positions(positions);
-    match compressed.feed_bias(None, ids.size2()?.1)? {
+    forward_fed(
+        model,
+        compressed,
+        Input::new(ids).with_positions(positions),
+        None,
+    )
+}
+
+/// `input` through the model over `compressed`'s cache, with the feed's bias.
+fn forward_fed(
+    model: &Model,
+    compressed: &mut Compressed,
+    input: Input,
+    feed: Option<ScoreFeed>,
+) -> Result<Tensor> {
+    let new = input.ids.size2()?.1;
+    match compressed.feed_bias(feed, new)? {
         None => model.forward_hidden(input, Some(&mut compressed.cache)),
-        Some(bias) => {
-            let hooks = BiasHooks { bias };
-            model.forward_hidden_with(input, Some(&mut compressed.cache), &hooks)
-        }
+        Some(bias) => model.forward_hidden_with(input, Some(&mut compressed.cache), &KeyBias(bias)),
     }
 }

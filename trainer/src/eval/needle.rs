@@ -14,6 +14,7 @@ use super::run::EvalReport;
 use super::squad::{SquadQuestion, SquadSet};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
+use kvd_data::shard::SplitMix64;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -54,19 +55,12 @@ pub struct NeedleItem {
     pub kind: String,
 }
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
+/// The seeded generator, with the draws the facts need.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.below_rem(n)
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
         xs[self.below(xs.len())]
@@ -220,7 +214,7 @@ pub fn build_needles(
             .map_err(|e| ModelError::Input(e.to_string()))
     };
     let sizes: Vec<usize> = filler.iter().map(|s| count(s)).collect::<Result<_>>()?;
-    let mut rng = Rng(cfg.seed ^ 0x6E65_6564_6C65);
+    let mut rng = Rng(SplitMix64::new(cfg.seed ^ 0x6E65_6564_6C65));
     let (mut questions, mut items) = (Vec::new(), Vec::new());
     for i in 0..cfg.items {
         let length = cfg.lengths[i % cfg.lengths.len()];
@@ -293,11 +287,13 @@ pub fn grid(report: &EvalReport, method: &str, ratio: f64) -> Vec<Vec<Option<f64
     let cfg_lengths = distinct(report.needle.iter().map(|n| n.length as f64));
     let cfg_depths = distinct(report.needle.iter().map(|n| n.depth));
     let mut sums = vec![vec![(0.0, 0usize); cfg_lengths.len()]; cfg_depths.len()];
+    let by_id: std::collections::HashMap<&str, &NeedleItem> =
+        report.needle.iter().map(|n| (n.id.as_str(), n)).collect();
     for it in &report.items {
         if it.method != method || (it.ratio - ratio).abs() > 1e-9 {
             continue;
         }
-        let Some(n) = report.needle.iter().find(|n| n.id == it.id) else {
+        let Some(n) = by_id.get(it.id.as_str()) else {
             continue;
         };
         let x = cfg_lengths.iter().position(|&l| l == n.length as f64);
@@ -416,7 +412,7 @@ mod tests {
 
     #[test]
     fn facts_cycle_through_kinds_and_hold_their_answer() {
-        let mut rng = Rng(1);
+        let mut rng = Rng(SplitMix64::new(1));
         for i in 0..9 {
             let (sentence, question, answer, kind) = fact(&mut rng, i);
             assert!(sentence.contains(&answer), "{sentence} / {answer}");

@@ -263,21 +263,35 @@ fn answer_token_positions(
     let Some((a, b)) = answer else {
         return Ok(Vec::new());
     };
-    let (ids, offsets) = tok
+    let (_, offsets) = tok
         .encode_with_offsets(context)
         .map_err(|e| ModelError::Input(e.to_string()))?;
-    let plain = tok
-        .encode(context, false)
-        .map_err(|e| ModelError::Input(e.to_string()))?;
-    if ids != plain {
-        return Ok(Vec::new());
-    }
     Ok(offsets
         .iter()
         .enumerate()
         .filter(|(_, &(s, e))| s < b && e > a)
         .map(|(j, _)| j)
         .collect())
+}
+
+/// The example builder of the evaluation: the training prompt, contexts cut
+/// to `max_len` (and the model window), nothing dropped for being short.
+fn eval_builder(
+    tok: &Arc<Tokenizer>,
+    model: &Model,
+    max_len: usize,
+    template: QaTemplate,
+) -> Result<ExampleBuilder> {
+    Ok(ExampleBuilder::new(
+        Arc::new(ModelTokenizer(tok.clone())),
+        BuilderConfig {
+            max_len: max_len.min(model.config().max_position_embeddings),
+            ratios: vec![1.0],
+            min_span: 1,
+            qa_template: template,
+            ..BuilderConfig::default()
+        },
+    )?)
 }
 
 /// Runs every method x ratio over the selected questions. `progress(done,
@@ -328,16 +342,7 @@ pub fn run_eval(
         .into_iter()
         .chain(tok.stop_token_ids().iter().copied())
         .collect();
-    let builder = ExampleBuilder::new(
-        Arc::new(ModelTokenizer(tok.clone())),
-        BuilderConfig {
-            max_len: cfg.max_len.min(model.config().max_position_embeddings),
-            ratios: vec![1.0],
-            min_span: 1,
-            qa_template: cfg.template.clone(),
-            ..BuilderConfig::default()
-        },
-    )?;
+    let builder = eval_builder(&tok, model, cfg.max_len, cfg.template.clone())?;
     let questions = super::squad::select_questions(&set.questions, cfg.questions, cfg.seed);
     let batches: Vec<&[SquadQuestion]> = questions.chunks(cfg.batch).collect();
     let total = batches.len() * (1 + methods.len() * cfg.ratios.len());
@@ -459,8 +464,8 @@ pub fn run_eval(
                     EvalMethod::Oracle(method) => {
                         compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
                     }
-                    EvalMethod::QuestionAware(b) => {
-                        question_aware(model, *b, contexts, &p.prompts)?
+                    EvalMethod::QuestionAware(kernel) => {
+                        question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
                     }
                 };
                 score(comp, &mut accs[m][ri], &method.name(), r, ri == sample_r)?;
@@ -556,25 +561,18 @@ fn question_aware(
     model: &Model,
     kernel: usize,
     ctx: Contexts,
+    contexts: &[Vec<u32>],
     prompts: &[Vec<u32>],
 ) -> Result<Compressed> {
-    let host = Vec::<i64>::try_from(ctx.ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
-    let lc = ctx.ids.size2()?.1 as usize;
-    let rows: Vec<Vec<u32>> = (0..ctx.len.len())
-        .map(|i| {
-            let mut r: Vec<u32> = host[i * lc..i * lc + ctx.len[i]]
-                .iter()
-                .map(|&t| t as u32)
-                .collect();
-            r.extend(&prompts[i]);
-            r
-        })
-        .collect();
-    let queries: Vec<(usize, usize)> = ctx
-        .len
+    let rows: Vec<Vec<u32>> = contexts
         .iter()
         .zip(prompts)
-        .map(|(&c, q)| (c, q.len()))
+        .map(|(c, q)| [c.as_slice(), q.as_slice()].concat())
+        .collect();
+    let queries: Vec<(usize, usize)> = contexts
+        .iter()
+        .zip(prompts)
+        .map(|(c, q)| (c.len(), q.len()))
         .collect();
     crate::distill::baselines::question_aware_compress(model, &rows, ctx, &queries, kernel)
 }
@@ -760,15 +758,7 @@ pub fn gradient_report(
     ratio: f64,
     batch: usize,
 ) -> Result<GradientReport> {
-    let builder = ExampleBuilder::new(
-        Arc::new(ModelTokenizer(tok.clone())),
-        BuilderConfig {
-            max_len: 2048.min(model.config().max_position_embeddings),
-            ratios: vec![1.0],
-            min_span: 1,
-            ..BuilderConfig::default()
-        },
-    )?;
+    let builder = eval_builder(&tok, model, 2048, QaTemplate::default())?;
     let qs = super::squad::select_questions(&set.questions, questions, 0);
     let mut r = GradientReport {
         ratio,

@@ -102,6 +102,17 @@ pub trait Hooks {
     }
 }
 
+/// A fixed additive bias `[batch, keys]` on every layer's attention logits
+/// (the KV-Distill score feed on a compressed cache's kept entries).
+#[derive(Debug)]
+pub struct KeyBias(pub Tensor);
+
+impl Hooks for KeyBias {
+    fn attn_bias(&self, _layer: usize) -> Option<Tensor> {
+        Some(self.0.shallow_clone())
+    }
+}
+
 /// No hooks: the plain model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoHooks;

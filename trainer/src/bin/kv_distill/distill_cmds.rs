@@ -309,13 +309,7 @@ pub fn run_compress(a: CompressArgs) -> Result<()> {
     if !(a.ratio > 0.0 && a.ratio <= 1.0) {
         bail!("--ratio {} is outside (0, 1]", a.ratio);
     }
-    let text = match (&a.context, &a.context_file) {
-        (Some(t), None) => t.clone(),
-        (None, Some(p)) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        _ => bail!("give the context with --context or --context-file"),
-    };
+    let text = read_context(a.context.as_deref(), a.context_file.as_deref())?;
     let (model, tok) = load(&a.model)?;
     let adaptor = match &a.adaptor {
         Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
@@ -358,6 +352,17 @@ pub fn run_compress(a: CompressArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The context of `--context` or `--context-file`.
+fn read_context(context: Option<&str>, file: Option<&Path>) -> Result<String> {
+    match (context, file) {
+        (Some(t), None) => Ok(t.to_string()),
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        }
+        _ => bail!("give the context with --context or --context-file"),
+    }
 }
 
 /// Compresses one tokenised context (span = everything after `prefix`).
@@ -605,13 +610,7 @@ pub fn run_inspect(a: InspectArgs) -> Result<()> {
     if !(a.ratio > 0.0 && a.ratio <= 1.0) {
         bail!("--ratio {} is outside (0, 1]", a.ratio);
     }
-    let text = match (&a.context, &a.context_file) {
-        (Some(t), None) => t.clone(),
-        (None, Some(p)) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        _ => bail!("give the context with --context or --context-file"),
-    };
+    let text = read_context(a.context.as_deref(), a.context_file.as_deref())?;
     let (model, tok) = load(&a.model)?;
     let adaptor = match &a.adaptor {
         Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
