@@ -37,7 +37,7 @@ case $PHASE in
     start=$(date +%s)
     train "$STEPS" "$TRAIN_LIMIT_S" "$ADAPTOR" 2> "$OUT/train.log" | tee "$OUT/train_summary.json"
     echo "train wall seconds: $(( $(date +%s) - start ))"
-    grep '"train"' "$OUT/train.log" | tail -5
+    grep '"step"' "$OUT/train.log" | tail -5
     cp "$ADAPTOR" "$OUT/"
     ;;
   eval)

@@ -4,8 +4,10 @@
 # evaluations) run side by side as separate processes.
 #
 #   bench/gpu_quality.sh train BIN MODEL DATA OUT SECONDS NAME=FLAGS...
-#       one `train` per NAME, all at once, each for SECONDS; adaptors in
-#       $KEEP/NAME.safetensors, logs in OUT/NAME.train.log
+#       one `train` per NAME, all at once, each for SECONDS (STEPS steps at
+#       most, the length of the learning-rate schedule); adaptors in
+#       $KEEP/NAME.safetensors, checkpoints in $KEEP/NAME.ckpt (each call
+#       resumes from there), logs in OUT/NAME.train.log
 #   bench/gpu_quality.sh needle BIN MODEL HAYSTACK OUT ITEMS RATIOS METHODS NAME...
 #       the needle test of each NAME's adaptor (all at once) -> OUT/needle-NAME/;
 #       NAME `none` runs BASE_METHODS (default: every training-free method) at
@@ -31,10 +33,11 @@ case $PHASE in
       # shellcheck disable=SC2086
       "$BIN" --log-format json train --model "$MODEL" --device cuda --dtype bf16 \
         --data "file://$SRC/train/qa" --data "file://$SRC/train/text" --data "file://$SRC/train/synth" \
-        --weights 2,1,2 --steps 100000 --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
+        --weights 2,1,2 --steps "${STEPS:-100000}" --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
         --text-suffix 64 --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
-        --log-every 25 --time-limit-s "$SECONDS_LIMIT" --out "$KEEP/$name.safetensors" $flags \
-        > "$OUT/$name.train.json" 2> "$OUT/$name.train.log" &
+        --log-every 25 --time-limit-s "$SECONDS_LIMIT" --out "$KEEP/$name.safetensors" \
+        --resume --checkpoint-dir "$KEEP/$name.ckpt" --keep-last 1 $flags \
+        > "$OUT/$name.train.json" 2>> "$OUT/$name.train.log" &
       pids+=($!)
     done
     ;;

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One device session of the compression-quality work (docs/RESULTS.md), in
 # stages that fit the device tool's calls. The working tree is limited, so
-# the model and data travel in two ignored folders (.dev/c1, .dev/c2; made on
-# the CPU machine, see docs/RESULTS.md) and are assembled in $KEEP.
-#   bench/gpu_quality_session.sh stash1         # call 1: keep .dev/c1
-#   bench/gpu_quality_session.sh assemble       # call 2: + .dev/c2 -> model, data, binary
-#   bench/gpu_quality_session.sh train SECONDS NAME=FLAGS...
+# the model and data travel in three ignored folders (.dev/c1: first part of
+# the GGUF, SQuAD, essays; .dev/c2: the rest of the GGUF, the binary; .dev/c3:
+# the training data; made on the CPU machine, see docs/RESULTS.md), one call
+# each while the machine stays warm, and are assembled in $KEEP.
+#   bench/gpu_quality_session.sh stash .dev/c1  # call 1 (carry .dev/c1)
+#   bench/gpu_quality_session.sh stash .dev/c2  # call 2 (carry .dev/c2)
+#   bench/gpu_quality_session.sh stash .dev/c3 && bench/gpu_quality_session.sh assemble  # call 3
+#   bench/gpu_quality_session.sh train SECONDS NAME=FLAGS...   # resumes NAME's checkpoint
 #   bench/gpu_quality_session.sh needle ITEMS RATIOS METHODS NAME...
 #   bench/gpu_quality_session.sh squad QUESTIONS RATIOS METHODS NAME...
 set -uo pipefail
@@ -25,24 +28,24 @@ pack() {
 trap pack EXIT
 mkdir -p "$OUTDIR"
 case $stage in
-  stash1)
-    mkdir -p "$KEEP" && cp .dev/c1/* "$KEEP/" && ls -l "$KEEP" && nvidia-smi -L
+  stash)
+    mkdir -p "$KEEP" && cp "$1"/* "$KEEP/" && ls -l "$KEEP" && nvidia-smi -L
     ;;
   assemble)
-    cat "$KEEP/gguf.part1" .dev/c2/gguf.part2 > "$KEEP/smol.gguf" &&
+    cat "$KEEP/gguf.part1" "$KEEP/gguf.part2" > "$KEEP/smol.gguf" &&
       sha256sum "$KEEP/smol.gguf" &&
       mkdir -p "$KEEP/data" && tar -C "$KEEP/data" -xf "$KEEP/qa.tar" &&
-      tar -C "$KEEP/data" -xf .dev/c2/rest.tar &&
-      xz -dc .dev/c2/squad.json.xz > "$KEEP/squad.json" &&
-      tar -C "$KEEP" -xJf .dev/c2/essays.tar.xz &&
-      xz -dc .dev/c2/kvd.xz > "$KEEP/kv-distill" && chmod +x "$KEEP/kv-distill" &&
+      tar -C "$KEEP/data" -xf "$KEEP/rest.tar" &&
+      xz -dc "$KEEP/squad.json.xz" > "$KEEP/squad.json" &&
+      tar -C "$KEEP" -xJf "$KEEP/essays.tar.xz" &&
+      xz -dc "$KEEP/kvd.xz" > "$KEEP/kv-distill" && chmod +x "$KEEP/kv-distill" &&
       . scripts/gpu_env.sh && "$KEEP/kv-distill" devices
     ;;
   train)
     "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" "$@"
     for f in "$OUTDIR"/*.train.log; do
       echo "== $f"
-      grep '"train"' "$f" | tail -2 | cut -c1-400
+      grep '"step"' "$f" | tail -2 | cut -c1-400
       grep -i error "$f" | head -3
     done
     ;;

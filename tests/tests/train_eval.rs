@@ -12,7 +12,7 @@ use kvd_trainer::distill::checkpoint::load as load_adaptor;
 use kvd_trainer::distill::{DistillConfig, TrainConfig};
 use kvd_trainer::eval::load_squad;
 use kvd_trainer::eval::run::{markdown, run_eval, write_report, ContextKind, EvalConfig};
-use kvd_trainer::train_loop::{mix_schedule, train, DataMix, TrainJob};
+use kvd_trainer::train_loop::{mix_schedule, train, DataMix, LocalCheckpoints, TrainJob};
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind};
@@ -107,6 +107,7 @@ fn train_reproducibly_then_evaluate() {
         &model,
         tok.clone(),
         &job(dir.path(), "a1.safetensors", 2),
+        &LocalCheckpoints::beside(&dir.path().join("a1.safetensors")),
         |s, l, _| seen.push((s, l)),
     )
     .expect("train");
@@ -127,6 +128,7 @@ fn train_reproducibly_then_evaluate() {
         &model,
         tok.clone(),
         &job(dir.path(), "a2.safetensors", 2),
+        &LocalCheckpoints::beside(&dir.path().join("a2.safetensors")),
         |_, _, _| {},
     )
     .expect("train again");

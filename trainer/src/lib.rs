@@ -3,6 +3,7 @@
 
 pub mod ablate;
 pub mod checkpoint;
+pub mod checkpointer;
 pub mod config;
 pub mod cuda_graph;
 pub mod device;

@@ -927,3 +927,64 @@ fn a_missing_checkpoint_part_is_named() {
     assert!(!log.contains("dataset manifest"), "{log}");
     assert!(!out.exists());
 }
+
+/// `train` checkpoints its whole state (adaptor, AdamW moments, step, data
+/// cursors) and `train --resume` continues a killed run to the same adaptor,
+/// bit for bit, falling back over a broken newest checkpoint; the directory
+/// has the coordinator's layout, so a distributed job resumes from it too.
+#[test]
+fn train_resume_continues_a_killed_run_bit_for_bit() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("single.safetensors");
+    let ckpt = dir.path().join("single.ckpt");
+    let mut flags = train_flags(&out);
+    flags.extend(["--save-every", "2", "--keep-last", "0"].map(String::from));
+    let train = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.args(["--threads", "1", "train"]).args(&flags).args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("train")
+    };
+    // Killed (SIGKILL) during step 5: steps 2 and 4 are committed.
+    let o = train(&[], &[("KVD_CHAOS", "kill:rank=0:step=5")]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(9),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_committed(&ckpt, 2, 1);
+    assert_committed(&ckpt, 4, 1);
+    assert!(!ckpt.join("step-00000006").exists());
+    // Break the newest checkpoint: the resume falls back to step 2.
+    let part = ckpt.join("step-00000004/rank-00000-of-00001.safetensors");
+    let bytes = std::fs::read(&part).expect("part");
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).expect("truncate");
+    let o = train(&["--resume"], &[]);
+    let log = strip_ansi(&text(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("checkpoint not intact: falling back") && log.contains("step=4"),
+        "{log}"
+    );
+    assert!(log.contains("resumed") && log.contains("step=2"), "{log}");
+    assert_same_adaptor(&out, reference_out);
+    assert_committed(&ckpt, 6, 1);
+
+    // A distributed job of two workers resumes from the same directory (the
+    // final step: it writes its adaptor and ends).
+    let dist_out = dir.path().join("dist.safetensors");
+    let o = spawn_local(2, &ckpt, &["--resume"], worker_command(&dist_out, &[]), &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_same_adaptor(&dist_out, reference_out);
+
+    // Resuming a finished run trains nothing; more --steps train on.
+    let o = train(&["--resume"], &[]);
+    let log = strip_ansi(&text(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("nothing to train"), "{log}");
+    assert_same_adaptor(&out, reference_out);
+}

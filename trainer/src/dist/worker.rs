@@ -16,14 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvd_data::{Cursor, SkipStats};
+use kvd_data::SkipStats;
 use kvd_proto::client::Client;
 use kvd_proto::v1::{
     CheckpointBeginRequest, CheckpointCommitRequest, Command, DeviceKind, HeartbeatRequest,
     RegisterReply, RegisterRequest, RendezvousRequest, ReportStepRequest, ShutdownRequest,
 };
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tonic::{Code, Status};
 
@@ -32,13 +30,16 @@ use super::collective::Collective;
 use super::nccl::{self, Nccl};
 use super::state::{encode_part, load_checkpoint, put_url};
 use super::tcp::{local_ip_towards, TcpEndpoint, TcpStar};
+use crate::checkpointer::Checkpointer;
 use crate::distill::checkpoint::{config_hash, save};
 use crate::distill::{Adaptor, Trainer};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
+pub use crate::train_loop::job_hash;
 use crate::train_loop::{
-    fresh_state, job_builder, micro_batches, spawn_producer, validate_job, ProducerStart, TrainJob,
+    fresh_state, job_builder, run, spawn_producer, validate_job, LoopConfig, LoopHooks,
+    ProducerStart, StepDone, TrainJob, TrainState,
 };
 
 /// How a worker runs.
@@ -137,27 +138,6 @@ fn rpc_err(what: &str, s: &Status) -> ModelError {
         s.message(),
         s.code()
     ))
-}
-
-fn hash_json<T: Serialize>(v: &T) -> String {
-    let json = serde_json::to_string(v).unwrap_or_default();
-    Sha256::digest(json.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Hash of what must agree across workers: the job without per-worker
-/// settings (output path, logging, prefetch, time limit).
-pub fn job_hash(job: &TrainJob) -> String {
-    let mut j = job.clone();
-    j.out = PathBuf::new();
-    j.log_every = 0;
-    j.prefetch = 0;
-    j.save_every = 0;
-    j.time_limit_s = None;
-    j.builder.threads = 0;
-    hash_json(&j)
 }
 
 /// Everything a session needs that outlives it.
@@ -556,28 +536,27 @@ fn session_inner(
         "collective ready"
     );
 
-    let (adaptor, mut trainer) = fresh_state(ctx.model, job)?;
-    let mut cursors: Option<Vec<Cursor>> = None;
+    let mut state = fresh_state(ctx.model, job)?;
     if let Some(url) = &view.resume_checkpoint_url {
-        let (manifest, state) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
+        let (manifest, loaded) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
         if manifest.model_config_hash != ctx.model_hash && !manifest.model_config_hash.is_empty() {
             return Err(ModelError::Input(format!(
                 "checkpoint {url} belongs to another base model (config hash {})",
                 manifest.model_config_hash
             )));
         }
-        if state.meta.job_hash != ctx.job_hash {
+        if loaded.meta.job_hash != ctx.job_hash {
             tracing::warn!(%url, "checkpoint was written under another job configuration; resuming anyway");
         }
-        state.restore(&adaptor, &mut trainer)?;
-        cursors = Some(state.meta.cursors.clone());
-        tracing::info!(%url, step = state.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
+        loaded.restore(&state.adaptor, &mut state.trainer)?;
+        state.cursors = Some(loaded.meta.cursors.clone());
+        tracing::info!(%url, step = loaded.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
     }
     if let Some((sizes, out)) = &ctx.cfg.bench_allreduce {
-        super::bench::allreduce(coll.as_mut(), &adaptor, sizes, out)?;
+        super::bench::allreduce(coll.as_mut(), &state.adaptor, sizes, out)?;
         return report_final(ctx, view, job.train.total_steps as u64);
     }
-    let start = trainer.step();
+    let start = state.step();
     if start as u64 != view.start_step {
         return Err(ModelError::Input(format!(
             "the checkpoint is at step {start}, the coordinator says {}",
@@ -595,7 +574,7 @@ fn session_inner(
         );
         if rank == 0 {
             if let Some(out) = &ctx.cfg.out {
-                write_adaptor(ctx, &adaptor, &trainer, out)?;
+                write_adaptor(ctx, &state.adaptor, &state.trainer, out)?;
             }
         }
         return report_final(ctx, view, job.train.total_steps as u64);
@@ -609,9 +588,10 @@ fn session_inner(
             rank,
             world,
             step: start,
-            cursors,
+            cursors: state.cursors.clone(),
         },
     )?;
+    let ctx: &Ctx<'_> = ctx;
     let total = job.train.total_steps;
     let bar = (ctx.cfg.progress && rank == 0).then(|| {
         let b = indicatif::ProgressBar::new(total as u64).with_style(
@@ -623,8 +603,7 @@ fn session_inner(
         b.set_position(start as u64);
         b
     });
-    let mut upload: Option<Upload> = None;
-    let mut trace = match &ctx.cfg.trace {
+    let trace = match &ctx.cfg.trace {
         Some(p) => {
             let p = PathBuf::from(p.to_string_lossy().replace("{rank}", &rank.to_string()));
             Some(
@@ -640,144 +619,165 @@ fn session_inner(
         }
         None => None,
     };
-    // The previous step's ReportStep round trip (logged with the next step).
-    let mut last_report_s = 0.0;
-    for step in start..total {
-        if control.pending() != NONE {
-            return end_of(control.pending());
+    let mut hooks = WorkerHooks {
+        ctx,
+        view,
+        control,
+        bar,
+        trace,
+        last_report_s: 0.0,
+        world,
+    };
+    let mut saver = CoordinatorCheckpointer {
+        ctx,
+        view,
+        upload: None,
+    };
+    let at = LoopConfig {
+        rank,
+        world,
+        checkpoint_every: ctx.cfg.checkpoint_every,
+        chaos: ctx.chaos.as_ref(),
+    };
+    let outcome = run(
+        ctx.model,
+        job,
+        &at,
+        &mut state,
+        coll.as_mut(),
+        &mut saver,
+        &rx,
+        &mut hooks,
+    )?;
+    if let Some(end) = outcome.stopped {
+        return end;
+    }
+    tracing::info!(rank, steps = total, skipped = %ctx.stats.summary(), "training finished");
+    Ok(SessionEnd::Finished(total as u64))
+}
+
+/// The worker's side of the training loop: progress, the step trace, the
+/// final adaptor, the step report and the coordinator's orders.
+struct WorkerHooks<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    view: &'c RegisterReply,
+    control: &'c Arc<Control>,
+    bar: Option<indicatif::ProgressBar>,
+    trace: Option<std::fs::File>,
+    /// The previous step's ReportStep round trip (logged with the next step).
+    last_report_s: f64,
+    world: usize,
+}
+
+impl LoopHooks for WorkerHooks<'_, '_> {
+    type Stop = Result<SessionEnd>;
+
+    fn before_step(&mut self, _step: u64) -> Option<Result<SessionEnd>> {
+        match self.control.pending() {
+            NONE => None,
+            order => Some(end_of(order)),
         }
-        let waited = Instant::now();
-        let (batch, cursors_after) = rx
-            .recv()
-            .map_err(|_| ModelError::Input("the data thread stopped".into()))?
-            .map_err(ModelError::Input)?;
-        let data_s = waited.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        if job.distill.lora.dropout > 0.0 {
-            tch::manual_seed((job.seed ^ ((step as u64 + 1) << 20) ^ rank as u64) as i64);
+    }
+
+    fn after_step(
+        &mut self,
+        state: &TrainState,
+        done: &StepDone<'_>,
+    ) -> Result<Option<Result<SessionEnd>>> {
+        let (ctx, view) = (self.ctx, self.view);
+        let rank = view.rank as usize;
+        let s = done.stats;
+        self.control.step.store(done.step, Ordering::SeqCst);
+        if let Some(b) = &self.bar {
+            b.set_position(done.step);
+            b.set_message(format!("loss {:.4} world {}", s.loss, self.world));
         }
-        let micro = micro_batches(&batch, job.micro_batch);
-        let done = (step + 1) as u64;
-        if let Some(ch) = &ctx.chaos {
-            ch.maybe_kill(rank, done, Phase::Step);
-        }
-        let s = trainer
-            .train_step_with(ctx.model, &adaptor, &micro, coll.as_mut())
-            .map_err(|e| match e {
-                ModelError::Collective(c) => ModelError::Collective(c),
-                e => {
-                    let ids: Vec<u64> = batch.examples.iter().map(|e| e.id).collect();
-                    ModelError::Input(format!("step {done} (rows {ids:?}): {e}"))
-                }
-            })?;
-        let seconds = t0.elapsed().as_secs_f64();
-        control.step.store(done, Ordering::SeqCst);
-        if let Some(b) = &bar {
-            b.set_position(done);
-            b.set_message(format!("loss {:.4} world {world}", s.loss));
-        }
-        if let Some(f) = trace.as_mut() {
+        if let Some(f) = self.trace.as_mut() {
             use std::io::Write;
             let line = serde_json::json!({
-                "step": done, "rank": rank, "world": world, "loss": s.loss,
-                "global_ids": batch.global_ids.iter().map(|g| g.row).collect::<Vec<_>>(),
-                "ids": batch.examples.iter().map(|e| e.id).collect::<Vec<_>>(),
+                "step": done.step, "rank": rank, "world": self.world, "loss": s.loss,
+                "global_ids": done.batch.global_ids.iter().map(|g| g.row).collect::<Vec<_>>(),
+                "ids": done.batch.examples.iter().map(|e| e.id).collect::<Vec<_>>(),
             });
             let _ = writeln!(f, "{line}");
         }
-        if s.micro_batches == 0 {
-            tracing::warn!(
-                rank,
-                step = done,
-                "every row of this step was skipped: no update"
-            );
-        } else if job.log_every > 0 && done.is_multiple_of(job.log_every as u64) {
-            tracing::info!(
-                rank,
-                step = done,
-                loss = s.loss,
-                select_loss = s.select_loss,
-                lr = s.lr,
-                grad_norm = s.grad_norm,
-                tokens = s.tokens,
-                seconds,
-                data_s,
-                compute_s = s.compute_s,
-                comm_s = s.comm_s,
-                report_s = last_report_s,
-                "step"
-            );
-        }
-        let is_last = done == total as u64;
-        let ckpt_due = is_last
-            || (ctx.cfg.checkpoint_every > 0
-                && done.is_multiple_of(ctx.cfg.checkpoint_every as u64));
-        if ckpt_due {
-            if let Some(prev) = upload.take() {
-                finish_upload(ctx, prev)?;
-            }
-            let bytes = encode_part(
-                &adaptor,
-                &trainer,
-                rank,
-                world,
-                &ctx.job_hash,
-                &ctx.model_hash,
-                &cursors_after,
-            )?;
-            let cursor_json =
-                (rank == 0).then(|| serde_json::to_string(&cursors_after).unwrap_or_default());
-            upload = start_upload(ctx, view, done, bytes, cursor_json);
-            if is_last {
-                if let Some(prev) = upload.take() {
-                    finish_upload(ctx, prev)?;
-                }
-            }
-        }
-        if is_last && rank == 0 {
+        if done.is_last && rank == 0 {
             if let Some(out) = &ctx.cfg.out {
-                write_adaptor(ctx, &adaptor, &trainer, out)?;
+                write_adaptor(ctx, &state.adaptor, &state.trainer, out)?;
             }
         }
         let req = ReportStepRequest {
             member_id: view.member_id,
             rank: view.rank,
             epoch: view.epoch,
-            step: done,
+            step: done.step,
             loss: s.loss,
             tokens: s.local_tokens as u64,
-            seconds,
+            seconds: done.seconds,
         };
         let reporting = Instant::now();
         let reply = call(ctx, "ReportStep", move |mut c| {
             let r = req;
             Box::pin(async move { c.report_step(r).await })
         });
-        last_report_s = reporting.elapsed().as_secs_f64();
-        match reply {
+        self.last_report_s = reporting.elapsed().as_secs_f64();
+        Ok(match reply {
             Ok(r) => match Command::try_from(r.command) {
-                Ok(Command::Stop) if is_last => {}
-                Ok(Command::Stop) => return Ok(SessionEnd::Stop),
-                Ok(Command::Rebuild) => return Ok(SessionEnd::Rebuild),
-                _ => {}
+                Ok(Command::Stop) if done.is_last => None,
+                Ok(Command::Stop) => Some(Ok(SessionEnd::Stop)),
+                Ok(Command::Rebuild) => Some(Ok(SessionEnd::Rebuild)),
+                _ => None,
             },
-            Err(s) if s.code() == Code::NotFound => return Ok(SessionEnd::Rejoin),
+            Err(s) if s.code() == Code::NotFound => Some(Ok(SessionEnd::Rejoin)),
             Err(s)
                 if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
             {
-                if is_last {
-                    break;
-                }
-                return Ok(SessionEnd::Stop);
+                (!done.is_last).then_some(Ok(SessionEnd::Stop))
             }
             Err(s) => return Err(rpc_err("rejected a step report", &s)),
+        })
+    }
+
+    fn report_s(&self) -> f64 {
+        self.last_report_s
+    }
+}
+
+/// Checkpoints through the coordinator: each rank uploads its part of the
+/// state to the store the coordinator names (off the training thread, one
+/// upload in flight) and commits it; the coordinator writes the manifest
+/// once every rank has.
+struct CoordinatorCheckpointer<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    view: &'c RegisterReply,
+    upload: Option<Upload>,
+}
+
+impl Checkpointer for CoordinatorCheckpointer<'_, '_> {
+    fn save(&mut self, state: &TrainState, step: u64) -> Result<()> {
+        self.flush()?;
+        let (rank, world) = (self.view.rank as usize, self.view.world_size as usize);
+        let cursors = state.cursors.clone().unwrap_or_default();
+        let bytes = encode_part(
+            &state.adaptor,
+            &state.trainer,
+            rank,
+            world,
+            &self.ctx.job_hash,
+            &self.ctx.model_hash,
+            &cursors,
+        )?;
+        let cursor_json = (rank == 0).then(|| serde_json::to_string(&cursors).unwrap_or_default());
+        self.upload = start_upload(self.ctx, self.view, step, bytes, cursor_json);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match self.upload.take() {
+            Some(u) => finish_upload(self.ctx, u),
+            None => Ok(()),
         }
     }
-    if let Some(prev) = upload.take() {
-        finish_upload(ctx, prev)?;
-    }
-    tracing::info!(rank, steps = total, skipped = %ctx.stats.summary(), "training finished");
-    Ok(SessionEnd::Finished(total as u64))
 }
 
 /// Reports `step` as done without training (benchmarks), ending the job.
@@ -883,10 +883,10 @@ fn write_adaptor(ctx: &Ctx<'_>, adaptor: &Adaptor, trainer: &Trainer, out: &str)
         })?;
         ctx.rt.block_on(put_url(out, bytes, &job.dataset.store))?;
     } else {
-        crate::train_loop::save_atomic(
+        crate::train_loop::save_adaptor_file(
             adaptor,
             &job.base_model,
-            ctx.model,
+            ctx.model.config(),
             step,
             std::path::Path::new(out),
         )?;

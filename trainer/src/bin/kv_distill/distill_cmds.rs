@@ -11,7 +11,7 @@ use kvd_trainer::distill::infer::{compress_contexts, Method};
 use kvd_trainer::distill::student::Contexts;
 use kvd_trainer::distill::{Adaptor, DistillConfig, LoraConfig, ScoreFeed, TrainConfig};
 use kvd_trainer::model::{Model, Proj};
-use kvd_trainer::train_loop::{train, DataMix, TrainJob};
+use kvd_trainer::train_loop::{train, DataMix, LocalCheckpoints, TrainJob};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -136,8 +136,9 @@ pub struct TrainArgs {
     /// Seed of data order, ratios and initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write the adaptor every N steps (0: only at the end), so a crash
-    /// costs at most N steps.
+    /// Checkpoint every N steps (0: only at the end), so a crash costs at
+    /// most N steps: `train` writes the training state to --checkpoint-dir
+    /// and rewrites the adaptor; a worker uses --checkpoint-every.
     #[arg(long, default_value_t = 100)]
     save_every: usize,
     /// Log every N steps.
@@ -149,6 +150,26 @@ pub struct TrainArgs {
     /// Example-builder (tokenizer) threads.
     #[arg(long, default_value_t = 2)]
     data_threads: usize,
+}
+
+/// Arguments of `train`: the training flags and where a single process
+/// keeps its checkpoints.
+#[derive(Args, Debug)]
+pub struct TrainCmd {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Checkpoint directory [default: beside --out, NAME.ckpt for
+    /// NAME.safetensors].
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Continue from the newest intact checkpoint in the checkpoint directory
+    /// (adaptor, optimizer, step and data position; a fresh start when there
+    /// is none). Raise --steps to train on past a finished run.
+    #[arg(long)]
+    resume: bool,
+    /// Newest checkpoints kept (0: all).
+    #[arg(long, default_value_t = 2)]
+    keep_last: usize,
 }
 
 /// The training job the arguments describe, for `model`.
@@ -238,7 +259,8 @@ pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
 }
 
 /// Runs `train`.
-pub fn run_train(a: TrainArgs) -> Result<()> {
+pub fn run_train(cmd: TrainCmd) -> Result<()> {
+    let a = cmd.train;
     let Some(out) = a.out.clone() else {
         bail!("train needs --out (where the adaptor is written)");
     };
@@ -252,13 +274,23 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("static template"),
     );
-    let (_, summary) = train(&model, Arc::new(tok), &job, |_, loss, lr| {
-        bar.inc(1);
+    let ckpt = LocalCheckpoints {
+        dir: cmd
+            .checkpoint_dir
+            .unwrap_or_else(|| LocalCheckpoints::beside(Path::new(&out)).dir),
+        keep_last: cmd.keep_last,
+        resume: cmd.resume,
+    };
+    let (_, summary) = train(&model, Arc::new(tok), &job, &ckpt, |step, loss, lr| {
+        bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
     })?;
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    println!("adaptor written to {out}");
+    println!(
+        "adaptor written to {out}; checkpoints in {} (continue with --resume)",
+        ckpt.dir.display()
+    );
     Ok(())
 }
 

@@ -45,7 +45,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a KV-Distill adaptor on prepared Parquet datasets.
-    Train(distill_cmds::TrainArgs),
+    Train(distill_cmds::TrainCmd),
     /// Train as one worker of a distributed job run by `coordinator`.
     Worker(Box<worker_cmd::WorkerArgs>),
     /// Compress a context into a KV cache file (KV-Distill or a baseline).
