@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use kvd_data::{Source, StoreOptions};
+use kvd_store::{Source, StoreOptions};
 use kvd_proto::CheckpointManifest;
 use tracing::{info, warn};
 

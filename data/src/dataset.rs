@@ -14,7 +14,7 @@ use crate::error::{DataError, Location, Result};
 use crate::manifest::{load_metadata, parquet_err, Manifest};
 use crate::schema::{batch_records, Record};
 use crate::shard::ExampleId;
-use crate::source::{Source, StoreOptions};
+use kvd_store::{Source, StoreOptions};
 
 /// How a dataset is opened and read.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -173,7 +173,7 @@ impl Dataset {
             .filter_map(|n| schema.index_of(n).ok())
             .collect();
         let mask = ProjectionMask::roots(meta.parquet_schema(), indices);
-        let reader = self.source.parquet_reader(&e.path, e.size);
+        let reader = crate::reader::parquet_reader(&self.source, &e.path, e.size);
         let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta)
             .with_row_groups(vec![group as usize])
             .with_projection(mask)

@@ -187,6 +187,18 @@ impl fmt::Display for BadInputKind {
 /// The crate's result type.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
+impl From<kvd_store::StoreError> for DataError {
+    fn from(e: kvd_store::StoreError) -> Self {
+        use kvd_store::StoreError as S;
+        match e {
+            S::Url { url, reason } => DataError::Url { url, reason },
+            S::Store { op, path, source } => DataError::Store { op, path, source },
+            S::MissingObject { path } => DataError::MissingObject { path },
+            S::Io { path, source } => DataError::Io { path, source },
+        }
+    }
+}
+
 impl DataError {
     /// A [`DataError::Config`] with `msg`.
     pub(crate) fn config(msg: impl Into<String>) -> Self {

@@ -3,22 +3,17 @@
 //! builder and padded batches, and `prepare` (Parquet from the raw sources).
 //! See `data/README.md` for the model.
 
-pub mod azurite;
 pub mod batch;
 pub mod builder;
 pub mod cursor;
 pub mod dataset;
 pub mod error;
-pub mod gcs_emulator;
 pub mod loader;
-mod local_server;
 pub mod manifest;
-pub mod moto;
 pub mod prepare;
 pub mod reader;
 pub mod schema;
 pub mod shard;
-pub mod source;
 pub mod synth;
 pub mod tokenize;
 pub mod writer;
@@ -34,5 +29,5 @@ pub use loader::{Loader, LoaderConfig, RankBatch};
 pub use manifest::{FileEntry, Manifest};
 pub use schema::{Record, SchemaSpec};
 pub use shard::{balanced_range, rank_slice, ExampleId, GlobalBatcher};
-pub use source::{ObjectInfo, Source, StoreOptions};
+pub use kvd_store::{ObjectInfo, Source, StoreError, StoreOptions};
 pub use tokenize::{HfTokenizer, TextTokenizer};

@@ -172,7 +172,7 @@ pub(crate) async fn load_metadata(
     rel: &str,
     size: u64,
 ) -> Result<ArrowReaderMetadata> {
-    let mut reader = source.parquet_reader(rel, size);
+    let mut reader = crate::reader::parquet_reader(source, rel, size);
     ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
         .await
         .map_err(|e| parquet_err(source, rel, e))

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::error::{DataError, Result};
 use crate::manifest::Manifest;
 use crate::schema::{Record, SchemaSpec};
-use crate::source::{Source, StoreOptions};
+use kvd_store::{Source, StoreOptions};
 use crate::writer::{encode_parquet, SourcedRecord, WriterConfig};
 
 /// SQuAD-shifts files that must never be read (held out for acceptance).

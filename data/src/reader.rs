@@ -24,6 +24,12 @@ pub struct ObjectReader {
     size: u64,
 }
 
+/// An async Parquet reader over `rel` of `source`, whose size is known from
+/// the manifest.
+pub fn parquet_reader(source: &kvd_store::Source, rel: &str, size: u64) -> ObjectReader {
+    ObjectReader::new(source.store().clone(), source.path(rel), size)
+}
+
 impl ObjectReader {
     /// A reader of `path` in `store`, whose size is `size` bytes.
     pub fn new(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> Self {

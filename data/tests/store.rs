@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use kvd_data::moto::MotoServer;
+use kvd_test_stores::moto::MotoServer;
 use kvd_data::{DataError, Dataset, DatasetOptions, Manifest, Source, StoreOptions};
 
 fn repo_root() -> &'static Path {

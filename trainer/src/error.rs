@@ -139,13 +139,20 @@ pub enum ModelError {
 /// Result alias for this crate's model code.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
+impl From<kvd_data::StoreError> for ModelError {
+    /// Object-store failures read like the data pipeline's (naming the object).
+    fn from(e: kvd_data::StoreError) -> Self {
+        ModelError::Data(e.into())
+    }
+}
+
 impl ModelError {
     /// Whether this is the device running out of memory (typed, or libtorch's message).
     pub fn is_out_of_memory(&self) -> bool {
         match self {
             ModelError::OutOfMemory { .. } => true,
-            ModelError::Torch(e) => e.to_string().contains("out of memory"),
-            ModelError::Panic { detail, .. } => detail.contains("out of memory"),
+            ModelError::Torch(e) => is_oom_message(&e.to_string()),
+            ModelError::Panic { detail, .. } => is_oom_message(detail),
             _ => false,
         }
     }
@@ -167,6 +174,13 @@ impl ModelError {
             detail,
         }
     }
+}
+
+/// Whether libtorch's message `m` reports a failed allocation: CUDA's
+/// "out of memory" or the CPU allocator's "not enough memory" / "can't
+/// allocate memory".
+fn is_oom_message(m: &str) -> bool {
+    m.contains("out of memory") || m.contains("not enough memory") || m.contains("can't allocate memory")
 }
 
 /// Runs `f`, turning a panic inside it (tch's infallible operations panic on

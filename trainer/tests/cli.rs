@@ -352,3 +352,59 @@ fn inspect_shows_the_kept_tokens_of_each_method() {
     let last = streaming.rsplit("<span").next().expect("last token");
     assert!(last.starts_with(" class=k>"), "{last}");
 }
+
+/// Every worker setting resolves defaults < `[worker]` of job.toml <
+/// `KVD_<KEY>` < flags (the issue's case: `max_len = 96` in the file and
+/// `KVD_MAX_LEN=80` gave the built-in 1024), and `--print-config` shows each
+/// value with its origin without loading a model or reaching a coordinator.
+#[test]
+fn worker_settings_layer_file_env_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "[worker]\nmodel = \"/models/m.gguf\"\ndata = [\"s3://b/qa\", \"s3://b/text\"]\n\
+         max_len = 96\nskip_bad_rows = true\ncoordinator = \"file-host:1\"\n",
+    )
+    .expect("job.toml");
+    let print = |env: &[(&str, &str)], flags: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(["worker", "--config", &job.to_string_lossy(), "--print-config"])
+            .args(flags)
+            .env_remove("KVD_COORDINATOR")
+            .env_remove("KVD_MAX_LEN");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().expect("worker");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let line = |out: &str, key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in\n{out}"))
+            .to_string()
+    };
+    let out = print(&[], &[]);
+    assert_eq!(line(&out, "max_len"), "max_len = 96  # file");
+    assert_eq!(line(&out, "data"), "data = [\"s3://b/qa\", \"s3://b/text\"]  # file");
+    assert_eq!(line(&out, "skip_bad_rows"), "skip_bad_rows = true  # file");
+    assert_eq!(line(&out, "global_batch"), "global_batch = 16  # default");
+    let out = print(&[("KVD_MAX_LEN", "80"), ("KVD_COORDINATOR", "env-host:2")], &[]);
+    assert_eq!(line(&out, "max_len"), "max_len = 80  # env KVD_MAX_LEN");
+    assert_eq!(
+        line(&out, "coordinator"),
+        "coordinator = \"env-host:2\"  # env KVD_COORDINATOR"
+    );
+    let out = print(&[("KVD_MAX_LEN", "80")], &["--max-len", "64"]);
+    assert_eq!(line(&out, "max_len"), "max_len = 64  # flag");
+    // A value clap refuses is refused whatever its layer, naming the flag.
+    let o = Command::new(BIN)
+        .args(["worker", "--config", &job.to_string_lossy(), "--print-config"])
+        .env("KVD_MAX_LEN", "lots")
+        .output()
+        .expect("worker");
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--max-len"), "{}", text(&o.stderr));
+}

@@ -988,3 +988,41 @@ fn train_resume_continues_a_killed_run_bit_for_bit() {
     assert!(log.contains("nothing to train"), "{log}");
     assert_same_adaptor(&out, reference_out);
 }
+
+/// An allocation failure inside a step (injected: libtorch refuses a real
+/// allocation) ends `train` with a typed out-of-memory error naming the
+/// micro-batch and the fix, a non-zero status and no panic; the last
+/// checkpoint is intact, and `--resume` finishes to the uninterrupted adaptor.
+#[test]
+fn an_allocation_failure_mid_step_is_named_and_keeps_the_checkpoint() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("oom.safetensors");
+    let ckpt = dir.path().join("oom.ckpt");
+    let mut flags = train_flags(&out);
+    flags.extend(["--save-every", "2"].map(String::from));
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "train"])
+        .args(&flags)
+        .env("KVD_CHAOS", "alloc:rank=0:step=3")
+        .output()
+        .expect("train");
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("out of memory in a micro-batch of 1 examples of up to")
+            && log.contains("fix: a smaller --micro-batch"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked") && !log.contains("invalid input"), "{log}");
+    assert!(dir.path().join("oom.failed.safetensors").exists(), "{log}");
+    assert_committed(&ckpt, 2, 1);
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "train"])
+        .args(&flags)
+        .arg("--resume")
+        .output()
+        .expect("train --resume");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_same_adaptor(&out, reference_out);
+}

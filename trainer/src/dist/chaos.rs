@@ -3,7 +3,9 @@
 //! `KVD_CHAOS=kill:rank=R:step=S:at=step|upload` makes rank R SIGKILL itself
 //! (exactly `kill -9`) during step S (after its forward/backward, before the
 //! all-reduce) or during the upload of the checkpoint of step S (after its
-//! part is written, before the commit). With `KVD_CHAOS_ONCE=FILE` it fires
+//! part is written, before the commit). `KVD_CHAOS=alloc:rank=R:step=S`
+//! makes rank R's step S ask libtorch for an allocation no device can give
+//! (a real allocation failure, inside its first micro-batch). With `KVD_CHAOS_ONCE=FILE` it fires
 //! only if FILE does not exist, and creates it, so a restarted worker with
 //! the same environment does not die again.
 
@@ -18,9 +20,19 @@ pub enum Phase {
     Upload,
 }
 
+/// What a planned fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// SIGKILL to the process.
+    Kill,
+    /// An allocation that fails, inside the step.
+    AllocFail,
+}
+
 /// A planned fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chaos {
+    action: Action,
     rank: u32,
     step: u64,
     phase: Phase,
@@ -38,13 +50,15 @@ impl Chaos {
         Ok(Some(c))
     }
 
-    /// Parses `kill:rank=R:step=S:at=step|upload`.
+    /// Parses `kill:rank=R:step=S:at=step|upload` or `alloc:rank=R:step=S`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("KVD_CHAOS `{spec}`: {why}");
         let mut parts = spec.split(':');
-        if parts.next() != Some("kill") {
-            return Err(bad("only `kill:...` is supported"));
-        }
+        let action = match parts.next() {
+            Some("kill") => Action::Kill,
+            Some("alloc") => Action::AllocFail,
+            _ => return Err(bad("expected `kill:...` or `alloc:...`")),
+        };
         let (mut rank, mut step, mut phase) = (None, None, Phase::Step);
         for kv in parts {
             let (k, v) = kv
@@ -63,7 +77,11 @@ impl Chaos {
                 _ => return Err(bad("unknown key")),
             }
         }
+        if action == Action::AllocFail && phase != Phase::Step {
+            return Err(bad("alloc fires in a step only"));
+        }
         Ok(Self {
+            action,
             rank: rank.ok_or_else(|| bad("rank is required"))?,
             step: step.ok_or_else(|| bad("step is required"))?,
             phase,
@@ -71,9 +89,18 @@ impl Chaos {
         })
     }
 
-    /// SIGKILLs this process if the fault is planned for (rank, step, phase).
+    /// Whether an allocation failure is planned for (rank, step).
+    pub fn fails_alloc(&self, rank: usize, step: u64) -> bool {
+        self.action == Action::AllocFail && self.rank as usize == rank && self.step == step
+    }
+
+    /// SIGKILLs this process if a kill is planned for (rank, step, phase).
     pub fn maybe_kill(&self, rank: usize, step: u64, phase: Phase) {
-        if self.rank as usize != rank || self.step != step || self.phase != phase {
+        if self.action != Action::Kill
+            || self.rank as usize != rank
+            || self.step != step
+            || self.phase != phase
+        {
             return;
         }
         if let Some(marker) = &self.once {
@@ -103,6 +130,10 @@ mod tests {
             Phase::Step
         );
         assert!(Chaos::parse("boom:rank=1").is_err());
+        let a = Chaos::parse("alloc:rank=0:step=3").unwrap();
+        assert!(a.fails_alloc(0, 3) && !a.fails_alloc(0, 2) && !a.fails_alloc(1, 3));
+        assert!(!Chaos::parse("kill:rank=0:step=3").unwrap().fails_alloc(0, 3));
+        assert!(Chaos::parse("alloc:rank=0:step=3:at=upload").is_err());
         assert!(Chaos::parse("kill:step=2").unwrap_err().contains("rank"));
         assert!(Chaos::parse("kill:rank=1:step=x").is_err());
     }

@@ -94,6 +94,9 @@ pub struct Trainer {
     grads: Option<FlatGrads>,
     /// Captured steps, when CUDA graphs are on.
     graphs: Option<StepGraphs>,
+    /// Fault injection: the next step's first micro-batch asks for an
+    /// allocation no device can give.
+    fail_alloc: bool,
 }
 
 impl Trainer {
@@ -124,6 +127,7 @@ impl Trainer {
             bucket_elems: DEFAULT_BUCKET_ELEMS,
             grads: None,
             graphs: None,
+            fail_alloc: false,
         })
     }
 
@@ -139,6 +143,12 @@ impl Trainer {
     /// The captured steps, when CUDA graphs are on.
     pub fn cuda_graphs(&self) -> Option<&StepGraphs> {
         self.graphs.as_ref()
+    }
+
+    /// Makes the next step fail with a real allocation failure inside its
+    /// first micro-batch (fault injection for tests of the failure path).
+    pub fn fail_next_allocation(&mut self) {
+        self.fail_alloc = true;
     }
 
     /// Optimizer steps taken.
@@ -211,6 +221,7 @@ impl Trainer {
         let mut comm_s = counted.elapsed().as_secs_f64();
         let started = Instant::now();
         let mut local = [micro_batches.len() as f64, 0.0, 0.0, 0.0];
+        let mut fail_alloc = std::mem::take(&mut self.fail_alloc);
         for (mb, &count) in micro_batches.iter().zip(&counts) {
             let weight = count / global_tokens;
             let shape = || {
@@ -226,6 +237,10 @@ impl Trainer {
             };
             let graphs = self.graphs.as_mut();
             let s: StepStats = crate::error::catch_panic(shape, || {
+                if std::mem::take(&mut fail_alloc) {
+                    // 2^46 float32 elements (256 TiB): refused by any allocator.
+                    Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
+                }
                 distill_step(model, adaptor, cfg, mb, weight, true, graphs)
             })
             .map_err(|e| e.with_oom_context(shape))?;

@@ -77,14 +77,23 @@ pub struct TrainSummary {
     pub first_loss: f64,
     /// Mean loss of the last `log_every` steps.
     pub final_loss: f64,
-    /// Supervised tokens seen.
+    /// Supervised tokens seen (this process's share: all of them in `train`).
     pub tokens: usize,
+    /// Tokens processed, context and suffix (this process's examples).
+    #[serde(default)]
+    pub total_tokens: usize,
     /// Examples trained on.
     pub examples: usize,
     /// Rows skipped by the bad-row policy, by kind (`none` when none).
     pub skipped: String,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Supervised tokens per second.
+    #[serde(default)]
+    pub tok_per_s: f64,
+    /// Tokens (context and suffix) per second.
+    #[serde(default)]
+    pub total_tok_per_s: f64,
     /// Final data cursors, one per dataset.
     pub cursors: Vec<Cursor>,
 }
@@ -329,9 +338,12 @@ pub fn train(
                 first_loss: f64::NAN,
                 final_loss: f64::NAN,
                 tokens: 0,
+                total_tokens: 0,
                 examples: 0,
                 skipped: String::new(),
                 seconds: 0.0,
+                tok_per_s: 0.0,
+                total_tok_per_s: 0.0,
                 cursors: state.cursors.clone().unwrap_or_default(),
             },
             stopped: None,

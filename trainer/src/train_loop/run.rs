@@ -114,9 +114,12 @@ pub fn run<H: LoopHooks>(
         first_loss: f64::NAN,
         final_loss: f64::NAN,
         tokens: 0,
+        total_tokens: 0,
         examples: 0,
         skipped: String::new(),
         seconds: 0.0,
+        tok_per_s: 0.0,
+        total_tok_per_s: 0.0,
         cursors: state.cursors.clone().unwrap_or_default(),
     };
     let mut recent: Vec<f64> = Vec::new();
@@ -143,6 +146,9 @@ pub fn run<H: LoopHooks>(
         let micro = micro_batches(&batch, job.micro_batch);
         if let Some(ch) = at.chaos {
             ch.maybe_kill(at.rank, done, Phase::Step);
+            if ch.fails_alloc(at.rank, done) {
+                state.trainer.fail_next_allocation();
+            }
         }
         let s = match state
             .trainer
@@ -163,6 +169,11 @@ pub fn run<H: LoopHooks>(
         };
         let seconds = t0.elapsed().as_secs_f64();
         summary.tokens += s.tokens;
+        summary.total_tokens += micro
+            .iter()
+            .flatten()
+            .map(|e| e.context.len() + e.suffix.len())
+            .sum::<usize>();
         summary.examples += micro.iter().map(Vec::len).sum::<usize>();
         summary.steps = done as usize;
         summary.cursors = cursors_after.clone();
@@ -191,6 +202,7 @@ pub fn run<H: LoopHooks>(
                     grad_norm = s.grad_norm,
                     tokens = s.tokens,
                     tok_per_s = summary.tokens as f64 / start.elapsed().as_secs_f64(),
+                    total_tok_per_s = summary.total_tokens as f64 / start.elapsed().as_secs_f64(),
                     seconds,
                     data_s,
                     compute_s = s.compute_s,
@@ -226,5 +238,7 @@ pub fn run<H: LoopHooks>(
     ckpt.flush()?;
     summary.final_loss = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
     summary.seconds = start.elapsed().as_secs_f64();
+    summary.tok_per_s = summary.tokens as f64 / summary.seconds.max(1e-9);
+    summary.total_tok_per_s = summary.total_tokens as f64 / summary.seconds.max(1e-9);
     Ok(RunOutcome { summary, stopped })
 }

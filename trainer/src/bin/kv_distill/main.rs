@@ -195,7 +195,7 @@ struct PerplexityArgs {
 }
 
 fn main() -> Result<()> {
-    let args = worker_cmd::expand_config(std::env::args_os().collect())?;
+    let (args, settings) = worker_cmd::resolve_config(std::env::args_os().collect())?;
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     if let Some(n) = cli.threads {
@@ -203,7 +203,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Train(a) => distill_cmds::run_train(a),
-        Command::Worker(a) => worker_cmd::run_worker_cmd(*a),
+        Command::Worker(a) => worker_cmd::run_worker_cmd(*a, &settings),
         Command::Compress(a) => distill_cmds::run_compress(a),
         Command::Eval(a) => distill_cmds::run_eval_cmd(a),
         Command::Inspect(a) => distill_cmds::run_inspect(a),

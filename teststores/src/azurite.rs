@@ -14,7 +14,7 @@
 //! ports could not run side by side in one test process. Both ways send the
 //! same path-style requests and the same Shared Key signatures.
 //!
-//! Azurite serves everything `crate::Source` does (list, `HEAD`, whole and
+//! Azurite serves everything `kvd_store::Source` does (list, `HEAD`, whole and
 //! ranged `GET`, `PUT`, conditional `PUT`, `DELETE`), but a container must
 //! exist first and `object_store` cannot create one, so [`Azurite::start`]
 //! creates it with a Create Container request signed by `object_store`'s own
@@ -29,8 +29,8 @@ use std::time::Duration;
 use object_store::azure::{AzureAccessKey, AzureAuthorizer, AzureCredential};
 use object_store::client::{HttpRequest, HttpRequestBody};
 
-use crate::error::{DataError, Result};
-use crate::source::StoreOptions;
+use crate::{Result, ServerError};
+use kvd_store::StoreOptions;
 
 /// The Azurite release `scripts/setup.sh` installs.
 pub const VERSION: &str = "3.37.0";
@@ -62,12 +62,12 @@ pub fn binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVD_AZURITE_BLOB") {
         return Ok(PathBuf::from(p));
     }
-    let cache = crate::error::cache_dir();
+    let cache = crate::cache_dir();
     let p = cache.join("azurite/node_modules/.bin/azurite-blob");
     if p.exists() {
         Ok(p)
     } else {
-        Err(DataError::config(format!(
+        Err(ServerError::config(format!(
             "{} not found (npm package azurite@{VERSION}; run `make setup`)",
             p.display()
         )))
@@ -81,7 +81,7 @@ impl Azurite {
         let port = crate::local_server::free_port()?;
         let bin = binary()?;
         let dir = std::env::temp_dir().join(format!("kvd-azurite-{}-{port}", std::process::id()));
-        let io_err = |e| DataError::Io {
+        let io_err = |e| ServerError::Io {
             path: dir.display().to_string(),
             source: e,
         };
@@ -107,7 +107,7 @@ impl Azurite {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(DataError::config(format!(
+                return Err(ServerError::config(format!(
                     "cannot start {}: {e} (needs `node` on PATH; run `make setup`)",
                     bin.display()
                 )));
@@ -165,7 +165,7 @@ impl Azurite {
         if status == 201 {
             Ok(())
         } else {
-            Err(DataError::config(format!(
+            Err(ServerError::config(format!(
                 "azurite: create container `{name}` -> {status}: {body}"
             )))
         }
@@ -180,18 +180,18 @@ impl Azurite {
         let mut req = HttpRequest::new(HttpRequestBody::empty());
         *req.method_mut() = method
             .parse()
-            .map_err(|e| DataError::config(format!("{what}: {e}")))?;
+            .map_err(|e| ServerError::config(format!("{what}: {e}")))?;
         *req.uri_mut() = format!("{}{path_query}", self.endpoint)
             .parse()
-            .map_err(|e| DataError::config(format!("{what}: {e}")))?;
+            .map_err(|e| ServerError::config(format!("{what}: {e}")))?;
         let key = AzureAccessKey::try_new(ACCESS_KEY)
-            .map_err(|e| DataError::config(format!("{what}: access key: {e}")))?;
+            .map_err(|e| ServerError::config(format!("{what}: access key: {e}")))?;
         let cred = AzureCredential::AccessKey(key);
         AzureAuthorizer::new(&cred, ACCOUNT)
             .try_authorize(&mut req)
-            .map_err(|e| DataError::config(format!("{what}: signing: {e}")))?;
+            .map_err(|e| ServerError::config(format!("{what}: signing: {e}")))?;
 
-        let err = |e: std::io::Error| DataError::config(format!("{what}: {e}"));
+        let err = |e: std::io::Error| ServerError::config(format!("{what}: {e}"));
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(err)?;
@@ -208,7 +208,7 @@ impl Azurite {
         for (k, v) in req.headers() {
             let v = v
                 .to_str()
-                .map_err(|e| DataError::config(format!("{what}: header {k}: {e}")))?;
+                .map_err(|e| ServerError::config(format!("{what}: header {k}: {e}")))?;
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
@@ -220,7 +220,7 @@ impl Azurite {
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| DataError::config(format!("{what}: bad response")))?;
+            .ok_or_else(|| ServerError::config(format!("{what}: bad response")))?;
         let body = text
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())

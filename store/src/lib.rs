@@ -1,6 +1,13 @@
-//! Object-store access: a dataset root given by URL (`file://`, a plain local
-//! path, `s3://`, `gs://`, `az://`, `memory://`), listing, whole-object and
-//! Parquet reads, and writes (for `prepare` and the manifest).
+//! Object-store access: a root given by URL (`file://`, a plain local path,
+//! `s3://`, `gs://`, `az://`, `memory://`), listing, whole-object and ranged
+//! reads, writes and conditional puts. Datasets (`kvd-data`), checkpoints
+//! (the trainer, the coordinator) and adaptors all go through [`Source`];
+//! this crate has no Parquet and no tokenizers, so the coordinator links it
+//! alone.
+
+mod error;
+
+pub use error::{Result, StoreError};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Once};
@@ -11,8 +18,6 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
-use crate::error::{DataError, Result};
-use crate::reader::ObjectReader;
 
 /// Connection settings for a dataset's object store.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -95,8 +100,8 @@ fn quoted_etag(e: String) -> String {
     }
 }
 
-fn url_err(url: &str, reason: impl Into<String>) -> DataError {
-    DataError::Url {
+fn url_err(url: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Url {
         url: url.to_string(),
         reason: reason.into(),
     }
@@ -125,7 +130,7 @@ impl Source {
                         s
                     });
                 }
-                std::fs::create_dir_all(dir).map_err(|e| DataError::Io {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
                     path: dir.to_string(),
                     source: e,
                 })?;
@@ -239,12 +244,12 @@ impl Source {
         }
     }
 
-    fn store_err(&self, op: &'static str, rel: &str, e: object_store::Error) -> DataError {
+    fn store_err(&self, op: &'static str, rel: &str, e: object_store::Error) -> StoreError {
         match e {
-            object_store::Error::NotFound { .. } => DataError::MissingObject {
+            object_store::Error::NotFound { .. } => StoreError::MissingObject {
                 path: self.display(rel),
             },
-            source => DataError::Store {
+            source => StoreError::Store {
                 op,
                 path: self.display(rel),
                 source,
@@ -289,7 +294,7 @@ impl Source {
         Ok(out)
     }
 
-    /// The store's metadata for `rel`; a missing object is [`DataError::MissingObject`].
+    /// The store's metadata for `rel`; a missing object is [`StoreError::MissingObject`].
     pub async fn head(&self, rel: &str) -> Result<ObjectInfo> {
         let m = self
             .store
@@ -362,10 +367,5 @@ impl Source {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.store_err("delete", rel, e)),
         }
-    }
-
-    /// An async Parquet reader over `rel`, whose size is known from the manifest.
-    pub fn parquet_reader(&self, rel: &str, size: u64) -> ObjectReader {
-        ObjectReader::new(self.store.clone(), self.path(rel), size)
     }
 }

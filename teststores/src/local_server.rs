@@ -5,13 +5,13 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::error::{DataError, Result};
+use crate::{Result, ServerError};
 
 /// A port free on 127.0.0.1 right now.
 pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(|e| DataError::config(format!("no free port: {e}")))?
+        .map_err(|e| ServerError::config(format!("no free port: {e}")))?
         .port())
 }
 
@@ -28,14 +28,14 @@ pub(crate) fn wait_listening(
     let t0 = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if t0.elapsed() > timeout {
-            return Err(DataError::config(format!(
+            return Err(ServerError::config(format!(
                 "{name} did not answer within {} s",
                 timeout.as_secs()
             )));
         }
         if let Ok(Some(st)) = child.try_wait() {
             let d = detail();
-            return Err(DataError::config(if d.is_empty() {
+            return Err(ServerError::config(if d.is_empty() {
                 format!("{name} exited: {st}")
             } else {
                 format!("{name} exited: {st}: {d}")

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-/// The error type of [`crate::tokenizer`]: loading a tokenizer, encoding,
+/// The error type of [`crate`]: loading a tokenizer, encoding,
 /// decoding and rendering chat templates.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -118,5 +118,5 @@ pub enum TokenizerError {
 
     /// Reading the GGUF metadata failed.
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] kvd_gguf::GgufError),
 }

@@ -206,7 +206,7 @@ impl GgmlType {
         self.row().map(|row| row.4)
     }
 
-    /// Whether [`crate::gguf::dequantize`] can convert this type to f32.
+    /// Whether [`crate::dequantize`] can convert this type to f32.
     pub fn can_dequantize(self) -> bool {
         matches!(
             self,

@@ -92,14 +92,14 @@ pub enum GgufError {
         what: String,
     },
 
-    /// [`crate::gguf::dequantize`] was asked for a type it cannot decode.
+    /// [`crate::dequantize`] was asked for a type it cannot decode.
     #[error("cannot dequantize ggml type {dtype}")]
     UnsupportedType {
         /// The type's ggml name.
         dtype: String,
     },
 
-    /// [`crate::gguf::dequantize`] got a data or output length that does not
+    /// [`crate::dequantize`] got a data or output length that does not
     /// fit the type's block layout.
     #[error("cannot dequantize {dtype}: {what}")]
     LengthMismatch {

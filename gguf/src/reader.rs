@@ -274,7 +274,7 @@ impl GgufFile {
     /// Tensor `name` dequantized to f32, with its shape (as in [`GgufTensorInfo::shape`]).
     ///
     /// Fails with [`GgufError::UnsupportedTensorType`] for types that
-    /// [`crate::gguf::dequantize`] does not handle.
+    /// [`crate::dequantize`] does not handle.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
         let i = self.index(name)?;
         let info = &self.tensors[i];

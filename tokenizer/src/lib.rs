@@ -305,7 +305,7 @@ impl Tokenizer {
     /// does for `AutoTokenizer.from_pretrained(dir, gguf_file=name)`.
     ///
     /// See [`gguf`] for what is built for each `tokenizer.ggml.model`.
-    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self, TokenizerError> {
+    pub fn from_gguf(file: &kvd_gguf::GgufFile) -> Result<Self, TokenizerError> {
         gguf::build(file)
     }
 

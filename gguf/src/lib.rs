@@ -8,11 +8,11 @@
 //! reproduces ggml's `dequantize_row_*` bit for bit.
 //!
 //! ```no_run
-//! use kvd_trainer::gguf::GgufFile;
+//! use kvd_gguf::GgufFile;
 //! let f = GgufFile::open("model.gguf")?;
 //! let arch = f.get_str("general.architecture")?;
 //! let (shape, values) = f.tensor_f32("token_embd.weight")?;
-//! # Ok::<(), kvd_trainer::gguf::GgufError>(())
+//! # Ok::<(), kvd_gguf::GgufError>(())
 //! ```
 
 mod dequant;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::error::{DataError, Result};
-use crate::source::StoreOptions;
+use crate::{Result, ServerError};
+use kvd_store::StoreOptions;
 
 /// A running `moto_server`.
 pub struct MotoServer {
@@ -23,7 +23,7 @@ pub struct MotoServer {
 }
 
 fn venv_bin(name: &str) -> PathBuf {
-    let cache = crate::error::cache_dir();
+    let cache = crate::cache_dir();
     let p = cache.join("venv/bin").join(name);
     if p.exists() {
         p
@@ -45,7 +45,7 @@ impl MotoServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
-                DataError::config(format!(
+                ServerError::config(format!(
                     "cannot start {}: {e} (run `make setup`)",
                     bin.display()
                 ))
@@ -70,9 +70,9 @@ impl MotoServer {
             .arg(&script)
             .args([&server.endpoint, bucket])
             .output()
-            .map_err(|e| DataError::config(format!("{}: {e}", script.display())))?;
+            .map_err(|e| ServerError::config(format!("{}: {e}", script.display())))?;
         if !out.status.success() {
-            return Err(DataError::config(format!(
+            return Err(ServerError::config(format!(
                 "moto setup failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             )));
@@ -82,7 +82,7 @@ impl MotoServer {
         server.access_key = parts.next().unwrap_or_default().to_string();
         server.secret_key = parts.next().unwrap_or_default().to_string();
         if server.secret_key.is_empty() {
-            return Err(DataError::config(format!(
+            return Err(ServerError::config(format!(
                 "moto setup printed no key: {text}"
             )));
         }
