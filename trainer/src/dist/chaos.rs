@@ -5,7 +5,8 @@
 //! all-reduce) or during the upload of the checkpoint of step S (after its
 //! part is written, before the commit). With `KVD_CHAOS_ONCE=FILE` it fires
 //! only if FILE does not exist, and creates it, so a restarted worker with
-//! the same environment does not die again.
+//! the same environment does not die again. `term:...` (same keys) sends
+//! SIGTERM instead, as an orchestrator evicting the worker does.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ pub enum Phase {
 /// A planned fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chaos {
+    signal: i32,
     rank: u32,
     step: u64,
     phase: Phase,
@@ -38,13 +40,15 @@ impl Chaos {
         Ok(Some(c))
     }
 
-    /// Parses `kill:rank=R:step=S:at=step|upload`.
+    /// Parses `kill|term:rank=R:step=S:at=step|upload`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("KVD_CHAOS `{spec}`: {why}");
         let mut parts = spec.split(':');
-        if parts.next() != Some("kill") {
-            return Err(bad("only `kill:...` is supported"));
-        }
+        let signal = match parts.next() {
+            Some("kill") => libc::SIGKILL,
+            Some("term") => libc::SIGTERM,
+            _ => return Err(bad("only `kill:...` and `term:...` are supported")),
+        };
         let (mut rank, mut step, mut phase) = (None, None, Phase::Step);
         for kv in parts {
             let (k, v) = kv
@@ -64,6 +68,7 @@ impl Chaos {
             }
         }
         Ok(Self {
+            signal,
             rank: rank.ok_or_else(|| bad("rank is required"))?,
             step: step.ok_or_else(|| bad("step is required"))?,
             phase,
@@ -71,7 +76,8 @@ impl Chaos {
         })
     }
 
-    /// SIGKILLs this process if the fault is planned for (rank, step, phase).
+    /// Sends this process its signal (SIGKILL or SIGTERM) if the fault is
+    /// planned for (rank, step, phase).
     pub fn maybe_kill(&self, rank: usize, step: u64, phase: Phase) {
         if self.rank as usize != rank || self.step != step || self.phase != phase {
             return;
@@ -82,10 +88,15 @@ impl Chaos {
             }
             let _ = std::fs::write(marker, format!("killed rank {rank} at step {step}\n"));
         }
-        tracing::warn!(rank, step, ?phase, "chaos: SIGKILL to self");
+        let name = if self.signal == libc::SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        tracing::warn!(rank, step, ?phase, "chaos: {name} to self");
         // SAFETY: sending a signal to our own pid.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::kill(libc::getpid(), self.signal);
         }
     }
 }
@@ -103,6 +114,10 @@ mod tests {
             Phase::Step
         );
         assert!(Chaos::parse("boom:rank=1").is_err());
+        assert_eq!(
+            Chaos::parse("term:rank=0:step=2").unwrap().signal,
+            libc::SIGTERM
+        );
         assert!(Chaos::parse("kill:step=2").unwrap_err().contains("rank"));
         assert!(Chaos::parse("kill:rank=1:step=x").is_err());
     }
