@@ -103,19 +103,53 @@ impl Checkpoints {
         Ok(None)
     }
 
+    /// The newest committed checkpoint that is intact (its manifest parses
+    /// and every part it names is there, whole), and the newer committed ones
+    /// that are not, each with why (logged at WARN as they are skipped).
+    pub async fn latest_intact(&self, store: &BTreeMap<String, String>) -> anyhow::Result<Scan> {
+        let (committed, _) = self.scan().await?;
+        let mut found = Scan::default();
+        for &step in committed.iter().rev() {
+            let url = self.manifest_url(step);
+            let why = match read_manifest(&url, store).await {
+                Ok(m) if m.step != step => format!("the manifest is of step {}", m.step),
+                Ok(m) => match check_parts(&m, &url, store).await {
+                    Ok(()) => {
+                        found.intact = Some((url, step));
+                        return Ok(found);
+                    }
+                    Err(e) => format!("{e:#}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            warn!(
+                step,
+                manifest = %url,
+                reason = %why,
+                "checkpoint not intact: skipped, falling back to an older one"
+            );
+            found.skipped.push((step, why));
+        }
+        Ok(found)
+    }
+
     /// Writes the manifest of `step` unless one exists (the commit). Returns
-    /// false when a manifest was there already.
-    pub async fn commit(&self, step: u64, json: &str) -> anyhow::Result<bool> {
+    /// false when a manifest was there already. With `replace`, an existing
+    /// manifest is overwritten (one found broken at the start of the job).
+    pub async fn commit(&self, step: u64, json: &str, replace: bool) -> anyhow::Result<bool> {
         let rel = format!("step-{step:08}/manifest.json");
-        self.source
-            .put_new(&rel, Bytes::from(json.to_string()))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot write the checkpoint manifest {}",
-                    self.manifest_url(step)
-                )
-            })
+        let bytes = Bytes::from(json.to_string());
+        let written = if replace {
+            self.source.put(&rel, bytes).await.map(|()| true)
+        } else {
+            self.source.put_new(&rel, bytes).await
+        };
+        written.with_context(|| {
+            format!(
+                "cannot write the checkpoint manifest {}",
+                self.manifest_url(step)
+            )
+        })
     }
 
     /// Deletes every checkpoint older than the newest `keep` committed ones,
@@ -157,16 +191,90 @@ impl Checkpoints {
     }
 }
 
-/// Where the job starts, as (manifest URL, step), from the configuration.
-pub async fn resolve_resume(
-    config: &crate::config::Config,
-) -> anyhow::Result<Option<(String, u64)>> {
+/// The committed checkpoints found under a checkpoint URL, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// The newest intact one: (manifest URL, step).
+    pub intact: Option<(String, u64)>,
+    /// Newer ones that are not intact: (step, why).
+    pub skipped: Vec<(u64, String)>,
+}
+
+/// Whether every part `m` names is there and whole: a safetensors part is
+/// its 8-byte header length, the JSON header and the tensor data, whose end
+/// the header states; a shorter object was truncated.
+pub async fn check_parts(
+    m: &CheckpointManifest,
+    manifest_url: &str,
+    store: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    for p in &m.parts {
+        let url = p.resolve(manifest_url);
+        let what = || format!("the part of rank {} ({url})", p.rank);
+        let (dir, name) = url
+            .rsplit_once('/')
+            .with_context(|| format!("{} is not an object URL", what()))?;
+        let src = Source::open(dir, &options(store))?;
+        let size = match src.head(name).await {
+            Ok(info) => info.size,
+            Err(kvd_data::DataError::MissingObject { .. }) => bail!("{} is missing", what()),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", what())),
+        };
+        if size < 8 {
+            bail!("{} is truncated: {size} bytes", what());
+        }
+        let len = src
+            .get_range(name, 0..8)
+            .await
+            .with_context(|| format!("cannot read {}", what()))?;
+        let header_len = u64::from_le_bytes(len[..8].try_into().expect("8 bytes"));
+        if 8 + header_len > size {
+            bail!(
+                "{} is truncated: {size} bytes, its header alone needs {}",
+                what(),
+                8 + header_len
+            );
+        }
+        let header = src
+            .get_range(name, 8..8 + header_len)
+            .await
+            .with_context(|| format!("cannot read {}", what()))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .with_context(|| format!("{} has no safetensors header", what()))?;
+        let data_end = header
+            .values()
+            .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+            .max()
+            .unwrap_or(0);
+        let needed = 8 + header_len + data_end;
+        if size != needed {
+            bail!(
+                "{} is {}: {size} bytes, its header says {needed}",
+                what(),
+                if size < needed {
+                    "truncated"
+                } else {
+                    "too long"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Where the job starts, from the configuration: the checkpoint to resume
+/// from, and (for `--resume`) the newer committed checkpoints skipped as not
+/// intact.
+pub async fn resolve_resume(config: &crate::config::Config) -> anyhow::Result<Scan> {
     use crate::config::Resume;
     match &config.resume {
         Resume::From(url) => {
             let m = read_manifest(url, &config.store_options).await?;
             info!(%url, step = m.step, "resuming from the given checkpoint");
-            Ok(Some((url.clone(), m.step)))
+            Ok(Scan {
+                intact: Some((url.clone(), m.step)),
+                skipped: Vec::new(),
+            })
         }
         Resume::Latest => {
             let base = config
@@ -174,13 +282,25 @@ pub async fn resolve_resume(
                 .as_deref()
                 .context("resume needs checkpoint_url")?;
             let found = Checkpoints::open(base, &config.store_options)?
-                .latest(&config.store_options)
+                .latest_intact(&config.store_options)
                 .await?;
-            match &found {
-                Some((url, step)) => {
-                    info!(%url, step, "resuming from the latest committed checkpoint")
+            match (&found.intact, found.skipped.is_empty()) {
+                (Some((url, step)), _) => {
+                    info!(%url, step, skipped = found.skipped.len(), "resuming from the latest committed checkpoint")
                 }
-                None => info!(base, "no committed checkpoint yet: starting fresh"),
+                (None, true) => info!(base, "no committed checkpoint yet: starting fresh"),
+                (None, false) => {
+                    let why: Vec<String> = found
+                        .skipped
+                        .iter()
+                        .map(|(step, why)| format!("step {step}: {why}"))
+                        .collect();
+                    bail!(
+                        "{base} holds committed checkpoints but none is intact ({}); \
+                         repair one, pass --resume-from, or use another --checkpoint-url",
+                        why.join("; ")
+                    );
+                }
             }
             Ok(found)
         }
@@ -196,7 +316,7 @@ pub async fn resolve_resume(
                     );
                 }
             }
-            Ok(None)
+            Ok(Scan::default())
         }
     }
 }

@@ -65,6 +65,10 @@ pub struct Cli {
     /// Keep the newest N committed checkpoints, delete older ones [default: 3; 0 keeps all].
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
+    /// Fail the job (exit 1) once N checkpoints in a row could not be written
+    /// [default: 3; 0 never fails the job for checkpoints].
+    #[arg(long, value_name = "N")]
+    pub max_checkpoint_failures: Option<u32>,
     /// Continue from the latest committed checkpoint under --checkpoint-url
     /// (a fresh start when there is none). Without it, a checkpoint URL that
     /// already holds checkpoints is refused.
@@ -120,6 +124,8 @@ pub struct Settings {
     pub checkpoint_url: Option<String>,
     /// Committed checkpoints to keep (0: all).
     pub keep_last: u32,
+    /// Failed checkpoints in a row that fail the job (0: never).
+    pub max_checkpoint_failures: u32,
     /// Pause after this step's checkpoint.
     pub stop_at: Option<u64>,
     /// TLS certificate chain (PEM file).
@@ -165,6 +171,7 @@ impl Default for Settings {
             max_rebuilds: 10,
             checkpoint_url: None,
             keep_last: 3,
+            max_checkpoint_failures: 3,
             stop_at: None,
             tls_cert: None,
             tls_key: None,
@@ -201,6 +208,8 @@ struct FlagLayer<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     keep_last: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    max_checkpoint_failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stop_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<&'a Path>,
@@ -228,6 +237,7 @@ impl<'a> From<&'a Cli> for FlagLayer<'a> {
             max_rebuilds: c.max_rebuilds,
             checkpoint_url: c.checkpoint_url.as_deref(),
             keep_last: c.keep_last,
+            max_checkpoint_failures: c.max_checkpoint_failures,
             stop_at: c.stop_at,
             tls_cert: c.tls_cert.as_deref(),
             tls_key: c.tls_key.as_deref(),
@@ -296,6 +306,8 @@ pub struct Config {
     pub resume: Resume,
     /// Committed checkpoints to keep (0: all).
     pub keep_last: u32,
+    /// Fail the job once this many checkpoints in a row could not be written (0: never).
+    pub max_checkpoint_failures: u32,
     /// Pause once this step is checkpointed.
     pub stop_at: Option<u64>,
     /// TLS (certificate PEM, key PEM) files, if serving over TLS.
@@ -420,6 +432,7 @@ impl Config {
                 .map(|u| u.trim_end_matches('/').to_string()),
             resume,
             keep_last: s.keep_last,
+            max_checkpoint_failures: s.max_checkpoint_failures,
             stop_at: s.stop_at,
             tls,
             store_options,
@@ -488,6 +501,11 @@ impl fmt::Display for Config {
         writeln!(f, "checkpoint_url = {}", opt(&self.checkpoint_url))?;
         writeln!(f, "resume = {:?}", self.resume)?;
         writeln!(f, "keep_last = {}", self.keep_last)?;
+        writeln!(
+            f,
+            "max_checkpoint_failures = {}",
+            self.max_checkpoint_failures
+        )?;
         writeln!(f, "stop_at = {}", opt(&self.stop_at))?;
         writeln!(f, "tls = {}", opt(&self.tls))?;
         let keys: Vec<&String> = self.store_options.keys().collect();

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvd_coordinator::config::{Cli, Config, LogFormat};
 use kvd_coordinator::server::{run, Signals};
+use kvd_proto::report::error_chain;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -32,7 +33,7 @@ async fn main() -> ExitCode {
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("coordinator: {e:#}");
+            eprintln!("coordinator: {}", error_chain(e.as_ref()));
             return ExitCode::from(2);
         }
     };
@@ -62,7 +63,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            error!("coordinator failed: {e:#}");
+            error!("coordinator failed: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvd_proto::v1::{
-    CheckpointBeginReply, CheckpointCommitReply, Command, DeviceKind, HeartbeatReply,
-    RegisterReply, RegisterRequest, ReportStepReply,
+    CheckpointBeginReply, CheckpointCommitReply, CheckpointFailedReply, Command, DeviceKind,
+    HeartbeatReply, RegisterReply, RegisterRequest, ReportStepReply,
 };
 use kvd_proto::{
     CheckpointManifest, CheckpointPart, MANIFEST_FORMAT_VERSION, NCCL_UNIQUE_ID_BYTES,
@@ -32,6 +32,9 @@ pub struct JobParams {
     pub resume: Option<(String, u64)>,
     /// Pause the job once this step's checkpoint is committed.
     pub stop_at: Option<u64>,
+    /// Fail the job once this many checkpoints in a row could not be
+    /// written (0: never).
+    pub max_checkpoint_failures: u32,
 }
 
 /// How the job ended.
@@ -63,6 +66,8 @@ struct Reference {
     worker: String,
     model_config_hash: String,
     job_config_hash: String,
+    /// The job configuration behind `job_config_hash`, when the worker sent it.
+    job_config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +100,9 @@ pub struct Membership {
     pending: BTreeMap<u64, PendingCheckpoint>,
     steps: BTreeMap<u64, StepTotals>,
     outcome: Option<Outcome>,
+    /// Checkpoints that failed since the last committed one: step -> the
+    /// first reason reported.
+    failed_checkpoints: BTreeMap<u64, String>,
 }
 
 fn not_member(member_id: u64, rank: u32) -> Status {
@@ -130,6 +138,7 @@ impl Membership {
             pending: BTreeMap::new(),
             steps: BTreeMap::new(),
             outcome: None,
+            failed_checkpoints: BTreeMap::new(),
         }
     }
 
@@ -245,18 +254,35 @@ impl Membership {
                 "model_config_hash and job_config_hash must be set",
             ));
         }
+        let job_config = req
+            .job_config_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
         if let Some(r) = &self.reference {
-            for (what, got, want) in [
-                ("model", &req.model_config_hash, &r.model_config_hash),
-                ("job", &req.job_config_hash, &r.job_config_hash),
-            ] {
-                if got != want {
-                    return Err(Status::failed_precondition(format!(
-                        "{what} config hash mismatch: worker {name:?} has {got}, the job has \
-                         {want} (from the first worker, {:?})",
-                        r.worker
-                    )));
-                }
+            if req.model_config_hash != r.model_config_hash {
+                return Err(Status::failed_precondition(format!(
+                    "model config hash mismatch: worker {name:?} has {}, the job has {} (from \
+                     the first worker, {:?}): every worker must load the same base model",
+                    req.model_config_hash, r.model_config_hash, r.worker
+                )));
+            }
+            if req.job_config_hash != r.job_config_hash {
+                let keys = match (&r.job_config, &job_config) {
+                    (Some(first), Some(this)) => {
+                        let d = config_diff(first, this);
+                        if d.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; differing keys: {}", d.join(", "))
+                        }
+                    }
+                    _ => String::new(),
+                };
+                return Err(Status::failed_precondition(format!(
+                    "job config hash mismatch: worker {name:?} has {}, the job has {} (from the \
+                     first worker, {:?}){keys}; every worker must run with the same job flags",
+                    req.job_config_hash, r.job_config_hash, r.worker
+                )));
             }
         }
         if let Some(id) = &req.nccl_id {
@@ -308,6 +334,7 @@ impl Membership {
                 worker: req.worker_name.clone(),
                 model_config_hash: req.model_config_hash.clone(),
                 job_config_hash: req.job_config_hash.clone(),
+                job_config,
             });
         }
         if rank == 0 {
@@ -652,6 +679,7 @@ impl Membership {
             return;
         }
         info!(step, %manifest_url, "checkpoint committed: new resume point");
+        self.failed_checkpoints.retain(|s, _| *s > step);
         if self.resume.as_ref().is_none_or(|r| r.1 <= step) {
             self.resume = Some((manifest_url, step));
         }
@@ -695,6 +723,101 @@ impl Membership {
         if dead.is_empty() {
             return false;
         }
+        self.bump_epoch(&dead);
+        true
+    }
+
+    /// A member leaves the job on its own (e.g. SIGTERM): its rank is freed
+    /// at once and the survivors rebuild, as for a death but without waiting
+    /// for the heartbeat timeout.
+    pub fn leave(&mut self, member_id: u64, rank: u32, reason: &str) -> Result<(), Status> {
+        if self.outcome.is_some() {
+            // The job is over: nothing to rebuild.
+            if let Some(slot) = self.slots.get_mut(rank as usize) {
+                if slot.as_ref().is_some_and(|m| m.id == member_id) {
+                    *slot = None;
+                }
+            }
+            return Ok(());
+        }
+        let m = self.member_mut(member_id, rank)?;
+        warn!(
+            rank,
+            worker = %m.name,
+            member = member_id,
+            %reason,
+            "worker left the job: its rank is free"
+        );
+        self.slots[rank as usize] = None;
+        self.bump_epoch(&[rank as usize]);
+        Ok(())
+    }
+
+    /// `rank` could not write its part of the checkpoint of `step`: logged,
+    /// and counted; the job fails after `max_checkpoint_failures` failed
+    /// checkpoints in a row (several ranks failing one step count once).
+    pub fn checkpoint_failed(
+        &mut self,
+        member_id: u64,
+        rank: u32,
+        step: u64,
+        reason: &str,
+        now: Instant,
+    ) -> Result<CheckpointFailedReply, Status> {
+        if self.outcome.is_some() {
+            return Ok(CheckpointFailedReply {
+                command: Command::Stop as i32,
+            });
+        }
+        self.member_mut(member_id, rank)?.last_seen = now;
+        self.record_checkpoint_failure(step, &format!("rank {rank}: {reason}"));
+        let command = if self.outcome.is_some() {
+            Command::Stop
+        } else {
+            Command::Continue
+        };
+        Ok(CheckpointFailedReply {
+            command: command as i32,
+        })
+    }
+
+    /// Counts a failed checkpoint of `step` (a part or the manifest could not
+    /// be written); fails the job after `max_checkpoint_failures` in a row.
+    pub fn record_checkpoint_failure(&mut self, step: u64, reason: &str) {
+        if self.outcome.is_some() {
+            return;
+        }
+        if step <= self.start_step() {
+            // A late report about a step older than the resume point.
+            warn!(step, %reason, "checkpoint failed, but a later one is committed already");
+            return;
+        }
+        let max = self.params.max_checkpoint_failures;
+        let first_of_step = !self.failed_checkpoints.contains_key(&step);
+        self.failed_checkpoints
+            .entry(step)
+            .or_insert_with(|| reason.to_string());
+        let in_a_row = self.failed_checkpoints.len() as u32;
+        warn!(
+            step,
+            %reason,
+            failed_in_a_row = in_a_row,
+            max_checkpoint_failures = max,
+            "checkpoint failed (the previous committed one stays the resume point)"
+        );
+        if first_of_step && max > 0 && in_a_row >= max {
+            let steps: Vec<u64> = self.failed_checkpoints.keys().copied().collect();
+            self.finish(
+                format!(
+                    "{in_a_row} checkpoints in a row could not be written (steps {steps:?}; \
+                     max_checkpoint_failures = {max}); last: step {step}, {reason}"
+                ),
+                true,
+            );
+        }
+    }
+
+    fn bump_epoch(&mut self, dead: &[usize]) {
         self.epoch += 1;
         self.rebuilds += 1;
         self.nccl_id = None;
@@ -721,8 +844,54 @@ impl Membership {
                 true,
             );
         }
-        true
     }
+}
+
+/// The leaves of `first` and `this` that differ, as `path (first X, this Y)`
+/// (values under a `store` key, which may hold credentials, are not shown);
+/// at most 8.
+pub fn config_diff(first: &serde_json::Value, this: &serde_json::Value) -> Vec<String> {
+    fn flatten(v: &serde_json::Value, path: String, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    flatten(v, p, out);
+                }
+            }
+            other => {
+                out.insert(path, other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten(first, String::new(), &mut a);
+    flatten(this, String::new(), &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut out = Vec::new();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if x == y {
+            continue;
+        }
+        let secret = k.split('.').any(|p| p == "store");
+        let show = |v: Option<&String>| match v {
+            None => "unset".to_string(),
+            Some(_) if secret => "(not shown)".to_string(),
+            Some(v) => v.clone(),
+        };
+        out.push(format!("{k} (first {}, this {})", show(x), show(y)));
+    }
+    if out.len() > 8 {
+        let more = out.len() - 8;
+        out.truncate(8);
+        out.push(format!("and {more} more"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -738,6 +907,7 @@ mod tests {
             checkpoint_url: Some("file:///ckpt".into()),
             stop_at: None,
             resume: None,
+            max_checkpoint_failures: 2,
         }
     }
 
@@ -752,6 +922,7 @@ mod tests {
             requested_rank: rank,
             nccl_id: nccl.map(|b| vec![b; NCCL_UNIQUE_ID_BYTES]),
             final_step: None,
+            job_config_json: None,
         }
     }
 
@@ -842,5 +1013,116 @@ mod tests {
         assert!(m.all_told_stop());
         let hb = m.heartbeat(a.member_id, 0, 0, t).unwrap();
         assert_eq!(hb.command, Command::Stop as i32);
+    }
+
+    #[test]
+    fn failed_checkpoints_in_a_row_fail_the_job_and_a_commit_resets_the_count() {
+        let t = Instant::now();
+        let mut m = Membership::new(params(2));
+        let a = m.register(req("a", None, Some(7)), t).unwrap();
+        let b = m.register(req("b", None, None), t).unwrap();
+        // Two ranks failing one step count once.
+        m.checkpoint_failed(a.member_id, 0, 2, "disk full", t)
+            .unwrap();
+        m.checkpoint_failed(b.member_id, 1, 2, "disk full", t)
+            .unwrap();
+        assert!(m.outcome().is_none());
+        // A commit resets the count.
+        for (r, id) in [(0, a.member_id), (1, b.member_id)] {
+            m.checkpoint_begin(id, r, 0, 4, t).unwrap();
+            let c = m
+                .checkpoint_commit(id, r, 0, 4, format!("p{r}"), None, t)
+                .unwrap();
+            if c.complete {
+                m.committed(c.manifest_url, 4, 0);
+            }
+        }
+        // A late report about an older step does not count.
+        m.checkpoint_failed(a.member_id, 0, 2, "late", t).unwrap();
+        let r = m
+            .checkpoint_failed(a.member_id, 0, 6, "disk full", t)
+            .unwrap();
+        assert_eq!(r.command, Command::Continue as i32);
+        assert!(m.outcome().is_none());
+        let r = m
+            .checkpoint_failed(b.member_id, 1, 8, "bucket gone", t)
+            .unwrap();
+        assert_eq!(r.command, Command::Stop as i32);
+        let o = m.outcome().unwrap();
+        assert!(o.failed);
+        assert!(
+            o.reason.contains("2 checkpoints in a row")
+                && o.reason.contains("[6, 8]")
+                && o.reason.contains("rank 1: bucket gone"),
+            "{}",
+            o.reason
+        );
+    }
+
+    #[test]
+    fn no_limit_never_fails_the_job_for_checkpoints() {
+        let t = Instant::now();
+        let mut m = Membership::new(JobParams {
+            max_checkpoint_failures: 0,
+            ..params(1)
+        });
+        let a = m.register(req("a", None, Some(7)), t).unwrap();
+        for step in 1..20 {
+            m.checkpoint_failed(a.member_id, 0, step, "x", t).unwrap();
+        }
+        assert!(m.outcome().is_none());
+    }
+
+    #[test]
+    fn a_member_that_leaves_frees_its_rank_at_once() {
+        let t = Instant::now();
+        let mut m = Membership::new(params(2));
+        let a = m.register(req("a", None, Some(7)), t).unwrap();
+        let b = m.register(req("b", Some(1), None), t).unwrap();
+        let err = m.register(req("b2", Some(1), None), t).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        m.leave(b.member_id, 1, "SIGTERM").unwrap();
+        assert_eq!(m.epoch(), 1);
+        let hb = m.heartbeat(a.member_id, 0, 0, t).unwrap();
+        assert_eq!(hb.command, Command::Rebuild as i32);
+        let c = m.register(req("b2", Some(1), None), t).unwrap();
+        assert_eq!((c.rank, c.epoch), (1, 1));
+    }
+
+    #[test]
+    fn a_job_config_mismatch_names_the_differing_keys() {
+        let t = Instant::now();
+        let mut m = Membership::new(params(2));
+        let with = |name: &str, hash: &str, json: &str| RegisterRequest {
+            job_config_hash: hash.into(),
+            job_config_json: Some(json.into()),
+            ..req(name, None, None)
+        };
+        m.register(
+            with(
+                "a",
+                "h1",
+                r#"{"distill":{"lora":{"rank":8}},"dataset":{"store":{"secret":"s1"}},"seed":3}"#,
+            ),
+            t,
+        )
+        .unwrap();
+        let err = m
+            .register(
+                with(
+                    "b",
+                    "h2",
+                    r#"{"distill":{"lora":{"rank":4}},"dataset":{"store":{"secret":"s2"}},"seed":3}"#,
+                ),
+                t,
+            )
+            .unwrap_err();
+        let msg = err.message();
+        assert!(msg.contains("job config hash mismatch"), "{msg}");
+        assert!(msg.contains("distill.lora.rank (first 8, this 4)"), "{msg}");
+        assert!(msg.contains("dataset.store.secret"), "{msg}");
+        assert!(!msg.contains("s1") && !msg.contains("s2"), "{msg}");
+        assert!(!msg.contains("seed"), "{msg}");
+        assert!(msg.contains("same job flags"), "{msg}");
     }
 }

@@ -73,8 +73,9 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
         heartbeat_timeout: config.heartbeat_timeout,
         max_rebuilds: config.max_rebuilds,
         checkpoint_url: config.checkpoint_url.clone(),
-        resume,
+        resume: resume.intact,
         stop_at: config.stop_at,
+        max_checkpoint_failures: config.max_checkpoint_failures,
     };
     let shared = Shared::new(Membership::new(params));
     let max_wait = (config.heartbeat_timeout / 2).min(Duration::from_secs(30));
@@ -83,6 +84,7 @@ pub async fn run(config: &Config, mut signals: Signals) -> anyhow::Result<Outcom
         max_wait,
         checkpoints,
         config.keep_last,
+        resume.skipped.iter().map(|(step, _)| *step).collect(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use kvd_proto::v1::coordinator_server::Coordinator;
 use kvd_proto::v1::{
     CheckpointBeginReply, CheckpointBeginRequest, CheckpointCommitReply, CheckpointCommitRequest,
-    HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest,
-    ReportStepReply, ReportStepRequest, ShutdownReply, ShutdownRequest,
+    CheckpointFailedReply, CheckpointFailedRequest, HeartbeatReply, HeartbeatRequest, LeaveReply,
+    LeaveRequest, RegisterReply, RegisterRequest, RendezvousRequest, ReportStepReply,
+    ReportStepRequest, ShutdownReply, ShutdownRequest,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -61,22 +62,59 @@ pub struct CoordinatorService {
     max_wait: Duration,
     checkpoints: Option<Checkpoints>,
     keep_last: u32,
+    /// Steps whose committed checkpoint was found broken at the start: their
+    /// manifest is replaced when the step is checkpointed again.
+    broken: Vec<u64>,
+    /// The last Register rejection logged at WARN: a worker waiting for its
+    /// rank retries twice a second, and each retry is not worth a warning.
+    last_rejection: Mutex<Option<String>>,
 }
 
 impl CoordinatorService {
     /// Serves `shared`; a Rendezvous waits at most `max_wait`. Manifests go to
-    /// `checkpoints`, which keeps the newest `keep_last`.
+    /// `checkpoints`, which keeps the newest `keep_last`; the manifests of the
+    /// `broken` steps (not intact at the start) are replaced, not kept.
     pub fn new(
         shared: Shared,
         max_wait: Duration,
         checkpoints: Option<Checkpoints>,
         keep_last: u32,
+        broken: Vec<u64>,
     ) -> Self {
         Self {
             shared,
             max_wait,
             checkpoints,
             keep_last,
+            broken,
+            last_rejection: Mutex::new(None),
+        }
+    }
+
+    /// [`logged`] for Register: a rejection repeated by a waiting worker (its
+    /// rank still taken) is logged at WARN once, then at DEBUG.
+    fn logged_register(
+        &self,
+        result: Result<RegisterReply, Status>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let mut last = self
+            .last_rejection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(reply) => {
+                *last = None;
+                Ok(Response::new(reply))
+            }
+            Err(status) => {
+                if last.as_deref() == Some(status.message()) {
+                    debug!(rpc = "Register", code = ?status.code(), message = status.message(), "request rejected again");
+                } else {
+                    warn!(rpc = "Register", code = ?status.code(), message = status.message(), "request rejected");
+                    *last = Some(status.message().to_string());
+                }
+                Err(status)
+            }
         }
     }
 }
@@ -100,10 +138,7 @@ impl Coordinator for CoordinatorService {
         let peer = request.remote_addr();
         debug!(?peer, "register");
         let req = request.into_inner();
-        logged(
-            "Register",
-            self.shared.update(|m| m.register(req, Instant::now())),
-        )
+        self.logged_register(self.shared.update(|m| m.register(req, Instant::now())))
     }
 
     async fn rendezvous(
@@ -217,7 +252,7 @@ impl Coordinator for CoordinatorService {
             );
         };
         let json = reply.manifest_json.clone().unwrap_or_default();
-        match store.commit(step, &json).await {
+        match store.commit(step, &json, self.broken.contains(&step)).await {
             Ok(true) => {}
             Ok(false) => warn!(
                 step,
@@ -225,10 +260,14 @@ impl Coordinator for CoordinatorService {
                 "a manifest for this step exists already: kept (checkpoints are deterministic)"
             ),
             Err(e) => {
-                return logged(
-                    "CheckpointCommit",
-                    Err(Status::unavailable(format!("{e:#}"))),
-                )
+                let reason = format!("{e:#}");
+                self.shared.update(|m| {
+                    m.record_checkpoint_failure(
+                        step,
+                        &format!("the coordinator cannot write the manifest: {reason}"),
+                    )
+                });
+                return logged("CheckpointCommit", Err(Status::unavailable(reason)));
             }
         }
         self.shared
@@ -240,6 +279,34 @@ impl Coordinator for CoordinatorService {
             }
         });
         Ok(Response::new(reply))
+    }
+
+    async fn checkpoint_failed(
+        &self,
+        request: Request<CheckpointFailedRequest>,
+    ) -> Result<Response<CheckpointFailedReply>, Status> {
+        let r = request.into_inner();
+        logged(
+            "CheckpointFailed",
+            self.shared.update(|m| {
+                m.checkpoint_failed(r.member_id, r.rank, r.step, &r.reason, Instant::now())
+            }),
+        )
+    }
+
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let r = request.into_inner();
+        let reason = if r.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            r.reason
+        };
+        logged(
+            "Leave",
+            self.shared
+                .update(|m| m.leave(r.member_id, r.rank, &reason))
+                .map(|()| LeaveReply {}),
+        )
     }
 
     async fn shutdown(

@@ -119,6 +119,7 @@ fn worker(name: &str) -> RegisterRequest {
         requested_rank: None,
         nccl_id: None,
         final_step: None,
+        job_config_json: None,
     }
 }
 

@@ -7,10 +7,12 @@
 //! - [`client::connect`]: a client with the job token and the size limits set.
 //! - [`auth`]: the bearer-token interceptors (client and server side).
 //! - [`CheckpointManifest`]: what a distributed checkpoint is made of.
+//! - [`report::error_chain`]: an error and its causes on one line, each once.
 
 pub mod auth;
 pub mod client;
 mod manifest;
+pub mod report;
 
 pub use manifest::{CheckpointManifest, CheckpointPart, MANIFEST_FORMAT_VERSION};
 

@@ -35,6 +35,10 @@ pub struct StoreOptions {
     /// Retries of a failed request (default 3; 0 disables).
     #[serde(default)]
     pub max_retries: Option<usize>,
+    /// First wait before a retry, in milliseconds (default 100); each later
+    /// wait is drawn between it and twice the previous one (at most 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_ms: Option<u64>,
 }
 
 impl StoreOptions {
@@ -77,10 +81,15 @@ fn install_crypto() {
 }
 
 fn retry(opts: &StoreOptions) -> RetryConfig {
+    let mut backoff = BackoffConfig::default();
+    if let Some(ms) = opts.retry_backoff_ms {
+        backoff.init_backoff = Duration::from_millis(ms);
+        backoff.max_backoff = Duration::from_secs(30).max(backoff.init_backoff);
+    }
     RetryConfig {
-        backoff: BackoffConfig::default(),
+        backoff,
         max_retries: opts.max_retries.unwrap_or(3),
-        retry_timeout: Duration::from_secs(60),
+        retry_timeout: Duration::from_secs(120),
     }
 }
 

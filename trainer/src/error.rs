@@ -111,6 +111,21 @@ pub enum ModelError {
     /// A checkpoint cannot be read or does not fit (names the manifest or part).
     #[error("checkpoint {0}")]
     Checkpoint(String),
+    /// The coordinator could not be reached or refused a request (a
+    /// transport or protocol failure, not bad input).
+    #[error("{0}")]
+    Coordinator(String),
+    /// An object could not be written to or read from storage (names the URL).
+    #[error("storage: {0}")]
+    Storage(String),
+    /// A signal (SIGTERM, SIGINT) stopped the process; it left the job cleanly.
+    #[error("{reason}")]
+    Interrupted {
+        /// The signal's number.
+        signal: i32,
+        /// What happened, for the exit message.
+        reason: String,
+    },
     /// The device ran out of memory; names the work that needed it and how
     /// to make it fit.
     #[error("out of memory {what}: {detail}\n  fix: a smaller --micro-batch (gradients accumulate to the same --global-batch) or a shorter --max-len")]

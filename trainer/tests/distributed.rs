@@ -612,11 +612,15 @@ fn bad_workers_are_rejected_with_clear_errors() {
         "other config",
     );
     assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("job config hash mismatch"), "{err}");
+    // The key that differs, and what to do.
     assert!(
-        text(&o.stderr).contains("job config hash mismatch"),
-        "{}",
-        text(&o.stderr)
+        err.contains("differing keys: distill.lora.rank (first 16, this 4)"),
+        "{err}"
     );
+    assert!(err.contains("same job flags"), "{err}");
+    assert!(!err.contains("invalid input"), "{err}");
 
     // A rank that is taken.
     let o = wait_output(
@@ -916,7 +920,15 @@ fn a_missing_checkpoint_part_is_named() {
     let part = ckpt.join(&step).join("rank-00001-of-00003.safetensors");
     std::fs::remove_file(&part).expect("remove a part");
     let out = dir.path().join("never.safetensors");
-    let o = spawn_local(2, &ckpt, &["--resume"], worker_command(&out, &[]), &[]);
+    // Named explicitly: `--resume` would fall back to an intact checkpoint.
+    let from = format!("file://{}/{step}/manifest.json", ckpt.display());
+    let o = spawn_local(
+        2,
+        &ckpt,
+        &["--resume-from", &from],
+        worker_command(&out, &[]),
+        &[],
+    );
     let log = strip_ansi(&text(&o.stderr));
     assert_eq!(o.status.code(), Some(1), "{log}");
     assert!(
@@ -1025,4 +1037,172 @@ fn an_allocation_failure_mid_step_is_named_and_keeps_the_checkpoint() {
         .expect("train --resume");
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_same_adaptor(&out, reference_out);
+}
+
+/// A checkpoint directory in which no checkpoint can be written: a plain
+/// file stands where each step's directory would go (even root cannot create
+/// a directory there, and the local store does not retry).
+fn unwritable_checkpoints(ckpt: &Path, steps: &[u64]) {
+    std::fs::create_dir_all(ckpt).expect("mkdir");
+    for step in steps {
+        std::fs::write(ckpt.join(format!("step-{step:08}")), b"in the way").expect("blocker");
+    }
+}
+
+/// Issue 19 #2: checkpoints that could not be written were only worker
+/// warnings; the job trained on and exited 0 with nothing saved. Each failed
+/// checkpoint is now reported to the coordinator, which logs it (step, rank,
+/// reason) and fails the job after --max-checkpoint-failures in a row.
+#[test]
+fn failed_checkpoints_in_a_row_fail_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    unwritable_checkpoints(&ckpt, &[2, 4, 6]);
+    let out = dir.path().join("x.safetensors");
+    let o = spawn_local(
+        2,
+        &ckpt,
+        &["--max-checkpoint-failures", "2"],
+        worker_command(&out, &[]),
+        &[],
+    );
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    // Each failure is logged by the coordinator with its step, rank and reason.
+    for step in [2, 4] {
+        assert!(
+            log.lines().any(|l| l.contains("checkpoint failed")
+                && l.contains(&format!("step={step}"))
+                && l.contains("rank 1")
+                && l.contains(&format!("step-{step:08}"))),
+            "step {step}:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("job failed")
+            && log.contains("2 checkpoints in a row could not be written")
+            && log.contains("max_checkpoint_failures = 2"),
+        "{log}"
+    );
+    // It stopped at the second failure, before the final step.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(" step rank=") && l.contains(" step=6 ")),
+        "{log}"
+    );
+    assert!(!out.exists());
+}
+
+/// Issue 19 #7: a SIGTERM'd worker died without a word; its rank was freed
+/// only after the heartbeat timeout, while its replacement was refused twice
+/// a second. It now finishes its step, leaves (the coordinator frees the rank
+/// at once) and exits 143; the job goes on and ends as if uninterrupted.
+#[test]
+fn a_worker_stopped_by_sigterm_leaves_and_its_rank_is_freed_at_once() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("term.safetensors");
+    let marker = dir.path().join("chaos-fired");
+    // A heartbeat timeout longer than the rest of the job: only a leave frees
+    // the rank in time.
+    let o = spawn_local_with(
+        3,
+        20,
+        &dir.path().join("ckpt"),
+        &[],
+        worker_command(&out, &[]),
+        &[
+            ("KVD_CHAOS", "term:rank=1:step=3:at=step".to_string()),
+            ("KVD_CHAOS_ONCE", marker.to_string_lossy().into_owned()),
+        ],
+    );
+    let log = strip_ansi(&text(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(marker.exists(), "the signal was never sent");
+    assert!(
+        log.contains("worker left the job") && log.contains("SIGTERM after step 3"),
+        "{log}"
+    );
+    assert!(!log.contains("declared dead"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("worker died: starting it again") && l.contains("143")),
+        "{log}"
+    );
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("rpc=\"Register\"") && l.contains("WARN"))
+        .count();
+    assert!(refused <= 1, "{refused} registration warnings:\n{log}");
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    assert_same_adaptor(&out, reference_out);
+}
+
+/// Issue 19 #8: transport failures read "invalid input: ..." and errors
+/// printed a "Caused by:" block repeating the message.
+#[test]
+fn an_unreachable_coordinator_is_a_transport_error_in_one_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cmd = worker_command(
+        &dir.path().join("x.safetensors"),
+        &["--coordinator-timeout-s", "1"],
+    );
+    let o = wait_output(
+        start_worker(port, Some(0), TOKEN, &cmd),
+        Duration::from_secs(120),
+        "a worker without a coordinator",
+    );
+    let err = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "Error: cannot connect to the coordinator at 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("connection refused"), "{err}");
+    assert!(!err.contains("invalid input"), "{err}");
+    assert!(!err.contains("Caused by"), "{err}");
+}
+
+/// Issue 19 #9: a newest checkpoint with a truncated part stopped `--resume`
+/// although an older intact one was kept. The coordinator now skips it,
+/// saying which and why, and the job continues from the older one to the
+/// same adaptor as the uninterrupted run.
+#[test]
+fn resume_falls_back_over_a_truncated_newest_checkpoint() {
+    let (_, reference_out, ref_ckpt) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt");
+    copy_dir(ref_ckpt, &ckpt);
+    // Keep steps 2 and 4; truncate a part of step 4, the newest.
+    std::fs::remove_dir_all(ckpt.join("step-00000006")).expect("rm step 6");
+    let part = ckpt.join("step-00000004/rank-00001-of-00003.safetensors");
+    let bytes = std::fs::read(&part).expect("part");
+    std::fs::write(&part, &bytes[..bytes.len() - 100]).expect("truncate");
+    let out = dir.path().join("fallback.safetensors");
+    let o = spawn_local(3, &ckpt, &["--resume"], worker_command(&out, &[]), &[]);
+    let log = strip_ansi(&text(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("checkpoint not intact: skipped")
+                && l.contains("step=4")
+                && l.contains("the part of rank 1")
+                && l.contains("is truncated")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(
+            |l| l.contains("resuming from the latest committed checkpoint")
+                && l.contains("step-00000002/manifest.json")
+        ),
+        "{log}"
+    );
+    assert_same_adaptor(&out, reference_out);
+    // Step 4 was checkpointed again over the broken one.
+    assert_committed(&ckpt, 4, 3);
+    let again = std::fs::read(&part).expect("part");
+    assert_eq!(again.len(), bytes.len());
 }

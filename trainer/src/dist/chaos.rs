@@ -7,7 +7,8 @@
 //! makes rank R's step S ask libtorch for an allocation no device can give
 //! (a real allocation failure, inside its first micro-batch). With `KVD_CHAOS_ONCE=FILE` it fires
 //! only if FILE does not exist, and creates it, so a restarted worker with
-//! the same environment does not die again.
+//! the same environment does not die again. `term:...` (same keys) sends
+//! SIGTERM instead, as an orchestrator evicting the worker does.
 
 use std::path::PathBuf;
 
@@ -23,8 +24,8 @@ pub enum Phase {
 /// What a planned fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// SIGKILL to the process.
-    Kill,
+    /// This signal (SIGKILL or SIGTERM) to the process.
+    Signal(i32),
     /// An allocation that fails, inside the step.
     AllocFail,
 }
@@ -50,14 +51,15 @@ impl Chaos {
         Ok(Some(c))
     }
 
-    /// Parses `kill:rank=R:step=S:at=step|upload` or `alloc:rank=R:step=S`.
+    /// Parses `kill|term:rank=R:step=S:at=step|upload` or `alloc:rank=R:step=S`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("KVD_CHAOS `{spec}`: {why}");
         let mut parts = spec.split(':');
         let action = match parts.next() {
-            Some("kill") => Action::Kill,
+            Some("kill") => Action::Signal(libc::SIGKILL),
+            Some("term") => Action::Signal(libc::SIGTERM),
             Some("alloc") => Action::AllocFail,
-            _ => return Err(bad("expected `kill:...` or `alloc:...`")),
+            _ => return Err(bad("expected `kill:...`, `term:...` or `alloc:...`")),
         };
         let (mut rank, mut step, mut phase) = (None, None, Phase::Step);
         for kv in parts {
@@ -94,10 +96,13 @@ impl Chaos {
         self.action == Action::AllocFail && self.rank as usize == rank && self.step == step
     }
 
-    /// SIGKILLs this process if a kill is planned for (rank, step, phase).
+    /// Sends this process its signal (SIGKILL or SIGTERM) if such a fault is
+    /// planned for (rank, step, phase).
     pub fn maybe_kill(&self, rank: usize, step: u64, phase: Phase) {
-        if self.action != Action::Kill
-            || self.rank as usize != rank
+        let Action::Signal(signal) = self.action else {
+            return;
+        };
+        if self.rank as usize != rank
             || self.step != step
             || self.phase != phase
         {
@@ -109,10 +114,15 @@ impl Chaos {
             }
             let _ = std::fs::write(marker, format!("killed rank {rank} at step {step}\n"));
         }
-        tracing::warn!(rank, step, ?phase, "chaos: SIGKILL to self");
+        let name = if signal == libc::SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        tracing::warn!(rank, step, ?phase, "chaos: {name} to self");
         // SAFETY: sending a signal to our own pid.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::kill(libc::getpid(), signal);
         }
     }
 }
@@ -134,6 +144,10 @@ mod tests {
         assert!(a.fails_alloc(0, 3) && !a.fails_alloc(0, 2) && !a.fails_alloc(1, 3));
         assert!(!Chaos::parse("kill:rank=0:step=3").unwrap().fails_alloc(0, 3));
         assert!(Chaos::parse("alloc:rank=0:step=3:at=upload").is_err());
+        assert_eq!(
+            Chaos::parse("term:rank=0:step=2").unwrap().action,
+            Action::Signal(libc::SIGTERM)
+        );
         assert!(Chaos::parse("kill:step=2").unwrap_err().contains("rank"));
         assert!(Chaos::parse("kill:rank=1:step=x").is_err());
     }

@@ -224,11 +224,46 @@ pub fn split_url(url: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| err(url, "not an object URL"))
 }
 
+/// Retries of a checkpoint write unless the store options set them: an
+/// object store that is briefly unavailable (a restart, throttling) gets
+/// tens of seconds, not the half second of the data reads' default.
+pub const CHECKPOINT_WRITE_RETRIES: usize = 6;
+/// First wait before retrying a checkpoint write, in milliseconds, unless
+/// the store options set it; the waits grow from there (about 25 s in all
+/// over [`CHECKPOINT_WRITE_RETRIES`] retries, bounded by the store's 120 s).
+pub const CHECKPOINT_WRITE_BACKOFF_MS: u64 = 2_000;
+
+/// The store options for writing checkpoints and adaptors: `opts` with the
+/// longer retry budget where it leaves the retries unset.
+pub fn write_options(opts: &StoreOptions) -> StoreOptions {
+    let mut o = opts.clone();
+    o.max_retries.get_or_insert(CHECKPOINT_WRITE_RETRIES);
+    o.retry_backoff_ms
+        .get_or_insert(CHECKPOINT_WRITE_BACKOFF_MS);
+    o
+}
+
 /// Writes `bytes` to the object at `url`.
 pub async fn put_url(url: &str, bytes: Vec<u8>, opts: &StoreOptions) -> Result<()> {
     let (dir, name) = split_url(url)?;
-    let src = Source::open(dir, opts)?;
-    Ok(src.put(name, Bytes::from(bytes)).await?)
+    let src = Source::open(dir, opts).map_err(|e| storage(url, e))?;
+    src.put(name, Bytes::from(bytes))
+        .await
+        .map_err(|e| storage(url, e))
+}
+
+/// A failed write of `url` as [`ModelError::Storage`], naming the URL; a
+/// missing bucket or container says so.
+fn storage(url: &str, e: kvd_data::DataError) -> ModelError {
+    match e {
+        kvd_data::DataError::MissingObject { .. } => ModelError::Storage(format!(
+            "cannot write {url}: its bucket, container or directory does not exist"
+        )),
+        e => ModelError::Storage(format!(
+            "cannot write {url}: {}",
+            kvd_proto::report::error_chain(&e)
+        )),
+    }
 }
 
 /// Reads the object at `url`.

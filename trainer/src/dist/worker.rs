@@ -10,17 +10,24 @@
 //! member (it registers again). A heartbeat task runs beside each session and
 //! aborts the collective when a rebuild is ordered, so a dead peer never
 //! leaves a worker blocked in an all-reduce.
+//!
+//! SIGTERM or SIGINT: the worker finishes its current step (and the upload of
+//! a checkpoint part in flight), tells the coordinator it leaves (its rank is
+//! freed at once and the others rebuild) and ends with
+//! [`ModelError::Interrupted`] (`kv-distill` exits 128 + the signal's number).
+//! A second signal ends the process at once.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvd_data::SkipStats;
 use kvd_proto::client::Client;
 use kvd_proto::v1::{
-    CheckpointBeginRequest, CheckpointCommitRequest, Command, DeviceKind, HeartbeatRequest,
-    RegisterReply, RegisterRequest, RendezvousRequest, ReportStepRequest, ShutdownRequest,
+    CheckpointBeginRequest, CheckpointCommitRequest, CheckpointFailedRequest, Command, DeviceKind,
+    HeartbeatRequest, LeaveRequest, RegisterReply, RegisterRequest, RendezvousRequest,
+    ReportStepRequest, ShutdownRequest,
 };
 use tokio::runtime::Runtime;
 use tonic::{Code, Status};
@@ -28,7 +35,7 @@ use tonic::{Code, Status};
 use super::chaos::{Chaos, Phase};
 use super::collective::Collective;
 use super::nccl::{self, Nccl};
-use super::state::{encode_part, load_checkpoint, put_url};
+use super::state::{encode_part, load_checkpoint, put_url, write_options};
 use super::tcp::{local_ip_towards, TcpEndpoint, TcpStar};
 use crate::checkpointer::Checkpointer;
 use crate::distill::checkpoint::{config_hash, save};
@@ -95,6 +102,54 @@ enum SessionEnd {
     Stop,
     Rebuild,
     Rejoin,
+    /// A signal asked the process to stop: leave the job.
+    Leave,
+}
+
+/// The signal that asked this process to stop (0: none yet).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if SIGNALLED.swap(sig, Ordering::SeqCst) != 0 {
+        // A second signal: stop at once (only async-signal-safe calls here).
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
+}
+
+/// Catches SIGTERM and SIGINT: the first asks the worker to leave after its
+/// current step, a second ends the process.
+fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only touches an atomic and calls _exit.
+        let old = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        if old == libc::SIG_ERR {
+            return Err(ModelError::Input(format!(
+                "cannot install the handler of signal {sig}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The signal received, if any, by name.
+fn signalled() -> Option<(i32, &'static str)> {
+    match SIGNALLED.load(Ordering::SeqCst) {
+        0 => None,
+        s if s == libc::SIGTERM => Some((s, "SIGTERM")),
+        s if s == libc::SIGINT => Some((s, "SIGINT")),
+        s => Some((s, "a signal")),
+    }
+}
+
+/// The error a worker stopped by a signal ends with.
+fn interrupted(what: &str) -> ModelError {
+    let (signal, name) = signalled().unwrap_or((libc::SIGTERM, "a signal"));
+    ModelError::Interrupted {
+        signal,
+        reason: format!("stopped by {name}: {what}"),
+    }
 }
 
 const NONE: u8 = 0;
@@ -132,9 +187,14 @@ impl Control {
     }
 }
 
+/// A failed call to the coordinator (a refusal, or the transport failing)
+/// as [`ModelError::Coordinator`]: never "invalid input".
 fn rpc_err(what: &str, s: &Status) -> ModelError {
-    ModelError::Input(format!(
-        "coordinator {what}: {} ({:?})",
+    let cause = std::error::Error::source(s)
+        .map(|e| format!(": {}", kvd_proto::report::error_chain(e)))
+        .unwrap_or_default();
+    ModelError::Coordinator(format!(
+        "the coordinator {what}: {}{cause} ({:?})",
         s.message(),
         s.code()
     ))
@@ -155,11 +215,14 @@ struct Ctx<'a> {
     stats: SkipStats,
     /// Has been a member: its failures end the job (a rejected newcomer's do not).
     joined: bool,
+    /// The last step this worker completed.
+    last_step: AtomicU64,
 }
 
 /// Runs a worker until the job ends.
 pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Result<WorkerOutcome> {
     validate_job(model, &cfg.job)?;
+    install_signal_handlers()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -189,9 +252,11 @@ pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Res
         model_hash: config_hash(model.config()),
         chaos,
         joined: false,
+        last_step: AtomicU64::new(0),
     };
     let result = join_loop(&mut ctx);
-    if let (Err(e), true) = (&result, ctx.joined) {
+    let left = matches!(result, Err(ModelError::Interrupted { .. }));
+    if let (Err(e), true, false) = (&result, ctx.joined, left) {
         // Tell the coordinator why, so the job stops cleanly with the reason.
         let reason = format!("worker {}: {e}", cfg.name);
         let mut c = ctx.client.clone();
@@ -223,7 +288,7 @@ fn connect(rt: &Runtime, cfg: &WorkerConfig) -> Result<Client> {
                 tracing::debug!(error = %e, "coordinator not reachable yet");
                 std::thread::sleep(Duration::from_millis(200));
             }
-            Err(e) => return Err(ModelError::Input(e.to_string())),
+            Err(e) => return Err(ModelError::Coordinator(kvd_proto::report::error_chain(&e))),
         }
     }
 }
@@ -276,6 +341,7 @@ fn join_loop(ctx: &mut Ctx<'_>) -> Result<WorkerOutcome> {
             requested_rank: ctx.cfg.requested_rank,
             nccl_id: Some(fresh_id(ctx)?),
             final_step: Some(ctx.cfg.job.train.total_steps as u64),
+            job_config_json: job_config_json(&ctx.cfg.job, &ctx.job_hash),
         };
         let mut view = match register(ctx, req)? {
             Some(v) => v,
@@ -290,14 +356,19 @@ fn join_loop(ctx: &mut Ctx<'_>) -> Result<WorkerOutcome> {
             "registered"
         );
         loop {
-            view = match rendezvous(ctx, view)? {
+            view = match rendezvous(ctx, view.clone())? {
                 Ok(v) => v,
                 Err(SessionEnd::Stop) => return Ok(WorkerOutcome::Stopped),
+                Err(SessionEnd::Leave) => return Err(leave(ctx, &view, "while waiting for peers")),
                 Err(_) => break, // rejoin
             };
             match session(ctx, &view)? {
                 SessionEnd::Finished(steps) => return Ok(WorkerOutcome::Finished { steps }),
                 SessionEnd::Stop => return Ok(WorkerOutcome::Stopped),
+                SessionEnd::Leave => {
+                    let step = ctx.last_step.load(Ordering::SeqCst);
+                    return Err(leave(ctx, &view, &format!("after step {step}")));
+                }
                 SessionEnd::Rebuild => {
                     tracing::warn!(rank = view.rank, "membership changed: rebuilding");
                     view.ready = false;
@@ -316,6 +387,53 @@ fn join_loop(ctx: &mut Ctx<'_>) -> Result<WorkerOutcome> {
     }
 }
 
+/// Tells the coordinator this member leaves (so it frees the rank at once);
+/// returns the error the worker ends with.
+fn leave(ctx: &Ctx<'_>, view: &RegisterReply, when: &str) -> ModelError {
+    let (_, name) = signalled().unwrap_or((0, "a signal"));
+    let req = LeaveRequest {
+        member_id: view.member_id,
+        rank: view.rank,
+        epoch: view.epoch,
+        reason: format!("{name} {when}"),
+    };
+    let mut c = ctx.client.clone();
+    let told = ctx
+        .rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), c.leave(req)).await });
+    let told = match told {
+        Ok(Ok(_)) => format!("rank {} freed at the coordinator", view.rank),
+        Ok(Err(s)) => format!("the coordinator did not take the leave: {}", s.message()),
+        Err(_) => "the coordinator did not answer the leave within 5 s".into(),
+    };
+    tracing::warn!(rank = view.rank, signal = name, when, %told, "left the job");
+    interrupted(&format!(
+        "worker of rank {} left the job {when} ({told})",
+        view.rank
+    ))
+}
+
+/// The job configuration behind `job_hash`, as JSON, for the coordinator
+/// to name the keys that differ between workers; `None` if it does not hash
+/// to `job_hash` (then it would mislead).
+fn job_config_json(job: &TrainJob, job_hash: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    // The fields job_hash leaves out.
+    let mut j = job.clone();
+    j.out = PathBuf::new();
+    j.log_every = 0;
+    j.prefetch = 0;
+    j.save_every = 0;
+    j.time_limit_s = None;
+    j.builder.threads = 0;
+    let json = serde_json::to_string(&j).ok()?;
+    let hash: String = Sha256::digest(json.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (hash == job_hash).then_some(json)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -327,6 +445,9 @@ fn hostname() -> String {
 fn register(ctx: &Ctx<'_>, req: RegisterRequest) -> Result<Option<RegisterReply>> {
     let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
     loop {
+        if signalled().is_some() {
+            return Err(interrupted("left before joining the job"));
+        }
         let r = req.clone();
         match call(ctx, "Register", move |mut c| {
             let r = r.clone();
@@ -357,6 +478,9 @@ fn rendezvous(
 ) -> Result<std::result::Result<RegisterReply, SessionEnd>> {
     let mut supplied: Option<u64> = None;
     loop {
+        if signalled().is_some() {
+            return Ok(Err(SessionEnd::Leave));
+        }
         if view.ready {
             return Ok(Ok(view));
         }
@@ -371,7 +495,7 @@ fn rendezvous(
             rank: view.rank,
             epoch: view.epoch,
             nccl_id,
-            wait_ms: 5_000,
+            wait_ms: 1_000,
         };
         match call(ctx, "Rendezvous", move |mut c| {
             let r = req.clone();
@@ -456,10 +580,10 @@ fn end_of(order: u8) -> Result<SessionEnd> {
         STOP => Ok(SessionEnd::Stop),
         REBUILD => Ok(SessionEnd::Rebuild),
         REJOIN => Ok(SessionEnd::Rejoin),
-        LOST => Err(ModelError::Input(
+        LOST => Err(ModelError::Coordinator(
             "the coordinator has been unreachable for longer than the coordinator timeout".into(),
         )),
-        _ => Err(ModelError::Input("unknown order".into())),
+        _ => Err(ModelError::Coordinator("unknown order".into())),
     }
 }
 
@@ -485,11 +609,12 @@ fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
             tracing::warn!(error = %e, "collective failed: waiting for the coordinator");
             let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
             let beat = spawn_heartbeat(ctx, view, control.clone());
-            while control.pending() == NONE && Instant::now() < deadline {
+            while control.pending() == NONE && Instant::now() < deadline && signalled().is_none() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             beat.abort();
             match control.pending() {
+                NONE if signalled().is_some() => Ok(SessionEnd::Leave),
                 NONE => Err(ModelError::Collective(e)),
                 order => end_of(order),
             }
@@ -505,10 +630,9 @@ fn session_inner(
 ) -> Result<SessionEnd> {
     let (rank, world) = (view.rank as usize, view.world_size as usize);
     let job = &ctx.cfg.job;
-    let id = view
-        .nccl_id
-        .clone()
-        .ok_or_else(|| ModelError::Input("ready view without an id".into()))?;
+    let id = view.nccl_id.clone().ok_or_else(|| {
+        ModelError::Coordinator("the coordinator sent a ready view without an NCCL id".into())
+    })?;
     let mut coll: Box<dyn Collective> = match &ctx.endpoint {
         Some(ep) => Box::new(TcpStar::connect(
             ep,
@@ -540,13 +664,20 @@ fn session_inner(
     if let Some(url) = &view.resume_checkpoint_url {
         let (manifest, loaded) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
         if manifest.model_config_hash != ctx.model_hash && !manifest.model_config_hash.is_empty() {
-            return Err(ModelError::Input(format!(
-                "checkpoint {url} belongs to another base model (config hash {})",
-                manifest.model_config_hash
+            return Err(ModelError::Checkpoint(format!(
+                "{url} belongs to another base model: its model config hash is {}, this \
+                 worker's model has {}; resume with the --model the job was started with",
+                manifest.model_config_hash, ctx.model_hash
             )));
         }
         if loaded.meta.job_hash != ctx.job_hash {
-            tracing::warn!(%url, "checkpoint was written under another job configuration; resuming anyway");
+            tracing::warn!(
+                %url,
+                checkpoint_job_hash = %loaded.meta.job_hash,
+                worker_job_hash = %ctx.job_hash,
+                "checkpoint was written under other job flags (the job config hashes differ); \
+                 resuming anyway"
+            );
         }
         loaded.restore(&state.adaptor, &mut state.trainer)?;
         state.cursors = Some(loaded.meta.cursors.clone());
@@ -558,7 +689,7 @@ fn session_inner(
     }
     let start = state.step();
     if start as u64 != view.start_step {
-        return Err(ModelError::Input(format!(
+        return Err(ModelError::Checkpoint(format!(
             "the checkpoint is at step {start}, the coordinator says {}",
             view.start_step
         )));
@@ -674,6 +805,7 @@ impl LoopHooks for WorkerHooks<'_, '_> {
 
     fn before_step(&mut self, _step: u64) -> Option<Result<SessionEnd>> {
         match self.control.pending() {
+            NONE if signalled().is_some() => Some(Ok(SessionEnd::Leave)),
             NONE => None,
             order => Some(end_of(order)),
         }
@@ -688,6 +820,7 @@ impl LoopHooks for WorkerHooks<'_, '_> {
         let rank = view.rank as usize;
         let s = done.stats;
         self.control.step.store(done.step, Ordering::SeqCst);
+        ctx.last_step.store(done.step, Ordering::SeqCst);
         if let Some(b) = &self.bar {
             b.set_position(done.step);
             b.set_message(format!("loss {:.4} world {}", s.loss, self.world));
@@ -810,7 +943,7 @@ fn start_upload(
 ) -> Option<Upload> {
     let mut client = ctx.client.clone();
     let (member_id, rank, epoch) = (view.member_id, view.rank, view.epoch);
-    let store = ctx.cfg.job.dataset.store.clone();
+    let store = write_options(&ctx.cfg.job.dataset.store);
     let chaos = ctx.chaos.clone();
     Some(ctx.rt.spawn(async move {
         let begin = client
@@ -825,9 +958,23 @@ fn start_upload(
         };
         let t0 = Instant::now();
         let n = bytes.len();
-        put_url(&begin.part_url, bytes, &store)
-            .await
-            .map_err(|e| format!("writing {}: {e}", begin.part_url))?;
+        if let Err(e) = put_url(&begin.part_url, bytes, &store).await {
+            // A job-level event: the coordinator counts failed checkpoints.
+            let reason = e.to_string();
+            let told = client
+                .checkpoint_failed(CheckpointFailedRequest {
+                    member_id,
+                    rank,
+                    epoch,
+                    step,
+                    reason: reason.clone(),
+                })
+                .await;
+            if let Err(s) = told {
+                tracing::warn!(rank, step, error = s.message(), "cannot report the failed checkpoint to the coordinator");
+            }
+            return Err(reason);
+        }
         if let Some(ch) = &chaos {
             ch.maybe_kill(rank as usize, step, Phase::Upload);
         }
@@ -856,9 +1003,7 @@ fn finish_upload(ctx: &Ctx<'_>, upload: Upload) -> Result<()> {
             tracing::warn!(error = %e, "checkpoint not written (the previous one stays the resume point)");
             Ok(())
         }
-        Err(e) => Err(ModelError::Input(format!(
-            "checkpoint upload task failed: {e}"
-        ))),
+        Err(e) => Err(ModelError::Checkpoint(format!("upload task failed: {e}"))),
     }
 }
 
@@ -881,7 +1026,8 @@ fn write_adaptor(ctx: &Ctx<'_>, adaptor: &Adaptor, trainer: &Trainer, out: &str)
             path: tmp.path().to_path_buf(),
             source,
         })?;
-        ctx.rt.block_on(put_url(out, bytes, &job.dataset.store))?;
+        ctx.rt
+            .block_on(put_url(out, bytes, &write_options(&job.dataset.store)))?;
     } else {
         crate::train_loop::save_adaptor_file(
             adaptor,

@@ -194,7 +194,26 @@ struct PerplexityArgs {
     max_tokens: usize,
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed as one line, each cause once (not
+/// anyhow's "Caused by:" list, which repeats causes that error types already
+/// print). Exit status: 0 done, 1 failed, 128 + N when signal N stopped a
+/// worker (it left its job cleanly).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", kvd_proto::report::error_chain(e.as_ref()));
+            match e.downcast_ref::<kvd_trainer::error::ModelError>() {
+                Some(kvd_trainer::error::ModelError::Interrupted { signal, .. }) => {
+                    std::process::ExitCode::from((128 + signal).clamp(1, 255) as u8)
+                }
+                _ => std::process::ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let (args, settings) = worker_cmd::resolve_config(std::env::args_os().collect())?;
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
