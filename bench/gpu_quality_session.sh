@@ -42,19 +42,7 @@ case $stage in
       . scripts/gpu_env.sh && "$KEEP/kv-distill" devices
     ;;
   train)
-    # TEMPORARY (device budget, 2026-12-04): a second train call trains 280 s
-    # and evaluates the adaptors at once; the eval call after it is then a no-op.
-    secs=$1; shift; again=""
-    [ -d "$KEEP/w4.ckpt" ] && secs=280 && again=1
-    "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" "$secs" "$@"
-    if [ -n "$again" ]; then
-      names=(); for spec in "$@"; do names+=("${spec%%=*}"); done
-      EVAL_LIMIT_S=230 "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/essays" "$OUTDIR" 300 1,0.5,0.25,0.1 kv_distill+answer "${names[@]}" &
-      EVAL_LIMIT_S=230 "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR" 1000 1,0.5,0.25,0.1 kv_distill+answer "${names[@]}"
-      wait
-      touch "$KEEP/evaluated"
-      for f in "$OUTDIR"/*-w*.md; do echo "== $f"; cat "$f"; done
-    fi
+    "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" "$@"
     for f in "$OUTDIR"/*.train.log; do
       echo "== $f"
       grep '"step"' "$f" | tail -2 | cut -c1-400
@@ -62,27 +50,9 @@ case $stage in
     done
     ;;
   needle)
-    if [ -e "$KEEP/evaluated" ]; then
-      # TEMPORARY (2026-12-04): the call after it continues w4 alone, then
-      # evaluates it (the squad stage waits for the training).
-      MICRO=32 STEPS=1400 "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" 210 "w4="
-      touch "$KEEP/trained3"
-      grep '"step"' "$OUTDIR/w4.train.log" | tail -1 | cut -c1-300
-      mkdir -p "$OUTDIR/third"
-      EVAL_LIMIT_S=190 "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/essays" "$OUTDIR/third" 300 1,0.5,0.25,0.1 kv_distill+answer w4
-      cat "$OUTDIR/third/needle-w4.md"
-      exit 0
-    fi
     "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/essays" "$OUTDIR" "$@"
     ;;
   squad)
-    if [ -e "$KEEP/evaluated" ]; then
-      while [ ! -e "$KEEP/trained3" ]; do sleep 3; done
-      mkdir -p "$OUTDIR/third"
-      EVAL_LIMIT_S=190 "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR/third" 1000 1,0.5,0.25,0.1 kv_distill+answer w4
-      cat "$OUTDIR/third/squad-w4.md"
-      exit 0
-    fi
     "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR" "$@"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

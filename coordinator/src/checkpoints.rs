@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use kvd_store::{Source, StoreOptions};
 use kvd_proto::CheckpointManifest;
+use kvd_store::{Source, StoreOptions};
 use tracing::{info, warn};
 
 /// The checkpoint store of one job.
@@ -217,7 +217,7 @@ pub async fn check_parts(
         let src = Source::open(dir, &options(store))?;
         let size = match src.head(name).await {
             Ok(info) => info.size,
-            Err(kvd_data::DataError::MissingObject { .. }) => bail!("{} is missing", what()),
+            Err(kvd_store::StoreError::MissingObject { .. }) => bail!("{} is missing", what()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", what())),
         };
         if size < 8 {

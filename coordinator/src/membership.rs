@@ -229,7 +229,7 @@ impl Membership {
     fn over(&self) -> Option<Status> {
         self.outcome
             .as_ref()
-            .map(|o| Status::failed_precondition(format!("the job is over: {}", o.reason)))
+            .map(|o| kvd_proto::status::job_over(&o.reason))
     }
 
     /// A worker joins: checks its versions and hashes, assigns a rank.

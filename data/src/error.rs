@@ -198,21 +198,3 @@ impl From<kvd_store::StoreError> for DataError {
         }
     }
 }
-
-impl DataError {
-    /// A [`DataError::Config`] with `msg`.
-    pub(crate) fn config(msg: impl Into<String>) -> Self {
-        DataError::Config(msg.into())
-    }
-}
-
-/// The project's cache directory: `$KVD_CACHE`, else `~/.cache/kv-distill`
-/// (where `scripts/setup.sh` puts the venv and the test servers).
-pub(crate) fn cache_dir() -> std::path::PathBuf {
-    std::env::var_os("KVD_CACHE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/kv-distill"))
-        })
-        .unwrap_or_default()
-}

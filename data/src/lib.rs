@@ -25,9 +25,9 @@ pub use builder::{
 pub use cursor::Cursor;
 pub use dataset::{Dataset, DatasetOptions};
 pub use error::{BadInputKind, DataError, Location, Result};
+pub use kvd_store::{ObjectInfo, Source, StoreError, StoreOptions};
 pub use loader::{Loader, LoaderConfig, RankBatch};
 pub use manifest::{FileEntry, Manifest};
 pub use schema::{Record, SchemaSpec};
 pub use shard::{balanced_range, rank_slice, ExampleId, GlobalBatcher};
-pub use kvd_store::{ObjectInfo, Source, StoreError, StoreOptions};
 pub use tokenize::{HfTokenizer, TextTokenizer};

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Location, Result};
 use crate::schema::SchemaSpec;
-use crate::source::Source;
+use kvd_store::Source;
 
 /// One Parquet file of a dataset.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,11 +94,11 @@ impl Manifest {
     pub async fn load(source: &Source) -> Result<Self> {
         let path = source.display(Self::FILE_NAME);
         let bytes = source.get(Self::FILE_NAME).await.map_err(|e| match e {
-            DataError::MissingObject { .. } => DataError::Manifest {
+            kvd_store::StoreError::MissingObject { .. } => DataError::Manifest {
                 path: path.clone(),
                 reason: "not found; build it with `kvd-data index`".into(),
             },
-            e => e,
+            e => e.into(),
         })?;
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| DataError::Manifest {
             path: path.clone(),
@@ -119,7 +119,7 @@ impl Manifest {
             path: source.display(Self::FILE_NAME),
             reason: e.to_string(),
         })?;
-        source.put(Self::FILE_NAME, json.into()).await
+        Ok(source.put(Self::FILE_NAME, json.into()).await?)
     }
 
     /// Checks every file against the store (HEAD): a missing object or a

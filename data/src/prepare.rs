@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::error::{DataError, Result};
 use crate::manifest::Manifest;
 use crate::schema::{Record, SchemaSpec};
-use kvd_store::{Source, StoreOptions};
 use crate::writer::{encode_parquet, SourcedRecord, WriterConfig};
+use kvd_store::{Source, StoreOptions};
 
 /// SQuAD-shifts files that must never be read (held out for acceptance).
 pub const HELD_OUT: &[&str] = &["nyt_v1.0", "reddit_v1.0", "amazon_reviews_v1.0"];

@@ -15,12 +15,13 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
-use kvd_test_stores::azurite::{self, Azurite};
 use kvd_data::prepare::write_dataset;
 use kvd_data::writer::WriterConfig;
 use kvd_data::{
-    DataError, Dataset, DatasetOptions, GlobalBatcher, Manifest, SchemaSpec, Source, StoreOptions,
+    DataError, Dataset, DatasetOptions, GlobalBatcher, Manifest, SchemaSpec, Source, StoreError,
+    StoreOptions,
 };
+use kvd_test_stores::azurite::{self, Azurite};
 
 const CONTAINER: &str = "kvd-test";
 
@@ -191,13 +192,13 @@ async fn azure_missing_object_is_named() {
     let src = Source::open(&emu.url("ds"), &emu.options()).expect("open");
 
     let e = src.get("nope.parquet").await.expect_err("missing");
-    assert!(matches!(e, DataError::MissingObject { .. }), "{e}");
+    assert!(matches!(e, StoreError::MissingObject { .. }), "{e}");
     assert!(
         e.to_string().contains("az://kvd-test/ds/nope.parquet"),
         "{e}"
     );
     let e = src.head("nope.parquet").await.expect_err("missing");
-    assert!(matches!(e, DataError::MissingObject { .. }), "{e}");
+    assert!(matches!(e, StoreError::MissingObject { .. }), "{e}");
 
     // A file of the manifest deleted after indexing: opening fails, naming it.
     src.delete("part-00001.parquet").await.expect("delete");
@@ -311,7 +312,7 @@ async fn azure_wrong_credentials_are_rejected() {
     .expect("open");
     let e = bad.list_parquet().await.expect_err("wrong key must fail");
     let s = e.to_string();
-    assert!(matches!(e, DataError::Store { op: "list", .. }), "{s}");
+    assert!(matches!(e, StoreError::Store { op: "list", .. }), "{s}");
     assert!(s.contains("az://kvd-test/ds"), "{s}");
     assert!(
         s.contains("403") || s.contains("AuthorizationFailure"),
@@ -322,7 +323,7 @@ async fn azure_wrong_credentials_are_rejected() {
         .await
         .expect_err("wrong key must fail");
     let s = e.to_string();
-    assert!(matches!(e, DataError::Store { op: "get", .. }), "{s}");
+    assert!(matches!(e, StoreError::Store { op: "get", .. }), "{s}");
     assert!(s.contains("az://kvd-test/ds/part-00000.parquet"), "{s}");
     assert!(s.contains("403"), "{s}");
     // Writes are refused too, and nothing is written.
@@ -334,7 +335,7 @@ async fn azure_wrong_credentials_are_rejected() {
     let good = Source::open(&emu.url("ds"), &emu.options()).expect("open");
     assert!(matches!(
         good.head("intruder.parquet").await,
-        Err(DataError::MissingObject { .. })
+        Err(StoreError::MissingObject { .. })
     ));
 
     // Opening a dataset with the wrong key fails up front, naming the object.
@@ -356,7 +357,7 @@ async fn azure_wrong_credentials_are_rejected() {
         &emu.options_with(azurite::ACCOUNT, "not base64!"),
     )
     .expect_err("malformed key");
-    assert!(matches!(e, DataError::Url { .. }), "{e}");
+    assert!(matches!(e, StoreError::Url { .. }), "{e}");
     assert!(e.to_string().contains("az://kvd-test/ds"), "{e}");
 }
 

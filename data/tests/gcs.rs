@@ -14,12 +14,13 @@ mod common;
 
 use std::path::Path;
 
-use kvd_test_stores::gcs_emulator::GcsEmulator;
 use kvd_data::prepare::write_dataset;
 use kvd_data::writer::WriterConfig;
 use kvd_data::{
-    DataError, Dataset, DatasetOptions, GlobalBatcher, Manifest, SchemaSpec, Source, StoreOptions,
+    DataError, Dataset, DatasetOptions, GlobalBatcher, Manifest, SchemaSpec, Source, StoreError,
+    StoreOptions,
 };
+use kvd_test_stores::gcs_emulator::GcsEmulator;
 
 const BUCKET: &str = "kvd-test";
 
@@ -184,7 +185,7 @@ async fn gcs_missing_object_is_named() {
     let src = Source::open(&emu.url("ds"), &emu.options()).expect("open");
 
     let e = src.get("nope.parquet").await.expect_err("missing");
-    assert!(matches!(e, DataError::MissingObject { .. }), "{e}");
+    assert!(matches!(e, StoreError::MissingObject { .. }), "{e}");
     assert!(
         e.to_string().contains("gs://kvd-test/ds/nope.parquet"),
         "{e}"

@@ -6,8 +6,8 @@ mod common;
 
 use std::path::Path;
 
+use kvd_data::{Dataset, DatasetOptions, Manifest, Source, StoreError, StoreOptions};
 use kvd_test_stores::moto::MotoServer;
-use kvd_data::{DataError, Dataset, DatasetOptions, Manifest, Source, StoreOptions};
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -62,7 +62,7 @@ async fn exercise(url: &str, opts: StoreOptions) {
     );
     // A missing object.
     let e = src.get("nope.parquet").await.expect_err("missing");
-    assert!(matches!(e, DataError::MissingObject { .. }), "{e}");
+    assert!(matches!(e, StoreError::MissingObject { .. }), "{e}");
     assert!(e.to_string().contains("nope.parquet"), "{e}");
 }
 
@@ -96,7 +96,7 @@ async fn s3_store_with_moto() {
         .await
         .expect_err("wrong secret must fail");
     let s = e.to_string();
-    assert!(matches!(e, DataError::Store { .. }), "{s}");
+    assert!(matches!(e, StoreError::Store { .. }), "{s}");
     assert!(
         s.contains("SignatureDoesNotMatch") || s.contains("403"),
         "{s}"

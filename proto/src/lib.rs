@@ -8,11 +8,13 @@
 //! - [`auth`]: the bearer-token interceptors (client and server side).
 //! - [`CheckpointManifest`]: what a distributed checkpoint is made of.
 //! - [`report::error_chain`]: an error and its causes on one line, each once.
+//! - [`status`]: protocol conditions in gRPC statuses (the job's end).
 
 pub mod auth;
 pub mod client;
 mod manifest;
 pub mod report;
+pub mod status;
 
 pub use manifest::{CheckpointManifest, CheckpointPart, MANIFEST_FORMAT_VERSION};
 

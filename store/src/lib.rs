@@ -18,7 +18,6 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
-
 /// Connection settings for a dataset's object store.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StoreOptions {

@@ -111,15 +111,15 @@ fn batched_generation_equals_single_row_generation() {
     let a = trained_like_adaptor(&m);
     let ctxs = vec![tokens(40, 5), tokens(26, 6), tokens(33, 7)];
     let prompts = vec![tokens(4, 8), tokens(9, 9), tokens(1, 10)];
-    let mut comp = compress(&m, Method::KvDistill(&a), &ctxs, 0.25);
+    let mut comp = compress(&m, Method::kv_distill(&a), &ctxs, 0.25);
     let batched = generate_batch(&m, &mut comp, &prompts, 8, &[]).expect("batched");
     for i in 0..3 {
-        let mut one = compress(&m, Method::KvDistill(&a), &ctxs[i..i + 1], 0.25);
+        let mut one = compress(&m, Method::kv_distill(&a), &ctxs[i..i + 1], 0.25);
         let single =
             generate_batch(&m, &mut one, &prompts[i..i + 1], 8, &[]).expect("single")[0].clone();
         assert_eq!(batched[i], single, "row {i}");
         // The library's one-sequence generate continues a compressed cache the same way.
-        let mut again = compress(&m, Method::KvDistill(&a), &ctxs[i..i + 1], 0.25);
+        let mut again = compress(&m, Method::kv_distill(&a), &ctxs[i..i + 1], 0.25);
         let plain = generate(&m, &prompts[i], Some(&mut again.cache), &greedy(8), |_| {})
             .expect("generate from cache");
         assert_eq!(plain, single, "row {i} via generate()");
@@ -133,7 +133,7 @@ fn cache_file_round_trips_and_holds_r_of_the_memory() {
     let ctx = tokens(81, 11);
     let dir = tempfile::tempdir().expect("tempdir");
     for (r, method) in [
-        (0.1, Method::KvDistill(&a)),
+        (0.1, Method::kv_distill(&a)),
         (0.25, Method::Baseline(Baseline::H2o)),
     ] {
         let comp = compress(&m, method, std::slice::from_ref(&ctx), r);
@@ -224,7 +224,7 @@ fn forced_scores_are_zero_kl_for_the_teacher_and_match_full_forward_nll() {
     }
     // A compressed student differs from the teacher.
     let a = trained_like_adaptor(&m);
-    let mut c = compress(&m, Method::KvDistill(&a), &ctxs, 0.1);
+    let mut c = compress(&m, Method::kv_distill(&a), &ctxs, 0.1);
     let s = forced_scores(&m, &mut c, &suffixes, &scored, Some(&teacher)).expect("scores");
     assert!(s.iter().all(|x| x.kl > 1e-4), "{s:?}");
 }
@@ -238,7 +238,7 @@ fn bad_inputs_give_clear_errors() {
     let run = |spans: Vec<Vec<(usize, usize)>>, r: f64| {
         compress_contexts(
             &m,
-            Method::KvDistill(&a),
+            Method::kv_distill(&a),
             Contexts {
                 ids: &ids,
                 len: &len,
@@ -263,7 +263,7 @@ fn bad_inputs_give_clear_errors() {
     let (lids, llen) = pad_rows(&long, m.config().vocab_size, Device::Cpu).unwrap();
     let e = compress_contexts(
         &m,
-        Method::KvDistill(&a),
+        Method::kv_distill(&a),
         Contexts {
             ids: &lids,
             len: &llen,
@@ -291,7 +291,7 @@ fn bad_inputs_give_clear_errors() {
     );
 
     // Cache files: another model, truncated, garbage, not a cache.
-    let comp = compress(&m, Method::KvDistill(&a), &ctx, 0.5);
+    let comp = compress(&m, Method::kv_distill(&a), &ctx, 0.5);
     let cache =
         CompressedCache::from_compressed(comp, meta(&m, "kv_distill", 0.5, 20)).expect("cache");
     let cp = dir.path().join("cache.safetensors");
@@ -361,7 +361,7 @@ fn a_sigmoid_feed_adaptor_decodes_the_same_from_memory_and_from_a_cache_file() {
     let ctx = tokens(60, 21);
     let prompt = tokens(5, 22);
     let r = 0.25;
-    let mem = compress(&m, Method::KvDistill(&a), std::slice::from_ref(&ctx), r);
+    let mem = compress(&m, Method::kv_distill(&a), std::slice::from_ref(&ctx), r);
     assert!(mem.feed.is_some());
     let want = generate_batch(
         &m,

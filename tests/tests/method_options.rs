@@ -97,7 +97,7 @@ fn training_loss_equals_the_evaluation_kl_on_the_same_tokens_and_selection() {
             &[answer],
         )
         .expect("teacher");
-        let mut comp = compress_contexts(&m, Method::KvDistill(&a), ctx).expect("compress");
+        let mut comp = compress_contexts(&m, Method::kv_distill(&a), ctx).expect("compress");
         assert_eq!(comp.feed.is_some(), feed.in_forward(), "{feed:?}");
         let kept = comp.selections[0].kept.clone();
         assert_eq!(kept.len(), 1 + 12, "BOS + ceil(0.25 * 47)");
@@ -161,8 +161,8 @@ fn kv_adaptors_at_every_position_change_dropped_positions_keys() {
             v.copy_(&src[&name]);
         }
     });
-    let a = compress_contexts(&m, Method::KvDistill(&off), ctx).expect("off");
-    let b = compress_contexts(&m, Method::KvDistill(&on), ctx).expect("on");
+    let a = compress_contexts(&m, Method::kv_distill(&off), ctx).expect("off");
+    let b = compress_contexts(&m, Method::kv_distill(&on), ctx).expect("on");
     assert_eq!(a.selections, b.selections, "same scorer, same selection");
     let layer = |c: &kvd_trainer::distill::student::Compressed, i| {
         c.cache.layer(i).expect("layer").k.shallow_clone()
@@ -185,7 +185,7 @@ fn forcing_keeps_the_given_positions_within_the_budget() {
     let a = trained_like(&m, base_cfg(), 3);
     let force = vec![vec![17usize, 18, 30]];
     for method in [
-        Method::KvDistill(&a),
+        Method::kv_distill(&a),
         Method::Baseline(kvd_trainer::distill::Baseline::Random { seed: 1 }),
     ] {
         let c = compress_contexts_forcing(&m, method, ctx, Some(&force)).expect("forced");
@@ -291,4 +291,46 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
         diff > 0.0,
         "the selection loss changes the scorer's gradient"
     );
+}
+
+/// Maximal runs of consecutive positions in `kept` (ascending).
+fn runs(kept: &[usize]) -> usize {
+    kept.windows(2).filter(|w| w[1] != w[0] + 1).count() + usize::from(!kept.is_empty())
+}
+
+#[test]
+fn span_pooling_keeps_runs_together_within_the_same_budget() {
+    // The same scorer with and without the span-local average pool: the same
+    // number of positions, in fewer and longer runs; the adaptor's own
+    // `span_pool` is what `kv_distill` uses, `kv_distill_poolN` overrides it.
+    let m = model();
+    let context = tokens(80, 41);
+    let (ids, len) = pad_rows(&[context], 96, Device::Cpu).expect("pad");
+    let ctx = Contexts {
+        ids: &ids,
+        len: &len,
+        spans: &[vec![(1, 79)]],
+        ratios: &[0.25],
+    };
+    let a = trained_like(&m, base_cfg(), 5);
+    let plain = compress_contexts(&m, Method::kv_distill(&a), ctx).expect("plain");
+    let pooled = Method::KvDistill {
+        adaptor: &a,
+        span_pool: Some(3),
+    };
+    assert_eq!(pooled.name(), "kv_distill_pool3");
+    let pooled = compress_contexts(&m, pooled, ctx).expect("pooled");
+    let (p, q) = (&plain.selections[0].kept, &pooled.selections[0].kept);
+    assert_eq!(p.len(), q.len(), "the budget is unchanged");
+    assert!(
+        runs(q) < runs(p),
+        "pooled runs {} vs plain {}: {q:?} / {p:?}",
+        runs(q),
+        runs(p)
+    );
+    let mut cfg = base_cfg();
+    cfg.span_pool = 3;
+    let own = trained_like(&m, cfg, 5);
+    let by_config = compress_contexts(&m, Method::kv_distill(&own), ctx).expect("config");
+    assert_eq!(&by_config.selections[0].kept, q);
 }

@@ -115,7 +115,10 @@ fn train_reproducibly_then_evaluate() {
     assert_eq!(s1.examples, 4);
     // Context and suffix tokens, more than the supervised ones, and their rates.
     assert!(s1.total_tokens > s1.tokens && s1.tokens > 0, "{s1:?}");
-    assert!(s1.total_tok_per_s > s1.tok_per_s && s1.tok_per_s > 0.0, "{s1:?}");
+    assert!(
+        s1.total_tok_per_s > s1.tok_per_s && s1.tok_per_s > 0.0,
+        "{s1:?}"
+    );
     assert!(s1.first_loss.is_finite() && s1.first_loss > 0.0, "{s1:?}");
     assert_eq!(seen.len(), 2);
     assert_eq!(s1.cursors.len(), 2);

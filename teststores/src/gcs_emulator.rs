@@ -152,8 +152,9 @@ impl GcsEmulator {
 
     /// One HTTP/1.1 request (connection closed after it): status and body.
     fn http(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> Result<(u16, String)> {
-        let err =
-            |e: std::io::Error| ServerError::config(format!("fake-gcs-server {method} {path}: {e}"));
+        let err = |e: std::io::Error| {
+            ServerError::config(format!("fake-gcs-server {method} {path}: {e}"))
+        };
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(err)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(err)?;

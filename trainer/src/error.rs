@@ -148,7 +148,7 @@ pub enum ModelError {
     /// A collective (gradient all-reduce) failed: a peer died, timed out or
     /// the communicator was aborted by the coordinator's order.
     #[error(transparent)]
-    Collective(#[from] crate::dist::CollectiveError),
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 /// Result alias for this crate's model code.
@@ -195,7 +195,9 @@ impl ModelError {
 /// "out of memory" or the CPU allocator's "not enough memory" / "can't
 /// allocate memory".
 fn is_oom_message(m: &str) -> bool {
-    m.contains("out of memory") || m.contains("not enough memory") || m.contains("can't allocate memory")
+    m.contains("out of memory")
+        || m.contains("not enough memory")
+        || m.contains("can't allocate memory")
 }
 
 /// Runs `f`, turning a panic inside it (tch's infallible operations panic on

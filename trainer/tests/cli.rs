@@ -369,10 +369,15 @@ fn worker_settings_layer_file_env_flags() {
     .expect("job.toml");
     let print = |env: &[(&str, &str)], flags: &[&str]| {
         let mut c = Command::new(BIN);
-        c.args(["worker", "--config", &job.to_string_lossy(), "--print-config"])
-            .args(flags)
-            .env_remove("KVD_COORDINATOR")
-            .env_remove("KVD_MAX_LEN");
+        c.args([
+            "worker",
+            "--config",
+            &job.to_string_lossy(),
+            "--print-config",
+        ])
+        .args(flags)
+        .env_remove("KVD_COORDINATOR")
+        .env_remove("KVD_MAX_LEN");
         for (k, v) in env {
             c.env(k, v);
         }
@@ -388,10 +393,16 @@ fn worker_settings_layer_file_env_flags() {
     };
     let out = print(&[], &[]);
     assert_eq!(line(&out, "max_len"), "max_len = 96  # file");
-    assert_eq!(line(&out, "data"), "data = [\"s3://b/qa\", \"s3://b/text\"]  # file");
+    assert_eq!(
+        line(&out, "data"),
+        "data = [\"s3://b/qa\", \"s3://b/text\"]  # file"
+    );
     assert_eq!(line(&out, "skip_bad_rows"), "skip_bad_rows = true  # file");
     assert_eq!(line(&out, "global_batch"), "global_batch = 16  # default");
-    let out = print(&[("KVD_MAX_LEN", "80"), ("KVD_COORDINATOR", "env-host:2")], &[]);
+    let out = print(
+        &[("KVD_MAX_LEN", "80"), ("KVD_COORDINATOR", "env-host:2")],
+        &[],
+    );
     assert_eq!(line(&out, "max_len"), "max_len = 80  # env KVD_MAX_LEN");
     assert_eq!(
         line(&out, "coordinator"),
@@ -401,7 +412,12 @@ fn worker_settings_layer_file_env_flags() {
     assert_eq!(line(&out, "max_len"), "max_len = 64  # flag");
     // A value clap refuses is refused whatever its layer, naming the flag.
     let o = Command::new(BIN)
-        .args(["worker", "--config", &job.to_string_lossy(), "--print-config"])
+        .args([
+            "worker",
+            "--config",
+            &job.to_string_lossy(),
+            "--print-config",
+        ])
         .env("KVD_MAX_LEN", "lots")
         .output()
         .expect("worker");

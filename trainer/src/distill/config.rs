@@ -110,6 +110,11 @@ pub struct DistillConfig {
     /// question-aware method would keep. 0 turns it off.
     #[serde(default)]
     pub select_weight: f64,
+    /// Half-width of the span-local average pool applied to the scores
+    /// before top-k ([`super::select::span_mean_pool`]), so runs of
+    /// high-scoring tokens are kept whole; 0 ranks by the raw scores.
+    #[serde(default)]
+    pub span_pool: usize,
 }
 
 impl Default for DistillConfig {
@@ -124,6 +129,7 @@ impl Default for DistillConfig {
             kl_chunk_rows: 64,
             sinks: 0,
             select_weight: 0.0,
+            span_pool: 0,
         }
     }
 }

@@ -20,17 +20,33 @@ pub enum Method<'a> {
     /// Keep everything (the teacher's cache).
     Full,
     /// The trained scorer and routed LoRA.
-    KvDistill(&'a Adaptor),
+    KvDistill {
+        /// The adaptor.
+        adaptor: &'a Adaptor,
+        /// Span pooling of the scores before top-k (`None`: the adaptor's).
+        span_pool: Option<usize>,
+    },
     /// A question-agnostic training-free baseline.
     Baseline(Baseline),
 }
 
-impl Method<'_> {
+impl<'a> Method<'a> {
+    /// KV-Distill with the adaptor's own settings.
+    pub fn kv_distill(adaptor: &'a Adaptor) -> Self {
+        Method::KvDistill {
+            adaptor,
+            span_pool: None,
+        }
+    }
+
     /// Short name used in tables and file metadata.
     pub fn name(&self) -> String {
         match self {
             Method::Full => "full".into(),
-            Method::KvDistill(_) => "kv_distill".into(),
+            Method::KvDistill {
+                span_pool: Some(p), ..
+            } => format!("kv_distill_pool{p}"),
+            Method::KvDistill { .. } => "kv_distill".into(),
             Method::Baseline(b) => b.name().into(),
         }
     }
@@ -53,10 +69,10 @@ pub fn compress_contexts_forcing(
 ) -> Result<Compressed> {
     check_window(model, ctx.len)?;
     tch::no_grad(|| match method {
-        Method::KvDistill(adaptor) => {
+        Method::KvDistill { adaptor, span_pool } => {
             let features =
                 model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
-            compress_forcing(model, adaptor, ctx, &features, false, force)
+            compress_forcing(model, adaptor, ctx, &features, false, force, span_pool)
         }
         Method::Full => {
             let mut full = model.new_cache();

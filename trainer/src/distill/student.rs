@@ -4,7 +4,7 @@
 
 use super::adaptor::Adaptor;
 use super::config::ScoreFeed;
-use super::select::{select, Selection, Span};
+use super::select::{select, span_mean_pool, Selection, Span};
 use crate::error::{ModelError, Result};
 use crate::model::{Input, KeyBias, KvCache, Model};
 use tch::{Device, Kind, Tensor};
@@ -136,9 +136,11 @@ impl Kept {
     }
 
     /// Keeps the top-scored positions of each context's spans by `scores`
-    /// `[batch, lc]` (read to the host: this waits for the device); the first
-    /// `sinks` positions of each span are kept whatever their scores.
-    pub fn select(scores: &Tensor, ctx: Contexts, sinks: usize) -> Result<Kept> {
+    /// `[batch, lc]` (read to the host: this waits for the device), ranked
+    /// after a span-local average pool of half-width `pool` (0: the raw
+    /// scores); the first `sinks` positions of each span are kept whatever
+    /// their scores.
+    pub fn select(scores: &Tensor, ctx: Contexts, sinks: usize, pool: usize) -> Result<Kept> {
         let (b, lc) = ctx.ids.size2()?;
         let bu = b as usize;
         if ctx.len.len() != bu || ctx.spans.len() != bu || ctx.ratios.len() != bu {
@@ -152,6 +154,7 @@ impl Kept {
         let mut host = host;
         for i in 0..bu {
             let row = &mut host[i * lc as usize..(i + 1) * lc as usize];
+            span_mean_pool(row, &ctx.spans[i], pool);
             for &(s, n) in &ctx.spans[i] {
                 row.get_mut(s..s + sinks.min(n))
                     .into_iter()
@@ -185,11 +188,12 @@ pub fn compress(
     features: &Tensor,
     train: bool,
 ) -> Result<Compressed> {
-    compress_forcing(model, adaptor, ctx, features, train, None)
+    compress_forcing(model, adaptor, ctx, features, train, None, None)
 }
 
 /// [`compress`], keeping `force[i]` (context positions of example i) whatever
-/// their scores, within the budget: the oracle of a diagnosis.
+/// their scores, within the budget: the oracle of a diagnosis. `span_pool`
+/// overrides the adaptor's pooling of the scores before top-k.
 pub fn compress_forcing(
     model: &Model,
     adaptor: &Adaptor,
@@ -197,6 +201,7 @@ pub fn compress_forcing(
     features: &Tensor,
     train: bool,
     force: Option<&[Vec<usize>]>,
+    span_pool: Option<usize>,
 ) -> Result<Compressed> {
     let lc = ctx.ids.size2()?.1;
     let mut timer = super::phases::PhaseTimer::start(model.device());
@@ -204,7 +209,8 @@ pub fn compress_forcing(
     if let Some(force) = force {
         scores = with_forced(&scores, force)?;
     }
-    let kept = Kept::select(&scores, ctx, adaptor.config().sinks)?;
+    let pool = span_pool.unwrap_or(adaptor.config().span_pool);
+    let kept = Kept::select(&scores, ctx, adaptor.config().sinks, pool)?;
     timer.mark("scorer");
     let full = encode(model, adaptor, ctx.ids, &kept, train)?;
     timer.mark("encoder");

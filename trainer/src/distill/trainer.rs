@@ -5,8 +5,8 @@ use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
 use super::step::{distill_step, supervised_positions, DistillExample, StepStats};
 use super::step_graph::StepGraphs;
-use crate::dist::collective::DEFAULT_BUCKET_ELEMS;
-use crate::dist::{all_reduce_values, Collective, FlatGrads, Single};
+use crate::collective::DEFAULT_BUCKET_ELEMS;
+use crate::collective::{all_reduce_values, Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
@@ -239,7 +239,7 @@ impl Trainer {
             let s: StepStats = crate::error::catch_panic(shape, || {
                 if std::mem::take(&mut fail_alloc) {
                     // 2^46 float32 elements (256 TiB): refused by any allocator.
-                    Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
+                    let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
                 }
                 distill_step(model, adaptor, cfg, mb, weight, true, graphs)
             })

@@ -317,14 +317,25 @@ pub fn run_eval(
         .methods
         .iter()
         .map(|m| match (m.as_str(), adaptor) {
-            ("kv_distill", Some(a)) => Ok(EvalMethod::Compress(Method::KvDistill(a))),
-            ("kv_distill", None) => Err(ModelError::Input(
-                "method kv_distill needs an adaptor".into(),
-            )),
+            ("kv_distill", Some(a)) => Ok(EvalMethod::Compress(Method::kv_distill(a))),
+            (name, Some(a)) if name.starts_with(POOLED_PREFIX) => {
+                let pool = name[POOLED_PREFIX.len()..].parse().map_err(|_| {
+                    ModelError::Input(format!(
+                        "method {name}: expected {POOLED_PREFIX}N (N: the pool's half-width)"
+                    ))
+                })?;
+                Ok(EvalMethod::Compress(Method::KvDistill {
+                    adaptor: a,
+                    span_pool: Some(pool),
+                }))
+            }
+            (name, None) if name.starts_with("kv_distill") => {
+                Err(ModelError::Input(format!("method {name} needs an adaptor")))
+            }
             (QUESTION_AWARE, _) => Ok(EvalMethod::QuestionAware(7)),
             (name, a) if name.ends_with(ORACLE_SUFFIX) => Ok(EvalMethod::Oracle(
                 match (&name[..name.len() - ORACLE_SUFFIX.len()], a) {
-                    ("kv_distill", Some(a)) => Method::KvDistill(a),
+                    ("kv_distill", Some(a)) => Method::kv_distill(a),
                     ("kv_distill", None) => {
                         return Err(ModelError::Input(format!("method {name} needs an adaptor")))
                     }
@@ -550,6 +561,10 @@ impl EvalMethod<'_> {
 
 /// Suffix of a method's name that forces the answer's tokens kept.
 pub const ORACLE_SUFFIX: &str = "+answer";
+
+/// `kv_distill_poolN`: KV-Distill ranking by the scores after a span-local
+/// average pool of half-width N (whatever the adaptor was trained with).
+pub const POOLED_PREFIX: &str = "kv_distill_pool";
 
 /// The question-aware SnapKV reference's name in tables.
 pub const QUESTION_AWARE: &str = "snapkv_question";

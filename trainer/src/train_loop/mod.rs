@@ -9,9 +9,9 @@ mod run;
 pub use producer::{mix_schedule, spawn_producer, Produced, ProducerStart};
 pub use run::{run, LoopConfig, LoopHooks, RunOutcome, StepDone, TrainState};
 
+use crate::chaos::Chaos;
 use crate::checkpointer::{Checkpointer, LocalCheckpointer};
-use crate::dist::chaos::Chaos;
-use crate::dist::Single;
+use crate::collective::Single;
 use crate::distill::checkpoint::save;
 use crate::distill::examples::{to_distill, ModelTokenizer};
 use crate::distill::{Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer};

@@ -10,9 +10,9 @@ use std::time::Instant;
 use kvd_data::{Cursor, RankBatch};
 
 use super::{micro_batches, Produced, TrainJob, TrainSummary};
+use crate::chaos::{Chaos, Phase};
 use crate::checkpointer::Checkpointer;
-use crate::dist::chaos::{Chaos, Phase};
-use crate::dist::Collective;
+use crate::collective::Collective;
 use crate::distill::{Adaptor, OptStats, Trainer};
 use crate::error::{ModelError, Result};
 use crate::model::Model;

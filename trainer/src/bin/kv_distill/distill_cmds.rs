@@ -130,6 +130,12 @@ pub struct TrainArgs {
     /// the straight-through signal alone).
     #[arg(long, default_value_t = 4.0)]
     select_weight: f64,
+    /// Rank span positions by the mean score within N positions (a
+    /// span-local average pool, in training and at inference), so runs of
+    /// high-scoring tokens such as numbers and names are kept whole (0: the
+    /// raw scores).
+    #[arg(long, default_value_t = 0)]
+    span_pool: usize,
     /// Skip (count and log) bad rows instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
@@ -235,6 +241,7 @@ pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
             })?,
             sinks: a.sinks,
             select_weight: a.select_weight,
+            span_pool: a.span_pool,
             ..DistillConfig::default()
         },
         train: TrainConfig {
@@ -329,7 +336,7 @@ pub struct CompressArgs {
 /// Resolves a method name (and optional adaptor) into a [`Method`].
 pub fn parse_method<'a>(name: &str, adaptor: Option<&'a Adaptor>) -> Result<Method<'a>> {
     Ok(match (name, adaptor) {
-        (_, Some(a)) => Method::KvDistill(a),
+        (_, Some(a)) => Method::kv_distill(a),
         ("full", None) => Method::Full,
         ("kv_distill", None) => bail!("method kv_distill needs --adaptor"),
         (other, None) => Method::Baseline(other.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
@@ -492,7 +499,9 @@ pub struct EvalArgs {
         default_value = "1.0,0.5,0.25,0.1,0.05,0.02"
     )]
     ratios: Vec<f64>,
-    /// Methods (kv_distill is added first when --adaptor is given);
+    /// Methods (kv_distill is added first when --adaptor is given;
+    /// kv_distill_poolN ranks by the scores after a span-local average pool
+    /// of half-width N; METHOD+answer keeps the answer's tokens, an oracle);
     /// snapkv_question is a question-aware reference, not a competitor.
     #[arg(
         long,

@@ -1,5 +1,5 @@
 //! `kv-distill worker`: one process of a distributed job (see
-//! `kvd_trainer::dist::worker`), and the `--config job.toml` layering of its
+//! `kvd_trainer::worker`), and the `--config job.toml` layering of its
 //! flags.
 
 use std::ffi::OsString;
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use figment::providers::{Format, Toml};
 use figment::Figment;
-use kvd_trainer::dist::worker::{run_worker, WorkerConfig, WorkerOutcome};
+use kvd_trainer::worker::{run_worker, WorkerConfig, WorkerOutcome};
 
 use super::distill_cmds::{build_job, TrainArgs};
 use super::load;
@@ -496,7 +496,7 @@ mod tests {
         let max_len = |args: Vec<String>, env: Option<&str>| {
             let (argv, settings) = resolve_with(argv(&args), |k| {
                 (k == "KVD_MAX_LEN")
-                    .then(|| env)
+                    .then_some(env)
                     .flatten()
                     .map(String::from)
             })

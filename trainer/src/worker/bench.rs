@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::collective::{Collective, FlatGrads, DEFAULT_BUCKET_ELEMS};
+use crate::collective::{Collective, FlatGrads, DEFAULT_BUCKET_ELEMS};
 use crate::distill::Adaptor;
 use crate::error::{ModelError, Result};
 

@@ -254,9 +254,9 @@ pub async fn put_url(url: &str, bytes: Vec<u8>, opts: &StoreOptions) -> Result<(
 
 /// A failed write of `url` as [`ModelError::Storage`], naming the URL; a
 /// missing bucket or container says so.
-fn storage(url: &str, e: kvd_data::DataError) -> ModelError {
+fn storage(url: &str, e: kvd_data::StoreError) -> ModelError {
     match e {
-        kvd_data::DataError::MissingObject { .. } => ModelError::Storage(format!(
+        kvd_data::StoreError::MissingObject { .. } => ModelError::Storage(format!(
             "cannot write {url}: its bucket, container or directory does not exist"
         )),
         e => ModelError::Storage(format!(

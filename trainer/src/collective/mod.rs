@@ -1,4 +1,10 @@
-//! The collective interface and the bucketed gradient all-reduce.
+//! Collectives among the ranks of a job: the [`Collective`] trait (NCCL on
+//! GPUs, a TCP star on CPUs, [`Single`] for one process) and the bucketed
+//! gradient all-reduce. Below both the method (whose optimizer step
+//! all-reduces through it) and the worker (which builds the communicator).
+
+pub mod nccl;
+pub mod tcp;
 
 use tch::{Kind, Tensor};
 

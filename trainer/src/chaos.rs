@@ -102,10 +102,7 @@ impl Chaos {
         let Action::Signal(signal) = self.action else {
             return;
         };
-        if self.rank as usize != rank
-            || self.step != step
-            || self.phase != phase
-        {
+        if self.rank as usize != rank || self.step != step || self.phase != phase {
             return;
         }
         if let Some(marker) = &self.once {
@@ -142,7 +139,9 @@ mod tests {
         assert!(Chaos::parse("boom:rank=1").is_err());
         let a = Chaos::parse("alloc:rank=0:step=3").unwrap();
         assert!(a.fails_alloc(0, 3) && !a.fails_alloc(0, 2) && !a.fails_alloc(1, 3));
-        assert!(!Chaos::parse("kill:rank=0:step=3").unwrap().fails_alloc(0, 3));
+        assert!(!Chaos::parse("kill:rank=0:step=3")
+            .unwrap()
+            .fails_alloc(0, 3));
         assert!(Chaos::parse("alloc:rank=0:step=3:at=upload").is_err());
         assert_eq!(
             Chaos::parse("term:rank=0:step=2").unwrap().action,

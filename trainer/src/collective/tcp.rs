@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 
-use super::collective::{Collective, CollectiveError};
+use super::{Collective, CollectiveError};
 
 const BACKEND: &str = "tcp";
 const MAGIC: &[u8; 8] = b"kvd-tcp1";

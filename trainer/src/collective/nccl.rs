@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::sys as nccl;
 use tch::{Kind, Tensor};
 
-use super::collective::{Collective, CollectiveError};
+use super::{Collective, CollectiveError};
 
 const BACKEND: &str = "nccl";
 /// How long the host spins on the stream before sleeping between polls.

@@ -6,7 +6,7 @@
 //! weights, AdamW moments, step, data cursors) and
 //! `DIR/step-NNNNNNNN/manifest.json`, written last: a checkpoint exists once
 //! its manifest does. A worker's implementation (parts uploaded to the
-//! coordinator's store, the coordinator commits) is in [`crate::dist::worker`].
+//! coordinator's store, the coordinator commits) is in [`crate::worker`].
 
 use std::path::{Path, PathBuf};
 
@@ -14,10 +14,12 @@ use kvd_data::StoreOptions;
 use kvd_proto::{CheckpointManifest, CheckpointPart, MANIFEST_FORMAT_VERSION};
 
 use crate::config::ModelConfig;
-use crate::dist::state::{encode_part, load_checkpoint};
+pub mod parts;
+
 use crate::distill::checkpoint::config_hash;
 use crate::error::{ModelError, Result};
 use crate::train_loop::TrainState;
+use parts::{encode_part, load_checkpoint};
 
 /// Saves the training state; the training loop's only way to persist it.
 pub trait Checkpointer {
@@ -191,9 +193,7 @@ impl LocalCheckpointer {
     }
 }
 
-fn load_checkpoint_blocking(
-    url: &str,
-) -> Result<(CheckpointManifest, crate::dist::state::LoadedState)> {
+fn load_checkpoint_blocking(url: &str) -> Result<(CheckpointManifest, parts::LoadedState)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

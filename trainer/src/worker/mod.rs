@@ -17,6 +17,8 @@
 //! [`ModelError::Interrupted`] (`kv-distill` exits 128 + the signal's number).
 //! A second signal ends the process at once.
 
+pub mod bench;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -32,12 +34,12 @@ use kvd_proto::v1::{
 use tokio::runtime::Runtime;
 use tonic::{Code, Status};
 
-use super::chaos::{Chaos, Phase};
-use super::collective::Collective;
-use super::nccl::{self, Nccl};
-use super::state::{encode_part, load_checkpoint, put_url, write_options};
-use super::tcp::{local_ip_towards, TcpEndpoint, TcpStar};
+use crate::chaos::{Chaos, Phase};
+use crate::checkpointer::parts::{encode_part, load_checkpoint, put_url, write_options};
 use crate::checkpointer::Checkpointer;
+use crate::collective::nccl::{self, Nccl};
+use crate::collective::tcp::{local_ip_towards, TcpEndpoint, TcpStar};
+use crate::collective::Collective;
 use crate::distill::checkpoint::{config_hash, save};
 use crate::distill::{Adaptor, Trainer};
 use crate::error::{ModelError, Result};
@@ -152,11 +154,49 @@ fn interrupted(what: &str) -> ModelError {
     }
 }
 
-const NONE: u8 = 0;
-const STOP: u8 = 1;
-const REBUILD: u8 = 2;
-const REJOIN: u8 = 3;
-const LOST: u8 = 4;
+/// An order from the heartbeat task to the training thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Order {
+    /// The job ended or paused: stop.
+    Stop = 1,
+    /// The membership changed: rendezvous for the next epoch.
+    Rebuild = 2,
+    /// The coordinator no longer knows this member: register again.
+    Rejoin = 3,
+    /// The coordinator has been unreachable too long.
+    Lost = 4,
+}
+
+impl Order {
+    fn from_u8(v: u8) -> Option<Order> {
+        [Order::Stop, Order::Rebuild, Order::Rejoin, Order::Lost]
+            .into_iter()
+            .find(|o| *o as u8 == v)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Order::Stop => "stop",
+            Order::Rebuild => "rebuild",
+            Order::Rejoin => "rejoin",
+            Order::Lost => "coordinator lost",
+        }
+    }
+
+    /// How the session ends on this order.
+    fn end(self) -> Result<SessionEnd> {
+        match self {
+            Order::Stop => Ok(SessionEnd::Stop),
+            Order::Rebuild => Ok(SessionEnd::Rebuild),
+            Order::Rejoin => Ok(SessionEnd::Rejoin),
+            Order::Lost => Err(ModelError::Coordinator(
+                "the coordinator has been unreachable for longer than the coordinator timeout"
+                    .into(),
+            )),
+        }
+    }
+}
 
 /// What the heartbeat task tells the training thread.
 struct Control {
@@ -168,22 +208,22 @@ struct Control {
 impl Control {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            command: AtomicU8::new(NONE),
+            command: AtomicU8::new(0),
             abort: Arc::new(AtomicBool::new(false)),
             step: AtomicU64::new(0),
         })
     }
 
-    fn order(&self, cmd: u8) {
+    fn order(&self, order: Order) {
         // The first order wins (a STOP is never downgraded to a REBUILD).
         let _ = self
             .command
-            .compare_exchange(NONE, cmd, Ordering::SeqCst, Ordering::SeqCst);
+            .compare_exchange(0, order as u8, Ordering::SeqCst, Ordering::SeqCst);
         self.abort.store(true, Ordering::SeqCst);
     }
 
-    fn pending(&self) -> u8 {
-        self.command.load(Ordering::SeqCst)
+    fn pending(&self) -> Option<Order> {
+        Order::from_u8(self.command.load(Ordering::SeqCst))
     }
 }
 
@@ -461,11 +501,7 @@ fn register(ctx: &Ctx<'_>, req: RegisterRequest) -> Result<Option<RegisterReply>
                 tracing::info!(reason = s.message(), "rank not free yet: waiting");
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(s)
-                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
-            {
-                return Ok(None)
-            }
+            Err(s) if kvd_proto::status::is_job_over(&s) => return Ok(None),
             Err(s) => return Err(rpc_err("rejected the registration", &s)),
         }
     }
@@ -508,11 +544,7 @@ fn rendezvous(
                 view = v;
             }
             Err(s) if s.code() == Code::NotFound => return Ok(Err(SessionEnd::Rejoin)),
-            Err(s)
-                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
-            {
-                return Ok(Err(SessionEnd::Stop))
-            }
+            Err(s) if kvd_proto::status::is_job_over(&s) => return Ok(Err(SessionEnd::Stop)),
             Err(s) => return Err(rpc_err("rendezvous failed", &s)),
         }
     }
@@ -542,49 +574,22 @@ fn spawn_heartbeat(
                 Ok(r) => {
                     last_ok = Instant::now();
                     match Command::try_from(r.into_inner().command) {
-                        Ok(Command::Stop) => control.order(STOP),
-                        Ok(Command::Rebuild) => control.order(REBUILD),
+                        Ok(Command::Stop) => control.order(Order::Stop),
+                        Ok(Command::Rebuild) => control.order(Order::Rebuild),
                         _ => {}
                     }
                 }
-                Err(s) if s.code() == Code::NotFound => control.order(REJOIN),
-                Err(s)
-                    if s.code() == Code::FailedPrecondition
-                        && s.message().contains("job is over") =>
-                {
-                    control.order(STOP)
-                }
+                Err(s) if s.code() == Code::NotFound => control.order(Order::Rejoin),
+                Err(s) if kvd_proto::status::is_job_over(&s) => control.order(Order::Stop),
                 Err(s) => {
                     tracing::debug!(error = %s.message(), "heartbeat failed");
                     if last_ok.elapsed() > lost_after {
-                        control.order(LOST);
+                        control.order(Order::Lost);
                     }
                 }
             }
         }
     })
-}
-
-fn order_name(order: u8) -> &'static str {
-    match order {
-        STOP => "stop",
-        REBUILD => "rebuild",
-        REJOIN => "rejoin",
-        LOST => "coordinator lost",
-        _ => "none",
-    }
-}
-
-fn end_of(order: u8) -> Result<SessionEnd> {
-    match order {
-        STOP => Ok(SessionEnd::Stop),
-        REBUILD => Ok(SessionEnd::Rebuild),
-        REJOIN => Ok(SessionEnd::Rejoin),
-        LOST => Err(ModelError::Coordinator(
-            "the coordinator has been unreachable for longer than the coordinator timeout".into(),
-        )),
-        _ => Err(ModelError::Coordinator("unknown order".into())),
-    }
 }
 
 /// A pending checkpoint upload (off the training thread).
@@ -597,11 +602,12 @@ fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
     let result = session_inner(ctx, view, &control);
     beat.abort();
     match result {
-        Err(ModelError::Collective(e)) if control.pending() != NONE => {
+        Err(ModelError::Collective(e)) if control.pending().is_some() => {
             // The heartbeat aborted the collective on the coordinator's order
             // (a pause at --stop-at, a job end, a rebuild): expected.
-            tracing::info!(order = order_name(control.pending()), reason = %e, "collective ended by the coordinator's order");
-            end_of(control.pending())
+            let order = control.pending().unwrap_or(Order::Stop);
+            tracing::info!(order = order.name(), reason = %e, "collective ended by the coordinator's order");
+            order.end()
         }
         Err(ModelError::Collective(e)) => {
             // A peer failed mid-collective: the coordinator will order a
@@ -609,14 +615,15 @@ fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
             tracing::warn!(error = %e, "collective failed: waiting for the coordinator");
             let deadline = Instant::now() + ctx.cfg.coordinator_timeout;
             let beat = spawn_heartbeat(ctx, view, control.clone());
-            while control.pending() == NONE && Instant::now() < deadline && signalled().is_none() {
+            while control.pending().is_none() && Instant::now() < deadline && signalled().is_none()
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             beat.abort();
             match control.pending() {
-                NONE if signalled().is_some() => Ok(SessionEnd::Leave),
-                NONE => Err(ModelError::Collective(e)),
-                order => end_of(order),
+                None if signalled().is_some() => Ok(SessionEnd::Leave),
+                None => Err(ModelError::Collective(e)),
+                Some(order) => order.end(),
             }
         }
         other => other,
@@ -684,7 +691,7 @@ fn session_inner(
         tracing::info!(%url, step = loaded.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
     }
     if let Some((sizes, out)) = &ctx.cfg.bench_allreduce {
-        super::bench::allreduce(coll.as_mut(), &state.adaptor, sizes, out)?;
+        bench::allreduce(coll.as_mut(), &state.adaptor, sizes, out)?;
         return report_final(ctx, view, job.train.total_steps as u64);
     }
     let start = state.step();
@@ -805,9 +812,9 @@ impl LoopHooks for WorkerHooks<'_, '_> {
 
     fn before_step(&mut self, _step: u64) -> Option<Result<SessionEnd>> {
         match self.control.pending() {
-            NONE if signalled().is_some() => Some(Ok(SessionEnd::Leave)),
-            NONE => None,
-            order => Some(end_of(order)),
+            None if signalled().is_some() => Some(Ok(SessionEnd::Leave)),
+            None => None,
+            Some(order) => Some(order.end()),
         }
     }
 
@@ -862,9 +869,7 @@ impl LoopHooks for WorkerHooks<'_, '_> {
                 _ => None,
             },
             Err(s) if s.code() == Code::NotFound => Some(Ok(SessionEnd::Rejoin)),
-            Err(s)
-                if s.code() == Code::FailedPrecondition && s.message().contains("job is over") =>
-            {
+            Err(s) if kvd_proto::status::is_job_over(&s) => {
                 (!done.is_last).then_some(Ok(SessionEnd::Stop))
             }
             Err(s) => return Err(rpc_err("rejected a step report", &s)),
