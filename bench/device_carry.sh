@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Makes the three carry folders of a quality session on the device tool
+# (bench/gpu_quality_session.sh): each must fit the tool's 64 MiB working tree
+# beside the repository, so the model, data and binary are split.
+#   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF, SQuAD v1.1 dev
+#            (xz), the essays (tar.xz)
+#   .dev/c2: the rest of the GGUF, the release kv-distill (xz)
+#   .dev/c3: the prepared training data (train/qa; train/text + train/synth)
+# Needs `make build` (release binaries) and the assets of `make setup`; runs
+# `kvd-data prepare` when the data is missing. Usage: bench/device_carry.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${KVD_CACHE:-$HOME/.cache/kv-distill}
+bin=${CARGO_TARGET_DIR:-$cache/target}/release
+assets=$cache/assets
+data=${DATA:-$cache/data}
+gguf=$assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+limit=$((64 * 1024 * 1024))
+for f in "$gguf" "$bin/kv-distill" "$bin/kvd-data" "$assets/bigbench/squad_shifts/squaddev_v1.1.json"; do
+  [ -e "$f" ] || { echo "device_carry: missing $f (run make build)" >&2; exit 1; }
+done
+[ -f "$data/train/synth/manifest.json" ] ||
+  "$bin/kvd-data" prepare --assets "$assets" --out "file://$data"
+out=$here/.dev
+rm -rf "$out/c1" "$out/c2" "$out/c3"
+mkdir -p "$out/c1" "$out/c2" "$out/c3"
+head -c 52000000 "$gguf" > "$out/c1/gguf.part1"
+tail -c +52000001 "$gguf" > "$out/c2/gguf.part2"
+xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squad.json.xz"
+tar -C "$assets" -cJf "$out/c1/essays.tar.xz" essays
+xz -9e -T2 -c "$bin/kv-distill" > "$out/c2/kvd.xz"
+tar -C "$data" -cf "$out/c3/qa.tar" train/qa
+tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth
+repo=$(cd "$here" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+for c in c1 c2 c3; do
+  size=$(du -cb "$out/$c" | tail -1 | cut -f1)
+  echo "$out/$c: $size bytes (+ repository $repo; limit $limit)"
+  if [ $((size + repo)) -gt "$limit" ]; then
+    echo "device_carry: $c is over the device tool's limit" >&2
+    exit 1
+  fi
+done
