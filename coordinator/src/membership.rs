@@ -551,9 +551,10 @@ impl Membership {
                 "stale epoch {epoch}: the membership is at epoch {current}; rebuild first"
             )));
         }
-        self.params.checkpoint_url.clone().ok_or_else(|| {
-            Status::failed_precondition("the coordinator has no checkpoint_url configured")
-        })
+        self.params
+            .checkpoint_url
+            .clone()
+            .ok_or_else(kvd_proto::status::no_checkpoints)
     }
 
     fn checkpoint_urls(&self, base: &str, step: u64, rank: u32) -> (String, String) {

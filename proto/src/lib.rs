@@ -16,7 +16,7 @@ mod manifest;
 pub mod report;
 pub mod status;
 
-pub use manifest::{CheckpointManifest, CheckpointPart, MANIFEST_FORMAT_VERSION};
+pub use manifest::{CheckpointManifest, CheckpointPart, ManifestError, MANIFEST_FORMAT_VERSION};
 
 /// Generated code of the `kvd.v1` protobuf package.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -66,6 +66,28 @@ impl CheckpointPart {
     }
 }
 
+/// Why a checkpoint manifest is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not a manifest's JSON.
+    #[error("bad checkpoint manifest: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Written by another format version.
+    #[error("checkpoint manifest format {found} is not the supported {MANIFEST_FORMAT_VERSION}")]
+    Format {
+        /// The manifest's version.
+        found: u32,
+    },
+    /// The parts do not cover ranks `0..world_size` once each, in order.
+    #[error("checkpoint manifest for world size {world_size} has parts for ranks {ranks:?}")]
+    Parts {
+        /// The manifest's world size.
+        world_size: u32,
+        /// The ranks of its parts.
+        ranks: Vec<u32>,
+    },
+}
+
 impl CheckpointManifest {
     /// Serialises to pretty JSON.
     pub fn to_json(&self) -> String {
@@ -73,21 +95,19 @@ impl CheckpointManifest {
     }
 
     /// Parses a manifest and checks its format version and parts.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let m: Self =
-            serde_json::from_str(text).map_err(|e| format!("bad checkpoint manifest: {e}"))?;
+    pub fn from_json(text: &str) -> Result<Self, ManifestError> {
+        let m: Self = serde_json::from_str(text)?;
         if m.format_version != MANIFEST_FORMAT_VERSION {
-            return Err(format!(
-                "checkpoint manifest format {} is not the supported {MANIFEST_FORMAT_VERSION}",
-                m.format_version
-            ));
+            return Err(ManifestError::Format {
+                found: m.format_version,
+            });
         }
         let ranks: Vec<u32> = m.parts.iter().map(|p| p.rank).collect();
         if ranks != (0..m.world_size).collect::<Vec<_>>() {
-            return Err(format!(
-                "checkpoint manifest for world size {} has parts for ranks {ranks:?}",
-                m.world_size
-            ));
+            return Err(ManifestError::Parts {
+                world_size: m.world_size,
+                ranks,
+            });
         }
         Ok(m)
     }
@@ -125,15 +145,21 @@ mod tests {
     fn rejects_bad_manifests() {
         let mut m = manifest();
         m.format_version = 99;
-        assert!(CheckpointManifest::from_json(&m.to_json())
-            .unwrap_err()
-            .contains("99"));
+        let e = CheckpointManifest::from_json(&m.to_json()).unwrap_err();
+        assert!(matches!(e, ManifestError::Format { found: 99 }), "{e}");
+        assert!(e.to_string().contains("99"), "{e}");
         let mut m = manifest();
         m.parts.pop();
-        assert!(CheckpointManifest::from_json(&m.to_json())
-            .unwrap_err()
-            .contains("[0]"));
-        assert!(CheckpointManifest::from_json("{").is_err());
+        let e = CheckpointManifest::from_json(&m.to_json()).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::Parts { ranks, .. } if ranks == &[0]),
+            "{e}"
+        );
+        assert!(e.to_string().contains("[0]"), "{e}");
+        assert!(matches!(
+            CheckpointManifest::from_json("{"),
+            Err(ManifestError::Json(_))
+        ));
     }
 
     #[test]

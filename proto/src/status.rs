@@ -21,6 +21,24 @@ pub fn is_job_over(s: &Status) -> bool {
     s.code() == tonic::Code::FailedPrecondition && s.metadata().get(JOB_OVER_KEY).is_some()
 }
 
+/// Metadata key on a status that says the coordinator keeps no checkpoints.
+const NO_CHECKPOINTS_KEY: &str = "kvd-no-checkpoints";
+
+/// The reply to a checkpoint call when the coordinator has no checkpoint
+/// URL: `FAILED_PRECONDITION` with the no-checkpoints marker (the worker
+/// then skips checkpoints quietly).
+pub fn no_checkpoints() -> Status {
+    let mut s = Status::failed_precondition("the coordinator has no checkpoint_url configured");
+    s.metadata_mut()
+        .insert(NO_CHECKPOINTS_KEY, MetadataValue::from_static("1"));
+    s
+}
+
+/// Whether `s` says the coordinator keeps no checkpoints (made by [`no_checkpoints`]).
+pub fn is_no_checkpoints(s: &Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.metadata().get(NO_CHECKPOINTS_KEY).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +57,15 @@ mod tests {
             .metadata_mut()
             .insert(JOB_OVER_KEY, MetadataValue::from_static("1"));
         assert!(!is_job_over(&other));
+    }
+
+    #[test]
+    fn no_checkpoints_is_its_own_marker() {
+        let s = no_checkpoints();
+        assert!(is_no_checkpoints(&s) && !is_job_over(&s));
+        assert!(!is_no_checkpoints(&job_over("done")));
+        assert!(!is_no_checkpoints(&Status::failed_precondition(
+            "the coordinator has no checkpoint_url configured"
+        )));
     }
 }

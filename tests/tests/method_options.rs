@@ -334,3 +334,78 @@ fn span_pooling_keeps_runs_together_within_the_same_budget() {
     let by_config = compress_contexts(&m, Method::kv_distill(&own), ctx).expect("config");
     assert_eq!(&by_config.selections[0].kept, q);
 }
+
+#[test]
+fn training_selects_with_train_span_pool_and_compression_with_span_pool() {
+    // The training step's answer KL equals the evaluation's on the selection
+    // of `train_span_pool`, whatever `span_pool` (the compression's) says.
+    let m = model();
+    let (span, answer) = ((1usize, 79usize), (5usize, 6usize));
+    let context = tokens(80, 43);
+    let suffix = tokens(12, 44);
+    let (ids, len) = pad_rows(std::slice::from_ref(&context), 96, Device::Cpu).expect("pad");
+    let ctx = Contexts {
+        ids: &ids,
+        len: &len,
+        spans: &[vec![span]],
+        ratios: &[0.25],
+    };
+    let full = compress_contexts(&m, Method::Full, ctx).expect("full");
+    let teacher = teacher_logprobs(
+        &m,
+        &mut full.shallow_clone(),
+        std::slice::from_ref(&suffix),
+        &[answer],
+    )
+    .expect("teacher");
+    let eval_kl = |a: &Adaptor, pool: usize| {
+        let method = Method::KvDistill {
+            adaptor: a,
+            span_pool: Some(pool),
+        };
+        let mut comp = compress_contexts(&m, method, ctx).expect("compress");
+        let f = forced_scores(
+            &m,
+            &mut comp,
+            std::slice::from_ref(&suffix),
+            &[answer],
+            Some(&teacher),
+        )
+        .expect("scores");
+        (f[0].kl, comp.selections[0].kept.clone())
+    };
+    let mut kept = Vec::new();
+    for (span_pool, train_span_pool) in [(3, 0), (0, 3)] {
+        let mut cfg = base_cfg();
+        cfg.kl_forward_weight = 1.0;
+        cfg.answer_only = true;
+        cfg.span_pool = span_pool;
+        cfg.train_span_pool = train_span_pool;
+        let a = trained_like(&m, cfg.clone(), 5);
+        let ex = DistillExample {
+            context: context.clone(),
+            spans: vec![span],
+            suffix: suffix.clone(),
+            ratio: 0.25,
+            answer: Some(answer),
+        };
+        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, false, None).expect("step");
+        let (train_kl, train_kept) = eval_kl(&a, train_span_pool);
+        let (other_kl, other_kept) = eval_kl(&a, span_pool);
+        assert_ne!(train_kept, other_kept, "the two pools select differently");
+        let t = step.forward_kl;
+        assert!(
+            (t - train_kl).abs() <= 1e-4 * t.max(1.0),
+            "pools ({span_pool}, {train_span_pool}): training KL {t} vs evaluation {train_kl}"
+        );
+        assert!(
+            (t - other_kl).abs() > 1e-4 * t.max(1.0),
+            "training must not use span_pool: {t} vs {other_kl}"
+        );
+        // What `kv_distill` compresses with is the adaptor's `span_pool`.
+        let own = compress_contexts(&m, Method::kv_distill(&a), ctx).expect("own");
+        assert_eq!(own.selections[0].kept, other_kept);
+        kept.push(train_kept);
+    }
+    assert_ne!(kept[0], kept[1]);
+}

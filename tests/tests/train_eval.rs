@@ -108,6 +108,7 @@ fn train_reproducibly_then_evaluate() {
         tok.clone(),
         &job(dir.path(), "a1.safetensors", 2),
         &LocalCheckpoints::beside(&dir.path().join("a1.safetensors")),
+        None,
         |s, l, _| seen.push((s, l)),
     )
     .expect("train");
@@ -135,6 +136,7 @@ fn train_reproducibly_then_evaluate() {
         tok.clone(),
         &job(dir.path(), "a2.safetensors", 2),
         &LocalCheckpoints::beside(&dir.path().join("a2.safetensors")),
+        None,
         |_, _, _| {},
     )
     .expect("train again");

@@ -163,6 +163,14 @@ impl<'a> Meta<'a> {
         }
     }
 
+    fn build_err(&self, what: &str, source: tokenizers::Error) -> TokenizerError {
+        TokenizerError::Build {
+            path: self.path.to_path_buf(),
+            what: what.into(),
+            source,
+        }
+    }
+
     fn missing(&self, key: &str) -> TokenizerError {
         TokenizerError::Missing {
             path: self.path.to_path_buf(),
@@ -293,16 +301,13 @@ impl<'a> Meta<'a> {
     }
 }
 
-/// Builds the tokenizer `file` describes (see the module docs).
+/// Builds the tokenizer `file` describes (see the module docs): the
+/// vocabulary as the class spells it, the merges, the BPE model, the class's
+/// normalizer/pre-tokenizer/decoder, its special tokens and GGUF's, then the
+/// split regex of `tokenizer.ggml.pre`.
 pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     let path = file.path();
     let meta = Meta { file, path };
-    let build_err = |what: &str, source: tokenizers::Error| TokenizerError::Build {
-        path: path.to_path_buf(),
-        what: what.into(),
-        source,
-    };
-
     let architecture = meta
         .opt_str("general.architecture")?
         .ok_or_else(|| meta.missing("general.architecture"))?;
@@ -330,10 +335,15 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         Some("gemma4") => add_bos = Some(false),
         _ => {}
     }
-    let bos = meta.token_at("tokenizer.ggml.bos_token_id", &tokens)?;
-    let eos = meta.token_at("tokenizer.ggml.eos_token_id", &tokens)?;
-    let unk = meta.token_at("tokenizer.ggml.unknown_token_id", &tokens)?;
-    let pad = meta.token_at("tokenizer.ggml.padding_token_id", &tokens)?;
+    let specials = [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ]
+    .into_iter()
+    .map(|(attr, key)| Ok((attr, meta.token_at(key, &tokens)?)))
+    .collect::<Result<Vec<_>, TokenizerError>>()?;
     let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_owned);
     let mut extra_stop_ids = Vec::new();
     for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -342,8 +352,56 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         }
     }
 
-    // The vocabulary as the builder spells it.
-    let spelled: Vec<String> = match kind {
+    let spelled = spell_vocab(kind, &tokens);
+    let merges = merges(&meta, kind, &tokens, &spelled, file_merges, scores)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe_model(&meta, kind, &spelled, merges)?);
+    let class_specials = configure_class(&meta, kind, &mut inner)?;
+
+    // The class's default special tokens (`TokenizersBackend.__init__`).
+    let mut seen = HashSet::new();
+    let defaults: Vec<AddedToken> = class_specials
+        .iter()
+        .filter(|t| seen.insert(**t))
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    inner
+        .add_tokens(defaults)
+        .map_err(|e| meta.build_err("class special tokens", e))?;
+    if let Some(types) = &token_types {
+        add_gguf_special_tokens(&meta, kind, &mut inner, &tokens, types)?;
+    }
+
+    // `set_split_regex`.
+    if let Some(regex) = pre.and_then(split_regex) {
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| meta.build_err("tokenizer.ggml.pre split regex", e))?;
+        inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+    }
+
+    assemble(Parts {
+        inner,
+        source: path.to_path_buf(),
+        special_tokens: class_special_tokens(kind, specials),
+        extra_special_tokens: Vec::new(),
+        add_bos,
+        add_eos,
+        chat_template,
+        template_source: path.to_path_buf(),
+        extra_stop_ids,
+        clean_up_tokenization_spaces: false,
+    })
+}
+
+/// The vocabulary as the class's builder spells it.
+fn spell_vocab(kind: Kind, tokens: &[&str]) -> Vec<String> {
+    match kind {
         Kind::ByteLevel => {
             let alphabet = bytes_to_unicode();
             let in_alphabet: HashSet<char> = alphabet.iter().copied().collect();
@@ -371,18 +429,21 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         Kind::Llama | Kind::Phi3 | Kind::Gemma4 => {
             tokens.iter().map(|t| (*t).to_string()).collect()
         }
-    };
-    let vocab = PyDict::from_pairs(
-        spelled
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32)),
-    );
+    }
+}
 
-    // `get_merges`: from the file, or recovered from the vocabulary. The
-    // byte-level builder recovers them from the tokens as the file spells them.
-    let merges: Vec<(String, String)> = match &file_merges {
-        Some(lines) => lines
+/// `get_merges`: from the file, or recovered from the vocabulary. The
+/// byte-level builder recovers them from the tokens as the file spells them.
+fn merges(
+    meta: &Meta<'_>,
+    kind: Kind,
+    tokens: &[&str],
+    spelled: &[String],
+    file_merges: Option<Vec<&str>>,
+    scores: Option<Vec<f64>>,
+) -> Result<Vec<(String, String)>, TokenizerError> {
+    if let Some(lines) = file_merges {
+        return lines
             .iter()
             .enumerate()
             .map(|(i, line)| {
@@ -395,53 +456,64 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
                     )),
                 }
             })
-            .collect::<Result<_, _>>()?,
-        None => {
-            let merge_tokens: Vec<&str> = match kind {
-                Kind::Gemma => spelled.iter().map(String::as_str).collect(),
-                _ => tokens.clone(),
-            };
-            let merge_vocab = PyDict::from_pairs(
+            .collect();
+    }
+    let merge_tokens: Vec<&str> = match kind {
+        Kind::Gemma => spelled.iter().map(String::as_str).collect(),
+        _ => tokens.to_vec(),
+    };
+    let merge_vocab = PyDict::from_pairs(
+        merge_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((*t).to_string(), i as u32)),
+    );
+    let ranks = match kind {
+        // Gemma: the position in the file, not the score.
+        Kind::Gemma => PyDict::from_pairs(
+            merge_tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| ((*t).to_string(), -(i as f64))),
+        ),
+        _ => {
+            let scores = scores.ok_or_else(|| {
+                meta.invalid(
+                    "tokenizer.ggml.scores",
+                    "missing; needed to recover the merges, as tokenizer.ggml.merges is absent",
+                )
+            })?;
+            PyDict::from_pairs(
                 merge_tokens
                     .iter()
-                    .enumerate()
-                    .map(|(i, t)| ((*t).to_string(), i as u32)),
-            );
-            let ranks = match kind {
-                // Gemma: the position in the file, not the score.
-                Kind::Gemma => PyDict::from_pairs(
-                    merge_tokens
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| ((*t).to_string(), -(i as f64))),
-                ),
-                _ => {
-                    let scores = scores.as_ref().ok_or_else(|| {
-                        meta.invalid(
-                            "tokenizer.ggml.scores",
-                            "missing; needed to recover the merges, as tokenizer.ggml.merges is absent",
-                        )
-                    })?;
-                    PyDict::from_pairs(
-                        merge_tokens
-                            .iter()
-                            .zip(scores.iter())
-                            .map(|(t, s)| ((*t).to_string(), *s)),
-                    )
-                }
-            };
-            generate_merges(&merge_vocab, Some(&ranks))
+                    .zip(scores.iter())
+                    .map(|(t, s)| ((*t).to_string(), *s)),
+            )
         }
     };
+    Ok(generate_merges(&merge_vocab, Some(&ranks)))
+}
 
-    // The BPE model of the class.
+/// The BPE model of the class over the spelled vocabulary.
+fn bpe_model(
+    meta: &Meta<'_>,
+    kind: Kind,
+    spelled: &[String],
+    merges: Vec<(String, String)>,
+) -> Result<BPE, TokenizerError> {
+    let vocab = PyDict::from_pairs(
+        spelled
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32)),
+    );
     let bpe_vocab: Vocab = vocab
         .entries()
         .iter()
         .map(|(t, id)| (t.clone(), *id))
         .collect();
     let builder = BPE::builder().vocab_and_merges(bpe_vocab, merges);
-    let bpe = match kind {
+    match kind {
         Kind::ByteLevel => builder
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix(String::new())
@@ -453,12 +525,20 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
             .byte_fallback(true),
     }
     .build()
-    .map_err(|e| build_err("BPE model", e))?;
+    .map_err(|e| meta.build_err("BPE model", e))
+}
 
-    let mut inner = tokenizers::Tokenizer::new(bpe);
-    let replace =
-        |from: &str, to: &str| Replace::new(from, to).map_err(|e| build_err("replace rule", e));
-    let class_specials: &[&str] = match kind {
+/// The class's normalizer, pre-tokenizer and decoder on `inner`; returns the
+/// class's default special tokens.
+fn configure_class(
+    meta: &Meta<'_>,
+    kind: Kind,
+    inner: &mut tokenizers::Tokenizer,
+) -> Result<&'static [&'static str], TokenizerError> {
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to).map_err(|e| meta.build_err("replace rule", e))
+    };
+    Ok(match kind {
         Kind::ByteLevel => {
             inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
@@ -472,7 +552,7 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
                 ]);
                 inner
                     .with_normalizer(Some(normalizer))
-                    .map_err(|e| build_err("normalizer", e))?;
+                    .map_err(|e| meta.build_err("normalizer", e))?;
             } else {
                 inner.with_pre_tokenizer(Some(Metaspace::new(
                     '\u{2581}',
@@ -492,9 +572,9 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         Kind::Gemma | Kind::Gemma4 => {
             inner
                 .with_normalizer(Some(replace(" ", "\u{2581}")?))
-                .map_err(|e| build_err("normalizer", e))?;
+                .map_err(|e| meta.build_err("normalizer", e))?;
             let split = Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false)
-                .map_err(|e| build_err("pre-tokenizer", e))?;
+                .map_err(|e| meta.build_err("pre-tokenizer", e))?;
             inner.with_pre_tokenizer(Some(split));
             inner.with_decoder(Some(DecoderSequence::new(vec![
                 DecoderWrapper::Replace(replace("\u{2581}", " ")?),
@@ -504,92 +584,62 @@ pub(crate) fn build(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
             // bos, eos, unk, pad, mask of `GemmaTokenizer`.
             &["<bos>", "<eos>", "<unk>", "<pad>", "<mask>"]
         }
-    };
-
-    // The class's default special tokens (`TokenizersBackend.__init__`).
-    let mut seen = HashSet::new();
-    let defaults: Vec<AddedToken> = class_specials
-        .iter()
-        .filter(|t| seen.insert(**t))
-        .map(|t| AddedToken::from(*t, true))
-        .collect();
-    inner
-        .add_tokens(defaults)
-        .map_err(|e| build_err("class special tokens", e))?;
-
-    // `add_gguf_special_tokens`.
-    if let Some(types) = &token_types {
-        let alphabet: Option<HashSet<char>> =
-            (kind == Kind::ByteLevel).then(|| bytes_to_unicode().iter().copied().collect());
-        let control: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(t, ty)| {
-                **ty == TOKEN_TYPE_CONTROL
-                    && alphabet
-                        .as_ref()
-                        .is_none_or(|a| t.chars().all(|c| a.contains(&c)))
-            })
-            .map(|(t, _)| AddedToken::from(*t, true))
-            .collect();
-        if !control.is_empty() {
-            inner
-                .add_special_tokens(control)
-                .map_err(|e| build_err("control tokens", e))?;
-        }
-        let user_defined: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(t, ty)| **ty == TOKEN_TYPE_USER_DEFINED && inner.token_to_id(t).is_some())
-            .map(|(t, _)| AddedToken::from(*t, false).normalized(false))
-            .collect();
-        if !user_defined.is_empty() {
-            inner
-                .add_tokens(user_defined)
-                .map_err(|e| build_err("user-defined tokens", e))?;
-        }
-    }
-
-    // `set_split_regex`.
-    if let Some(regex) = pre.and_then(split_regex) {
-        let split = Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| build_err("tokenizer.ggml.pre split regex", e))?;
-        inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])));
-    }
-
-    // The tokenizer class's special tokens, from the file's ids.
-    let mut special_tokens: Vec<(String, AddedToken)> = Vec::new();
-    for (attr, token) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
-        if let Some((_, token)) = token {
-            special_tokens.push((attr.to_string(), AddedToken::from(token, true)));
-        }
-    }
-    if kind == Kind::Gemma {
-        special_tokens.push(("mask_token".into(), AddedToken::from("<mask>", true)));
-    }
-
-    assemble(Parts {
-        inner,
-        source: path.to_path_buf(),
-        special_tokens,
-        extra_special_tokens: Vec::new(),
-        add_bos,
-        add_eos,
-        chat_template,
-        template_source: path.to_path_buf(),
-        extra_stop_ids,
-        clean_up_tokenization_spaces: false,
     })
+}
+
+/// `add_gguf_special_tokens`: control tokens as special, user-defined ones
+/// as added tokens.
+fn add_gguf_special_tokens(
+    meta: &Meta<'_>,
+    kind: Kind,
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[&str],
+    types: &[i64],
+) -> Result<(), TokenizerError> {
+    let alphabet: Option<HashSet<char>> =
+        (kind == Kind::ByteLevel).then(|| bytes_to_unicode().iter().copied().collect());
+    let control: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter())
+        .filter(|(t, ty)| {
+            **ty == TOKEN_TYPE_CONTROL
+                && alphabet
+                    .as_ref()
+                    .is_none_or(|a| t.chars().all(|c| a.contains(&c)))
+        })
+        .map(|(t, _)| AddedToken::from(*t, true))
+        .collect();
+    if !control.is_empty() {
+        inner
+            .add_special_tokens(control)
+            .map_err(|e| meta.build_err("control tokens", e))?;
+    }
+    let user_defined: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter())
+        .filter(|(t, ty)| **ty == TOKEN_TYPE_USER_DEFINED && inner.token_to_id(t).is_some())
+        .map(|(t, _)| AddedToken::from(*t, false).normalized(false))
+        .collect();
+    if !user_defined.is_empty() {
+        inner
+            .add_tokens(user_defined)
+            .map_err(|e| meta.build_err("user-defined tokens", e))?;
+    }
+    Ok(())
+}
+
+/// The tokenizer class's special tokens: those the file names by id, and
+/// Gemma's mask.
+fn class_special_tokens(
+    kind: Kind,
+    specials: Vec<(&str, Option<(u32, String)>)>,
+) -> Vec<(String, AddedToken)> {
+    let mut out: Vec<(String, AddedToken)> = specials
+        .into_iter()
+        .filter_map(|(attr, token)| Some((attr.to_string(), AddedToken::from(token?.1, true))))
+        .collect();
+    if kind == Kind::Gemma {
+        out.push(("mask_token".into(), AddedToken::from("<mask>", true)));
+    }
+    out
 }

@@ -183,8 +183,56 @@ impl Field<'_> {
     }
 }
 
-/// Loads the tokenizer of an HF directory (see the module docs).
+/// Loads the tokenizer of an HF directory (see the module docs):
+/// tokenizer.json, then tokenizer_config.json's special tokens (with the
+/// legacy special_tokens_map.json), its added tokens, flags and chat
+/// template, and the eos ids of the generation config.
 pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
+    let (tokenizer_path, mut inner) = read_tokenizer_json(dir)?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config = read_json_object(&config_path)?.unwrap_or_default();
+    let field = Field { path: &config_path };
+
+    let (mut special, mut extra) = named_special_tokens(&field, &config)?;
+    // Legacy special_tokens_map.json, read only without added_tokens_decoder.
+    if !config.contains_key("added_tokens_decoder") {
+        merge_special_tokens_map(dir, &mut special, &mut extra)?;
+    }
+    if let Some(v) = config.get("added_tokens_decoder") {
+        add_decoder_tokens(&field, v, &special, &mut inner)?;
+    }
+
+    let clean_up = field
+        .opt_bool(&config, "clean_up_tokenization_spaces")?
+        .unwrap_or(false);
+    if field
+        .opt_bool(&config, "split_special_tokens")?
+        .unwrap_or(false)
+    {
+        inner.set_encode_special_tokens(true);
+    }
+    let (chat_template, template_source) = chat_template(dir, &field, &config)?;
+
+    assemble(Parts {
+        inner,
+        source: tokenizer_path,
+        special_tokens: special
+            .into_iter()
+            .filter_map(|(name, t)| t.map(|t| (name, t)))
+            .collect(),
+        extra_special_tokens: extra,
+        add_bos: None,
+        add_eos: None,
+        chat_template,
+        template_source,
+        extra_stop_ids: extra_stop_ids(dir)?,
+        clean_up_tokenization_spaces: clean_up,
+    })
+}
+
+/// The directory's tokenizer.json, parsed (malformed JSON told apart from
+/// JSON that is not a tokenizer).
+fn read_tokenizer_json(dir: &Path) -> Result<(PathBuf, tokenizers::Tokenizer), TokenizerError> {
     let meta = fs::metadata(dir).map_err(|source| TokenizerError::Io {
         path: dir.to_path_buf(),
         source,
@@ -201,7 +249,7 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         path: tokenizer_path.clone(),
         source,
     })?;
-    let mut inner = match tokenizers::Tokenizer::from_bytes(&bytes) {
+    let inner = match tokenizers::Tokenizer::from_bytes(&bytes) {
         Ok(t) => t,
         Err(source) => {
             // Tell malformed JSON apart from JSON that is not a tokenizer.
@@ -220,10 +268,17 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     };
     drop(bytes);
 
-    let config_path = dir.join("tokenizer_config.json");
-    let config = read_json_object(&config_path)?.unwrap_or_default();
-    let field = Field { path: &config_path };
+    Ok((tokenizer_path, inner))
+}
 
+/// Special tokens by attribute name (`None` for an attribute set to null).
+type Named = Vec<(String, Option<AddedToken>)>;
+
+/// Named special tokens and the extra special tokens of tokenizer_config.json.
+fn named_special_tokens(
+    field: &Field<'_>,
+    config: &Map<String, Value>,
+) -> Result<(Named, Vec<AddedToken>), TokenizerError> {
     // Named special tokens: the standard attributes, then model-specific
     // `*_token` strings (`image_token`, ...).
     let mut special: Vec<(String, Option<AddedToken>)> = Vec::new();
@@ -234,7 +289,7 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         };
         special.push(((*attr).to_string(), token));
     }
-    for (key, v) in &config {
+    for (key, v) in config {
         if key.ends_with("_token") && !SPECIAL_TOKEN_ATTRIBUTES.contains(&key.as_str()) {
             let token_like = v.is_string()
                 || v.as_object()
@@ -267,89 +322,101 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             .get("additional_special_tokens")
             .map(|v| ("additional_special_tokens", v)),
     };
-    let mut extra: Vec<AddedToken> = match list {
+    let extra: Vec<AddedToken> = match list {
         Some((key, v)) => field.token_list(key, v)?,
         None => Vec::new(),
     };
 
-    // Legacy special_tokens_map.json, read only without added_tokens_decoder.
-    if !config.contains_key("added_tokens_decoder") {
-        let map_path = dir.join("special_tokens_map.json");
-        if let Some(map) = read_json_object(&map_path)? {
-            let map_field = Field { path: &map_path };
-            for (key, v) in &map {
-                if key == "extra_special_tokens" || key == "additional_special_tokens" {
-                    for t in map_field.token_list(key, v)? {
-                        if !extra.iter().any(|e| e.content == t.content) {
-                            extra.push(t);
-                        }
+    Ok((special, extra))
+}
+
+/// Legacy special_tokens_map.json: its named tokens override (as special),
+/// its extra ones are appended.
+fn merge_special_tokens_map(
+    dir: &Path,
+    special: &mut Named,
+    extra: &mut Vec<AddedToken>,
+) -> Result<(), TokenizerError> {
+    let map_path = dir.join("special_tokens_map.json");
+    if let Some(map) = read_json_object(&map_path)? {
+        let map_field = Field { path: &map_path };
+        for (key, v) in &map {
+            if key == "extra_special_tokens" || key == "additional_special_tokens" {
+                for t in map_field.token_list(key, v)? {
+                    if !extra.iter().any(|e| e.content == t.content) {
+                        extra.push(t);
                     }
-                    continue;
                 }
-                let mut token = map_field.added_token(key, v)?;
-                if let Some(t) = token.as_mut() {
-                    t.special = true;
-                }
-                match special.iter_mut().find(|(name, _)| name == key) {
-                    Some(slot) => slot.1 = token,
-                    None => special.push((key.clone(), token)),
-                }
+                continue;
+            }
+            let mut token = map_field.added_token(key, v)?;
+            if let Some(t) = token.as_mut() {
+                t.special = true;
+            }
+            match special.iter_mut().find(|(name, _)| name == key) {
+                Some(slot) => slot.1 = token,
+                None => special.push((key.clone(), token)),
             }
         }
     }
+    Ok(())
+}
 
-    // added_tokens_decoder: re-added in id order (identical ones are no-ops).
-    if let Some(v) = config.get("added_tokens_decoder") {
-        let Value::Object(m) = v else {
-            return Err(field.invalid(
-                "added_tokens_decoder",
-                format!("expected an object, found {}", json_type(v)),
-            ));
-        };
-        let mut entries: Vec<(u64, AddedToken)> = Vec::new();
-        for (id, tv) in m {
-            let key = format!("added_tokens_decoder.{id}");
-            let index: u64 = id
-                .parse()
-                .map_err(|_| field.invalid(&key, "key is not a token id"))?;
-            if let Some(t) = field.added_token(&key, tv)? {
-                entries.push((index, t));
-            }
+/// `added_tokens_decoder`: re-added in id order (identical ones are no-ops),
+/// special when a named special token has their content.
+fn add_decoder_tokens(
+    field: &Field<'_>,
+    v: &Value,
+    special: &[(String, Option<AddedToken>)],
+    inner: &mut tokenizers::Tokenizer,
+) -> Result<(), TokenizerError> {
+    let Value::Object(m) = v else {
+        return Err(field.invalid(
+            "added_tokens_decoder",
+            format!("expected an object, found {}", json_type(v)),
+        ));
+    };
+    let mut entries: Vec<(u64, AddedToken)> = Vec::new();
+    for (id, tv) in m {
+        let key = format!("added_tokens_decoder.{id}");
+        let index: u64 = id
+            .parse()
+            .map_err(|_| field.invalid(&key, "key is not a token id"))?;
+        if let Some(t) = field.added_token(&key, tv)? {
+            entries.push((index, t));
         }
-        entries.sort_by_key(|(i, _)| *i);
-        let named: Vec<String> = special
-            .iter()
-            .filter_map(|(_, t)| t.as_ref().map(|t| t.content.clone()))
-            .collect();
-        let tokens: Vec<AddedToken> = entries
-            .into_iter()
-            .map(|(_, mut t)| {
-                if named.contains(&t.content) {
-                    t.special = true;
-                }
-                t
-            })
-            .collect();
-        inner
-            .add_tokens(tokens)
-            .map_err(|source| TokenizerError::Build {
-                path: config_path.clone(),
-                what: "added_tokens_decoder".into(),
-                source,
-            })?;
     }
+    entries.sort_by_key(|(i, _)| *i);
+    let named: Vec<String> = special
+        .iter()
+        .filter_map(|(_, t)| t.as_ref().map(|t| t.content.clone()))
+        .collect();
+    let tokens: Vec<AddedToken> = entries
+        .into_iter()
+        .map(|(_, mut t)| {
+            if named.contains(&t.content) {
+                t.special = true;
+            }
+            t
+        })
+        .collect();
+    inner
+        .add_tokens(tokens)
+        .map_err(|source| TokenizerError::Build {
+            path: field.path.to_path_buf(),
+            what: "added_tokens_decoder".into(),
+            source,
+        })?;
+    Ok(())
+}
 
-    let clean_up = field
-        .opt_bool(&config, "clean_up_tokenization_spaces")?
-        .unwrap_or(false);
-    if field
-        .opt_bool(&config, "split_special_tokens")?
-        .unwrap_or(false)
-    {
-        inner.set_encode_special_tokens(true);
-    }
-
-    // Chat template: chat_template.jinja, else the config's chat_template.
+/// The chat template and the file it came from: chat_template.jinja, else
+/// the config's `chat_template` (a string, or the `default` of a list).
+fn chat_template(
+    dir: &Path,
+    field: &Field<'_>,
+    config: &Map<String, Value>,
+) -> Result<(Option<String>, PathBuf), TokenizerError> {
     let jinja_path = dir.join("chat_template.jinja");
     let (chat_template, template_source): (Option<String>, PathBuf) =
         match fs::read_to_string(&jinja_path) {
@@ -385,7 +452,7 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
                             ))
                         }
                     };
-                (template, config_path.clone())
+                (template, field.path.to_path_buf())
             }
             Err(source) => {
                 return Err(TokenizerError::Io {
@@ -395,7 +462,11 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             }
         };
 
-    // More eos ids for stopping.
+    Ok((chat_template, template_source))
+}
+
+/// More eos ids for stopping, from generation_config.json and config.json.
+fn extra_stop_ids(dir: &Path) -> Result<Vec<u32>, TokenizerError> {
     let mut extra_stop_ids = Vec::new();
     for name in ["generation_config.json", "config.json"] {
         let path = dir.join(name);
@@ -410,19 +481,5 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         }
     }
 
-    assemble(Parts {
-        inner,
-        source: tokenizer_path,
-        special_tokens: special
-            .into_iter()
-            .filter_map(|(name, t)| t.map(|t| (name, t)))
-            .collect(),
-        extra_special_tokens: extra,
-        add_bos: None,
-        add_eos: None,
-        chat_template,
-        template_source,
-        extra_stop_ids,
-        clean_up_tokenization_spaces: clean_up,
-    })
+    Ok(extra_stop_ids)
 }

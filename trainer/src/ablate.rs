@@ -1,8 +1,9 @@
-//! Benchmark ablations: `KVD_ABLATE=fill_cache,teacher_thread,...` turns the
-//! named speed-ups off, so one benchmark run can time the step with and without each
-//! (`ABLATE=...` in bench/gpu_step.sh). Results are the same either way.
+//! Benchmark ablations: `bench-step --ablate fill_cache,teacher_thread,...`
+//! (or `KVD_ABLATE`, read by the binary) turns the named speed-ups off, so one
+//! benchmark run can time the step with and without each (`ABLATE=...` in
+//! bench/gpu_step.sh). Results are the same either way.
 
-use std::sync::OnceLock;
+use std::sync::RwLock;
 
 /// A speed-up of the training step that a benchmark can turn off.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -22,7 +23,7 @@ impl SpeedUp {
         SpeedUp::DeferredLoss,
     ];
 
-    /// The name `KVD_ABLATE` uses.
+    /// The name `--ablate` uses.
     pub fn name(self) -> &'static str {
         match self {
             SpeedUp::FillCache => "fill_cache",
@@ -32,29 +33,60 @@ impl SpeedUp {
     }
 }
 
-fn off() -> &'static [SpeedUp] {
-    static OFF: OnceLock<Vec<SpeedUp>> = OnceLock::new();
-    OFF.get_or_init(|| {
-        let spec = std::env::var("KVD_ABLATE").unwrap_or_default();
-        let mut off = Vec::new();
-        for name in spec.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match SpeedUp::ALL.iter().find(|s| s.name() == name) {
-                Some(s) => off.push(*s),
-                None => tracing::warn!(
-                    name,
-                    known = ?SpeedUp::ALL.map(SpeedUp::name),
-                    "KVD_ABLATE names an unknown speed-up; ignored"
-                ),
-            }
-        }
-        if !off.is_empty() {
-            tracing::info!(off = ?off, "KVD_ABLATE: speed-ups turned off");
-        }
-        off
-    })
+/// An unknown name in a list of speed-ups.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown speed-up `{name}` (known: fill_cache, teacher_thread, deferred_loss)")]
+pub struct UnknownSpeedUp {
+    /// The name given.
+    pub name: String,
 }
 
-/// Whether `s` is on, i.e. not named in `KVD_ABLATE`.
+impl SpeedUp {
+    /// Parses a comma-separated list of names (empty: none).
+    pub fn parse_list(spec: &str) -> Result<Vec<SpeedUp>, UnknownSpeedUp> {
+        spec.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|name| {
+                SpeedUp::ALL
+                    .iter()
+                    .copied()
+                    .find(|s| s.name() == name)
+                    .ok_or_else(|| UnknownSpeedUp { name: name.into() })
+            })
+            .collect()
+    }
+}
+
+/// The speed-ups turned off for this process (none unless [`turn_off`] ran).
+static OFF: RwLock<Vec<SpeedUp>> = RwLock::new(Vec::new());
+
+/// Turns the speed-ups `off` off for the rest of the process (a benchmark's
+/// `--ablate` flag; the library never reads the environment).
+pub fn turn_off(off: &[SpeedUp]) {
+    if !off.is_empty() {
+        tracing::info!(off = ?off, "speed-ups turned off");
+    }
+    *OFF.write().unwrap_or_else(|p| p.into_inner()) = off.to_vec();
+}
+
+/// Whether `s` is on, i.e. not turned off by [`turn_off`].
 pub fn on(s: SpeedUp) -> bool {
-    !off().contains(&s)
+    !OFF.read().unwrap_or_else(|p| p.into_inner()).contains(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_and_unknown_names_are_refused() {
+        assert_eq!(
+            SpeedUp::parse_list(" fill_cache,deferred_loss ").expect("parse"),
+            vec![SpeedUp::FillCache, SpeedUp::DeferredLoss]
+        );
+        assert!(SpeedUp::parse_list("").expect("empty").is_empty());
+        let e = SpeedUp::parse_list("fill_cache,warp_speed").expect_err("unknown");
+        assert!(e.to_string().contains("`warp_speed`"), "{e}");
+    }
 }

@@ -1,11 +1,12 @@
-//! Fault injection for recovery tests, from the environment of a worker:
+//! Fault injection for recovery tests: `--chaos SPEC` of `train` and `worker`
+//! (or `KVD_CHAOS`, read by the binary, never by this library).
 //!
-//! `KVD_CHAOS=kill:rank=R:step=S:at=step|upload` makes rank R SIGKILL itself
+//! `kill:rank=R:step=S:at=step|upload` makes rank R SIGKILL itself
 //! (exactly `kill -9`) during step S (after its forward/backward, before the
 //! all-reduce) or during the upload of the checkpoint of step S (after its
-//! part is written, before the commit). `KVD_CHAOS=alloc:rank=R:step=S`
+//! part is written, before the commit). `alloc:rank=R:step=S`
 //! makes rank R's step S ask libtorch for an allocation no device can give
-//! (a real allocation failure, inside its first micro-batch). With `KVD_CHAOS_ONCE=FILE` it fires
+//! (a real allocation failure, inside its first micro-batch). With `--chaos-once FILE` it fires
 //! only if FILE does not exist, and creates it, so a restarted worker with
 //! the same environment does not die again. `term:...` (same keys) sends
 //! SIGTERM instead, as an orchestrator evicting the worker does.
@@ -30,6 +31,16 @@ pub enum Action {
     AllocFail,
 }
 
+/// A fault specification that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault injection spec `{spec}`: {why}")]
+pub struct ChaosError {
+    /// The spec given.
+    pub spec: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
 /// A planned fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chaos {
@@ -41,19 +52,19 @@ pub struct Chaos {
 }
 
 impl Chaos {
-    /// Parses `KVD_CHAOS` / `KVD_CHAOS_ONCE`; `Ok(None)` when unset.
-    pub fn from_env() -> Result<Option<Self>, String> {
-        let Ok(spec) = std::env::var("KVD_CHAOS") else {
-            return Ok(None);
-        };
-        let mut c = Self::parse(&spec)?;
-        c.once = std::env::var_os("KVD_CHAOS_ONCE").map(PathBuf::from);
-        Ok(Some(c))
+    /// Fires only if `marker` does not exist, and creates it (so a restarted
+    /// process with the same settings does not fail again).
+    pub fn once(mut self, marker: Option<PathBuf>) -> Self {
+        self.once = marker;
+        self
     }
 
     /// Parses `kill|term:rank=R:step=S:at=step|upload` or `alloc:rank=R:step=S`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("KVD_CHAOS `{spec}`: {why}");
+    pub fn parse(spec: &str) -> Result<Self, ChaosError> {
+        let bad = |why: &'static str| ChaosError {
+            spec: spec.to_string(),
+            why,
+        };
         let mut parts = spec.split(':');
         let action = match parts.next() {
             Some("kill") => Action::Signal(libc::SIGKILL),
@@ -147,7 +158,9 @@ mod tests {
             Chaos::parse("term:rank=0:step=2").unwrap().action,
             Action::Signal(libc::SIGTERM)
         );
-        assert!(Chaos::parse("kill:step=2").unwrap_err().contains("rank"));
+        let e = Chaos::parse("kill:step=2").unwrap_err();
+        assert_eq!(e.why, "rank is required");
+        assert!(e.to_string().contains("`kill:step=2`"), "{e}");
         assert!(Chaos::parse("kill:rank=1:step=x").is_err());
     }
 }

@@ -257,11 +257,11 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     let losses = line["losses"].as_array().unwrap();
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
-    // Without KVD_STEP_PHASES there is no phase timing.
+    // Without --step-phases there is no phase timing.
     assert_eq!(line["phases_s"], serde_json::json!({}), "{line}");
     // With it, every phase of the timed steps is reported, and they add up to
     // about the step (the marks cover it but for the host-side bookkeeping).
-    let line = report(bench("2").env("KVD_STEP_PHASES", "1"));
+    let line = report(bench("2").arg("--step-phases"));
     let phases = line["phases_s"].as_object().expect("phases");
     let names: Vec<&str> = phases.keys().map(String::as_str).collect();
     assert_eq!(
@@ -286,8 +286,21 @@ fn bench_step_reports_throughput_flops_and_mfu() {
     );
     // Turning the speed-ups off (the encoder's last layer in full, the teacher
     // on this thread, the loss read before the backward) changes no loss.
-    let full = report(bench("1").env("KVD_ABLATE", "fill_cache,teacher_thread,deferred_loss"));
+    let full = report(bench("1").args(["--ablate", "fill_cache,teacher_thread,deferred_loss"]));
     assert_eq!(full["losses"], serde_json::Value::Array(losses.clone()));
+    // The same through the environment, and an unknown name is refused.
+    let env = report(bench("1").env("KVD_ABLATE", "teacher_thread"));
+    assert_eq!(env["losses"], serde_json::Value::Array(losses.clone()));
+    let out = bench("1")
+        .args(["--ablate", "warp_speed"])
+        .output()
+        .expect("start kv-distill");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("`warp_speed`"),
+        "{}",
+        text(&out.stderr)
+    );
     // Bad shapes are refused.
     let bad = run(&[
         "bench-step",

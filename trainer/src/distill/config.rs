@@ -111,10 +111,16 @@ pub struct DistillConfig {
     #[serde(default)]
     pub select_weight: f64,
     /// Half-width of the span-local average pool applied to the scores
-    /// before top-k ([`super::select::span_mean_pool`]), so runs of
+    /// before top-k ([`super::select::span_mean_pool`]) when the adaptor
+    /// compresses (inference, evaluation, cache files), so runs of
     /// high-scoring tokens are kept whole; 0 ranks by the raw scores.
     #[serde(default)]
     pub span_pool: usize,
+    /// The same pool in the training step's selection (0: raw scores). Kept
+    /// apart from [`DistillConfig::span_pool`] so an adaptor trained on raw
+    /// scores can compress with the pool, the configuration measured best.
+    #[serde(default)]
+    pub train_span_pool: usize,
 }
 
 impl Default for DistillConfig {
@@ -130,6 +136,7 @@ impl Default for DistillConfig {
             sinks: 0,
             select_weight: 0.0,
             span_pool: 0,
+            train_span_pool: 0,
         }
     }
 }

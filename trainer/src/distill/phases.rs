@@ -1,19 +1,26 @@
 //! Opt-in wall-clock timing of the training step's phases (teacher, scorer,
-//! encoder, decoder, loss, backward, optimizer), for profiling. Off unless the
-//! environment sets `KVD_STEP_PHASES=1`; when on, each mark synchronizes the
-//! device first, so the times are the phases' device times (and the step is
-//! slower by the synchronizations).
+//! encoder, decoder, loss, backward, optimizer), for profiling. Off unless
+//! [`set_enabled`] turned it on (`bench-step --step-phases`); when on, each
+//! mark synchronizes the device first, so the times are the phases' device
+//! times (and the step is slower by the synchronizations).
 
 use crate::device::synchronize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 use tch::Device;
 
-/// Whether phase timing is on (`KVD_STEP_PHASES=1`).
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Turns phase timing on or off for the rest of the process.
+pub fn set_enabled(on: bool) {
+    ON.store(on, Ordering::Relaxed);
+}
+
+/// Whether phase timing is on.
 pub(crate) fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVD_STEP_PHASES").is_ok_and(|v| v == "1"))
+    ON.load(Ordering::Relaxed)
 }
 
 fn totals() -> &'static Mutex<BTreeMap<&'static str, f64>> {

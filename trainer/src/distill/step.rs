@@ -234,7 +234,7 @@ pub(crate) fn prepare(
         Some(f) => super::student::with_forced(&scores, f)?,
         None => scores,
     };
-    let kept = Kept::select(&scores, contexts, cfg.sinks, cfg.span_pool)?;
+    let kept = Kept::select(&scores, contexts, cfg.sinks, cfg.train_span_pool)?;
     timer.mark("scorer");
     let (lfu, lcu) = (lf as usize, lc as usize);
     let mut queries = vec![0f32; batch.len() * lfu];

@@ -52,7 +52,7 @@ impl StepGraphs {
         };
         if super::phases::enabled() {
             return Err(ModelError::Input(
-                "CUDA graphs cannot be captured with KVD_STEP_PHASES=1 (it synchronizes inside the step)"
+                "CUDA graphs cannot be captured with phase timing on (--step-phases synchronizes inside the step)"
                     .into(),
             ));
         }

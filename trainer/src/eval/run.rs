@@ -26,6 +26,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
+use tch::Tensor;
 
 /// Which text is compressed before the question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +183,32 @@ struct Acc {
     f1_sq: f64,
 }
 
+impl Acc {
+    /// The row of these sums over `n` evaluated questions.
+    fn row(&self, method: String, ratio: f64, n: usize) -> EvalRow {
+        let k = self.metric.count as f64;
+        let mean = self.metric.f1();
+        EvalRow {
+            method,
+            ratio,
+            questions: self.metric.count,
+            exact_match: self.metric.exact_match(),
+            f1: mean,
+            answer_nll: self.nll / n.max(1) as f64,
+            kl: self.kl / n.max(1) as f64,
+            cache_fraction: self.fraction / n.max(1) as f64,
+            contains: 100.0 * self.contains / k.max(1.0),
+            f1_se: if k > 1.0 {
+                ((self.f1_sq / k - mean * mean).max(0.0) * k / (k - 1.0) / k).sqrt()
+            } else {
+                0.0
+            },
+            answer_kept: (self.answer_located > 0)
+                .then(|| self.answer_kept / self.answer_located as f64),
+        }
+    }
+}
+
 /// One batch's tokenised examples.
 struct Prepared {
     ctx: Vec<Vec<u32>>,
@@ -313,40 +340,11 @@ pub fn run_eval(
     if cfg.batch == 0 {
         return Err(ModelError::Input("batch must be positive".into()));
     }
-    let methods: Vec<EvalMethod> = cfg
+    let methods = cfg
         .methods
         .iter()
-        .map(|m| match (m.as_str(), adaptor) {
-            ("kv_distill", Some(a)) => Ok(EvalMethod::Compress(Method::kv_distill(a))),
-            (name, Some(a)) if name.starts_with(POOLED_PREFIX) => {
-                let pool = name[POOLED_PREFIX.len()..].parse().map_err(|_| {
-                    ModelError::Input(format!(
-                        "method {name}: expected {POOLED_PREFIX}N (N: the pool's half-width)"
-                    ))
-                })?;
-                Ok(EvalMethod::Compress(Method::KvDistill {
-                    adaptor: a,
-                    span_pool: Some(pool),
-                }))
-            }
-            (name, None) if name.starts_with("kv_distill") => {
-                Err(ModelError::Input(format!("method {name} needs an adaptor")))
-            }
-            (QUESTION_AWARE, _) => Ok(EvalMethod::QuestionAware(7)),
-            (name, a) if name.ends_with(ORACLE_SUFFIX) => Ok(EvalMethod::Oracle(
-                match (&name[..name.len() - ORACLE_SUFFIX.len()], a) {
-                    ("kv_distill", Some(a)) => Method::kv_distill(a),
-                    ("kv_distill", None) => {
-                        return Err(ModelError::Input(format!("method {name} needs an adaptor")))
-                    }
-                    (base, _) => Method::Baseline(Baseline::parse(base)?),
-                },
-            )),
-            (name, _) => Ok(EvalMethod::Compress(Method::Baseline(Baseline::parse(
-                name,
-            )?))),
-        })
-        .collect::<Result<_>>()?;
+        .map(|m| EvalMethod::parse(m, adaptor))
+        .collect::<Result<Vec<_>>>()?;
     let start = Instant::now();
     let stop: Vec<u32> = tok
         .eos_token_id()
@@ -365,10 +363,9 @@ pub fn run_eval(
         .iter()
         .position(|&r| (r - 0.1).abs() < 1e-9)
         .unwrap_or(0);
-    let mut samples: Vec<(String, String, String, Vec<String>)> = Vec::new();
+    let mut out = Outputs::default();
     let device = model.device();
     let mut evaluated = 0;
-    let mut items = Vec::new();
     for qs in batches {
         if cfg
             .time_limit_s
@@ -398,67 +395,17 @@ pub fn run_eval(
             &p.suffixes,
             &p.scored,
         )?;
-        let mut score =
-            |comp: Compressed, acc: &mut Acc, name: &str, ratio: f64, sample: bool| -> Result<()> {
-                let mut gen = comp.shallow_clone();
-                let mut forced = comp;
-                let mut kept_share = Vec::with_capacity(qs.len());
-                for (i, s) in forced.selections.iter().enumerate() {
-                    acc.fraction += s.kept.len() as f64 / len[i] as f64;
-                    let want = &p.answer_pos[i];
-                    kept_share.push((!want.is_empty()).then(|| {
-                        let hit = want
-                            .iter()
-                            .filter(|j| s.kept.binary_search(j).is_ok())
-                            .count();
-                        hit as f64 / want.len() as f64
-                    }));
-                }
-                let f = forced_scores(model, &mut forced, &p.suffixes, &p.scored, Some(&teacher))?;
-                let outs = generate_batch(model, &mut gen, &p.prompts, cfg.max_new_tokens, &stop)?;
-                for (((q, out), f), share) in qs.iter().zip(outs).zip(f).zip(kept_share) {
-                    let text = tok.decode(&out, true)?;
-                    // The answer is the first non-empty line.
-                    let pred = text
-                        .trim_start()
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_string();
-                    let (_, item_f1) = acc.metric.add_prediction(&pred, &q.answers);
-                    acc.f1_sq += (100.0 * item_f1).powi(2);
-                    let contains = contains_answer(&text, &q.answers);
-                    acc.contains += f64::from(u8::from(contains));
-                    if let Some(x) = share {
-                        acc.answer_kept += x;
-                        acc.answer_located += 1;
-                    }
-                    acc.nll += f.nll;
-                    acc.kl += f.kl;
-                    if cfg.per_item {
-                        items.push(ItemResult {
-                            id: q.id.clone(),
-                            method: name.to_string(),
-                            ratio,
-                            f1: 100.0 * item_f1,
-                            contains,
-                            answer_nll: f.nll,
-                            answer_kept: share,
-                        });
-                    }
-                    if sample && samples.iter().filter(|s| s.0 == name).count() < 3 {
-                        samples.push((
-                            name.to_string(),
-                            q.question.clone(),
-                            pred,
-                            q.answers.clone(),
-                        ));
-                    }
-                }
-                Ok(())
-            };
-        score(teacher_comp, &mut full, "full", 1.0, true)?;
+        let batch = BatchScorer {
+            model,
+            tok: &tok,
+            cfg,
+            stop: &stop,
+            qs,
+            len: &len,
+            p: &p,
+            teacher: &teacher,
+        };
+        batch.score(teacher_comp, &mut full, "full", 1.0, true, &mut out)?;
         done += 1;
         progress(done, total);
         for (m, method) in methods.iter().enumerate() {
@@ -479,38 +426,17 @@ pub fn run_eval(
                         question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
                     }
                 };
-                score(comp, &mut accs[m][ri], &method.name(), r, ri == sample_r)?;
+                let name = method.name();
+                batch.score(comp, &mut accs[m][ri], &name, r, ri == sample_r, &mut out)?;
                 done += 1;
                 progress(done, total);
             }
         }
     }
-    let n = evaluated;
-    let row = |method: String, ratio: f64, a: &Acc| EvalRow {
-        method,
-        ratio,
-        questions: a.metric.count,
-        exact_match: a.metric.exact_match(),
-        f1: a.metric.f1(),
-        answer_nll: a.nll / n.max(1) as f64,
-        kl: a.kl / n.max(1) as f64,
-        cache_fraction: a.fraction / n.max(1) as f64,
-        contains: 100.0 * a.contains / a.metric.count.max(1) as f64,
-        f1_se: {
-            let k = a.metric.count as f64;
-            let mean = a.metric.f1();
-            if k > 1.0 {
-                ((a.f1_sq / k - mean * mean).max(0.0) * k / (k - 1.0) / k).sqrt()
-            } else {
-                0.0
-            }
-        },
-        answer_kept: (a.answer_located > 0).then(|| a.answer_kept / a.answer_located as f64),
-    };
-    let mut rows = vec![row("full".into(), 1.0, &full)];
+    let mut rows = vec![full.row("full".into(), 1.0, evaluated)];
     for (m, method) in methods.iter().enumerate() {
         for (ri, &r) in cfg.ratios.iter().enumerate() {
-            rows.push(row(method.name(), r, &accs[m][ri]));
+            rows.push(accs[m][ri].row(method.name(), r, evaluated));
         }
     }
     Ok(EvalReport {
@@ -519,11 +445,112 @@ pub fn run_eval(
         model: String::new(),
         adaptor: None,
         rows,
-        samples,
-        items,
+        samples: out.samples,
+        items: out.items,
         needle: Vec::new(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// What an evaluation collects besides the sums: sample answers and, with
+/// `per_item`, each question's result.
+#[derive(Default)]
+struct Outputs {
+    samples: Vec<(String, String, String, Vec<String>)>,
+    items: Vec<ItemResult>,
+}
+
+/// Scores compressed caches of one batch against its teacher: F1,
+/// containment, the answer's NLL and KL, the share of its tokens kept.
+struct BatchScorer<'a> {
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    cfg: &'a EvalConfig,
+    stop: &'a [u32],
+    qs: &'a [SquadQuestion],
+    len: &'a [usize],
+    p: &'a Prepared,
+    teacher: &'a Tensor,
+}
+
+impl BatchScorer<'_> {
+    /// Adds `comp`'s results to `acc` (and `out`), as method `name` at `ratio`.
+    fn score(
+        &self,
+        comp: Compressed,
+        acc: &mut Acc,
+        name: &str,
+        ratio: f64,
+        sample: bool,
+        out: &mut Outputs,
+    ) -> Result<()> {
+        let (qs, p) = (self.qs, self.p);
+        let mut gen = comp.shallow_clone();
+        let mut forced = comp;
+        let mut kept_share = Vec::with_capacity(qs.len());
+        for (i, s) in forced.selections.iter().enumerate() {
+            acc.fraction += s.kept.len() as f64 / self.len[i] as f64;
+            let want = &p.answer_pos[i];
+            kept_share.push((!want.is_empty()).then(|| {
+                let hit = want
+                    .iter()
+                    .filter(|j| s.kept.binary_search(j).is_ok())
+                    .count();
+                hit as f64 / want.len() as f64
+            }));
+        }
+        let f = forced_scores(
+            self.model,
+            &mut forced,
+            &p.suffixes,
+            &p.scored,
+            Some(self.teacher),
+        )?;
+        let outs = generate_batch(
+            self.model,
+            &mut gen,
+            &p.prompts,
+            self.cfg.max_new_tokens,
+            self.stop,
+        )?;
+        for (((q, generated), f), share) in qs.iter().zip(outs).zip(f).zip(kept_share) {
+            let text = self.tok.decode(&generated, true)?;
+            // The answer is the first non-empty line.
+            let pred = text
+                .trim_start()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let (_, item_f1) = acc.metric.add_prediction(&pred, &q.answers);
+            acc.f1_sq += (100.0 * item_f1).powi(2);
+            let contains = contains_answer(&text, &q.answers);
+            acc.contains += f64::from(u8::from(contains));
+            if let Some(x) = share {
+                acc.answer_kept += x;
+                acc.answer_located += 1;
+            }
+            acc.nll += f.nll;
+            acc.kl += f.kl;
+            if self.cfg.per_item {
+                out.items.push(ItemResult {
+                    id: q.id.clone(),
+                    method: name.to_string(),
+                    ratio,
+                    f1: 100.0 * item_f1,
+                    contains,
+                    answer_nll: f.nll,
+                    answer_kept: share,
+                });
+            }
+            if sample && out.samples.iter().filter(|s| s.0 == name).count() < 3 {
+                out.samples
+                    .push((name.to_string(), q.question.clone(), pred, q.answers.clone()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether a gold answer, SQuAD-normalised, is contained in the normalised
@@ -549,7 +576,36 @@ enum EvalMethod<'a> {
     QuestionAware(usize),
 }
 
-impl EvalMethod<'_> {
+impl<'a> EvalMethod<'a> {
+    /// The method `name` of `eval --methods` (`kv_distill*` need `adaptor`).
+    fn parse(name: &str, adaptor: Option<&'a Adaptor>) -> Result<EvalMethod<'a>> {
+        let needs = || ModelError::Input(format!("method {name} needs an adaptor"));
+        if let Some(base) = name.strip_suffix(ORACLE_SUFFIX) {
+            return Ok(EvalMethod::Oracle(match (base, adaptor) {
+                ("kv_distill", Some(a)) => Method::kv_distill(a),
+                ("kv_distill", None) => return Err(needs()),
+                (base, _) => Method::Baseline(Baseline::parse(base)?),
+            }));
+        }
+        Ok(match (name, adaptor) {
+            ("kv_distill", Some(a)) => EvalMethod::Compress(Method::kv_distill(a)),
+            (name, Some(a)) if name.starts_with(POOLED_PREFIX) => {
+                let pool = name[POOLED_PREFIX.len()..].parse().map_err(|_| {
+                    ModelError::Input(format!(
+                        "method {name}: expected {POOLED_PREFIX}N (N: the pool's half-width)"
+                    ))
+                })?;
+                EvalMethod::Compress(Method::KvDistill {
+                    adaptor: a,
+                    span_pool: Some(pool),
+                })
+            }
+            (name, None) if name.starts_with("kv_distill") => return Err(needs()),
+            (QUESTION_AWARE, _) => EvalMethod::QuestionAware(7),
+            (name, _) => EvalMethod::Compress(Method::Baseline(Baseline::parse(name)?)),
+        })
+    }
+
     fn name(&self) -> String {
         match self {
             EvalMethod::Compress(m) => m.name(),

@@ -280,12 +280,14 @@ impl<F: FnMut(usize, f64, f64)> LoopHooks for LocalHooks<'_, F> {
 /// adaptor at `job.out`); `on_step(step, loss, lr)` is called after every
 /// optimizer step (for progress bars). With `ckpt.resume` it continues from
 /// the newest intact checkpoint: a run killed and resumed ends with the same
-/// adaptor, bit for bit, as one that was never interrupted.
+/// adaptor, bit for bit, as one that was never interrupted. `chaos` injects
+/// a fault (recovery tests).
 pub fn train(
     model: &Model,
     tok: Arc<Tokenizer>,
     job: &TrainJob,
     ckpt: &LocalCheckpoints,
+    chaos: Option<&Chaos>,
     on_step: impl FnMut(usize, f64, f64),
 ) -> Result<(Adaptor, TrainSummary)> {
     validate_job(model, job)?;
@@ -312,7 +314,6 @@ pub fn train(
             cursors: state.cursors.clone(),
         },
     )?;
-    let chaos = Chaos::from_env().map_err(ModelError::Input)?;
     let mut hooks = LocalHooks {
         on_step,
         started: Instant::now(),
@@ -325,7 +326,7 @@ pub fn train(
         rank: 0,
         world: 1,
         checkpoint_every: job.save_every,
-        chaos: chaos.as_ref(),
+        chaos,
     };
     let outcome = if start_step >= job.train.total_steps {
         tracing::info!(

@@ -84,6 +84,8 @@ pub struct WorkerConfig {
     pub tls: Option<kvd_proto::client::ClientTls>,
     /// Show a progress bar on rank 0 (for terminals; clusters read the logs).
     pub progress: bool,
+    /// A fault to inject (recovery tests).
+    pub chaos: Option<Chaos>,
 }
 
 /// How a worker ended.
@@ -278,7 +280,7 @@ pub fn run_worker(model: &Model, tok: Arc<Tokenizer>, cfg: &WorkerConfig) -> Res
             local_ip_towards(&cfg.coordinator),
         )?)
     };
-    let chaos = Chaos::from_env().map_err(ModelError::Input)?;
+    let chaos = cfg.chaos.clone();
     let mut ctx = Ctx {
         model,
         stats: SkipStats::default(),
@@ -592,8 +594,24 @@ fn spawn_heartbeat(
     })
 }
 
+/// Why a checkpoint part was not written.
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    /// A checkpoint RPC failed.
+    #[error("{call}: {}", .status.message())]
+    Rpc {
+        /// The call.
+        call: &'static str,
+        /// Its status.
+        status: tonic::Status,
+    },
+    /// The part could not be stored.
+    #[error("{0}")]
+    Store(String),
+}
+
 /// A pending checkpoint upload (off the training thread).
-type Upload = tokio::task::JoinHandle<std::result::Result<(), String>>;
+type Upload = tokio::task::JoinHandle<std::result::Result<(), UploadError>>;
 
 fn session(ctx: &mut Ctx<'_>, view: &RegisterReply) -> Result<SessionEnd> {
     let control = Control::new();
@@ -637,58 +655,11 @@ fn session_inner(
 ) -> Result<SessionEnd> {
     let (rank, world) = (view.rank as usize, view.world_size as usize);
     let job = &ctx.cfg.job;
-    let id = view.nccl_id.clone().ok_or_else(|| {
-        ModelError::Coordinator("the coordinator sent a ready view without an NCCL id".into())
-    })?;
-    let mut coll: Box<dyn Collective> = match &ctx.endpoint {
-        Some(ep) => Box::new(TcpStar::connect(
-            ep,
-            &id,
-            rank,
-            world,
-            view.epoch,
-            control.abort.clone(),
-            ctx.cfg.collective_timeout,
-        )?),
-        None => Box::new(Nccl::connect(
-            &id,
-            rank,
-            world,
-            control.abort.clone(),
-            ctx.cfg.collective_timeout,
-        )?),
-    };
-    tracing::info!(
-        rank,
-        world,
-        epoch = view.epoch,
-        backend = coll.backend(),
-        start_step = view.start_step,
-        "collective ready"
-    );
+    let mut coll = connect_collective(ctx, view, control)?;
 
     let mut state = fresh_state(ctx.model, job)?;
     if let Some(url) = &view.resume_checkpoint_url {
-        let (manifest, loaded) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
-        if manifest.model_config_hash != ctx.model_hash && !manifest.model_config_hash.is_empty() {
-            return Err(ModelError::Checkpoint(format!(
-                "{url} belongs to another base model: its model config hash is {}, this \
-                 worker's model has {}; resume with the --model the job was started with",
-                manifest.model_config_hash, ctx.model_hash
-            )));
-        }
-        if loaded.meta.job_hash != ctx.job_hash {
-            tracing::warn!(
-                %url,
-                checkpoint_job_hash = %loaded.meta.job_hash,
-                worker_job_hash = %ctx.job_hash,
-                "checkpoint was written under other job flags (the job config hashes differ); \
-                 resuming anyway"
-            );
-        }
-        loaded.restore(&state.adaptor, &mut state.trainer)?;
-        state.cursors = Some(loaded.meta.cursors.clone());
-        tracing::info!(%url, step = loaded.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
+        restore(ctx, url, &mut state)?;
     }
     if let Some((sizes, out)) = &ctx.cfg.bench_allreduce {
         bench::allreduce(coll.as_mut(), &state.adaptor, sizes, out)?;
@@ -731,32 +702,8 @@ fn session_inner(
     )?;
     let ctx: &Ctx<'_> = ctx;
     let total = job.train.total_steps;
-    let bar = (ctx.cfg.progress && rank == 0).then(|| {
-        let b = indicatif::ProgressBar::new(total as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
-            )
-            .expect("static template"),
-        );
-        b.set_position(start as u64);
-        b
-    });
-    let trace = match &ctx.cfg.trace {
-        Some(p) => {
-            let p = PathBuf::from(p.to_string_lossy().replace("{rank}", &rank.to_string()));
-            Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .map_err(|source| ModelError::Io {
-                        path: p.clone(),
-                        source,
-                    })?,
-            )
-        }
-        None => None,
-    };
+    let bar = (ctx.cfg.progress && rank == 0).then(|| progress_bar(total, start));
+    let trace = open_trace(ctx, rank)?;
     let mut hooks = WorkerHooks {
         ctx,
         view,
@@ -792,6 +739,105 @@ fn session_inner(
     }
     tracing::info!(rank, steps = total, skipped = %ctx.stats.summary(), "training finished");
     Ok(SessionEnd::Finished(total as u64))
+}
+
+/// The collective of this membership: NCCL on CUDA, else the TCP star.
+fn connect_collective(
+    ctx: &Ctx<'_>,
+    view: &RegisterReply,
+    control: &Arc<Control>,
+) -> Result<Box<dyn Collective>> {
+    let (rank, world) = (view.rank as usize, view.world_size as usize);
+    let id = view.nccl_id.clone().ok_or_else(|| {
+        ModelError::Coordinator("the coordinator sent a ready view without an NCCL id".into())
+    })?;
+    let coll: Box<dyn Collective> = match &ctx.endpoint {
+        Some(ep) => Box::new(TcpStar::connect(
+            ep,
+            &id,
+            rank,
+            world,
+            view.epoch,
+            control.abort.clone(),
+            ctx.cfg.collective_timeout,
+        )?),
+        None => Box::new(Nccl::connect(
+            &id,
+            rank,
+            world,
+            control.abort.clone(),
+            ctx.cfg.collective_timeout,
+        )?),
+    };
+    tracing::info!(
+        rank,
+        world,
+        epoch = view.epoch,
+        backend = coll.backend(),
+        start_step = view.start_step,
+        "collective ready"
+    );
+
+    Ok(coll)
+}
+
+/// Restores `state` from the checkpoint at `url`, refusing one of another
+/// base model (and warning when its job flags differ).
+fn restore(ctx: &Ctx<'_>, url: &str, state: &mut TrainState) -> Result<()> {
+    let job = &ctx.cfg.job;
+    let (manifest, loaded) = ctx.rt.block_on(load_checkpoint(url, &job.dataset.store))?;
+    if manifest.model_config_hash != ctx.model_hash && !manifest.model_config_hash.is_empty() {
+        return Err(ModelError::Checkpoint(format!(
+            "{url} belongs to another base model: its model config hash is {}, this \
+             worker's model has {}; resume with the --model the job was started with",
+            manifest.model_config_hash, ctx.model_hash
+        )));
+    }
+    if loaded.meta.job_hash != ctx.job_hash {
+        tracing::warn!(
+            %url,
+            checkpoint_job_hash = %loaded.meta.job_hash,
+            worker_job_hash = %ctx.job_hash,
+            "checkpoint was written under other job flags (the job config hashes differ); \
+             resuming anyway"
+        );
+    }
+    loaded.restore(&state.adaptor, &mut state.trainer)?;
+    state.cursors = Some(loaded.meta.cursors.clone());
+    tracing::info!(%url, step = loaded.meta.step, written_by = manifest.world_size, "resumed from checkpoint");
+    Ok(())
+}
+
+/// Rank 0's progress bar on a terminal.
+fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        )
+        .expect("static template"),
+    );
+    b.set_position(start as u64);
+    b
+}
+
+/// The `--trace` file of this rank (`{rank}` in its name), opened to append.
+fn open_trace(ctx: &Ctx<'_>, rank: usize) -> Result<Option<std::fs::File>> {
+    Ok(match &ctx.cfg.trace {
+        Some(p) => {
+            let p = PathBuf::from(p.to_string_lossy().replace("{rank}", &rank.to_string()));
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|source| ModelError::Io {
+                        path: p.clone(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    })
 }
 
 /// The worker's side of the training loop: progress, the step trace, the
@@ -956,10 +1002,8 @@ fn start_upload(
             .await;
         let begin = match begin {
             Ok(b) => b.into_inner(),
-            Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("no checkpoint_url") => {
-                return Ok(());
-            }
-            Err(s) => return Err(format!("CheckpointBegin: {}", s.message())),
+            Err(s) if kvd_proto::status::is_no_checkpoints(&s) => return Ok(()),
+            Err(status) => return Err(UploadError::Rpc { call: "CheckpointBegin", status }),
         };
         let t0 = Instant::now();
         let n = bytes.len();
@@ -978,7 +1022,7 @@ fn start_upload(
             if let Err(s) = told {
                 tracing::warn!(rank, step, error = s.message(), "cannot report the failed checkpoint to the coordinator");
             }
-            return Err(reason);
+            return Err(UploadError::Store(reason));
         }
         if let Some(ch) = &chaos {
             ch.maybe_kill(rank as usize, step, Phase::Upload);
@@ -993,7 +1037,7 @@ fn start_upload(
                 data_cursor_json: cursor_json,
             })
             .await
-            .map_err(|s| format!("CheckpointCommit: {}", s.message()))?
+            .map_err(|status| UploadError::Rpc { call: "CheckpointCommit", status })?
             .into_inner();
         tracing::info!(rank, step, bytes = n, seconds = t0.elapsed().as_secs_f64(), part = %begin.part_url, complete = reply.complete, "checkpoint part written");
         Ok(())

@@ -51,6 +51,14 @@ pub struct BenchStepArgs {
     /// the first step, replayed after; CUDA only).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Turn these speed-ups off (comma-separated: fill_cache, teacher_thread,
+    /// deferred_loss), to time the step without each; results are the same.
+    #[arg(long, env = "KVD_ABLATE", default_value = "")]
+    ablate: String,
+    /// Time each phase of the step (synchronizing the device between phases)
+    /// and report the mean seconds per phase.
+    #[arg(long, env = "KVD_STEP_PHASES")]
+    step_phases: bool,
 }
 
 /// Device memory in use (bytes), from the CUDA driver: torch's cache included.
@@ -63,6 +71,8 @@ fn device_memory_used() -> Option<u64> {
 
 /// Runs `bench-step`; prints one JSON line.
 pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
+    kvd_trainer::ablate::turn_off(&kvd_trainer::ablate::SpeedUp::parse_list(&a.ablate)?);
+    kvd_trainer::distill::phases::set_enabled(a.step_phases);
     let (model, name) = a.model.load()?;
     let (device, kind) = (model.device(), model.kind());
     if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 || a.batches == 0 {
@@ -133,7 +143,7 @@ pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             peak_mem = peak_mem.max(device_memory_used().unwrap_or(0));
         }
     }
-    // Mean seconds per timed step of each phase (KVD_STEP_PHASES=1), else empty.
+    // Mean seconds per timed step of each phase (--step-phases), else empty.
     let phases: std::collections::BTreeMap<&str, f64> = kvd_trainer::distill::phases::take()
         .into_iter()
         .map(|(k, v)| (k, v / a.iters as f64))

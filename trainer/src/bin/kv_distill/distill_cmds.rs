@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvd_data::{BadInputPolicy, BuilderConfig, DatasetOptions, StoreOptions};
+use kvd_trainer::chaos::Chaos;
 use kvd_trainer::distill::cache_file::{CacheMeta, CompressedCache};
 use kvd_trainer::distill::checkpoint::{config_hash, load as load_adaptor};
 use kvd_trainer::distill::infer::{compress_contexts, Method};
@@ -130,12 +131,16 @@ pub struct TrainArgs {
     /// the straight-through signal alone).
     #[arg(long, default_value_t = 4.0)]
     select_weight: f64,
-    /// Rank span positions by the mean score within N positions (a
-    /// span-local average pool, in training and at inference), so runs of
-    /// high-scoring tokens such as numbers and names are kept whole (0: the
-    /// raw scores).
-    #[arg(long, default_value_t = 0)]
+    /// When the adaptor compresses (eval, compress, generate), rank span
+    /// positions by the mean score within N positions on either side (a
+    /// span-local average pool), so runs of high-scoring tokens such as
+    /// numbers and names are kept whole; stored in the adaptor (0: the raw
+    /// scores). 3 measured best (docs/RESULTS.md).
+    #[arg(long, default_value_t = 3)]
     span_pool: usize,
+    /// The same pool in training's selection (0: the raw scores, as measured).
+    #[arg(long, default_value_t = 0)]
+    train_span_pool: usize,
     /// Skip (count and log) bad rows instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
@@ -156,6 +161,23 @@ pub struct TrainArgs {
     /// Example-builder (tokenizer) threads.
     #[arg(long, default_value_t = 2)]
     data_threads: usize,
+    /// Fault injection for recovery tests: `kill|term:rank=R:step=S[:at=step|upload]`
+    /// or `alloc:rank=R:step=S` (an allocation failure inside the step).
+    #[arg(long, env = "KVD_CHAOS", hide_env_values = true)]
+    chaos: Option<String>,
+    /// With --chaos: fire only if this file does not exist, and create it.
+    #[arg(long, env = "KVD_CHAOS_ONCE", requires = "chaos")]
+    chaos_once: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The fault of --chaos, if any.
+    pub fn chaos(&self) -> Result<Option<Chaos>> {
+        self.chaos
+            .as_deref()
+            .map(|spec| Ok(Chaos::parse(spec)?.once(self.chaos_once.clone())))
+            .transpose()
+    }
 }
 
 /// Arguments of `train`: the training flags and where a single process
@@ -242,6 +264,7 @@ pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
             sinks: a.sinks,
             select_weight: a.select_weight,
             span_pool: a.span_pool,
+            train_span_pool: a.train_span_pool,
             ..DistillConfig::default()
         },
         train: TrainConfig {
@@ -288,10 +311,18 @@ pub fn run_train(cmd: TrainCmd) -> Result<()> {
         keep_last: cmd.keep_last,
         resume: cmd.resume,
     };
-    let (_, summary) = train(&model, Arc::new(tok), &job, &ckpt, |step, loss, lr| {
-        bar.set_position(step as u64);
-        bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
-    })?;
+    let chaos = a.chaos()?;
+    let (_, summary) = train(
+        &model,
+        Arc::new(tok),
+        &job,
+        &ckpt,
+        chaos.as_ref(),
+        |step, loss, lr| {
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        },
+    )?;
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(

@@ -127,6 +127,7 @@ pub fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
             .bench_out
             .clone()
             .map(|out| (a.bench_allreduce.clone(), out)),
+        chaos: a.train.chaos()?,
     };
     tracing::info!(job = %serde_json::to_string(&cfg.job)?, coordinator = %cfg.coordinator, "worker starting");
     match run_worker(&model, Arc::new(tok), &cfg)? {
