@@ -1,3 +1,5 @@
+//! Build script: links libtorch (scripts/link_torch.rs) for the test binaries.
+
 include!("../scripts/link_torch.rs");
 
 fn main() {

@@ -1,3 +1,5 @@
+//! Build script: links libtorch (scripts/link_torch.rs) and builds the CUDA graph shim.
+
 include!("../scripts/link_torch.rs");
 
 use std::path::{Path, PathBuf};

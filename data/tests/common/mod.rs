@@ -7,7 +7,7 @@ use kvd_data::writer::{encode_parquet, SourcedRecord, WriterConfig};
 use kvd_data::{DataError, Manifest, Record, SchemaSpec, Source, TextTokenizer};
 
 /// Whitespace tokenizer: each word's id is a hash; BOS 1, EOS 2.
-pub struct WordTok;
+pub(crate) struct WordTok;
 
 impl TextTokenizer for WordTok {
     fn encode(&self, text: &str) -> kvd_data::Result<Vec<u32>> {
@@ -30,7 +30,7 @@ impl TextTokenizer for WordTok {
 }
 
 /// A QA row whose context names its number.
-pub fn qa_row(i: usize, words: usize) -> SourcedRecord {
+pub(crate) fn qa_row(i: usize, words: usize) -> SourcedRecord {
     let ctx = (0..words)
         .map(|w| format!("w{}", (i + w) % 97))
         .collect::<Vec<_>>()
@@ -48,7 +48,7 @@ pub fn qa_row(i: usize, words: usize) -> SourcedRecord {
 
 /// Writes `files` Parquet files of QA rows (row counts given) with small row
 /// groups into `source`, builds and saves the manifest.
-pub async fn write_qa_dataset(
+pub(crate) async fn write_qa_dataset(
     source: &Source,
     rows_per_file: &[usize],
     rg_rows: usize,
@@ -75,7 +75,7 @@ pub async fn write_qa_dataset(
 }
 
 /// The row number written into a record's context (`row{i} ...`).
-pub fn row_number(r: &Record) -> usize {
+pub(crate) fn row_number(r: &Record) -> usize {
     match r {
         Record::Qa { context, .. } => context
             .split_whitespace()
@@ -88,7 +88,7 @@ pub fn row_number(r: &Record) -> usize {
 }
 
 /// A fresh in-memory source.
-pub fn memory() -> Source {
+pub(crate) fn memory() -> Source {
     Source::from_store(
         Arc::new(object_store::memory::InMemory::new()),
         "ds",
@@ -97,9 +97,9 @@ pub fn memory() -> Source {
 }
 
 /// Renders an error for assertions.
-pub fn msg(e: &DataError) -> String {
+pub(crate) fn msg(e: &DataError) -> String {
     e.to_string()
 }
 
 /// Keeps a source and its runtime alive for a test.
-pub struct Source2(pub Source, pub tokio::runtime::Runtime);
+pub(crate) struct Source2(pub Source, pub tokio::runtime::Runtime);

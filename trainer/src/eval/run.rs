@@ -545,8 +545,12 @@ impl BatchScorer<'_> {
                 });
             }
             if sample && out.samples.iter().filter(|s| s.0 == name).count() < 3 {
-                out.samples
-                    .push((name.to_string(), q.question.clone(), pred, q.answers.clone()));
+                out.samples.push((
+                    name.to_string(),
+                    q.question.clone(),
+                    pred,
+                    q.answers.clone(),
+                ));
             }
         }
         Ok(())

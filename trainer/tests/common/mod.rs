@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// The fetched assets: `$KVD_ASSETS`, else `$KVD_CACHE/assets` (default
 /// `~/.cache/kv-distill/assets`).
-pub fn assets() -> PathBuf {
+pub(crate) fn assets() -> PathBuf {
     if let Ok(a) = std::env::var("KVD_ASSETS") {
         return a.into();
     }
@@ -18,7 +18,7 @@ pub fn assets() -> PathBuf {
 }
 
 /// The real SmolLM2-135M-Instruct GGUF.
-pub fn smollm2() -> String {
+pub(crate) fn smollm2() -> String {
     assets()
         .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         .to_string_lossy()

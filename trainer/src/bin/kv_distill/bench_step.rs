@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 /// Arguments of `bench-step`.
 #[derive(Args, Debug)]
-pub struct BenchStepArgs {
+pub(crate) struct BenchStepArgs {
     #[command(flatten)]
     model: super::BenchModelArgs,
     /// Compressed span tokens per example (after one BOS token).
@@ -70,7 +70,7 @@ fn device_memory_used() -> Option<u64> {
 }
 
 /// Runs `bench-step`; prints one JSON line.
-pub fn run_bench_step(a: BenchStepArgs) -> Result<()> {
+pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     kvd_trainer::ablate::turn_off(&kvd_trainer::ablate::SpeedUp::parse_list(&a.ablate)?);
     kvd_trainer::distill::phases::set_enabled(a.step_phases);
     let (model, name) = a.model.load()?;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 /// Object-store settings shared by commands that read datasets.
 #[derive(Args, Debug, Clone)]
-pub struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// Object-store option KEY=VALUE (e.g. endpoint=http://host:9000,
     /// allow_http=true, region=us-east-1); repeatable. Unset keys come from the
     /// standard AWS_*/GOOGLE_*/AZURE_* environment.
@@ -32,7 +32,7 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     /// Dataset options with these store settings.
-    pub fn dataset_options(&self) -> Result<DatasetOptions> {
+    pub(crate) fn dataset_options(&self) -> Result<DatasetOptions> {
         let mut store = StoreOptions::default();
         for kv in &self.store {
             let (k, v) = kv
@@ -50,7 +50,7 @@ impl StoreArgs {
 
 /// Arguments of `train`.
 #[derive(Args, Debug)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Dataset URL (file://, s3://, gs://, az:// or a path) prepared by `kvd-data
@@ -172,7 +172,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The fault of --chaos, if any.
-    pub fn chaos(&self) -> Result<Option<Chaos>> {
+    pub(crate) fn chaos(&self) -> Result<Option<Chaos>> {
         self.chaos
             .as_deref()
             .map(|spec| Ok(Chaos::parse(spec)?.once(self.chaos_once.clone())))
@@ -183,7 +183,7 @@ impl TrainArgs {
 /// Arguments of `train`: the training flags and where a single process
 /// keeps its checkpoints.
 #[derive(Args, Debug)]
-pub struct TrainCmd {
+pub(crate) struct TrainCmd {
     #[command(flatten)]
     train: TrainArgs,
     /// Checkpoint directory [default: beside --out, NAME.ckpt for
@@ -201,7 +201,7 @@ pub struct TrainCmd {
 }
 
 /// The training job the arguments describe, for `model`.
-pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
+pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
     let weights = match a.weights.len() {
         0 => vec![1; a.data.len()],
         n if n == a.data.len() => a.weights.clone(),
@@ -289,7 +289,7 @@ pub fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
 }
 
 /// Runs `train`.
-pub fn run_train(cmd: TrainCmd) -> Result<()> {
+pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
     let a = cmd.train;
     let Some(out) = a.out.clone() else {
         bail!("train needs --out (where the adaptor is written)");
@@ -341,7 +341,7 @@ fn model_label(path: &Path) -> String {
 
 /// Arguments of `compress`.
 #[derive(Args, Debug)]
-pub struct CompressArgs {
+pub(crate) struct CompressArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// A trained adaptor (KV-Distill); without it, `--method` picks a baseline.
@@ -365,7 +365,7 @@ pub struct CompressArgs {
 }
 
 /// Resolves a method name (and optional adaptor) into a [`Method`].
-pub fn parse_method<'a>(name: &str, adaptor: Option<&'a Adaptor>) -> Result<Method<'a>> {
+pub(crate) fn parse_method<'a>(name: &str, adaptor: Option<&'a Adaptor>) -> Result<Method<'a>> {
     Ok(match (name, adaptor) {
         (_, Some(a)) => Method::kv_distill(a),
         ("full", None) => Method::Full,
@@ -375,7 +375,7 @@ pub fn parse_method<'a>(name: &str, adaptor: Option<&'a Adaptor>) -> Result<Meth
 }
 
 /// Runs `compress`.
-pub fn run_compress(a: CompressArgs) -> Result<()> {
+pub(crate) fn run_compress(a: CompressArgs) -> Result<()> {
     if !(a.ratio > 0.0 && a.ratio <= 1.0) {
         bail!("--ratio {} is outside (0, 1]", a.ratio);
     }
@@ -488,7 +488,7 @@ fn compress_one(
 
 /// Arguments of `eval`.
 #[derive(Args, Debug)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// A trained adaptor: adds the `kv_distill` method.
@@ -558,7 +558,7 @@ pub struct EvalArgs {
 }
 
 /// Runs `eval`.
-pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
+pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
     use kvd_trainer::eval::run::{markdown, run_eval, write_report, ContextKind, EvalConfig};
     let context = match a.context.as_str() {
         "paragraph" => ContextKind::Paragraph,
@@ -649,7 +649,7 @@ pub fn run_eval_cmd(a: EvalArgs) -> Result<()> {
 
 /// Arguments of `inspect`.
 #[derive(Args, Debug)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// A trained adaptor (adds `kv_distill`).
@@ -678,7 +678,7 @@ pub struct InspectArgs {
 
 /// Runs `inspect`: for each method, the context with its kept tokens shown
 /// (`[token]` and bold in the terminal, highlighted in the HTML page).
-pub fn run_inspect(a: InspectArgs) -> Result<()> {
+pub(crate) fn run_inspect(a: InspectArgs) -> Result<()> {
     if !(a.ratio > 0.0 && a.ratio <= 1.0) {
         bail!("--ratio {} is outside (0, 1]", a.ratio);
     }
@@ -766,7 +766,7 @@ pub fn run_inspect(a: InspectArgs) -> Result<()> {
 
 /// Arguments of `diagnose`.
 #[derive(Args, Debug)]
-pub struct DiagnoseArgs {
+pub(crate) struct DiagnoseArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// A trained adaptor; without it a fresh one (LoRA zero, random scorer).
@@ -793,7 +793,7 @@ pub struct DiagnoseArgs {
 }
 
 /// Runs `diagnose`: prints (and returns as JSON) the [`GradientReport`].
-pub fn run_diagnose(a: DiagnoseArgs) -> Result<()> {
+pub(crate) fn run_diagnose(a: DiagnoseArgs) -> Result<()> {
     let set = kvd_trainer::eval::load_squad(&a.squad)?;
     let (model, tok) = load(&a.model)?;
     let adaptor = match &a.adaptor {

@@ -36,9 +36,12 @@ struct Cli {
     command: Command,
 }
 
+/// How log lines are written (stderr).
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
+    /// Readable lines.
     Human,
+    /// One JSON object per line.
     Json,
 }
 
@@ -72,6 +75,7 @@ enum Command {
     BenchStep(bench_step::BenchStepArgs),
 }
 
+/// Which model to load, and how.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
     /// HF model directory or GGUF file.

@@ -18,7 +18,7 @@ use super::load;
 
 /// Arguments of `worker`: the training flags of `train` plus these.
 #[derive(Args, Debug)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     #[command(flatten)]
     train: TrainArgs,
     /// Coordinator address, HOST:PORT.
@@ -89,7 +89,7 @@ fn token(a: &WorkerArgs) -> Result<String> {
 }
 
 /// Runs `worker` with its resolved `settings` (see [`resolve_config`]).
-pub fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
+pub(crate) fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
     if a.print_config {
         println!("{}", render(settings));
         return Ok(());
@@ -139,7 +139,7 @@ pub fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
 
 /// Where a worker setting came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// The built-in default.
     Default,
     /// The `[worker]` table of `--config FILE`.
@@ -154,7 +154,7 @@ pub enum Origin {
 /// values as the flag takes them (empty: unset, or a bare flag's `false`)
 /// and where it came from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Setting {
+pub(crate) struct Setting {
     /// `max_len` for `--max-len`.
     pub key: String,
     /// The flag's values (a list flag has several; a bare flag that is on has `true`).
@@ -164,7 +164,7 @@ pub struct Setting {
 }
 
 /// The resolved settings of a `worker`, in flag order.
-pub type Settings = Vec<Setting>;
+pub(crate) type Settings = Vec<Setting>;
 
 /// Keys that configure the resolution itself or the help output.
 const NOT_SETTINGS: [&str; 4] = ["help", "version", "config", "print-config"];
@@ -176,7 +176,7 @@ const NOT_SETTINGS: [&str; 4] = ["help", "version", "config", "print-config"];
 /// environment's values as flags, so clap types and checks every value the
 /// same way whatever its layer) with each setting's origin. Other commands'
 /// arguments pass through unchanged.
-pub fn resolve_config(args: Vec<OsString>) -> Result<(Vec<OsString>, Settings)> {
+pub(crate) fn resolve_config(args: Vec<OsString>) -> Result<(Vec<OsString>, Settings)> {
     resolve_with(args, |k| std::env::var(k).ok())
 }
 
@@ -319,7 +319,7 @@ fn read_table(
 
 /// The settings as TOML lines with their origin, for `--print-config` and
 /// the start-up log.
-pub fn render(settings: &Settings) -> String {
+pub(crate) fn render(settings: &Settings) -> String {
     settings
         .iter()
         .map(|s| {
@@ -366,7 +366,7 @@ mod toml_value {
     /// A scalar or a list of scalars.
     #[derive(Debug, Deserialize)]
     #[serde(untagged)]
-    pub enum Value {
+    pub(super) enum Value {
         Bool(bool),
         Int(i64),
         Float(f64),
@@ -376,7 +376,7 @@ mod toml_value {
 
     impl Value {
         /// Flag values: `None` for a bare flag; one entry per repetition.
-        pub fn flag_values(&self, key: &str) -> Result<Vec<Option<String>>> {
+        pub(super) fn flag_values(&self, key: &str) -> Result<Vec<Option<String>>> {
             Ok(match self {
                 Value::Bool(true) => vec![None],
                 Value::Bool(false) => vec![],
