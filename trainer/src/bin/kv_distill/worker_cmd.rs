@@ -193,10 +193,11 @@ fn resolve_with(
         .arg(clap::Arg::new("threads").long("threads"))
         .mut_args(|a| a.required(false))
         .ignore_errors(true);
-    let given = cmd
-        .clone()
-        .try_get_matches_from(&args[at..])
-        .unwrap_or_default();
+    // `--help`, `--version` or a malformed line: nothing to layer; the real
+    // parse prints the help or names the error.
+    let Ok(given) = cmd.clone().try_get_matches_from(&args[at..]) else {
+        return Ok((args, Vec::new()));
+    };
     let file = match given.get_one::<PathBuf>("config") {
         Some(path) => read_table(path)?,
         None => std::collections::BTreeMap::new(),
@@ -402,6 +403,24 @@ mod toml_value {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn help_passes_through_unresolved_and_odd_lines_do_not_panic() {
+        let line = |extra: &[&str]| -> Vec<OsString> {
+            let mut args: Vec<OsString> = vec!["kv-distill".into(), "worker".into()];
+            args.extend(extra.iter().map(OsString::from));
+            args
+        };
+        for help in ["--help", "-h"] {
+            let (out, settings) = resolve_with(line(&[help]), |_| None).expect("help");
+            assert_eq!(out, line(&[help]));
+            assert!(settings.is_empty());
+        }
+        // Left for the real parse to name; resolving them must not panic.
+        for odd in [&["--no-such-flag"][..], &["--max-len"], &["--max-len", "x"]] {
+            resolve_with(line(odd), |_| None).expect("resolves");
+        }
+    }
 
     /// Every worker key with a value its flag accepts.
     fn keys() -> Vec<(String, String, bool)> {
