@@ -52,7 +52,7 @@ case $PHASE in
       adaptor=() methods=$METHODS ratios=$RATIOS
       if [ "$name" = none ]; then
         # The training-free methods alone (BASE_METHODS, BASE_RATIOS).
-        methods=${BASE_METHODS:-random,streaming_llm,key_norm,h2o,snapkv,tova,snapkv_question}
+        methods=${BASE_METHODS:-random,streaming_llm,key_norm,h2o,snapkv,tova,expected_attention,snapkv_question}
         ratios=${BASE_RATIOS:-$RATIOS}
       else
         adaptor=(--adaptor "$KEEP/$name.safetensors")

@@ -1,7 +1,7 @@
 //! Training-free KV compression baselines on tiny random checkpoints (CPU):
-//! H2O, SnapKV and key-norm scores against transformers' own attention
-//! probabilities and keys, StreamingLLM and random selections, the budget, and
-//! that observing attention changes nothing.
+//! H2O, SnapKV, key-norm and Expected Attention scores against transformers'
+//! own attention probabilities, queries, keys and values, StreamingLLM and
+//! random selections, the budget, and that observing attention changes nothing.
 
 use kvd_tests::env::{run_oracle, tiny_models};
 use kvd_tests::tokens::lcg_tokens;
@@ -83,8 +83,29 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     flat.chunks(lc).map(<[f32]>::to_vec).collect()
 }
 
-/// Scores of transformers for `batch` on `name`: (h2o, snapkv, key_norm).
-fn oracle(name: &str, batch: &Batch, window: usize, kernel: usize) -> [Vec<Vec<f32>>; 3] {
+/// Scores `[batch][lc]`.
+type Table = Vec<Vec<f32>>;
+
+/// Expected Attention with its defaults and two variants that exercise every
+/// parameter (no sinks, a short future, a query window, no covariance, no
+/// value norms).
+fn expected_variants() -> [Baseline; 3] {
+    [
+        Baseline::parse("expected_attention").expect("defaults"),
+        Baseline::parse("expected_attention:future=7,sinks=0,window=16,vnorm=0").expect("parse"),
+        Baseline::parse("expected_attention:future=64,sinks=2,covariance=0").expect("parse"),
+    ]
+}
+
+/// Scores of transformers for `batch` on `name`: (h2o, snapkv, key_norm) and
+/// one Expected Attention score table per method of `expected`.
+fn oracle(
+    name: &str,
+    batch: &Batch,
+    window: usize,
+    kernel: usize,
+    expected: &[Baseline],
+) -> ([Table; 3], Vec<Table>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("input.json");
     let input = serde_json::json!({
@@ -94,12 +115,22 @@ fn oracle(name: &str, batch: &Batch, window: usize, kernel: usize) -> [Vec<Vec<f
         "spans": batch.spans,
         "window": window,
         "kernel": kernel,
+        "expected_attention": expected.iter().map(|b| match *b {
+            Baseline::ExpectedAttention { future, sinks, window, covariance, vnorm } => serde_json::json!({
+                "future": future, "sinks": sinks, "window": window,
+                "covariance": covariance, "vnorm": vnorm,
+            }),
+            other => panic!("{} is not expected_attention", other.name()),
+        }).collect::<Vec<_>>(),
     });
     std::fs::write(&path, input.to_string()).expect("write oracle input");
     let out = run_oracle("baseline_scores.py", &[path.to_str().expect("utf-8")]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("oracle JSON");
     let get = |k: &str| -> Vec<Vec<f32>> { serde_json::from_value(v[k].clone()).expect(k) };
-    [get("h2o"), get("snapkv"), get("key_norm")]
+    let ea: Vec<Table> =
+        serde_json::from_value(v["expected_attention"].clone()).expect("expected_attention");
+    assert_eq!(ea.len(), expected.len());
+    ([get("h2o"), get("snapkv"), get("key_norm")], ea)
 }
 
 /// Compares `ours` with `theirs` at every span position: |a - b| < 1e-4 (the
@@ -133,7 +164,7 @@ fn assert_close_in_spans(what: &str, batch: &Batch, ours: &[Vec<f32>], theirs: &
 fn parity(name: &str, window: usize, kernel: usize) {
     let m = model(name);
     let batch = Batch::long(7);
-    let [h2o, snap, knorm] = oracle(name, &batch, window, kernel);
+    let ([h2o, snap, knorm], _) = oracle(name, &batch, window, kernel, &[]);
     let tag = |m: &str| format!("{name} {m}");
     assert_close_in_spans(&tag("h2o"), &batch, &batch.scores(&m, &Baseline::H2o), &h2o);
     assert_close_in_spans(
@@ -148,6 +179,38 @@ fn parity(name: &str, window: usize, kernel: usize) {
         &batch.scores(&m, &Baseline::KeyNorm),
         &knorm,
     );
+}
+
+/// Expected Attention against scores computed in float64 from transformers'
+/// pre-RoPE queries, cached keys and values and rotary embedding.
+fn expected_parity(name: &str) {
+    let m = model(name);
+    let batch = Batch::long(7);
+    let methods = expected_variants();
+    let (_, theirs) = oracle(name, &batch, 32, 7, &methods);
+    for (method, theirs) in methods.iter().zip(&theirs) {
+        let ours = batch.scores(&m, method);
+        assert_close_in_spans(&format!("{name} {method:?}"), &batch, &ours, theirs);
+        // The sinks (4 by default) of the span (26, 4) are all of it.
+        if let Baseline::ExpectedAttention { sinks: 4, .. } = method {
+            assert_eq!(&ours[0][26..30], &[1.0; 4]);
+        }
+    }
+}
+
+#[test]
+fn expected_attention_matches_transformers_llama_gqa() {
+    expected_parity("llama");
+}
+
+#[test]
+fn expected_attention_matches_transformers_mistral_sliding_window() {
+    expected_parity("mistral");
+}
+
+#[test]
+fn expected_attention_matches_transformers_gemma3_local_global() {
+    expected_parity("gemma3");
 }
 
 #[test]
@@ -278,7 +341,7 @@ fn padding_never_changes_scores() {
             len: vec![a.len[1]],
             spans: vec![a.spans[1].clone()],
         };
-        for method in Baseline::all() {
+        for method in Baseline::all().into_iter().chain(expected_variants()) {
             let (sa, sb, s1) = (
                 a.scores(&m, &method),
                 b.scores(&m, &method),
@@ -361,6 +424,7 @@ fn observing_attention_leaves_logits_bit_identical() {
                 window: 32,
                 kernel: 7,
             },
+            Baseline::parse("expected_attention").expect("parse"),
         ] {
             let (_, cache) =
                 baseline_scores(&m, &method, &ids, &batch.len, &batch.spans).expect("scores");
@@ -411,6 +475,32 @@ fn names_parse_and_serde_round_trips() {
         serde_json::from_str::<Baseline>(r#"{"method":"streaming_llm"}"#).expect("defaults"),
         Baseline::StreamingLlm { sinks: 4 }
     );
+    let ea_defaults = Baseline::ExpectedAttention {
+        future: 512,
+        sinks: 4,
+        window: 0,
+        covariance: true,
+        vnorm: true,
+    };
+    assert_eq!(
+        serde_json::from_str::<Baseline>(r#"{"method":"expected_attention"}"#).expect("defaults"),
+        ea_defaults
+    );
+    assert_eq!(
+        Baseline::parse("expected-attention").expect("parse"),
+        ea_defaults
+    );
+    assert_eq!(
+        Baseline::parse("expected_attention:future=256,sinks=2,window=8,covariance=0,vnorm=1")
+            .expect("parse"),
+        Baseline::ExpectedAttention {
+            future: 256,
+            sinks: 2,
+            window: 8,
+            covariance: false,
+            vnorm: true,
+        }
+    );
     for bad in [
         "snap",
         "snapkv:kernel=4",
@@ -418,6 +508,9 @@ fn names_parse_and_serde_round_trips() {
         "h2o:window=3",
         "random:seed=x",
         "random:seed",
+        "expected_attention:future=0",
+        "expected_attention:covariance=2",
+        "expected_attention:kernel=3",
     ] {
         assert!(Baseline::parse(bad).is_err(), "`{bad}` accepted");
     }

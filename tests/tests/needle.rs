@@ -80,6 +80,7 @@ fn the_needle_harness_reports_kept_answers_oracles_and_heat_maps() {
             "random+answer".into(),
             "snapkv_question".into(),
             "tova".into(),
+            "expected_attention".into(),
         ],
         batch: 4,
         max_new_tokens: 12,
@@ -88,8 +89,8 @@ fn the_needle_harness_reports_kept_answers_oracles_and_heat_maps() {
     };
     let mut report = run_eval(&model, tok.clone(), None, &set, &cfg, |_, _| {}).expect("eval");
     report.needle = needle;
-    assert_eq!(report.rows.len(), 1 + 4);
-    assert_eq!(report.items.len(), 4 * 5);
+    assert_eq!(report.rows.len(), 1 + 5);
+    assert_eq!(report.items.len(), 4 * 6);
     let row = |m: &str| report.rows.iter().find(|r| r.method == m).expect(m);
     assert_eq!(row("full").answer_kept, Some(1.0));
     assert_eq!(
@@ -97,7 +98,7 @@ fn the_needle_harness_reports_kept_answers_oracles_and_heat_maps() {
         Some(1.0),
         "the oracle keeps the answer"
     );
-    for m in ["random", "tova", "snapkv_question"] {
+    for m in ["random", "tova", "expected_attention", "snapkv_question"] {
         let k = row(m).answer_kept.expect("located");
         assert!((0.0..=1.0).contains(&k), "{m}: {k}");
         assert!(row(m).f1_se >= 0.0);

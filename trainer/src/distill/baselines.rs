@@ -15,7 +15,9 @@
 
 use super::select::{select, validate_spans, Span};
 use super::student::{gather_kept, Compressed, Contexts, Kept};
+use crate::config::LayerKind;
 use crate::error::{ModelError, Result};
+use crate::model::rope::Rope;
 use crate::model::{Hooks, Input, KvCache, Model, NoHooks};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -65,6 +67,47 @@ pub enum Baseline {
     /// receives from the span's last position, averaged over heads, summed
     /// over layers (SnapKV with a window of 1 and no pooling).
     Tova,
+    /// Expected Attention (kvpress's `ExpectedAttentionPress`), one span at a
+    /// time. In a span of n positions starting at s, of a context of length L,
+    /// the first min(`sinks`, n) positions are sinks and the rest, P, are
+    /// scored. Per layer and query head h:
+    ///
+    /// - μ, Σ: mean and covariance (divided by the count) of the pre-RoPE
+    ///   queries (after the QK-norm, where the family has one) at P, or at the
+    ///   last `window` positions of P when `window` > 0;
+    /// - R̄: the layer's RoPE rotation averaged over the `future` positions
+    ///   L, …, L + future − 1 after the context;
+    /// - each key k at P (post-RoPE) gets the expected logit
+    ///   a(k) = σ (R̄μ)·k + σ²/2 · kᵀ(R̄ΣR̄ᵀ)k (the second term only with
+    ///   `covariance`), σ the model's q·k scale (1/√head_dim; Gemma 3:
+    ///   query_pre_attn_scalar^−½, where kvpress uses 1/√head_dim), the
+    ///   log of E[exp(σ q·k)] for q ~ N(R̄μ, R̄ΣR̄ᵀ);
+    /// - softmax of a over P.
+    ///
+    /// The softmax is averaged over the query heads of each KV head, times
+    /// ‖v‖₂ of the position's value in that KV head (with `vnorm`), then
+    /// averaged over KV heads and summed over layers. Sinks score M + 1, M the
+    /// span's largest score at P (0 when P is empty), so they are kept first
+    /// (earlier first). Positions outside spans score 0. Sliding windows are
+    /// ignored (as in kvpress).
+    ExpectedAttention {
+        /// Future query positions the RoPE rotation is averaged over (default 512).
+        #[serde(default = "default_future")]
+        future: usize,
+        /// Sink positions at the start of each span, always kept (default 4).
+        #[serde(default = "default_sinks")]
+        sinks: usize,
+        /// Query statistics from the span's last `window` scored positions
+        /// only; 0 (the default, as kvpress) takes every scored position.
+        #[serde(default)]
+        window: usize,
+        /// Use the queries' covariance (default true).
+        #[serde(default = "default_true")]
+        covariance: bool,
+        /// Multiply by the values' L2 norms (default true).
+        #[serde(default = "default_true")]
+        vnorm: bool,
+    },
 }
 
 fn default_sinks() -> usize {
@@ -79,9 +122,17 @@ fn default_kernel() -> usize {
     7
 }
 
+fn default_future() -> usize {
+    512
+}
+
+fn default_true() -> bool {
+    true
+}
+
 impl Baseline {
     /// Every baseline with its default parameters.
-    pub fn all() -> [Baseline; 6] {
+    pub fn all() -> [Baseline; 7] {
         [
             Baseline::Random { seed: 0 },
             Baseline::StreamingLlm {
@@ -94,10 +145,18 @@ impl Baseline {
                 kernel: default_kernel(),
             },
             Baseline::Tova,
+            Baseline::ExpectedAttention {
+                future: default_future(),
+                sinks: default_sinks(),
+                window: 0,
+                covariance: true,
+                vnorm: true,
+            },
         ]
     }
 
-    /// CLI name: `random`, `streaming_llm`, `key_norm`, `h2o` or `snapkv`.
+    /// CLI name: `random`, `streaming_llm`, `key_norm`, `h2o`, `snapkv`,
+    /// `tova` or `expected_attention`.
     pub fn name(&self) -> &'static str {
         match self {
             Baseline::Random { .. } => "random",
@@ -106,12 +165,14 @@ impl Baseline {
             Baseline::H2o => "h2o",
             Baseline::SnapKv { .. } => "snapkv",
             Baseline::Tova => "tova",
+            Baseline::ExpectedAttention { .. } => "expected_attention",
         }
     }
 
     /// Parses a CLI name, optionally with parameters after a colon:
-    /// `random:seed=3`, `streaming_llm:sinks=2`, `snapkv:window=16,kernel=5`.
-    /// Omitted parameters take their defaults.
+    /// `random:seed=3`, `streaming_llm:sinks=2`, `snapkv:window=16,kernel=5`,
+    /// `expected_attention:future=256,sinks=4,window=0,covariance=1,vnorm=0`
+    /// (flags are 0 or 1). Omitted parameters take their defaults.
     pub fn parse(s: &str) -> Result<Baseline> {
         let (name, params) = s.split_once(':').unwrap_or((s, ""));
         let mut out = Baseline::all()
@@ -119,7 +180,7 @@ impl Baseline {
             .find(|b| b.name() == name.trim().to_ascii_lowercase().replace('-', "_"))
             .ok_or_else(|| {
                 ModelError::Input(format!(
-                    "unknown baseline `{name}` (known: random, streaming_llm, key_norm, h2o, snapkv, tova)"
+                    "unknown baseline `{name}` (known: random, streaming_llm, key_norm, h2o, snapkv, tova, expected_attention)"
                 ))
             })?;
         for kv in params.split(',').filter(|p| !p.trim().is_empty()) {
@@ -133,11 +194,25 @@ impl Baseline {
                 usize::try_from(num)
                     .map_err(|_| ModelError::Input(format!("baseline parameter `{kv}` too large")))
             };
+            let as_flag = || match num {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(ModelError::Input(format!(
+                    "baseline parameter `{kv}`: a flag is 0 or 1"
+                ))),
+            };
             match (&mut out, key.trim()) {
                 (Baseline::Random { seed }, "seed") => *seed = num,
                 (Baseline::StreamingLlm { sinks }, "sinks") => *sinks = as_usize()?,
                 (Baseline::SnapKv { window, .. }, "window") => *window = as_usize()?,
                 (Baseline::SnapKv { kernel, .. }, "kernel") => *kernel = as_usize()?,
+                (Baseline::ExpectedAttention { future, .. }, "future") => *future = as_usize()?,
+                (Baseline::ExpectedAttention { sinks, .. }, "sinks") => *sinks = as_usize()?,
+                (Baseline::ExpectedAttention { window, .. }, "window") => *window = as_usize()?,
+                (Baseline::ExpectedAttention { covariance, .. }, "covariance") => {
+                    *covariance = as_flag()?
+                }
+                (Baseline::ExpectedAttention { vnorm, .. }, "vnorm") => *vnorm = as_flag()?,
                 (b, k) => {
                     return Err(ModelError::Input(format!(
                         "baseline `{}` has no parameter `{k}`",
@@ -159,6 +234,9 @@ impl Baseline {
             Baseline::SnapKv { kernel, .. } if kernel % 2 == 0 => Err(ModelError::Input(format!(
                 "snapkv pooling kernel must be odd, got {kernel}"
             ))),
+            Baseline::ExpectedAttention { future: 0, .. } => Err(ModelError::Input(
+                "expected_attention needs at least 1 future position".into(),
+            )),
             _ => Ok(()),
         }
     }
@@ -231,9 +309,32 @@ pub fn baseline_scores(
         )),
         _ => None,
     };
-    let hooks: &dyn Hooks = match &observer {
-        Some(o) => o,
-        None => &NoHooks,
+    let expected = match *method {
+        Baseline::ExpectedAttention {
+            future,
+            sinks,
+            window,
+            covariance,
+            vnorm,
+        } => Some(ExpectedAttention::new(
+            model,
+            len,
+            spans,
+            lc,
+            ExpectedParams {
+                future,
+                sinks,
+                window,
+                covariance,
+                vnorm,
+            },
+        )?),
+        _ => None,
+    };
+    let hooks: &dyn Hooks = match (&observer, &expected) {
+        (Some(o), _) => o,
+        (None, Some(e)) => e,
+        (None, None) => &NoHooks,
     };
     let mut cache = model.new_cache();
     let _ = tch::no_grad(|| model.forward_hidden_with(Input::new(&ids), Some(&mut cache), hooks))?;
@@ -266,6 +367,10 @@ pub fn baseline_scores(
                 let layers = observer.map(Observer::into_layers).unwrap_or_default();
                 snapkv_pool(layers, spans, kernel, b, lc)?
             }
+            Baseline::ExpectedAttention { .. } => match expected {
+                Some(e) => e.finish()?,
+                None => unreachable!("made above for this method"),
+            },
             Baseline::Tova => unreachable!("mapped to SnapKv above"),
         })
     })?;
@@ -551,5 +656,266 @@ impl Hooks for Observer {
             None => got,
         });
         Ok(())
+    }
+}
+
+/// The parameters of [`Baseline::ExpectedAttention`].
+#[derive(Debug, Clone, Copy)]
+struct ExpectedParams {
+    future: usize,
+    sinks: usize,
+    window: usize,
+    covariance: bool,
+    vnorm: bool,
+}
+
+/// One span as [`Baseline::ExpectedAttention`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct ScoredSpan {
+    /// First position.
+    start: usize,
+    /// Positions.
+    n: usize,
+    /// Sinks at its start, min(sinks, n); the rest are scored.
+    sinks: usize,
+    /// Queries of the statistics: the last `queries` scored positions.
+    queries: usize,
+}
+
+/// [`Baseline::ExpectedAttention`]: the scores, accumulated layer by layer from
+/// what the forward hands to [`Hooks::observe_qkv`].
+struct ExpectedAttention {
+    params: ExpectedParams,
+    /// Per row, its spans.
+    spans: Vec<Vec<ScoredSpan>>,
+    /// Per layer, its RoPE's cos and signed sin averaged over each row's
+    /// future positions, `[batch, 1, 1, head_dim]` float32 (see [`rotate`]).
+    rotation: Vec<(Tensor, Tensor)>,
+    /// The model's q·k scale σ.
+    scale: f64,
+    /// The scores so far `[batch, lc]` float32, on the model's device
+    /// (updated in place, through views).
+    acc: Tensor,
+}
+
+impl ExpectedAttention {
+    fn new(
+        model: &Model,
+        len: &[usize],
+        spans: &[Vec<Span>],
+        lc: i64,
+        params: ExpectedParams,
+    ) -> Result<Self> {
+        let cfg = model.config();
+        let device = model.device();
+        let future: Vec<i64> = len
+            .iter()
+            .flat_map(|&n| (n..n + params.future).map(|p| p as i64))
+            .collect();
+        let future = Tensor::from_slice(&future)
+            .f_view([len.len() as i64, params.future as i64])?
+            .f_to_device(device)?;
+        let mut per_kind: Vec<(LayerKind, Tensor, Tensor)> = Vec::new();
+        let mut rotation = Vec::with_capacity(cfg.num_layers);
+        for layer in 0..cfg.num_layers {
+            let kind = *cfg.layer_kinds.get(layer).ok_or_else(|| {
+                ModelError::Input(format!("the configuration has no kind for layer {layer}"))
+            })?;
+            if !per_kind.iter().any(|(k, _, _)| *k == kind) {
+                let rope = Rope::new(cfg.rope_for(kind), cfg.head_dim, device);
+                let (cos, sin) = rope.cos_sin(&future, Kind::Float)?;
+                per_kind.push((
+                    kind,
+                    cos.f_mean_dim([2].as_slice(), true, Kind::Float)?,
+                    sin.f_mean_dim([2].as_slice(), true, Kind::Float)?,
+                ));
+            }
+            if let Some((_, cos, sin)) = per_kind.iter().find(|(k, _, _)| *k == kind) {
+                rotation.push((cos.shallow_clone(), sin.shallow_clone()));
+            }
+        }
+        let spans = spans
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|&(start, n)| {
+                        let sinks = params.sinks.min(n);
+                        let scored = n - sinks;
+                        let queries = match params.window {
+                            0 => scored,
+                            w => w.min(scored),
+                        };
+                        ScoredSpan {
+                            start,
+                            n,
+                            sinks,
+                            queries,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(ExpectedAttention {
+            params,
+            spans,
+            rotation,
+            scale: cfg.attn_scale,
+            acc: Tensor::zeros([len.len() as i64, lc], (Kind::Float, device)),
+        })
+    }
+
+    /// The scores `[batch, lc]` on the CPU, sinks set.
+    fn finish(self) -> Result<Tensor> {
+        let acc = self.acc.f_to_device(Device::Cpu)?;
+        for (i, row) in self.spans.iter().enumerate() {
+            for sp in row.iter().filter(|sp| sp.sinks > 0) {
+                let span = acc
+                    .f_get(i as i64)?
+                    .f_narrow(0, sp.start as i64, sp.n as i64)?;
+                let top = if sp.n > sp.sinks {
+                    span.f_narrow(0, sp.sinks as i64, (sp.n - sp.sinks) as i64)?
+                        .f_max()?
+                        .f_double_value(&[])?
+                } else {
+                    0.0
+                };
+                let _ = span.f_narrow(0, 0, sp.sinks as i64)?.f_fill_(top + 1.0)?;
+            }
+        }
+        Ok(acc)
+    }
+}
+
+/// `x` `[.., head_dim]` through the averaged RoPE rotation R̄ whose cos and
+/// signed sin are `cos`, `sin` (broadcast against `x`): R̄x = x ⊙ cos +
+/// roll(x, head_dim / 2) ⊙ sin, the rotation of [`crate::model::rope::apply`]
+/// with the tables averaged (it is linear in them).
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    Ok(x.f_mul(cos)?.f_add(&x.f_roll([half], [-1])?.f_mul(sin)?)?)
+}
+
+impl Hooks for ExpectedAttention {
+    fn observe_qkv(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (cos, sin) = self
+            .rotation
+            .get(layer)
+            .ok_or_else(|| ModelError::Input(format!("no layer {layer} to observe")))?;
+        let (_, heads, _, d) = q.size4()?;
+        let kv_heads = k.size4()?.1;
+        let group = heads / kv_heads;
+        let f = Kind::Float;
+        for (i, row) in self.spans.iter().enumerate() {
+            let i = i as i64;
+            let (qi, ki, vi) = (q.f_get(i)?, k.f_get(i)?, v.f_get(i)?);
+            let (cos, sin) = (cos.f_get(i)?, sin.f_get(i)?);
+            for sp in row.iter().filter(|sp| sp.n > sp.sinks) {
+                let (first, m) = ((sp.start + sp.sinks) as i64, (sp.n - sp.sinks) as i64);
+                // Statistics of the queries `[heads, count, d]`.
+                let count = sp.queries as i64;
+                let queries = qi
+                    .f_narrow(1, (sp.start + sp.n) as i64 - count, count)?
+                    .f_to_kind(f)?;
+                let mean = queries.f_mean_dim([1].as_slice(), true, f)?;
+                // [kv, 1, m, d]: each key against the heads of its group.
+                let keys = ki.f_narrow(1, first, m)?.f_to_kind(f)?.f_unsqueeze(1)?;
+                let mut logits = rotate(&mean, &cos, &sin)?
+                    .f_view([kv_heads, group, 1, d])?
+                    .f_matmul(&keys.f_transpose(2, 3)?)?
+                    .f_squeeze_dim(2)?
+                    .f_mul_scalar(self.scale)?;
+                if self.params.covariance {
+                    let centered = queries.f_sub(&mean)?;
+                    let cov = centered
+                        .f_transpose(1, 2)?
+                        .f_matmul(&centered)?
+                        .f_div_scalar(count as f64)?;
+                    // R̄ Σ R̄ᵀ: rows rotated (Σ R̄ᵀ), transposed (R̄ Σ), rows rotated.
+                    let cov = rotate(&rotate(&cov, &cos, &sin)?.f_transpose(1, 2)?, &cos, &sin)?;
+                    let quad = keys
+                        .f_matmul(&cov.f_view([kv_heads, group, d, d])?)?
+                        .f_mul(&keys)?
+                        .f_sum_dim_intlist([-1].as_slice(), false, f)?;
+                    logits = logits.f_add(&quad.f_mul_scalar(self.scale * self.scale / 2.0)?)?;
+                }
+                // [kv, m]: softmax over the span's keys, mean over the group.
+                let mut score = logits
+                    .f_softmax(-1, f)?
+                    .f_mean_dim([1].as_slice(), false, f)?;
+                if self.params.vnorm {
+                    let norms = vi
+                        .f_narrow(1, first, m)?
+                        .f_to_kind(f)?
+                        .f_norm_scalaropt_dim(2, [-1].as_slice(), false)?;
+                    score = score.f_mul(&norms)?;
+                }
+                let score = score.f_mean_dim([0].as_slice(), false, f)?;
+                let _ = self.acc.f_get(i)?.f_narrow(0, first, m)?.f_add_(&score)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RopeConfig, RopeScaling};
+
+    /// cos and signed sin `[1, 1, future, d]` of positions `start ..`.
+    fn tables(d: usize, start: i64, future: i64) -> (Tensor, Tensor) {
+        let cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
+        let pos = Tensor::arange_start(start, start + future, (Kind::Int64, Device::Cpu));
+        Rope::new(&cfg, d, Device::Cpu)
+            .cos_sin(&pos.unsqueeze(0), Kind::Float)
+            .unwrap()
+    }
+
+    #[test]
+    fn averaged_rotation_is_kvpress_mean_rope_matrix() {
+        let (d, future) = (8i64, 37);
+        let (cos, sin) = tables(d as usize, 11, future);
+        // kvpress: R_t = cos_t I + sin_t P, P = [[0, -I], [I, 0]], averaged over t.
+        let half = d / 2;
+        let p = Tensor::zeros([d, d], (Kind::Float, Device::Cpu));
+        p.narrow(0, half, half)
+            .narrow(1, 0, half)
+            .copy_(&Tensor::eye(half, (Kind::Float, Device::Cpu)));
+        p.narrow(0, 0, half)
+            .narrow(1, half, half)
+            .copy_(&(-Tensor::eye(half, (Kind::Float, Device::Cpu))));
+        let (c, s) = (cos.view([future, d]), sin.view([future, d]));
+        // The signed sin is [-sin, sin]: its second half, twice, is sin_t.
+        let unsigned = s.narrow(1, half, half).repeat([1, 2]);
+        let eye = Tensor::eye(d, (Kind::Float, Device::Cpu));
+        let r = (c.unsqueeze(2) * &eye + unsigned.unsqueeze(2) * p.unsqueeze(0)).mean_dim(
+            [0].as_slice(),
+            false,
+            Kind::Float,
+        );
+        let x = Tensor::randn([3, 5, d], (Kind::Float, Device::Cpu));
+        let want = x.matmul(&r.transpose(0, 1));
+        let (cm, sm) = (
+            cos.mean_dim([2].as_slice(), true, Kind::Float).view([d]),
+            sin.mean_dim([2].as_slice(), true, Kind::Float).view([d]),
+        );
+        let got = rotate(&x, &cm, &sm).unwrap();
+        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+        // R Σ Rᵀ as rows rotated, transposed, rows rotated.
+        let sigma = x.get(0).transpose(0, 1).matmul(&x.get(0));
+        let want = r.matmul(&sigma).matmul(&r.transpose(0, 1));
+        let got = rotate(&rotate(&sigma, &cm, &sm).unwrap().transpose(0, 1), &cm, &sm).unwrap();
+        assert!(got.allclose(&want, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn one_future_position_is_plain_rope() {
+        let (cos, sin) = tables(16, 42, 1);
+        let x = Tensor::randn([2, 3, 1, 16], (Kind::Float, Device::Cpu));
+        let got = rotate(&x, &cos, &sin).unwrap();
+        assert!(got.equal(&crate::model::rope::apply(&x, &cos, &sin)));
     }
 }

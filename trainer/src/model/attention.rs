@@ -116,8 +116,9 @@ impl Attention {
         if let Some(n) = &self.q_norm {
             q = n.forward(&q);
         }
-        let q = rope::apply(&q, &inputs.cos, &inputs.sin);
         let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
+        hooks.observe_qkv(layer, &q, &k, &v)?;
+        let q = rope::apply(&q, &inputs.cos, &inputs.sin);
         let (k, v) = match cache {
             Some(cache) => cache.append_layer(layer, &k, &v)?,
             None => (k, v),

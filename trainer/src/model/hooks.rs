@@ -1,7 +1,7 @@
 //! Points where a caller can change a forward pass without copying the model:
 //! extra terms on projections (LoRA), an additive attention bias on keys (the
-//! KV-Distill score feed), and observing hidden states between layers and
-//! attention probabilities.
+//! KV-Distill score feed), and observing hidden states between layers,
+//! queries, keys and values, and attention probabilities.
 
 use crate::error::Result;
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,17 @@ pub trait Hooks {
 
     /// Called with the hidden state after layer `layer` (0-based).
     fn after_layer(&self, _layer: usize, _hidden: &Tensor) {}
+
+    /// Receives layer `layer`'s queries `q` `[batch, heads, seq, head_dim]`
+    /// before RoPE (after the QK-norm where the family has one), and this
+    /// call's keys `k` (after RoPE) and values `v` `[batch, kv_heads, seq,
+    /// head_dim]` as they enter the cache (not the previously cached ones), in
+    /// the model's kind. The layer's output does not depend on it. Not called
+    /// for the last layer of [`crate::model::Model::fill_cache`], which
+    /// computes no queries.
+    fn observe_qkv(&self, _layer: usize, _q: &Tensor, _k: &Tensor, _v: &Tensor) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether [`Hooks::observe_attention`] wants layer `layer`'s attention
     /// probabilities. When false (the default) they are never computed.

@@ -347,7 +347,9 @@ pub(crate) struct CompressArgs {
     /// A trained adaptor (KV-Distill); without it, `--method` picks a baseline.
     #[arg(long)]
     adaptor: Option<PathBuf>,
-    /// full, random, streaming_llm, key_norm, h2o or snapkv (when no --adaptor).
+    /// full, random, streaming_llm, key_norm, h2o, snapkv, tova or
+    /// expected_attention (when no --adaptor; parameters after a colon,
+    /// e.g. snapkv:window=16).
     #[arg(long, default_value = "full")]
     method: String,
     /// Retention ratio r in (0, 1].
@@ -537,7 +539,7 @@ pub(crate) struct EvalArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "random,streaming_llm,key_norm,h2o,snapkv,tova,snapkv_question"
+        default_value = "random,streaming_llm,key_norm,h2o,snapkv,tova,expected_attention,snapkv_question"
     )]
     methods: Vec<String>,
     /// Questions per batch.
