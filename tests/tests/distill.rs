@@ -11,6 +11,7 @@ use kvd_trainer::distill::{
     distill_step, kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
 };
 use kvd_trainer::model::{Input, Model};
+use kvd_trainer::train_loop::{padded_tokens, split_micro_batches};
 use tch::{Device, Kind, Tensor};
 
 fn model() -> Model {
@@ -349,6 +350,51 @@ fn micro_batching_does_not_change_the_step() {
     assert!(
         !close((l[0] + l[1]) / 2.0, weighted),
         "{l:?}: the test cannot tell the weightings apart"
+    );
+}
+
+/// Ordering a step's examples by length before cutting micro-batches
+/// (`--bucket-by-length`) keeps every example once, pads fewer positions and
+/// gives the same step.
+#[test]
+fn bucketing_by_length_pads_less_and_keeps_the_step() {
+    let m = model();
+    let example = |n: usize, seed: u64| DistillExample {
+        context: tokens(n, seed),
+        spans: vec![(1, n - 1)],
+        suffix: tokens(9, seed + 100),
+        ratio: 0.25,
+        answer: None,
+    };
+    let exs = vec![
+        example(40, 1),
+        example(10, 2),
+        example(38, 3),
+        example(12, 4),
+    ];
+    let plain = split_micro_batches(exs.clone(), 2, false);
+    let sorted = split_micro_batches(exs.clone(), 2, true);
+    // 2 * (40 + 9) + 2 * (38 + 9) positions against 2 * (12 + 9) + 2 * (40 + 9).
+    assert_eq!((padded_tokens(&plain), padded_tokens(&sorted)), (192, 140));
+    let lens = |mbs: &[Vec<DistillExample>]| -> Vec<usize> {
+        mbs.iter().flatten().map(|e| e.context.len()).collect()
+    };
+    assert_eq!(lens(&plain), [40, 10, 38, 12]);
+    assert_eq!(lens(&sorted), [10, 12, 38, 40]);
+    let run = |micro: &[Vec<DistillExample>]| {
+        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+        t.train_step(&m, &a, micro).expect("step")
+    };
+    let (p, s) = (run(&plain), run(&sorted));
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(y.abs());
+    assert_eq!(p.tokens, s.tokens);
+    assert!(close(p.loss, s.loss), "{} vs {}", p.loss, s.loss);
+    assert!(
+        close(p.grad_norm, s.grad_norm),
+        "{} vs {}",
+        p.grad_norm,
+        s.grad_norm
     );
 }
 

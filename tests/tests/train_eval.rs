@@ -66,6 +66,7 @@ fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
         log_every: 1,
         base_model: "SmolLM2-135M-Instruct".into(),
         time_limit_s: None,
+        bucket_by_length: false,
     }
 }
 

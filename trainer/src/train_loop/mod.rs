@@ -66,6 +66,11 @@ pub struct TrainJob {
     /// Stop (and save) after this many seconds even if steps remain.
     #[serde(default)]
     pub time_limit_s: Option<f64>,
+    /// Order each rank's examples of a step by length before cutting them
+    /// into micro-batches, so each pads less (the step is the same: its loss
+    /// is the token-weighted mean over the whole batch).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bucket_by_length: bool,
 }
 
 /// What a run did.
@@ -164,10 +169,42 @@ pub fn job_builder(tok: Arc<Tokenizer>, job: &TrainJob) -> Result<Arc<ExampleBui
     )?))
 }
 
-/// This rank's examples of a step, split into micro-batches.
-pub fn micro_batches(batch: &RankBatch, micro_batch: usize) -> Vec<Vec<DistillExample>> {
-    let exs: Vec<DistillExample> = batch.examples.iter().map(to_distill).collect();
-    exs.chunks(micro_batch.max(1)).map(<[_]>::to_vec).collect()
+/// This rank's examples of a step, split into micro-batches of at most
+/// `micro_batch` ([`split_micro_batches`]).
+pub fn micro_batches(
+    batch: &RankBatch,
+    micro_batch: usize,
+    by_length: bool,
+) -> Vec<Vec<DistillExample>> {
+    let exs = batch.examples.iter().map(to_distill).collect();
+    split_micro_batches(exs, micro_batch, by_length)
+}
+
+/// `exs` cut into micro-batches of at most `size`, in order; with
+/// `by_length` ordered first by context + suffix length (stable: ties keep
+/// the data order), so each micro-batch holds similar lengths.
+pub fn split_micro_batches(
+    mut exs: Vec<DistillExample>,
+    size: usize,
+    by_length: bool,
+) -> Vec<Vec<DistillExample>> {
+    if by_length {
+        exs.sort_by_key(|e| e.context.len() + e.suffix.len());
+    }
+    exs.chunks(size.max(1)).map(<[_]>::to_vec).collect()
+}
+
+/// Context and suffix positions the micro-batches process, each padded to
+/// its micro-batch's longest context and longest suffix.
+pub fn padded_tokens(micro: &[Vec<DistillExample>]) -> usize {
+    micro
+        .iter()
+        .map(|mb| {
+            let ctx = mb.iter().map(|e| e.context.len()).max().unwrap_or(0);
+            let suf = mb.iter().map(|e| e.suffix.len()).max().unwrap_or(0);
+            mb.len() * (ctx + suf)
+        })
+        .sum()
 }
 
 /// Writes the adaptor to `path` through a temporary file and a rename, so an

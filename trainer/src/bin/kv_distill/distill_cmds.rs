@@ -161,6 +161,10 @@ pub(crate) struct TrainArgs {
     /// Example-builder (tokenizer) threads.
     #[arg(long, default_value_t = 2)]
     data_threads: usize,
+    /// Order each step's examples by length before cutting micro-batches
+    /// (less padding when --micro-batch is below --global-batch; the same step).
+    #[arg(long)]
+    bucket_by_length: bool,
     /// Fault injection for recovery tests: `kill|term:rank=R:step=S[:at=step|upload]`
     /// or `alloc:rank=R:step=S` (an allocation failure inside the step).
     #[arg(long, env = "KVD_CHAOS", hide_env_values = true)]
@@ -284,6 +288,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         log_every: a.log_every,
         base_model: model_label(&a.model.model),
         time_limit_s: a.time_limit_s,
+        bucket_by_length: a.bucket_by_length,
     };
     Ok(job)
 }
