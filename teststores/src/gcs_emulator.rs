@@ -101,9 +101,29 @@ impl GcsEmulator {
             Duration::from_secs(30),
             String::new,
         )?;
-        let body = format!("{{\"name\":\"{bucket}\"}}");
-        server.expect_ok("POST", "/storage/v1/b", "application/json", body.as_bytes())?;
+        server.create_bucket(Duration::from_secs(15))?;
         Ok(server)
+    }
+
+    /// Creates the bucket. A server that has just started listening can
+    /// still reset a connection (seen on a loaded 2-core machine), so I/O
+    /// errors are retried until `patience` runs out; 409 means an earlier
+    /// attempt got through.
+    fn create_bucket(&self, patience: Duration) -> Result<()> {
+        let body = format!("{{\"name\":\"{}\"}}", self.bucket);
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match self.http("POST", "/storage/v1/b", "application/json", body.as_bytes()) {
+                Ok((status, _)) if (200..300).contains(&status) || status == 409 => return Ok(()),
+                Ok((status, text)) => {
+                    return Err(ServerError::config(format!(
+                        "fake-gcs-server: POST /storage/v1/b -> {status}: {text}"
+                    )))
+                }
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 
     /// `gs://bucket/prefix`.
