@@ -103,6 +103,25 @@ pub struct TrainSummary {
     pub cursors: Vec<Cursor>,
 }
 
+impl TrainSummary {
+    /// The summary of a run that has not trained yet, at `state`'s step.
+    pub fn at_start(state: &TrainState) -> TrainSummary {
+        TrainSummary {
+            steps: state.step(),
+            first_loss: f64::NAN,
+            final_loss: f64::NAN,
+            tokens: 0,
+            total_tokens: 0,
+            examples: 0,
+            skipped: String::new(),
+            seconds: 0.0,
+            tok_per_s: 0.0,
+            total_tok_per_s: 0.0,
+            cursors: state.cursors.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// Checks a job's shape against the model before anything runs.
 pub fn validate_job(model: &Model, job: &TrainJob) -> Result<()> {
     if job.data.is_empty() || job.data.iter().any(|m| m.weight == 0) {
@@ -147,6 +166,12 @@ pub fn fresh_state(model: &Model, job: &TrainJob) -> Result<TrainState> {
 /// checkpoint and its resume: the job without per-process settings (output
 /// path, logging, prefetch, save interval, time limit, builder threads).
 pub fn job_hash(job: &TrainJob) -> String {
+    sha256_hex(&hashed_json(job).unwrap_or_default())
+}
+
+/// The JSON that [`job_hash`] digests: the job with its per-process
+/// settings cleared.
+pub(crate) fn hashed_json(job: &TrainJob) -> Option<String> {
     let mut j = job.clone();
     j.out = PathBuf::new();
     j.log_every = 0;
@@ -154,8 +179,12 @@ pub fn job_hash(job: &TrainJob) -> String {
     j.save_every = 0;
     j.time_limit_s = None;
     j.builder.threads = 0;
-    let json = serde_json::to_string(&j).unwrap_or_default();
-    Sha256::digest(json.as_bytes())
+    serde_json::to_string(&j).ok()
+}
+
+/// Lower-case hex SHA-256 of `text`.
+pub(crate) fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -371,19 +400,7 @@ pub fn train(
             "the checkpoint is at the final step: nothing to train"
         );
         RunOutcome {
-            summary: TrainSummary {
-                steps: start_step,
-                first_loss: f64::NAN,
-                final_loss: f64::NAN,
-                tokens: 0,
-                total_tokens: 0,
-                examples: 0,
-                skipped: String::new(),
-                seconds: 0.0,
-                tok_per_s: 0.0,
-                total_tok_per_s: 0.0,
-                cursors: state.cursors.clone().unwrap_or_default(),
-            },
+            summary: TrainSummary::at_start(&state),
             stopped: None,
         }
     } else {

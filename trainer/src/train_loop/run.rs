@@ -109,19 +109,7 @@ pub fn run<H: LoopHooks>(
 ) -> Result<RunOutcome<H::Stop>> {
     let start = Instant::now();
     let total = job.train.total_steps;
-    let mut summary = TrainSummary {
-        steps: state.step(),
-        first_loss: f64::NAN,
-        final_loss: f64::NAN,
-        tokens: 0,
-        total_tokens: 0,
-        examples: 0,
-        skipped: String::new(),
-        seconds: 0.0,
-        tok_per_s: 0.0,
-        total_tok_per_s: 0.0,
-        cursors: state.cursors.clone().unwrap_or_default(),
-    };
+    let mut summary = TrainSummary::at_start(state);
     let mut recent: Vec<f64> = Vec::new();
     let mut saved_at = None;
     let mut stopped = None;

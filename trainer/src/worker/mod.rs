@@ -459,21 +459,8 @@ fn leave(ctx: &Ctx<'_>, view: &RegisterReply, when: &str) -> ModelError {
 /// to name the keys that differ between workers; `None` if it does not hash
 /// to `job_hash` (then it would mislead).
 fn job_config_json(job: &TrainJob, job_hash: &str) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    // The fields job_hash leaves out.
-    let mut j = job.clone();
-    j.out = PathBuf::new();
-    j.log_every = 0;
-    j.prefetch = 0;
-    j.save_every = 0;
-    j.time_limit_s = None;
-    j.builder.threads = 0;
-    let json = serde_json::to_string(&j).ok()?;
-    let hash: String = Sha256::digest(json.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    (hash == job_hash).then_some(json)
+    let json = crate::train_loop::hashed_json(job)?;
+    (crate::train_loop::sha256_hex(&json) == job_hash).then_some(json)
 }
 
 fn hostname() -> String {
