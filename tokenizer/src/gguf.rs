@@ -217,7 +217,14 @@ impl<'a> Meta<'a> {
         }
     }
 
-    fn opt_strings(&self, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
+    /// The array under `key` with every element converted by `conv`
+    /// (`what` names the element type in the error).
+    fn opt_list<T>(
+        &self,
+        key: &str,
+        what: &str,
+        conv: impl Fn(&'a GgufValue) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, TokenizerError> {
         let Some(items) = self.opt_array(key)? else {
             return Ok(None);
         };
@@ -225,53 +232,27 @@ impl<'a> Meta<'a> {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.as_str().ok_or_else(|| {
+                conv(v).ok_or_else(|| {
                     self.invalid(
                         key,
-                        format!("element {i} is {}, expected a string", v.type_name()),
+                        format!("element {i} is {}, expected {what}", v.type_name()),
                     )
                 })
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
+    }
+
+    fn opt_strings(&self, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
+        self.opt_list(key, "a string", GgufValue::as_str)
     }
 
     fn opt_ints(&self, key: &str) -> Result<Option<Vec<i64>>, TokenizerError> {
-        let Some(items) = self.opt_array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_i64().ok_or_else(|| {
-                    self.invalid(
-                        key,
-                        format!("element {i} is {}, expected an integer", v.type_name()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        self.opt_list(key, "an integer", GgufValue::as_i64)
     }
 
     fn opt_floats(&self, key: &str) -> Result<Option<Vec<f64>>, TokenizerError> {
-        let Some(items) = self.opt_array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_f64().ok_or_else(|| {
-                    self.invalid(
-                        key,
-                        format!("element {i} is {}, expected a number", v.type_name()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        self.opt_list(key, "a number", GgufValue::as_f64)
     }
 
     /// The token at the id stored under `key`, if the key is present.
