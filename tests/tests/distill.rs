@@ -8,7 +8,8 @@ use kvd_trainer::distill::loss::kl_mix;
 use kvd_trainer::distill::select::select;
 use kvd_trainer::distill::student::{compress, Contexts};
 use kvd_trainer::distill::{
-    distill_step, kept_count, Adaptor, DistillConfig, DistillExample, TrainConfig, Trainer,
+    distill_step, kept_count, Adaptor, Backward, DistillConfig, DistillExample, TrainConfig,
+    Trainer,
 };
 use kvd_trainer::model::{Input, Model};
 use kvd_trainer::train_loop::{padded_tokens, split_micro_batches};
@@ -50,7 +51,7 @@ fn batch(ratio: f64) -> Vec<DistillExample> {
 fn full_retention_with_fresh_lora_equals_teacher() {
     let m = model();
     let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
-    let s = distill_step(&m, &a, &cfg(), &batch(1.0), 1.0, false, None).expect("step");
+    let s = distill_step(&m, &a, &cfg(), &batch(1.0), 1.0, Backward::Off, None).expect("step");
     assert!(
         s.loss.abs() < 1e-6,
         "KL at r = 1 with zero LoRA: {}",
@@ -224,7 +225,7 @@ fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
         };
         let mut t = Trainer::new(&a, tc).expect("trainer");
         let b = batch(0.2);
-        let first = distill_step(&m, &a, &cfg(), &b, 1.0, false, None)
+        let first = distill_step(&m, &a, &cfg(), &b, 1.0, Backward::Off, None)
             .expect("eval")
             .loss;
         let mut losses = Vec::new();
@@ -235,7 +236,7 @@ fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
                     .loss,
             );
         }
-        let last = distill_step(&m, &a, &cfg(), &b, 1.0, false, None)
+        let last = distill_step(&m, &a, &cfg(), &b, 1.0, Backward::Off, None)
             .expect("eval")
             .loss;
         (first, last, losses)
@@ -274,10 +275,10 @@ fn adaptor_checkpoint_reloads_identically_and_refuses_other_bases() {
     assert_eq!(meta.step, 3);
     assert_eq!(meta.base_model, "tiny-llama");
     assert_eq!(meta.distill, cfg());
-    let la = distill_step(&m, &a, &cfg(), &batch(0.3), 1.0, false, None)
+    let la = distill_step(&m, &a, &cfg(), &batch(0.3), 1.0, Backward::Off, None)
         .expect("a")
         .loss;
-    let lb = distill_step(&m, &b, &cfg(), &batch(0.3), 1.0, false, None)
+    let lb = distill_step(&m, &b, &cfg(), &batch(0.3), 1.0, Backward::Off, None)
         .expect("b")
         .loss;
     assert_eq!(la, lb, "reloaded adaptor gives different outputs");
@@ -340,9 +341,17 @@ fn micro_batching_does_not_change_the_step() {
     let l: Vec<f64> = b
         .iter()
         .map(|e| {
-            distill_step(&m, &a, &cfg(), std::slice::from_ref(e), 1.0, false, None)
-                .expect("loss")
-                .loss
+            distill_step(
+                &m,
+                &a,
+                &cfg(),
+                std::slice::from_ref(e),
+                1.0,
+                Backward::Off,
+                None,
+            )
+            .expect("loss")
+            .loss
         })
         .collect();
     let weighted = (11.0 * l[0] + 8.0 * l[1]) / 19.0;

@@ -13,7 +13,7 @@ use kvd_trainer::distill::infer::{
 };
 use kvd_trainer::distill::student::Contexts;
 use kvd_trainer::distill::{
-    distill_step, Adaptor, DistillConfig, DistillExample, LoraConfig, ScoreFeed,
+    distill_step, Adaptor, Backward, DistillConfig, DistillExample, LoraConfig, ScoreFeed,
 };
 use kvd_trainer::model::{Model, Proj};
 use tch::{Device, Kind, Tensor};
@@ -79,7 +79,7 @@ fn training_loss_equals_the_evaluation_kl_on_the_same_tokens_and_selection() {
             ratio: 0.25,
             answer: Some(answer),
         };
-        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, false, None).expect("step");
+        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, Backward::Off, None).expect("step");
         assert_eq!(step.tokens, answer.1);
 
         let (ids, len) = pad_rows(std::slice::from_ref(&context), 96, Device::Cpu).expect("pad");
@@ -269,7 +269,7 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
         let mut cfg = base_cfg();
         cfg.select_weight = w;
         let a = Adaptor::new(m.config(), cfg.clone(), Device::Cpu, 2).expect("adaptor");
-        let s = distill_step(&m, &a, &cfg, &batch, 1.0, true, None).expect("step");
+        let s = distill_step(&m, &a, &cfg, &batch, 1.0, Backward::Stored, None).expect("step");
         let g = a
             .named_trainable()
             .into_iter()
@@ -389,7 +389,7 @@ fn training_selects_with_train_span_pool_and_compression_with_span_pool() {
             ratio: 0.25,
             answer: Some(answer),
         };
-        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, false, None).expect("step");
+        let step = distill_step(&m, &a, &cfg, &[ex], 1.0, Backward::Off, None).expect("step");
         let (train_kl, train_kept) = eval_kl(&a, train_span_pool);
         let (other_kl, other_kept) = eval_kl(&a, span_pool);
         assert_ne!(train_kept, other_kept, "the two pools select differently");

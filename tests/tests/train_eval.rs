@@ -12,7 +12,7 @@ use kvd_trainer::distill::checkpoint::load as load_adaptor;
 use kvd_trainer::distill::{DistillConfig, TrainConfig};
 use kvd_trainer::eval::load_squad;
 use kvd_trainer::eval::run::{markdown, run_eval, write_report, ContextKind, EvalConfig};
-use kvd_trainer::train_loop::{mix_schedule, train, DataMix, LocalCheckpoints, TrainJob};
+use kvd_trainer::train_loop::{job_hash, mix_schedule, train, DataMix, LocalCheckpoints, TrainJob};
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind};
@@ -67,6 +67,7 @@ fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
         base_model: "SmolLM2-135M-Instruct".into(),
         time_limit_s: None,
         bucket_by_length: false,
+        recompute_encoder: false,
     }
 }
 
@@ -144,6 +145,33 @@ fn train_reproducibly_then_evaluate() {
     let v2 = a2.vs.variables();
     for (name, t) in a1.vs.variables() {
         assert!(t.equal(&v2[&name]), "{name} differs between identical runs");
+    }
+
+    // Recomputing the encoder (a per-process memory setting) trains the same
+    // adaptor, and a checkpoint of one resumes with the other.
+    let mut recomputing = job(dir.path(), "a3.safetensors", 2);
+    recomputing.recompute_encoder = true;
+    assert_eq!(
+        job_hash(&recomputing),
+        job_hash(&job(dir.path(), "a3.safetensors", 2))
+    );
+    let (a3, s3) = train(
+        &model,
+        tok.clone(),
+        &recomputing,
+        &LocalCheckpoints::beside(&dir.path().join("a3.safetensors")),
+        None,
+        |_, _, _| {},
+    )
+    .expect("train recomputing the encoder");
+    assert!(
+        (s3.first_loss - s1.first_loss).abs() <= 1e-6 * s1.first_loss,
+        "{s3:?}"
+    );
+    let v3 = a3.vs.variables();
+    for (name, t) in a1.vs.variables() {
+        let diff = (&t - &v3[&name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name} differs by {diff} when recomputing");
     }
 
     // The checkpoint reloads with its step and settings.

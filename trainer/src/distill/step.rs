@@ -12,7 +12,9 @@ use super::infer::pad_rows;
 use super::loss::{kl_mix, KlOutput, KlValues};
 use super::select::{validate_spans, Span};
 use super::step_graph::StepGraphs;
-use super::student::{decode, encode, gather_kept, Contexts, Kept, Suffixes};
+use super::student::{
+    decode, encode, encode_recomputable, gather_kept, Contexts, EncoderBackward, Kept, Suffixes,
+};
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model};
 use tch::{Kind, Tensor};
@@ -57,6 +59,27 @@ pub fn supervised_positions<'a>(
         (true, Some((s, n))) => (s..s + n).contains(&(j + 1)),
         _ => true,
     })
+}
+
+/// What a step does after its loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backward {
+    /// Nothing: an evaluation (no gradients, no LoRA dropout).
+    Off,
+    /// Backpropagates through the activations the forward kept.
+    Stored,
+    /// Keeps no activations of the student's encoder (the largest part of
+    /// the step's memory) and recomputes them one layer at a time in the
+    /// backward: the memory of one layer for one more encoder forward.
+    /// The gradients are those of [`Backward::Stored`].
+    Recompute,
+}
+
+impl Backward {
+    /// Whether the step computes gradients.
+    pub fn trains(self) -> bool {
+        self != Backward::Off
+    }
 }
 
 /// Everything the step's device work reads after the scorer's selection,
@@ -105,7 +128,7 @@ impl StepInputs {
 }
 
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
-/// backward into the adaptor's gradients (accumulated; `grad_scale` multiplies
+/// `backward` into the adaptor's gradients (accumulated; `grad_scale` multiplies
 /// them, e.g. 1/accumulation steps). Base weights get no gradient. With
 /// `graphs`, the work after the scorer's selection replays a captured CUDA
 /// graph when the batch's shapes were seen before.
@@ -115,7 +138,7 @@ pub fn distill_step(
     cfg: &DistillConfig,
     batch: &[DistillExample],
     grad_scale: f64,
-    train: bool,
+    backward: Backward,
     graphs: Option<&mut StepGraphs>,
 ) -> Result<StepStats> {
     let inputs = prepare(model, adaptor, cfg, batch, None)?;
@@ -125,7 +148,7 @@ pub fn distill_step(
         adaptor,
         cfg,
         grad_scale,
-        train,
+        backward,
     };
     let v = match graphs {
         Some(g) => g.run(&pass, inputs)?,
@@ -276,8 +299,8 @@ pub struct StudentPass<'a> {
     pub cfg: &'a DistillConfig,
     /// Multiplies the gradients.
     pub grad_scale: f64,
-    /// Backpropagate (and enable LoRA dropout).
-    pub train: bool,
+    /// Whether and how to backpropagate (training also enables LoRA dropout).
+    pub backward: Backward,
 }
 
 impl StudentPass<'_> {
@@ -313,10 +336,19 @@ impl StudentPass<'_> {
                 Teacher::Done(rest.logits()?)
             };
             timer.mark("teacher");
+            let mut encoder_backward: Option<EncoderBackward> = None;
             let student = (|| -> Result<(Tensor, Tensor)> {
                 let lc = inp.ctx_ids.size2()?.1;
                 let scores = adaptor.score(&inp.features.narrow(1, 0, lc));
-                let full = encode(model, adaptor, &inp.ctx_ids, &inp.kept, self.train)?;
+                let full = match self.backward {
+                    Backward::Recompute => {
+                        let (full, back) =
+                            encode_recomputable(model, adaptor, &inp.ctx_ids, &inp.kept)?;
+                        encoder_backward = Some(back);
+                        full
+                    }
+                    b => encode(model, adaptor, &inp.ctx_ids, &inp.kept, b.trains())?,
+                };
                 timer.mark("encoder");
                 let mut comp = gather_kept(&full, &inp.kept, &scores)?;
                 timer.mark("gather");
@@ -352,7 +384,7 @@ impl StudentPass<'_> {
                 checked(&kl)?;
             }
             timer.mark("kl");
-            if self.train {
+            if self.backward.trains() {
                 // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
                 let g = &kl.grad * self.grad_scale;
                 let mut total = (student_logits * g.detach()).sum(Kind::Float);
@@ -360,6 +392,9 @@ impl StudentPass<'_> {
                     total += l * (cfg.select_weight * self.grad_scale);
                 }
                 total.f_backward()?;
+                if let Some(back) = encoder_backward {
+                    back.backward()?;
+                }
                 timer.mark("backward");
             }
             Ok(kl)

@@ -121,7 +121,7 @@ fn replay(c: &Captured, inputs: &StepInputs) -> Result<KlValues> {
 fn shape_key(pass: &StudentPass, inputs: &StepInputs) -> Vec<i64> {
     let mut key = vec![
         pass.grad_scale.to_bits() as i64,
-        pass.train as i64,
+        pass.backward as i64,
         pass.adaptor as *const _ as i64,
     ];
     for t in inputs.tensors() {

@@ -6,7 +6,7 @@ use super::adaptor::Adaptor;
 use super::config::ScoreFeed;
 use super::select::{select, span_mean_pool, Selection, Span};
 use crate::error::{ModelError, Result};
-use crate::model::{Input, KeyBias, KvCache, Model};
+use crate::model::{Input, KeyBias, KvCache, Model, Recomputable};
 use tch::{Device, Kind, Tensor};
 
 /// A batch of compressed contexts.
@@ -256,6 +256,61 @@ pub fn encode(
         model.fill_cache(input, &mut full, &hooks)?;
     }
     Ok(full)
+}
+
+/// [`encode`] without keeping the encoder's activations: returns the cache
+/// of every position, whose K/V collect their gradients in the loss's
+/// backward, and the [`EncoderBackward`] that carries those gradients into
+/// the adaptor by recomputing one layer at a time. Needs LoRA dropout 0 (a
+/// recomputed layer must compute what the first pass did).
+pub fn encode_recomputable<'a>(
+    model: &'a Model,
+    adaptor: &'a Adaptor,
+    ctx_ids: &Tensor,
+    kept: &Kept,
+) -> Result<(KvCache, EncoderBackward<'a>)> {
+    if adaptor.config().lora.dropout > 0.0 {
+        return Err(ModelError::Input(format!(
+            "recomputing the encoder needs LoRA dropout 0 (it is {}): a recomputed layer must draw what the first pass drew",
+            adaptor.config().lora.dropout
+        )));
+    }
+    let rows = kept.lora_rows.shallow_clone();
+    let mut full = model.new_cache();
+    let input = Input::new(ctx_ids).vocab_checked();
+    let saved = model.fill_cache_recomputable(
+        input,
+        &mut full,
+        &adaptor.lora_hooks(rows.shallow_clone(), true),
+    )?;
+    let back = EncoderBackward {
+        model,
+        adaptor,
+        rows,
+        cache: full.shallow_clone(),
+        saved,
+    };
+    Ok((full, back))
+}
+
+/// The second half of [`encode_recomputable`]'s backward.
+#[derive(Debug)]
+pub struct EncoderBackward<'a> {
+    model: &'a Model,
+    adaptor: &'a Adaptor,
+    rows: Tensor,
+    cache: KvCache,
+    saved: Recomputable,
+}
+
+impl EncoderBackward<'_> {
+    /// After the loss's backward: accumulates the encoder's share of the
+    /// adaptor's gradients ([`Model::backward_recomputed`]).
+    pub fn backward(self) -> Result<()> {
+        let hooks = self.adaptor.lora_hooks(self.rows, true);
+        self.model
+            .backward_recomputed(self.saved, &self.cache, &hooks)
+    }
 }
 
 /// Gathers the kept positions of each example from `full` (a cache over the

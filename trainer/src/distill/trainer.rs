@@ -3,7 +3,7 @@
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
-use super::step::{distill_step, supervised_positions, DistillExample, StepStats};
+use super::step::{distill_step, supervised_positions, Backward, DistillExample, StepStats};
 use super::step_graph::StepGraphs;
 use crate::collective::DEFAULT_BUCKET_ELEMS;
 use crate::collective::{all_reduce_values, Collective, FlatGrads, Single};
@@ -97,6 +97,8 @@ pub struct Trainer {
     /// Fault injection: the next step's first micro-batch asks for an
     /// allocation no device can give.
     fail_alloc: bool,
+    /// How micro-batches backpropagate ([`Backward::Stored`] or [`Backward::Recompute`]).
+    backward: Backward,
 }
 
 impl Trainer {
@@ -128,6 +130,7 @@ impl Trainer {
             grads: None,
             graphs: None,
             fail_alloc: false,
+            backward: Backward::Stored,
         })
     }
 
@@ -138,6 +141,17 @@ impl Trainer {
     pub fn use_cuda_graphs(&mut self, device: tch::Device, shapes: usize) -> Result<()> {
         self.graphs = Some(StepGraphs::new(device, shapes)?);
         Ok(())
+    }
+
+    /// Recomputes the student encoder's activations in the backward instead
+    /// of keeping them ([`Backward::Recompute`]): the same gradients in much
+    /// less memory, for one more encoder forward per micro-batch.
+    pub fn recompute_encoder(&mut self, on: bool) {
+        self.backward = if on {
+            Backward::Recompute
+        } else {
+            Backward::Stored
+        };
     }
 
     /// The captured steps, when CUDA graphs are on.
@@ -241,7 +255,7 @@ impl Trainer {
                     // 2^46 float32 elements (256 TiB): refused by any allocator.
                     let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
                 }
-                distill_step(model, adaptor, cfg, mb, weight, true, graphs)
+                distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
             })
             .map_err(|e| e.with_oom_context(shape))?;
             local[1] += s.loss * weight;

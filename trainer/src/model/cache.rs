@@ -176,6 +176,20 @@ impl KvCache {
         Ok((k_all, v_all))
     }
 
+    /// Makes every layer's K/V a leaf of autograd (detached, requiring its
+    /// gradient): after a backward through computations that read them,
+    /// their `grad()` holds the loss's gradient with respect to them.
+    pub fn make_leaves(&mut self) -> Result<()> {
+        for (i, slot) in self.layers.iter_mut().enumerate() {
+            let l = slot
+                .as_mut()
+                .ok_or_else(|| ModelError::Input(format!("layer {i} of the cache is empty")))?;
+            l.k = l.k.detach().set_requires_grad(true);
+            l.v = l.v.detach().set_requires_grad(true);
+        }
+        Ok(())
+    }
+
     /// Records the positions (and validity) of entries just appended to every layer.
     pub fn append_positions(&mut self, positions: &Tensor, valid: Option<&Tensor>) -> Result<()> {
         let new_len = positions.size()[1];

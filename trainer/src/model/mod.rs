@@ -85,6 +85,35 @@ enum Stop {
     CacheOnly,
 }
 
+/// What every layer of one forward shares: the queries' positions and each
+/// attention kind's RoPE tables and mask.
+#[derive(Debug)]
+struct Setup {
+    positions: Tensor,
+    full: AttnInputs,
+    sliding: Option<AttnInputs>,
+}
+
+impl Setup {
+    /// The attention inputs of `layer`'s kind.
+    fn for_layer(&self, layer: &DecoderLayer) -> &AttnInputs {
+        match (layer.kind, &self.sliding) {
+            (LayerKind::Sliding, Some(s)) => s,
+            _ => &self.full,
+        }
+    }
+}
+
+/// A context's K/V whose activations were not kept: each layer's input, to
+/// recompute that layer when the gradients of the K/V are known
+/// ([`Model::fill_cache_recomputable`], [`Model::backward_recomputed`]).
+#[derive(Debug)]
+pub struct Recomputable {
+    setup: Setup,
+    /// The input of every layer `[batch, seq, hidden]`, without gradient.
+    layer_inputs: Vec<Tensor>,
+}
+
 /// A loaded decoder-only language model.
 #[derive(Debug)]
 pub struct Model {
@@ -219,6 +248,107 @@ impl Model {
             .map(|_| ())
     }
 
+    /// [`Model::fill_cache`] into an empty `cache`, keeping no activations:
+    /// the layers run without autograd, each layer's input is kept, and the
+    /// cached K/V become leaves that collect their gradients. Once a loss
+    /// over them has been backpropagated, [`Model::backward_recomputed`]
+    /// carries those gradients through the layers into the parameters the
+    /// `hooks` add (a LoRA adaptor), one layer at a time: the memory of one
+    /// layer's activations instead of all of them, for one more forward.
+    pub fn fill_cache_recomputable(
+        &self,
+        input: Input,
+        cache: &mut KvCache,
+        hooks: &dyn Hooks,
+    ) -> Result<Recomputable> {
+        if !cache.is_empty() || cache.num_layers() != self.cfg.num_layers {
+            return Err(ModelError::Input(format!(
+                "a recomputable fill needs an empty {}-layer cache",
+                self.cfg.num_layers
+            )));
+        }
+        self.check_input(input)?;
+        let setup = self.setup(input, None)?;
+        let last = self.layers.len() - 1;
+        let layer_inputs = tch::no_grad(|| -> Result<Vec<Tensor>> {
+            let mut x = self.embed(input.ids)?;
+            let mut kept = Vec::with_capacity(self.layers.len());
+            for (i, layer) in self.layers.iter().enumerate() {
+                kept.push(x.shallow_clone());
+                let inputs = setup.for_layer(layer);
+                if i == last {
+                    layer.append_kv(&x, inputs, cache, i, hooks)?;
+                } else {
+                    x = layer.forward(&x, inputs, Some(cache), i, hooks)?;
+                }
+            }
+            Ok(kept)
+        })?;
+        cache.append_positions(&setup.positions, input.valid)?;
+        cache.make_leaves()?;
+        Ok(Recomputable {
+            setup,
+            layer_inputs,
+        })
+    }
+
+    /// Backpropagates the gradients that reached `cache`'s K/V (filled by
+    /// [`Model::fill_cache_recomputable`] with the same `hooks`) through the
+    /// layers, last to first, recomputing each from its kept input; the
+    /// gradients accumulate in the hooks' parameters as a backward through
+    /// kept activations would leave them. The hooks must compute the same
+    /// function as in the fill (no dropout).
+    pub fn backward_recomputed(
+        &self,
+        saved: Recomputable,
+        cache: &KvCache,
+        hooks: &dyn Hooks,
+    ) -> Result<()> {
+        let last = self.layers.len() - 1;
+        // The gradient of the loss with respect to the output of the layer
+        // being recomputed (the next layer's input).
+        let mut grad_out: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let kv = cache
+                .layer(i)
+                .ok_or_else(|| ModelError::Input(format!("layer {i} of the cache is empty")))?;
+            let (gk, gv) = (kv.k.grad(), kv.v.grad());
+            if !gk.defined() && !gv.defined() && grad_out.is_none() {
+                continue;
+            }
+            let x = saved.layer_inputs[i].detach().set_requires_grad(i > 0);
+            let mut fresh = KvCache::new(self.cfg.num_layers);
+            let inputs = saved.setup.for_layer(layer);
+            let out = if i == last {
+                layer.append_kv(&x, inputs, &mut fresh, i, hooks)?;
+                None
+            } else {
+                Some(layer.forward(&x, inputs, Some(&mut fresh), i, hooks)?)
+            };
+            let new = fresh
+                .layer(i)
+                .ok_or_else(|| ModelError::Input(format!("layer {i} made no K/V")))?;
+            let mut terms = Vec::new();
+            for (t, g) in [(&new.k, &gk), (&new.v, &gv)] {
+                if g.defined() {
+                    terms.push(t.f_mul(g)?.f_sum(Kind::Float)?);
+                }
+            }
+            if let (Some(o), Some(g)) = (&out, &grad_out) {
+                terms.push(o.f_mul(g)?.f_sum(Kind::Float)?);
+            }
+            let Some(first) = terms.pop() else { continue };
+            let total = terms.iter().try_fold(first, |acc, t| acc.f_add(t))?;
+            if !total.requires_grad() {
+                // Nothing below this layer is trained.
+                break;
+            }
+            total.f_backward()?;
+            grad_out = (i > 0).then(|| x.grad()).filter(Tensor::defined);
+        }
+        Ok(())
+    }
+
     /// Hidden states after the first `layers` layers (no final norm; 0 gives the
     /// embeddings), running only those layers.
     pub fn layer_states(&self, input: Input, layers: usize) -> Result<Tensor> {
@@ -272,26 +402,7 @@ impl Model {
         stop: Stop,
         from: Option<(usize, &Tensor)>,
     ) -> Result<Tensor> {
-        let ids = input.ids;
-        let (b, t) = ids.size2().map_err(|_| {
-            ModelError::Input(format!(
-                "token ids must be [batch, seq], got {:?}",
-                ids.size()
-            ))
-        })?;
-        if t == 0 {
-            return Err(ModelError::Input("empty sequence".into()));
-        }
-        if !input.vocab_checked {
-            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-            if lo < 0 || hi >= self.cfg.vocab_size as i64 {
-                return Err(ModelError::Input(format!(
-                    "token id {} outside the vocabulary [0, {})",
-                    if lo < 0 { lo } else { hi },
-                    self.cfg.vocab_size
-                )));
-            }
-        }
+        self.check_input(input)?;
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.cfg.num_layers {
                 return Err(ModelError::Input(format!(
@@ -302,6 +413,39 @@ impl Model {
             }
         }
         let history = cache.as_deref().filter(|c| !c.is_empty());
+        let setup = self.setup(input, history)?;
+        let (skip, mut x) = match from {
+            Some((done, states)) => (done, states.shallow_clone()),
+            None => (0, self.embed(input.ids)?),
+        };
+        let n = match stop {
+            Stop::After(n) => n,
+            Stop::All | Stop::CacheOnly => self.layers.len(),
+        };
+        for (i, layer) in self.layers.iter().enumerate().take(n).skip(skip) {
+            let inputs = setup.for_layer(layer);
+            if let (Stop::CacheOnly, Some(c)) = (stop, cache.as_deref_mut()) {
+                if i + 1 == n {
+                    layer.append_kv(&x, inputs, c, i, hooks)?;
+                    break;
+                }
+            }
+            x = layer.forward(&x, inputs, cache.as_deref_mut(), i, hooks)?;
+            hooks.after_layer(i, &x);
+        }
+        if let Some(c) = cache {
+            c.append_positions(&setup.positions, input.valid)?;
+        }
+        if stop != Stop::All {
+            return Ok(x);
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// The positions, RoPE tables and masks of a forward over `input` after
+    /// the entries of `history` (a non-empty cache), shared by every layer.
+    fn setup(&self, input: Input, history: Option<&KvCache>) -> Result<Setup> {
+        let (b, t) = input.ids.size2()?;
         let positions = match (input.positions, history) {
             (Some(p), _) => {
                 if p.size() != [b, t] {
@@ -368,36 +512,38 @@ impl Model {
         } else {
             None
         };
+        Ok(Setup {
+            positions,
+            full,
+            sliding,
+        })
+    }
 
-        let (skip, mut x) = match from {
-            Some((done, states)) => (done, states.shallow_clone()),
-            None => (0, self.embed(ids)?),
-        };
-        let n = match stop {
-            Stop::After(n) => n,
-            Stop::All | Stop::CacheOnly => self.layers.len(),
-        };
-        for (i, layer) in self.layers.iter().enumerate().take(n).skip(skip) {
-            let inputs = match (layer.kind, &sliding) {
-                (LayerKind::Sliding, Some(s)) => s,
-                _ => &full,
-            };
-            if let (Stop::CacheOnly, Some(c)) = (stop, cache.as_deref_mut()) {
-                if i + 1 == n {
-                    layer.append_kv(&x, inputs, c, i, hooks)?;
-                    break;
-                }
-            }
-            x = layer.forward(&x, inputs, cache.as_deref_mut(), i, hooks)?;
-            hooks.after_layer(i, &x);
+    /// Refuses ids that are not `[batch, seq]` with `seq > 0`, or outside the
+    /// vocabulary (unless the caller checked them).
+    fn check_input(&self, input: Input) -> Result<()> {
+        let ids = input.ids;
+        let (_, t) = ids.size2().map_err(|_| {
+            ModelError::Input(format!(
+                "token ids must be [batch, seq], got {:?}",
+                ids.size()
+            ))
+        })?;
+        if t == 0 {
+            return Err(ModelError::Input("empty sequence".into()));
         }
-        if let Some(c) = cache {
-            c.append_positions(&positions, input.valid)?;
+        if input.vocab_checked {
+            return Ok(());
         }
-        if stop != Stop::All {
-            return Ok(x);
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if lo < 0 || hi >= self.cfg.vocab_size as i64 {
+            return Err(ModelError::Input(format!(
+                "token id {} outside the vocabulary [0, {})",
+                if lo < 0 { lo } else { hi },
+                self.cfg.vocab_size
+            )));
         }
-        Ok(self.norm.forward(&x))
+        Ok(())
     }
 
     /// Token embeddings (scaled where the family scales them).

@@ -71,6 +71,12 @@ pub struct TrainJob {
     /// is the token-weighted mean over the whole batch).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bucket_by_length: bool,
+    /// Recompute the student encoder's activations in the backward instead
+    /// of keeping them ([`crate::distill::Backward::Recompute`]): the same
+    /// step in much less memory, for one more encoder forward. A
+    /// per-process setting: ranks and resumes may differ in it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recompute_encoder: bool,
 }
 
 /// What a run did.
@@ -164,7 +170,8 @@ pub fn fresh_state(model: &Model, job: &TrainJob) -> Result<TrainState> {
 
 /// Hash of what must agree across the ranks of a job and between a
 /// checkpoint and its resume: the job without per-process settings (output
-/// path, logging, prefetch, save interval, time limit, builder threads).
+/// path, logging, prefetch, save interval, time limit, builder threads,
+/// encoder recomputation).
 pub fn job_hash(job: &TrainJob) -> String {
     sha256_hex(&hashed_json(job).unwrap_or_default())
 }
@@ -179,6 +186,7 @@ pub(crate) fn hashed_json(job: &TrainJob) -> Option<String> {
     j.save_every = 0;
     j.time_limit_s = None;
     j.builder.threads = 0;
+    j.recompute_encoder = false;
     serde_json::to_string(&j).ok()
 }
 

@@ -108,6 +108,7 @@ pub fn run<H: LoopHooks>(
     hooks: &mut H,
 ) -> Result<RunOutcome<H::Stop>> {
     let start = Instant::now();
+    state.trainer.recompute_encoder(job.recompute_encoder);
     let total = job.train.total_steps;
     let mut summary = TrainSummary::at_start(state);
     let mut recent: Vec<f64> = Vec::new();

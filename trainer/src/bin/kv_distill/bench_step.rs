@@ -51,6 +51,10 @@ pub(crate) struct BenchStepArgs {
     /// the first step, replayed after; CUDA only).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Recompute the student encoder's activations in the backward instead
+    /// of keeping them (less memory, one more encoder forward).
+    #[arg(long)]
+    recompute_encoder: bool,
     /// Turn these speed-ups off (comma-separated: fill_cache, teacher_thread,
     /// deferred_loss), to time the step without each; results are the same.
     #[arg(long, env = "KVD_ABLATE", default_value = "")]
@@ -67,6 +71,15 @@ fn device_memory_used() -> Option<u64> {
         .ok()
         .flatten()
         .map(|(free, total)| (total - free) as u64)
+}
+
+/// The process's peak resident memory (bytes), from /proc (Linux): on the
+/// CPU, the step's activations are most of it.
+fn host_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Runs `bench-step`; prints one JSON line.
@@ -111,6 +124,7 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     if a.cuda_graphs {
         trainer.use_cuda_graphs(device, 1)?;
     }
+    trainer.recompute_encoder(a.recompute_encoder);
     let sync = || kvd_trainer::device::synchronize(device);
     if let Some(dir) = &a.dump {
         write_step_inputs(
@@ -168,6 +182,8 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "step_tflop": flops.total() / 1e12, "flops": flops,
         "mfu": flops.total() / median / a.peak_flops,
         "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
+        "host_peak_rss_gib": host_peak_rss().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        "recompute_encoder": a.recompute_encoder,
         "losses": losses, "phases_s": phases,
         "cuda_graphs": a.cuda_graphs,
         "graph_replays": trainer.cuda_graphs().map_or(0, |g| g.replays()),

@@ -165,6 +165,11 @@ pub(crate) struct TrainArgs {
     /// (less padding when --micro-batch is below --global-batch; the same step).
     #[arg(long)]
     bucket_by_length: bool,
+    /// Keep no activations of the student's encoder: recompute them layer by
+    /// layer in the backward (the same step in much less device memory, for
+    /// one more encoder forward). Lets larger --micro-batch values fit.
+    #[arg(long)]
+    recompute_encoder: bool,
     /// Fault injection for recovery tests: `kill|term:rank=R:step=S[:at=step|upload]`
     /// or `alloc:rank=R:step=S` (an allocation failure inside the step).
     #[arg(long, env = "KVD_CHAOS", hide_env_values = true)]
@@ -289,6 +294,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         base_model: model_label(&a.model.model),
         time_limit_s: a.time_limit_s,
         bucket_by_length: a.bucket_by_length,
+        recompute_encoder: a.recompute_encoder,
     };
     Ok(job)
 }
