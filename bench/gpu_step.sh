@@ -8,7 +8,13 @@
 # adaptor init and batch; one JSON line each in OUT/results.jsonl.
 # MODELS picks the models, SHAPES_1b / SHAPES_smol the span:batch shapes,
 # REF="eager compile" the reference variants (REF_<model>_<span>_<batch> overrides
-# for one shape); PHASES=1 adds per-phase times of the Rust step
+# for one shape): eager and compile are the legacy reference (host selection,
+# hooks; compile = torch.compile of the LlamaModel body); fast, fast-compile,
+# fast-ro and fast-max the fast one (`--impl fast`: no host sync, fused AdamW)
+# eager and with torch.compile of the whole step in mode default,
+# reduce-overhead (CUDA graphs) and max-autotune; fast-nofused-compile the
+# fast one compiled with its unfused AdamW (see bench/kvdistill_ref.py);
+# PHASES=1 adds per-phase times of the Rust step
 # (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
 # reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
 # ABLATE="teacher_thread fill_cache deferred_loss" times the Rust step without each speed-up
@@ -83,7 +89,16 @@ PYEOF
     fi
     ref_var=REF_${model}_${span}_${batch}
     for v in ${!ref_var-$REF}; do
-      c=""; [ "$v" = compile ] && c="--compile"
+      case $v in
+        eager) c="" ;;
+        compile) c="--compile" ;;
+        fast) c="--impl fast" ;;
+        fast-compile) c="--impl fast --compile default" ;;
+        fast-ro) c="--impl fast --compile reduce-overhead" ;;
+        fast-max) c="--impl fast --compile max-autotune" ;;
+        fast-nofused-compile) c="--impl fast --no-fused --compile default" ;;
+        *) echo "unknown REF value $v" >&2; continue ;;
+      esac
       timeout "${REF_TIMEOUT:-400}" "$PY" "$here/bench/kvdistill_ref.py" --model "$M" --dump "$d" --device cuda --dtype bf16 $c \
         ${PROFILE:+--profile "$d.py-$v.prof.txt"} 2> "$d.py-$v.log" \
         | sed "s/^{/{\"impl\":\"pytorch $v\",$tag,/" | tee -a "$OUT/results.jsonl" || tail -5 "$d.py-$v.log"
