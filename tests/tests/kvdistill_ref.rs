@@ -1,7 +1,8 @@
 //! Parity of the Rust KV-Distill training step with its plain-PyTorch reference
 //! (`bench/kvdistill_ref.py`, HF transformers' Llama): same tiny random
 //! checkpoint, same adaptor initialisation and batch, same losses over three
-//! optimizer steps (CPU, float32).
+//! optimizer steps (CPU, float32), for today's reference and its fast form
+//! (`--impl fast`).
 
 use kvd_tests::env::python;
 use kvd_tests::tokens::lcg_tokens;
@@ -85,35 +86,45 @@ fn rust_step_matches_pytorch_reference() {
         .collect();
 
     let dd = dump.to_str().expect("utf-8 path");
-    let out = run_oracle(&[
-        "--model",
-        md,
-        "--dump",
-        dd,
-        "--steps",
-        "3",
-        "--device",
-        "cpu",
-        "--dtype",
-        "f32",
-        "--threads",
-        "1",
-    ]);
-    let line: serde_json::Value =
-        serde_json::from_str(out.lines().last().expect("a JSON line")).expect("JSON");
-    let py: Vec<f64> = line["losses"]
-        .as_array()
-        .expect("losses")
-        .iter()
-        .map(|v| v.as_f64().expect("a number"))
-        .collect();
-    assert_eq!(py.len(), rust.len(), "rust {rust:?} python {py:?}");
-    assert!(rust[0] > 1e-3, "the loss is too small to compare: {rust:?}");
-    for (i, (r, p)) in rust.iter().zip(&py).enumerate() {
-        let rel = (r - p).abs() / r.abs().max(1e-12);
-        assert!(
-            rel < 1e-4,
-            "step {i}: rust {r} python {p} (relative {rel:e}); rust {rust:?} python {py:?}"
+    // Today's reference and the fast one of the benchmarks (device-side
+    // selection, LoRA wrappers, fused AdamW), eager.
+    for variant in [&[][..], &["--impl", "fast"][..]] {
+        let mut args = vec![
+            "--model",
+            md,
+            "--dump",
+            dd,
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(variant);
+        let out = run_oracle(&args);
+        let line: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("a JSON line")).expect("JSON");
+        let py: Vec<f64> = line["losses"]
+            .as_array()
+            .expect("losses")
+            .iter()
+            .map(|v| v.as_f64().expect("a number"))
+            .collect();
+        assert_eq!(
+            py.len(),
+            rust.len(),
+            "{variant:?}: rust {rust:?} python {py:?}"
         );
+        assert!(rust[0] > 1e-3, "the loss is too small to compare: {rust:?}");
+        for (i, (r, p)) in rust.iter().zip(&py).enumerate() {
+            let rel = (r - p).abs() / r.abs().max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "{variant:?} step {i}: rust {r} python {p} (relative {rel:e}); rust {rust:?} python {py:?}"
+            );
+        }
     }
 }

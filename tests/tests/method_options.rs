@@ -409,3 +409,82 @@ fn training_selects_with_train_span_pool_and_compression_with_span_pool() {
     }
     assert_ne!(kept[0], kept[1]);
 }
+
+/// KL(full ‖ kept everything) of a fresh adaptor's σ(s) feed on a real model,
+/// over 23 continuation tokens of an essay, and the scores' largest magnitude.
+fn fresh_adaptor_at_r1(
+    (m, tok): &(Model, kvd_trainer::tokenizer::Tokenizer),
+    scorer_norm: bool,
+) -> (f64, f64) {
+    let essays = kvd_tests::env::assets().join("essays");
+    let text = std::fs::read_to_string(essays.join("worked.txt")).expect("essay");
+    let ids = tok.encode(&text, true).expect("encode");
+    let (context, suffix) = (ids[..160].to_vec(), ids[160..184].to_vec());
+    let vocab = m.config().vocab_size;
+    let (ctx_ids, len) = pad_rows(std::slice::from_ref(&context), vocab, Device::Cpu).expect("pad");
+    let span = vec![(1usize, context.len() - 1)];
+    let ctx = Contexts {
+        ids: &ctx_ids,
+        len: &len,
+        spans: std::slice::from_ref(&span),
+        ratios: &[1.0],
+    };
+    let cfg = DistillConfig {
+        scorer_layer: 6,
+        score_feed: ScoreFeed::LogSigmoid,
+        scorer_norm,
+        ..DistillConfig::default()
+    };
+    let a = Adaptor::new(m.config(), cfg, Device::Cpu, 0).expect("adaptor");
+    let scored = [(1usize, suffix.len() - 1)];
+    let full = compress_contexts(m, Method::Full, ctx).expect("full");
+    let teacher = teacher_logprobs(
+        m,
+        &mut full.shallow_clone(),
+        std::slice::from_ref(&suffix),
+        &scored,
+    )
+    .expect("teacher");
+    let mut comp = compress_contexts(m, Method::kv_distill(&a), ctx).expect("compress");
+    let kl = forced_scores(
+        m,
+        &mut comp,
+        std::slice::from_ref(&suffix),
+        &scored,
+        Some(&teacher),
+    )
+    .expect("scores")[0]
+        .kl;
+    let states = tch::no_grad(|| {
+        m.layer_states(kvd_trainer::model::Input::new(&ctx_ids), 6)
+            .expect("states")
+    });
+    let s = tch::no_grad(|| a.score(&states));
+    (kl, s.abs().max().double_value(&[]))
+}
+
+#[test]
+fn the_scorer_reads_rms_normalised_states_so_a_fresh_adaptor_keeps_gemma3_readable() {
+    // Gemma 3's states after layer 6 have an RMS near 140: on the raw states
+    // a fresh scorer's scores reach hundreds, σ(s) ≈ 0 silences most kept
+    // tokens and even keeping everything loses the text (needle F1 0 at r = 1).
+    let load = |gguf: std::path::PathBuf| {
+        Checkpoint::open(&gguf)
+            .and_then(|c| c.load(Kind::Float, Device::Cpu))
+            .expect("real model")
+    };
+    let gemma = load(kvd_tests::env::gemma3_gguf());
+    let (kl_raw, s_raw) = fresh_adaptor_at_r1(&gemma, false);
+    let (kl_rms, s_rms) = fresh_adaptor_at_r1(&gemma, true);
+    drop(gemma);
+    eprintln!("gemma3: raw KL {kl_raw} |s| {s_raw}; rms KL {kl_rms} |s| {s_rms}");
+    assert!(s_raw > 30.0 && s_rms < 5.0, "scores {s_raw} vs {s_rms}");
+    assert!(
+        kl_rms < kl_raw / 4.0,
+        "KL at r = 1: rms {kl_rms} vs raw {kl_raw}"
+    );
+    // SmolLM2's states are small either way: the norm keeps its scores O(1).
+    let (kl_smol, s_smol) = fresh_adaptor_at_r1(&load(kvd_tests::env::smollm2_gguf()), true);
+    eprintln!("smollm2: rms KL {kl_smol} |s| {s_smol}");
+    assert!(s_smol < 5.0 && kl_smol < kl_raw / 4.0, "{kl_smol} {s_smol}");
+}

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
+/// Added to the mean square of a state before the scorer's RMS norm.
+const SCORER_NORM_EPS: f64 = 1e-6;
+
 /// One LoRA pair: `delta = scale * (x Aᵀ) Bᵀ`.
 #[derive(Debug)]
 pub struct LoraPair {
@@ -116,9 +119,14 @@ impl Adaptor {
         &self.cfg
     }
 
-    /// Token scores `[batch, seq]` (float32) from layer-l hidden states `[batch, seq, d]`.
+    /// Token scores `[batch, seq]` (float32) from layer-l hidden states
+    /// `[batch, seq, d]` (RMS-normalised first with [`DistillConfig::scorer_norm`]).
     pub fn score(&self, hidden: &Tensor) -> Tensor {
-        let h = hidden.to_kind(Kind::Float);
+        let mut h = hidden.to_kind(Kind::Float);
+        if self.cfg.scorer_norm {
+            let ms = h.square().mean_dim([-1i64].as_slice(), true, Kind::Float);
+            h *= (ms + SCORER_NORM_EPS).rsqrt();
+        }
         let z = h.linear(&self.w1, Some(&self.b1)).relu();
         z.linear(&self.w2, Some(&self.b2)).squeeze_dim(-1)
     }

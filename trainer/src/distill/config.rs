@@ -121,6 +121,13 @@ pub struct DistillConfig {
     /// scores can compress with the pool, the configuration measured best.
     #[serde(default)]
     pub train_span_pool: usize,
+    /// The scorer reads each token's state divided by its root mean square
+    /// (a parameter-free RMS norm), so its scores do not scale with the
+    /// model's residual stream (Gemma 3's states after layer 6 have an RMS
+    /// near 140, SmolLM2's near 4). Off (adaptors written before it): the
+    /// raw states.
+    #[serde(default)]
+    pub scorer_norm: bool,
 }
 
 impl Default for DistillConfig {
@@ -137,6 +144,7 @@ impl Default for DistillConfig {
             select_weight: 0.0,
             span_pool: 0,
             train_span_pool: 0,
+            scorer_norm: false,
         }
     }
 }

@@ -96,6 +96,11 @@ pub(crate) struct TrainArgs {
     /// The scorer reads the state after this many layers.
     #[arg(long, default_value_t = 6)]
     scorer_layer: usize,
+    /// What the scorer reads of that state: rms (each token's state over its
+    /// root mean square, so scores do not grow with the residual stream, as
+    /// Gemma 3's does) or raw (adaptors trained before --scorer-input).
+    #[arg(long, default_value = "rms", value_parser = ["rms", "raw"])]
+    scorer_input: String,
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
     lora_targets: Vec<String>,
@@ -274,6 +279,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
             select_weight: a.select_weight,
             span_pool: a.span_pool,
             train_span_pool: a.train_span_pool,
+            scorer_norm: a.scorer_input == "rms",
             ..DistillConfig::default()
         },
         train: TrainConfig {

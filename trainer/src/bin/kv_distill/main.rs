@@ -48,7 +48,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a KV-Distill adaptor on prepared Parquet datasets.
-    Train(distill_cmds::TrainCmd),
+    Train(Box<distill_cmds::TrainCmd>),
     /// Train as one worker of a distributed job run by `coordinator`.
     Worker(Box<worker_cmd::WorkerArgs>),
     /// Compress a context into a KV cache file (KV-Distill or a baseline).
@@ -225,7 +225,7 @@ fn run() -> Result<()> {
         tch::set_num_threads(n);
     }
     match cli.command {
-        Command::Train(a) => distill_cmds::run_train(a),
+        Command::Train(a) => distill_cmds::run_train(*a),
         Command::Worker(a) => worker_cmd::run_worker_cmd(*a, &settings),
         Command::Compress(a) => distill_cmds::run_compress(a),
         Command::Eval(a) => distill_cmds::run_eval_cmd(a),
