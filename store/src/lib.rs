@@ -46,6 +46,29 @@ impl StoreOptions {
         self.config.insert(key.into(), value.into());
         self
     }
+
+    /// These options with the values of credential keys (names holding
+    /// `key`, `secret`, `token`, `password`, `sas`, `credential` or
+    /// `service_account`) replaced by `<redacted>`: what may be logged.
+    pub fn redacted(&self) -> StoreOptions {
+        const SECRET: [&str; 7] = [
+            "key",
+            "secret",
+            "token",
+            "password",
+            "sas",
+            "credential",
+            "service_account",
+        ];
+        let mut out = self.clone();
+        for (k, v) in out.config.iter_mut() {
+            let k = k.to_ascii_lowercase();
+            if SECRET.iter().any(|s| k.contains(s)) {
+                *v = "<redacted>".into();
+            }
+        }
+        out
+    }
 }
 
 /// Metadata of one object as the store reports it.

@@ -253,3 +253,26 @@ fn train_reproducibly_then_evaluate() {
         .to_string();
     assert!(no_adaptor.contains("needs an adaptor"), "{no_adaptor}");
 }
+
+#[test]
+fn the_logged_job_hides_store_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut j = job(dir.path(), "a.safetensors", 1);
+    j.dataset.store = StoreOptions::default()
+        .with("endpoint", "http://127.0.0.1:9000")
+        .with("access_key_id", "AKIDEXAMPLE")
+        .with("secret_access_key", "wJalrXUtnFEMI")
+        .with("google_bearer_token", "ya29.token")
+        .with("AZURE_STORAGE_SAS_TOKEN", "sv=2024&sig=abc");
+    let line = j.log_json();
+    for secret in ["AKIDEXAMPLE", "wJalrXUtnFEMI", "ya29.token", "sig=abc"] {
+        assert!(!line.contains(secret), "{secret} logged: {line}");
+    }
+    assert!(line.contains("http://127.0.0.1:9000"), "{line}");
+    assert!(
+        line.contains("secret_access_key"),
+        "the key's name stays: {line}"
+    );
+    // The job itself keeps its credentials.
+    assert_eq!(j.dataset.store.config["secret_access_key"], "wJalrXUtnFEMI");
+}

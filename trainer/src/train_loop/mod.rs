@@ -168,6 +168,16 @@ pub fn fresh_state(model: &Model, job: &TrainJob) -> Result<TrainState> {
     })
 }
 
+impl TrainJob {
+    /// The job as one JSON line for logs, with the object-store credentials
+    /// redacted ([`kvd_data::StoreOptions::redacted`]).
+    pub fn log_json(&self) -> String {
+        let mut j = self.clone();
+        j.dataset.store = j.dataset.store.redacted();
+        serde_json::to_string(&j).unwrap_or_else(|e| format!("(unprintable job: {e})"))
+    }
+}
+
 /// Hash of what must agree across the ranks of a job and between a
 /// checkpoint and its resume: the job without per-process settings (output
 /// path, logging, prefetch, save interval, time limit, builder threads,

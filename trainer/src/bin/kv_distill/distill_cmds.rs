@@ -316,7 +316,7 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
     }
     let (model, tok) = load(&a.model)?;
     let job = build_job(&a, &model)?;
-    tracing::info!(job = %serde_json::to_string(&job)?, "training");
+    tracing::info!(job = %job.log_json(), "training");
     let bar = ProgressBar::new(a.steps as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("static template"),

@@ -129,7 +129,7 @@ pub(crate) fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
             .map(|out| (a.bench_allreduce.clone(), out)),
         chaos: a.train.chaos()?,
     };
-    tracing::info!(job = %serde_json::to_string(&cfg.job)?, coordinator = %cfg.coordinator, "worker starting");
+    tracing::info!(job = %cfg.job.log_json(), coordinator = %cfg.coordinator, "worker starting");
     match run_worker(&model, Arc::new(tok), &cfg)? {
         WorkerOutcome::Finished { steps } => tracing::info!(steps, "worker done"),
         WorkerOutcome::Stopped => tracing::info!("worker stopped by the coordinator"),
