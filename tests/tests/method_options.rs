@@ -459,7 +459,9 @@ fn fresh_adaptor_at_r1(
         m.layer_states(kvd_trainer::model::Input::new(&ctx_ids), 6)
             .expect("states")
     });
+    let before = states.copy();
     let s = tch::no_grad(|| a.score(&states));
+    assert!(states.equal(&before), "scoring must not change the states");
     (kl, s.abs().max().double_value(&[]))
 }
 

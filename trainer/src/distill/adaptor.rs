@@ -122,11 +122,15 @@ impl Adaptor {
     /// Token scores `[batch, seq]` (float32) from layer-l hidden states
     /// `[batch, seq, d]` (RMS-normalised first with [`DistillConfig::scorer_norm`]).
     pub fn score(&self, hidden: &Tensor) -> Tensor {
-        let mut h = hidden.to_kind(Kind::Float);
-        if self.cfg.scorer_norm {
+        // Out of place: `to_kind` returns `hidden` itself when it is float32
+        // already, and the caller's states must not change.
+        let h = hidden.to_kind(Kind::Float);
+        let h = if self.cfg.scorer_norm {
             let ms = h.square().mean_dim([-1i64].as_slice(), true, Kind::Float);
-            h *= (ms + SCORER_NORM_EPS).rsqrt();
-        }
+            &h * (ms + SCORER_NORM_EPS).rsqrt()
+        } else {
+            h
+        };
         let z = h.linear(&self.w1, Some(&self.b1)).relu();
         z.linear(&self.w2, Some(&self.b2)).squeeze_dim(-1)
     }
