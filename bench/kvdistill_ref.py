@@ -64,6 +64,35 @@ PROJ_MODULE = {
 _DECODER_BIAS = {"bias": None}
 
 
+def gather_kept(enc, idx, comp):
+    """Appends the kept positions `idx` [batch, slots] of every layer of the
+    encoder output's cache to `comp` (a DynamicCache). The output's cache is
+    `past_key_values` in most transformers versions, `cache` in some 5.x ones;
+    its layers are `.layers` from 4.56 on, key/value lists before."""
+    full = getattr(enc, "past_key_values", None)
+    if full is None:
+        full = enc.cache
+    if hasattr(full, "layers"):
+        kvs = [(lay.keys, lay.values) for lay in full.layers]
+    else:
+        kvs = list(zip(full.key_cache, full.value_cache))
+    gi = idx[:, None, :, None]
+    for layer, (k, v) in enumerate(kvs):
+        g = gi.expand(-1, k.shape[1], -1, k.shape[3])
+        comp.update(k.gather(2, g), v.gather(2, g), layer)
+
+
+def fed_bias(cfg, scores, idx, span_slot, zeros_suffix):
+    """The decoder's per-key bias: the kept slots' fed scores on the span
+    slots, then zeros for the suffix's own keys."""
+    slot_scores = scores.gather(1, idx)
+    if cfg["score_feed"] == "straight_through":
+        fed = slot_scores - slot_scores.detach()
+    else:
+        fed = slot_scores
+    return torch.cat([fed * span_slot, zeros_suffix], 1)
+
+
 def explicit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The Rust `attend_explicit`: q k^T * scale (float32) + bias, causal mask
     aligned to the end of the keys, float32 softmax, @ v. Batches here have no
@@ -288,28 +317,9 @@ class Step:
             comp = DynamicCache(config=model.config)
         except TypeError:  # transformers < 4.56
             comp = DynamicCache()
-        # The output's cache is `past_key_values` in most transformers
-        # versions, `cache` in some 5.x ones; its layers are `.layers` from
-        # 4.56 on, key/value lists before.
-        full = getattr(enc, "past_key_values", None)
-        if full is None:
-            full = enc.cache
-        if hasattr(full, "layers"):
-            kvs = [(lay.keys, lay.values) for lay in full.layers]
-        else:
-            kvs = list(zip(full.key_cache, full.value_cache))
-        gi = idx[:, None, :, None]
-        for layer, (k, v) in enumerate(kvs):
-            g = gi.expand(-1, k.shape[1], -1, k.shape[3])
-            comp.update(k.gather(2, g), v.gather(2, g), layer)
-        slot_scores = scores.gather(1, idx)
-
+        gather_kept(enc, idx, comp)
         # Decoder over the suffix at the original positions, with the score feed.
-        if cfg["score_feed"] == "straight_through":
-            fed = slot_scores - slot_scores.detach()
-        else:
-            fed = slot_scores
-        bias = torch.cat([fed * span_slot, torch.zeros(b, lx, device=dev)], 1)
+        bias = fed_bias(cfg, scores, idx, span_slot, torch.zeros(b, lx, device=dev))
         pos = (torch.arange(lx, device=dev) + lc).unsqueeze(0).expand(b, -1)
         assert comp.get_seq_length() == slots, "the compressed cache must hold the kept slots"
         _DECODER_BIAS["bias"] = bias
@@ -689,24 +699,8 @@ class FastStep:
         finally:
             ad.route.mask = None
         comp = self.new_cache()
-        full = getattr(enc, "past_key_values", None)
-        if full is None:
-            full = enc.cache
-        if hasattr(full, "layers"):
-            kvs = [(lay.keys, lay.values) for lay in full.layers]
-        else:
-            kvs = list(zip(full.key_cache, full.value_cache))
-        gi = idx[:, None, :, None]
-        for layer, (k, v) in enumerate(kvs):
-            g = gi.expand(-1, k.shape[1], -1, k.shape[3])
-            comp.update(k.gather(2, g), v.gather(2, g), layer)
-        slot_scores = scores.gather(1, idx)
-
-        if cfg["score_feed"] == "straight_through":
-            fed = slot_scores - slot_scores.detach()
-        else:
-            fed = slot_scores
-        bias = torch.cat([fed * span_slot, self.zeros_suffix], 1)
+        gather_kept(enc, idx, comp)
+        bias = fed_bias(cfg, scores, idx, span_slot, self.zeros_suffix)
         _DECODER_BIAS["bias"] = bias
         try:
             kw = {self.cache_kw: comp}
