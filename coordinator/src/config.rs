@@ -46,7 +46,8 @@ pub struct Cli {
     /// The job's final step: once every worker reported it the coordinator exits 0.
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Fail the job after this many membership rebuilds [default: 10].
+    /// Fail the job after this many membership rebuilds after worker deaths
+    /// (workers leaving on SIGTERM do not count) [default: 10].
     #[arg(long)]
     pub max_rebuilds: Option<u32>,
     /// Base URL of the job's checkpoints (file://, s3://, gs://, az://).
@@ -118,7 +119,7 @@ pub struct Settings {
     pub heartbeat_timeout_s: f64,
     /// Final step.
     pub steps: Option<u64>,
-    /// Most membership rebuilds before the job fails.
+    /// Most rebuilds after worker deaths before the job fails.
     pub max_rebuilds: u32,
     /// Checkpoint base URL.
     pub checkpoint_url: Option<String>,
@@ -298,7 +299,7 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// Final step, if the job has one.
     pub steps: Option<u64>,
-    /// Most membership rebuilds before the job fails.
+    /// Most rebuilds after worker deaths before the job fails.
     pub max_rebuilds: u32,
     /// Checkpoint base URL (no trailing `/`).
     pub checkpoint_url: Option<String>,

@@ -24,7 +24,9 @@ pub struct JobParams {
     pub final_step: Option<u64>,
     /// Silence after which a member is dead.
     pub heartbeat_timeout: Duration,
-    /// Most epoch bumps before the job fails.
+    /// Most rebuilds after deaths (a member silent past the heartbeat
+    /// timeout) before the job fails; members that leave on their own
+    /// (SIGTERM: a drained node, a preempted pod) do not count.
     pub max_rebuilds: u32,
     /// Base URL of checkpoints.
     pub checkpoint_url: Option<String>,
@@ -724,7 +726,7 @@ impl Membership {
         if dead.is_empty() {
             return false;
         }
-        self.bump_epoch(&dead);
+        self.bump_epoch(&dead, true);
         true
     }
 
@@ -750,7 +752,7 @@ impl Membership {
             "worker left the job: its rank is free"
         );
         self.slots[rank as usize] = None;
-        self.bump_epoch(&[rank as usize]);
+        self.bump_epoch(&[rank as usize], false);
         Ok(())
     }
 
@@ -818,9 +820,13 @@ impl Membership {
         }
     }
 
-    fn bump_epoch(&mut self, dead: &[usize]) {
+    /// A new membership epoch without the ranks `dead`; `counts`: a
+    /// rebuild after deaths, which counts toward `max_rebuilds`.
+    fn bump_epoch(&mut self, dead: &[usize], counts: bool) {
         self.epoch += 1;
-        self.rebuilds += 1;
+        if counts {
+            self.rebuilds += 1;
+        }
         self.nccl_id = None;
         self.pending.clear();
         self.steps.clear();
@@ -1088,6 +1094,26 @@ mod tests {
         assert_eq!(hb.command, Command::Rebuild as i32);
         let c = m.register(req("b2", Some(1), None), t).unwrap();
         assert_eq!((c.rank, c.epoch), (1, 1));
+        // Leaving does not count toward max_rebuilds = 1: two more leaves
+        // and the job still runs; a death after them is the first rebuild.
+        m.leave(c.member_id, 1, "SIGTERM").unwrap();
+        let d = m.register(req("b3", Some(1), None), t).unwrap();
+        m.leave(d.member_id, 1, "SIGTERM").unwrap();
+        assert_eq!(m.epoch(), 3);
+        assert!(m.outcome().is_none(), "leaves do not fail the job");
+        let e = m.register(req("b4", Some(1), None), t).unwrap();
+        let t1 = t + Duration::from_millis(1500);
+        m.heartbeat(e.member_id, 1, 0, t1).unwrap();
+        assert!(m.reap(t1)); // a, silent for 1.5 s
+        assert!(
+            m.outcome().is_none(),
+            "one death is within max_rebuilds = 1"
+        );
+        let f = m.register(req("a2", Some(0), None), t1).unwrap();
+        m.heartbeat(f.member_id, 0, 0, t1 + Duration::from_millis(1400))
+            .unwrap();
+        assert!(m.reap(t1 + Duration::from_millis(1600))); // b4 silent
+        assert!(m.outcome().unwrap().failed, "a second death exceeds it");
     }
 
     #[test]
