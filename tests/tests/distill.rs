@@ -12,7 +12,7 @@ use kvd_trainer::distill::{
     Trainer,
 };
 use kvd_trainer::model::{Input, Model};
-use kvd_trainer::train_loop::{padded_tokens, split_micro_batches};
+use kvd_trainer::train_loop::{padded_tokens, split_by_tokens, split_micro_batches};
 use tch::{Device, Kind, Tensor};
 
 fn model() -> Model {
@@ -404,6 +404,71 @@ fn bucketing_by_length_pads_less_and_keeps_the_step() {
         "{} vs {}",
         p.grad_norm,
         s.grad_norm
+    );
+}
+
+/// Cutting micro-batches by a budget of padded positions
+/// (`--micro-batch-tokens`) puts many short examples together and few long
+/// ones, keeps every example once, respects the budget and the example cap,
+/// and gives the same step.
+#[test]
+fn a_token_budget_packs_short_examples_and_keeps_the_step() {
+    let m = model();
+    let example = |n: usize, seed: u64| DistillExample {
+        context: tokens(n, seed),
+        spans: vec![(1, n - 1)],
+        suffix: tokens(9, seed + 100),
+        ratio: 0.25,
+        answer: None,
+    };
+    let lens = [40, 10, 10, 38, 10, 12, 10, 10];
+    let exs: Vec<DistillExample> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| example(n, i as u64 + 1))
+        .collect();
+    let fixed = split_micro_batches(exs.clone(), 2, true);
+    // The budget of two of the longest examples.
+    let budget = 2 * (40 + 9);
+    let packed = split_by_tokens(exs.clone(), 8, budget);
+    let sizes =
+        |mbs: &[Vec<DistillExample>]| -> Vec<usize> { mbs.iter().map(|mb| mb.len()).collect() };
+    assert_eq!(sizes(&fixed), [2, 2, 2, 2]);
+    assert_eq!(sizes(&packed), [5, 2, 1], "five short ones at once");
+    for mb in &packed {
+        assert!(padded_tokens(std::slice::from_ref(mb)) <= budget);
+    }
+    let mut seen: Vec<usize> = packed.iter().flatten().map(|e| e.context.len()).collect();
+    seen.sort_unstable();
+    let mut want = lens.to_vec();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every example once");
+    // The example cap, and an example over the budget alone.
+    assert_eq!(
+        sizes(&split_by_tokens(exs.clone(), 3, budget)),
+        [3, 3, 2]
+    );
+    assert_eq!(
+        sizes(&split_by_tokens(exs.clone(), 8, 30)),
+        [1, 1, 1, 1, 1, 1, 1, 1]
+    );
+    let run = |micro: &[Vec<DistillExample>]| {
+        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+        t.train_step(&m, &a, micro).expect("step")
+    };
+    let (f, p) = (run(&fixed), run(&packed));
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(y.abs());
+    assert_eq!(
+        (f.tokens, f.micro_batches, p.micro_batches),
+        (p.tokens, 4, 3)
+    );
+    assert!(close(f.loss, p.loss), "{} vs {}", f.loss, p.loss);
+    assert!(
+        close(f.grad_norm, p.grad_norm),
+        "{} vs {}",
+        f.grad_norm,
+        p.grad_norm
     );
 }
 

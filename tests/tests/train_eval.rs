@@ -67,6 +67,7 @@ fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
         base_model: "SmolLM2-135M-Instruct".into(),
         time_limit_s: None,
         bucket_by_length: false,
+        micro_batch_tokens: None,
         recompute_encoder: false,
     }
 }

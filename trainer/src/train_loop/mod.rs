@@ -71,6 +71,13 @@ pub struct TrainJob {
     /// is the token-weighted mean over the whole batch).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bucket_by_length: bool,
+    /// Cut each rank's examples of a step (ordered by length) into
+    /// micro-batches by a budget of padded positions instead of a fixed
+    /// count: many short examples per micro-batch, few long ones, at most
+    /// `micro_batch` examples each ([`split_by_tokens`]). The same step;
+    /// the budget also bounds a micro-batch's activation memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_tokens: Option<usize>,
     /// Recompute the student encoder's activations in the backward instead
     /// of keeping them ([`crate::distill::Backward::Recompute`]): the same
     /// step in much less memory, for one more encoder forward. A
@@ -216,15 +223,44 @@ pub fn job_builder(tok: Arc<Tokenizer>, job: &TrainJob) -> Result<Arc<ExampleBui
     )?))
 }
 
-/// This rank's examples of a step, split into micro-batches of at most
-/// `micro_batch` ([`split_micro_batches`]).
-pub fn micro_batches(
-    batch: &RankBatch,
-    micro_batch: usize,
-    by_length: bool,
-) -> Vec<Vec<DistillExample>> {
+/// This rank's examples of a step, split into the job's micro-batches: of at
+/// most `micro_batch` examples ([`split_micro_batches`]), and with
+/// `micro_batch_tokens` of at most that many padded positions
+/// ([`split_by_tokens`]).
+pub fn micro_batches(batch: &RankBatch, job: &TrainJob) -> Vec<Vec<DistillExample>> {
     let exs = batch.examples.iter().map(to_distill).collect();
-    split_micro_batches(exs, micro_batch, by_length)
+    match job.micro_batch_tokens {
+        Some(budget) => split_by_tokens(exs, job.micro_batch, budget),
+        None => split_micro_batches(exs, job.micro_batch, job.bucket_by_length),
+    }
+}
+
+/// `exs` ordered by context + suffix length (stable) and cut greedily into
+/// micro-batches of at most `max_examples` examples whose padded positions
+/// (examples × (longest context + longest suffix)) stay within `budget`; an
+/// example longer than the budget forms a micro-batch of its own.
+pub fn split_by_tokens(
+    mut exs: Vec<DistillExample>,
+    max_examples: usize,
+    budget: usize,
+) -> Vec<Vec<DistillExample>> {
+    exs.sort_by_key(|e| e.context.len() + e.suffix.len());
+    let mut out: Vec<Vec<DistillExample>> = Vec::new();
+    let (mut ctx, mut suf) = (0, 0);
+    for e in exs {
+        let (c, s) = (ctx.max(e.context.len()), suf.max(e.suffix.len()));
+        match out.last_mut() {
+            Some(mb) if mb.len() < max_examples.max(1) && (mb.len() + 1) * (c + s) <= budget => {
+                mb.push(e);
+                (ctx, suf) = (c, s);
+            }
+            _ => {
+                (ctx, suf) = (e.context.len(), e.suffix.len());
+                out.push(vec![e]);
+            }
+        }
+    }
+    out
 }
 
 /// `exs` cut into micro-batches of at most `size`, in order; with

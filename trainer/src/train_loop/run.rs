@@ -132,7 +132,7 @@ pub fn run<H: LoopHooks>(
             // draws the same ones.
             tch::manual_seed((job.seed ^ (done << 20) ^ at.rank as u64) as i64);
         }
-        let micro = micro_batches(&batch, job.micro_batch, job.bucket_by_length);
+        let micro = micro_batches(&batch, job);
         if let Some(ch) = at.chaos {
             ch.maybe_kill(at.rank, done, Phase::Step);
             if ch.fails_alloc(at.rank, done) {

@@ -170,6 +170,12 @@ pub(crate) struct TrainArgs {
     /// (less padding when --micro-batch is below --global-batch; the same step).
     #[arg(long)]
     bucket_by_length: bool,
+    /// Cut each step's examples (ordered by length) into micro-batches of at
+    /// most this many padded positions (examples x longest context + suffix)
+    /// and at most --micro-batch examples: many short examples at once, few
+    /// long ones; the same step, and a bound on a micro-batch's memory.
+    #[arg(long)]
+    micro_batch_tokens: Option<usize>,
     /// Keep no activations of the student's encoder: recompute them layer by
     /// layer in the backward (the same step in much less device memory, for
     /// one more encoder forward). Lets larger --micro-batch values fit.
@@ -300,6 +306,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         base_model: model_label(&a.model.model),
         time_limit_s: a.time_limit_s,
         bucket_by_length: a.bucket_by_length,
+        micro_batch_tokens: a.micro_batch_tokens,
         recompute_encoder: a.recompute_encoder,
     };
     Ok(job)
