@@ -444,10 +444,7 @@ fn a_token_budget_packs_short_examples_and_keeps_the_step() {
     want.sort_unstable();
     assert_eq!(seen, want, "every example once");
     // The example cap, and an example over the budget alone.
-    assert_eq!(
-        sizes(&split_by_tokens(exs.clone(), 3, budget)),
-        [3, 3, 2]
-    );
+    assert_eq!(sizes(&split_by_tokens(exs.clone(), 3, budget)), [3, 3, 2]);
     assert_eq!(
         sizes(&split_by_tokens(exs.clone(), 8, 30)),
         [1, 1, 1, 1, 1, 1, 1, 1]

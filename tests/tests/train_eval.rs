@@ -223,6 +223,20 @@ fn train_reproducibly_then_evaluate() {
         assert!(r.kl > 0.0 && r.answer_nll.is_finite(), "{r:?}");
         assert!((0.0..=100.0).contains(&r.f1) && r.f1 >= r.exact_match);
     }
+    // Where the kept tokens fall: StreamingLLM keeps the span's first tokens
+    // (sinks) and its end, nothing in the middle.
+    let stream = report
+        .rows
+        .iter()
+        .find(|r| r.method == "streaming_llm")
+        .expect("row");
+    let tenths = &stream.kept_profile.as_ref().expect("profile").by_tenth;
+    assert_eq!(tenths.len(), 10);
+    assert_eq!(tenths[9], Some(1.0), "{tenths:?}");
+    assert_eq!(tenths[4], Some(0.0), "{tenths:?}");
+    assert!(tenths[0].is_some_and(|x| x > 0.0), "{tenths:?}");
+    let full_profile = full.kept_profile.as_ref().expect("full's profile");
+    assert_eq!(full_profile.words, Some(1.0), "full keeps everything");
     let out = dir.path().join("results");
     write_report(&report, &out).expect("report");
     let md = std::fs::read_to_string(out.join("results.md")).expect("md");
@@ -230,6 +244,7 @@ fn train_reproducibly_then_evaluate() {
         md.contains("| kv_distill |") && md.contains("| streaming_llm |"),
         "{md}"
     );
+    assert!(md.contains("by tenth of the span"), "{md}");
     assert_eq!(md, markdown(&report));
     let png = std::fs::read(out.join("f1_vs_ratio.png")).expect("png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

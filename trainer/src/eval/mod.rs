@@ -11,6 +11,7 @@
 //! * [`error`]: [`EvalError`], which names the file (and field) at fault.
 
 pub mod error;
+pub mod kept_profile;
 pub mod metrics;
 pub mod needle;
 pub mod plot;

@@ -5,6 +5,7 @@
 //! Metrics: generation EM/F1 (SQuAD normalisation), teacher-forced NLL of the
 //! gold answer (first gold, EOS included) and KL(teacher || method) on it.
 
+use super::kept_profile::{KeptProfile, ProfileSum, TokenClass};
 use super::metrics::MetricSum;
 use super::plot::{plot_f1_vs_ratio, Series};
 use super::squad::{SquadQuestion, SquadSet};
@@ -123,6 +124,10 @@ pub struct EvalRow {
     /// the questions whose answer could be located in the context).
     #[serde(default)]
     pub answer_kept: Option<f64>,
+    /// Where the kept tokens fall: keep rates of the spans' digits,
+    /// punctuation and words, and of each tenth of the span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_profile: Option<KeptProfile>,
 }
 
 /// One question's result for one method and ratio.
@@ -181,6 +186,7 @@ struct Acc {
     answer_located: usize,
     /// Sum of squared per-question F1 (percent).
     f1_sq: f64,
+    profile: ProfileSum,
 }
 
 impl Acc {
@@ -205,6 +211,7 @@ impl Acc {
             },
             answer_kept: (self.answer_located > 0)
                 .then(|| self.answer_kept / self.answer_located as f64),
+            kept_profile: self.profile.profile(),
         }
     }
 }
@@ -219,6 +226,8 @@ struct Prepared {
     /// Context positions of the first gold answer's tokens (empty when it
     /// could not be located, e.g. cut off by the window).
     answer_pos: Vec<Vec<usize>>,
+    /// The class of each context token.
+    classes: Vec<Vec<TokenClass>>,
 }
 
 fn prepare(
@@ -235,6 +244,7 @@ fn prepare(
         suffixes: Vec::new(),
         scored: Vec::new(),
         answer_pos: Vec::new(),
+        classes: Vec::new(),
     };
     for q in qs {
         let (context, offset) = match kind {
@@ -262,6 +272,11 @@ fn prepare(
         let (a_start, a_len) = ex
             .answer_span
             .ok_or_else(|| ModelError::Input(format!("question {} has no answer", q.id)))?;
+        let classes = ex.tokens[..ctx_len]
+            .iter()
+            .map(|&id| Ok(TokenClass::of(&tok.decode(&[id], false)?)))
+            .collect::<Result<Vec<_>>>()?;
+        p.classes.push(classes);
         p.ctx.push(ex.tokens[..ctx_len].to_vec());
         p.spans.push(vec![(ex.prefix_len, ex.span_len)]);
         p.prompts.push(ex.tokens[ctx_len..a_start].to_vec());
@@ -490,6 +505,7 @@ impl BatchScorer<'_> {
         let mut kept_share = Vec::with_capacity(qs.len());
         for (i, s) in forced.selections.iter().enumerate() {
             acc.fraction += s.kept.len() as f64 / self.len[i] as f64;
+            acc.profile.add(&p.classes[i], &p.spans[i], &s.kept);
             let want = &p.answer_pos[i];
             kept_share.push((!want.is_empty()).then(|| {
                 let hit = want
@@ -680,7 +696,7 @@ pub fn markdown(report: &EvalReport) -> String {
         );
     }
     type Pick = fn(&EvalRow) -> String;
-    let tables: [(&str, Pick); 6] = [
+    let tables: [(&str, Pick); 8] = [
         ("F1 (%) ± standard error", |r| {
             format!("{:.1} ± {:.1}", r.f1, r.f1_se)
         }),
@@ -693,6 +709,27 @@ pub fn markdown(report: &EvalReport) -> String {
             r.answer_kept
                 .map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
         }),
+        (
+            "Span tokens kept (%): digits / punctuation / words",
+            |r| match &r.kept_profile {
+                Some(k) => [k.digits, k.punctuation, k.words]
+                    .map(|x| x.map_or("-".into(), |x| format!("{:.0}", 100.0 * x)))
+                    .join(" / "),
+                None => "-".into(),
+            },
+        ),
+        (
+            "Span tokens kept (%) by tenth of the span, first to last",
+            |r| match &r.kept_profile {
+                Some(k) => k
+                    .by_tenth
+                    .iter()
+                    .map(|x| x.map_or("-".into(), |x| format!("{:.0}", 100.0 * x)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => "-".into(),
+            },
+        ),
         ("Teacher-forced answer NLL (nats/token)", |r| {
             format!("{:.3}", r.answer_nll)
         }),
