@@ -104,13 +104,16 @@ def main():
     except ImportError:
         print("(matplotlib missing: no plot)", file=sys.stderr)
     else:
-        impls = ["rust", "rust graphs", "pytorch eager", "pytorch compile"]
+        # Every implementation the runs have (the fast reference's rows
+        # too), in order of first appearance.
+        impls = list(dict.fromkeys(i for by_impl in plot.values() for i in by_impl))
         labels = {"rust": "Rust (kv-distill)", "rust graphs": "Rust, CUDA graphs"}
         shapes = list(plot)
         fig, ax = plt.subplots(figsize=(9, 4))
-        w = 0.2
+        w = 0.8 / max(len(impls), 1)
         for i, impl in enumerate(impls):
-            xs = [j + (i - 1.5) * w for j, s in enumerate(shapes) if impl in plot[s]]
+            off = (i - (len(impls) - 1) / 2) * w
+            xs = [j + off for j, s in enumerate(shapes) if impl in plot[s]]
             ys = [plot[s][impl] / 1e3 for s in shapes if impl in plot[s]]
             ax.bar(xs, ys, w, label=labels.get(impl, impl))
         ax.set_xticks(range(len(shapes)), [s.replace("1b", "Llama-1B").replace("smol", "SmolLM2") for s in shapes])
