@@ -44,7 +44,7 @@ WORKER = $(BIN)/kv-distill worker --model $(SMOLLM2) \
 	  --steps $(STEPS) --global-batch 4 --micro-batch 2 --max-len 256 --text-suffix 64 --warmup 5 \
 	  --log-every 1 --checkpoint-every 2 --out $(abspath $(RESULTS))/adaptor.safetensors
 run: build
-	test -f $(DATA)/train/synth/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
+	test -f $(DATA)/train/multiqa/manifest.json || $(BIN)/kvd-data prepare --assets $(KVD_CACHE)/assets --out file://$(DATA)
 	rm -rf $(RESULTS)/ckpt $(RESULTS)/adaptor.safetensors
 	@echo "== train: $(WORKERS) workers, paused at step $(PAUSE)"
 	KVD_TOKEN=$${KVD_TOKEN:-local-run} $(JOB) --stop-at $(PAUSE) --spawn-local -- $(WORKER)

@@ -5,7 +5,8 @@
 #   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF, SQuAD v1.1 dev
 #            (xz), the essays (tar.xz)
 #   .dev/c2: the rest of the GGUF, the release kv-distill (xz)
-#   .dev/c3: the prepared training data (train/qa; train/text + train/synth)
+#   .dev/c3: the prepared training data (train/qa; train/text, train/synth,
+#            train/multiqa)
 # Needs `make build` (release binaries) and the assets of `make setup`; runs
 # `kvd-data prepare` when the data is missing. Usage: bench/device_carry.sh
 set -euo pipefail
@@ -19,7 +20,7 @@ limit=$((64 * 1024 * 1024))
 for f in "$gguf" "$bin/kv-distill" "$bin/kvd-data" "$assets/bigbench/squad_shifts/squaddev_v1.1.json"; do
   [ -e "$f" ] || { echo "device_carry: missing $f (run make build)" >&2; exit 1; }
 done
-[ -f "$data/train/synth/manifest.json" ] ||
+[ -f "$data/train/multiqa/manifest.json" ] ||
   "$bin/kvd-data" prepare --assets "$assets" --out "file://$data"
 out=$here/.dev
 rm -rf "$out/c1" "$out/c2" "$out/c3"
@@ -30,7 +31,7 @@ xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squa
 tar -C "$assets" -cJf "$out/c1/essays.tar.xz" essays
 xz -9e -T2 -c "$bin/kv-distill" > "$out/c2/kvd.xz"
 tar -C "$data" -cf "$out/c3/qa.tar" train/qa
-tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth
+tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth train/multiqa
 repo=$(cd "$here" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 for c in c1 c2 c3; do
   size=$(du -cb "$out/$c" | tail -1 | cut -f1)

@@ -7,7 +7,9 @@
 #       one `train` per NAME, all at once, each for SECONDS (STEPS steps at
 #       most, the length of the learning-rate schedule); adaptors in
 #       $KEEP/NAME.safetensors, checkpoints in $KEEP/NAME.ckpt (each call
-#       resumes from there), logs in OUT/NAME.train.log
+#       resumes from there), logs in OUT/NAME.train.log; FLAGS with --weights
+#       replace the default data mix (qa, text, synth 2,1,2) with their own
+#       --data DATA/train/... flags (DATA/ = the prepared data's directory)
 #   bench/gpu_quality.sh needle BIN MODEL HAYSTACK OUT ITEMS RATIOS METHODS NAME...
 #       the needle test of each NAME's adaptor (all at once) -> OUT/needle-NAME/;
 #       NAME `none` runs BASE_METHODS (default: every training-free method) at
@@ -30,10 +32,14 @@ case $PHASE in
     SECONDS_LIMIT=$1; shift
     for spec in "$@"; do
       name=${spec%%=*} flags=${spec#*=}
+      # An arm may bring its own data mix (`--data DATA/train/multiqa ...
+      # --weights ...`; DATA/ is the prepared data's directory).
+      flags=${flags//DATA\//file://$SRC/}
+      data=(--data "file://$SRC/train/qa" --data "file://$SRC/train/text" --data "file://$SRC/train/synth" --weights 2,1,2)
+      [[ " $flags " == *" --weights "* ]] && data=()
       # shellcheck disable=SC2086
       "$BIN" --log-format json train --model "$MODEL" --device cuda --dtype bf16 \
-        --data "file://$SRC/train/qa" --data "file://$SRC/train/text" --data "file://$SRC/train/synth" \
-        --weights 2,1,2 --steps "${STEPS:-100000}" --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
+        "${data[@]}" --steps "${STEPS:-100000}" --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
         --text-suffix 64 --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
         --log-every 25 --time-limit-s "$SECONDS_LIMIT" --out "$KEEP/$name.safetensors" \
         --resume --checkpoint-dir "$KEEP/$name.ckpt" --keep-last 1 $flags \

@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod error;
 pub mod loader;
 pub mod manifest;
+pub mod multiqa;
 pub mod prepare;
 pub mod reader;
 pub mod schema;

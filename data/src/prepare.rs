@@ -343,9 +343,16 @@ pub struct Split {
     /// Synthetic retrieval rows built from the training contexts and
     /// documents ([`crate::synth`]).
     pub train_synth: Vec<SourcedRecord>,
+    /// Several questions about one context per row, from the training QA
+    /// (CoQA's rows hold their earlier turns already) and synthetic rows
+    /// ([`crate::multiqa`]).
+    pub train_multiqa: Vec<SourcedRecord>,
     /// Evaluation QA rows (SQuAD v1.1 dev).
     pub eval_qa: Vec<SourcedRecord>,
 }
+
+/// Most questions in one `train/multiqa` row.
+pub const MULTIQA_QUESTIONS: usize = 3;
 
 /// Synthetic retrieval rows written to `train/synth`.
 pub const SYNTH_ROWS: usize = 16_000;
@@ -370,8 +377,21 @@ pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
         &bb.join("minute_mysteries_qa/freetext/task.json"),
     )?);
     let train_text = read_text_dir(&assets.join("essays"), "essays")?;
+    let train_synth = crate::synth::synthesize(&train_qa, &train_text, SYNTH_ROWS, 300, 0);
+    // CoQA's rows carry their conversation's earlier turns already.
+    let both: Vec<SourcedRecord> = train_qa
+        .iter()
+        .filter(|r| r.source != "coqa")
+        .chain(&train_synth)
+        .cloned()
+        .collect();
     Ok(Split {
-        train_synth: crate::synth::synthesize(&train_qa, &train_text, SYNTH_ROWS, 300, 0),
+        train_multiqa: crate::multiqa::multi_question(
+            &both,
+            MULTIQA_QUESTIONS,
+            &crate::builder::QaTemplate::default(),
+        ),
+        train_synth,
         train_qa,
         train_text,
         eval_qa: read_squad(
@@ -419,8 +439,8 @@ pub struct PrepareSummary {
     pub datasets: Vec<(String, u64, usize)>,
 }
 
-/// Reads the split from `assets` and writes `train/qa`, `train/text` and
-/// `eval/qa` under `out_url`, with a progress bar if `progress`.
+/// Reads the split from `assets` and writes `train/qa`, `train/text`,
+/// `train/synth`, `train/multiqa` and `eval/qa` under `out_url`, with a progress bar if `progress`.
 pub async fn prepare(
     assets: &Path,
     out_url: &str,
@@ -433,6 +453,7 @@ pub async fn prepare(
     let total = (split.train_qa.len()
         + split.train_text.len()
         + split.train_synth.len()
+        + split.train_multiqa.len()
         + split.eval_qa.len()) as u64;
     let bar = if progress {
         indicatif::ProgressBar::new(total)
@@ -449,6 +470,7 @@ pub async fn prepare(
         ("train/qa", &split.train_qa),
         ("train/text", &split.train_text),
         ("train/synth", &split.train_synth),
+        ("train/multiqa", &split.train_multiqa),
         ("eval/qa", &split.eval_qa),
     ] {
         bar.set_message(name);

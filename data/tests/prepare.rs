@@ -85,6 +85,40 @@ fn source_row_counts_match_data_md() {
     let para = &split.eval_qa;
     let len = |r: &kvd_data::writer::SourcedRecord| r.record.text_bytes();
     assert!(art.iter().map(len).sum::<usize>() > 10 * para.iter().map(len).sum::<usize>());
+    // Several questions per context: training contexts only, never CoQA's
+    // (its rows hold their history), each row asking 2 to 3 questions.
+    let multi = &split.train_multiqa;
+    assert!(multi.len() > 5000, "{} multi-question rows", multi.len());
+    let eval: std::collections::HashSet<&str> = para
+        .iter()
+        .filter_map(|r| match &r.record {
+            Record::Qa { context, .. } => Some(context.as_str()),
+            Record::Text { .. } => None,
+        })
+        .collect();
+    for r in multi {
+        let Record::Qa {
+            context, question, ..
+        } = &r.record
+        else {
+            panic!("qa")
+        };
+        assert!(
+            !eval.contains(context.as_str()),
+            "{}: an eval context",
+            r.id
+        );
+        assert!(!r.source.starts_with("coqa"), "{}", r.id);
+        let asked = 1 + question.matches("\n\nQuestion: ").count();
+        assert!(
+            (2..=prepare::MULTIQA_QUESTIONS).contains(&asked),
+            "{}: {asked}",
+            r.id
+        );
+    }
+    for src in ["new_wiki+multi", "synth+multi", "quoref+multi"] {
+        assert!(multi.iter().any(|r| r.source == src), "no {src} rows");
+    }
 }
 
 #[test]
@@ -121,6 +155,10 @@ async fn prepare_writes_datasets_readable_by_pyarrow_and_the_loader() {
             7936 + 10930 + 6500 + 6500 + 274,
             49,
             prepare::SYNTH_ROWS as u64,
+            prepare::read_split(&cache().join("assets"), SquadContext::Paragraph)
+                .expect("split")
+                .train_multiqa
+                .len() as u64,
             10565
         ]
     );
