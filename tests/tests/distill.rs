@@ -215,8 +215,9 @@ fn chunked_kl_equals_unchunked_autograd() {
 fn training_halves_the_kl_and_leaves_base_weights_bit_identical() {
     let m = model();
     let before: Vec<Tensor> = m.weights().iter().map(|w| w.copy()).collect();
+    let template = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
     let run = || {
-        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let a = copy_of(&m, &template);
         let tc = TrainConfig {
             lr: 5e-3,
             warmup_steps: 5,
@@ -312,7 +313,8 @@ fn tokens(n: usize, seed: u64) -> Vec<u32> {
 #[test]
 fn micro_batching_does_not_change_the_step() {
     let m = model();
-    let fresh = || Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+    let template = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+    let fresh = || copy_of(&m, &template);
     let run = |micro: &[Vec<DistillExample>]| {
         let a = fresh();
         let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
@@ -362,6 +364,19 @@ fn micro_batching_does_not_change_the_step() {
     );
 }
 
+/// A fresh adaptor holding `src`'s values. Two runs that must start alike
+/// copy one adaptor: `Adaptor::new` seeds libtorch's global generator and
+/// draws from it while other tests in this process may draw too.
+fn copy_of(m: &Model, src: &Adaptor) -> Adaptor {
+    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    tch::no_grad(|| {
+        for ((_, mut v), (_, w)) in a.named_trainable().into_iter().zip(src.named_trainable()) {
+            v.copy_(&w);
+        }
+    });
+    a
+}
+
 /// Ordering a step's examples by length before cutting micro-batches
 /// (`--bucket-by-length`) keeps every example once, pads fewer positions and
 /// gives the same step.
@@ -390,8 +405,9 @@ fn bucketing_by_length_pads_less_and_keeps_the_step() {
     };
     assert_eq!(lens(&plain), [40, 10, 38, 12]);
     assert_eq!(lens(&sorted), [10, 12, 38, 40]);
+    let template = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
     let run = |micro: &[Vec<DistillExample>]| {
-        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let a = copy_of(&m, &template);
         let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
         t.train_step(&m, &a, micro).expect("step")
     };
@@ -449,8 +465,9 @@ fn a_token_budget_packs_short_examples_and_keeps_the_step() {
         sizes(&split_by_tokens(exs.clone(), 8, 30)),
         [1, 1, 1, 1, 1, 1, 1, 1]
     );
+    let template = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
     let run = |micro: &[Vec<DistillExample>]| {
-        let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 7).expect("adaptor");
+        let a = copy_of(&m, &template);
         let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
         t.train_step(&m, &a, micro).expect("step")
     };

@@ -265,10 +265,22 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
             answer: None,
         })
         .collect();
+    // One initialisation for both runs (`Adaptor::new` draws from the global
+    // generator, which other tests in this process use at the same time).
+    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 2).expect("adaptor");
     let grad_of = |w: f64| {
         let mut cfg = base_cfg();
         cfg.select_weight = w;
         let a = Adaptor::new(m.config(), cfg.clone(), Device::Cpu, 2).expect("adaptor");
+        tch::no_grad(|| {
+            for ((_, mut v), (_, t)) in a
+                .named_trainable()
+                .into_iter()
+                .zip(template.named_trainable())
+            {
+                v.copy_(&t);
+            }
+        });
         let s = distill_step(&m, &a, &cfg, &batch, 1.0, Backward::Stored, None).expect("step");
         let g = a
             .named_trainable()
