@@ -64,6 +64,27 @@ PROJ_MODULE = {
 _DECODER_BIAS = {"bias": None}
 
 
+def capture_features(owner, model, layer):
+    """Stores the hidden states after `layer` layers in `owner.features` at
+    every forward (the scorer's input)."""
+    assert 1 <= layer <= model.config.num_hidden_layers
+
+    def capture(module, inputs, out):
+        owner.features = out[0] if isinstance(out, tuple) else out
+
+    model.model.layers[layer - 1].register_forward_hook(capture)
+
+
+def cache_keyword(model):
+    """The cache argument of the model body's forward: `cache` in recent
+    transformers 5.x, `past_key_values` before (an unknown keyword would be
+    silently ignored)."""
+    import inspect
+
+    params = inspect.signature(type(model.model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def gather_kept(enc, idx, comp):
     """Appends the kept positions `idx` [batch, slots] of every layer of the
     encoder output's cache to `comp` (a DynamicCache). The output's cache is
@@ -250,19 +271,8 @@ class Step:
         self.cfg = distill
         self.body = torch.compile(model.model, mode=compile_mode) if compile_mode else model.model
         self.features = None
-        layer = distill["scorer_layer"]
-        assert 1 <= layer <= model.config.num_hidden_layers
-
-        def capture(module, inputs, out):
-            self.features = out[0] if isinstance(out, tuple) else out
-
-        model.model.layers[layer - 1].register_forward_hook(capture)
-        # The cache argument is `cache` in recent transformers 5.x and
-        # `past_key_values` before (an unknown keyword is silently ignored).
-        import inspect
-
-        params = inspect.signature(type(model.model).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        capture_features(self, model, distill["scorer_layer"])
+        self.cache_kw = cache_keyword(model)
 
     def set_attention(self, name):
         self.model.config._attn_implementation = name
@@ -656,17 +666,8 @@ class FastStep:
         self.plan = SelectPlan(batch, lc, dev)
         self.zeros_suffix = torch.zeros(b, lx, device=dev)
         self.features = None
-        layer = distill["scorer_layer"]
-        assert 1 <= layer <= model.config.num_hidden_layers
-
-        def capture(module, inputs, out):
-            self.features = out[0] if isinstance(out, tuple) else out
-
-        model.model.layers[layer - 1].register_forward_hook(capture)
-        import inspect
-
-        params_sig = inspect.signature(type(model.model).forward).parameters
-        self.cache_kw = "cache" if "cache" in params_sig else "past_key_values"
+        capture_features(self, model, distill["scorer_layer"])
+        self.cache_kw = cache_keyword(model)
         from transformers import DynamicCache  # here: an import inside the compiled step breaks its graph
 
         try:

@@ -377,24 +377,28 @@ fn copy_of(m: &Model, src: &Adaptor) -> Adaptor {
     a
 }
 
+/// A context of `n` tokens, one span after its first, a 9-token suffix, r = 0.25.
+fn span_example(n: usize, seed: u64) -> DistillExample {
+    DistillExample {
+        context: tokens(n, seed),
+        spans: vec![(1, n - 1)],
+        suffix: tokens(9, seed + 100),
+        ratio: 0.25,
+        answer: None,
+    }
+}
+
 /// Ordering a step's examples by length before cutting micro-batches
 /// (`--bucket-by-length`) keeps every example once, pads fewer positions and
 /// gives the same step.
 #[test]
 fn bucketing_by_length_pads_less_and_keeps_the_step() {
     let m = model();
-    let example = |n: usize, seed: u64| DistillExample {
-        context: tokens(n, seed),
-        spans: vec![(1, n - 1)],
-        suffix: tokens(9, seed + 100),
-        ratio: 0.25,
-        answer: None,
-    };
     let exs = vec![
-        example(40, 1),
-        example(10, 2),
-        example(38, 3),
-        example(12, 4),
+        span_example(40, 1),
+        span_example(10, 2),
+        span_example(38, 3),
+        span_example(12, 4),
     ];
     let plain = split_micro_batches(exs.clone(), 2, false);
     let sorted = split_micro_batches(exs.clone(), 2, true);
@@ -430,18 +434,11 @@ fn bucketing_by_length_pads_less_and_keeps_the_step() {
 #[test]
 fn a_token_budget_packs_short_examples_and_keeps_the_step() {
     let m = model();
-    let example = |n: usize, seed: u64| DistillExample {
-        context: tokens(n, seed),
-        spans: vec![(1, n - 1)],
-        suffix: tokens(9, seed + 100),
-        ratio: 0.25,
-        answer: None,
-    };
     let lens = [40, 10, 10, 38, 10, 12, 10, 10];
     let exs: Vec<DistillExample> = lens
         .iter()
         .enumerate()
-        .map(|(i, &n)| example(n, i as u64 + 1))
+        .map(|(i, &n)| span_example(n, i as u64 + 1))
         .collect();
     let fixed = split_micro_batches(exs.clone(), 2, true);
     // The budget of two of the longest examples.
