@@ -202,11 +202,13 @@ class Adaptor:
             mod.register_forward_hook(hook)
 
 
-def kl_mix(teacher, student, a, tau, chunk):
-    """loss.rs: value and analytic gradient of a*KL(p_T||p_S) + (1-a)*KL(p_S||p_T)."""
+def kl_mix(teacher, student, a, tau, chunk, on_device=False):
+    """loss.rs: value and analytic gradient of a*KL(p_T||p_S) + (1-a)*KL(p_S||p_T).
+    With `on_device`, no `.item()`: loss, fkl and rkl are 0-dim float64 tensors
+    (the same float64 sums, chunk by chunk, in the same order)."""
     with torch.no_grad():
         rows = student.shape[0]
-        grad = torch.zeros_like(student)
+        grad = torch.empty_like(student)
         fsum = rsum = 0.0
         chunk = max(chunk, 1)
         for start in range(0, rows, chunk):
@@ -219,14 +221,14 @@ def kl_mix(teacher, student, a, tau, chunk):
             diff = logq - logp
             fkl = (p * -diff).sum(-1, keepdim=True)
             rkl = (q * diff).sum(-1, keepdim=True)
-            fsum += fkl.double().sum().item()
-            rsum += rkl.double().sum().item()
+            fs, rs = fkl.double().sum(), rkl.double().sum()
+            fsum = fsum + (fs if on_device else fs.item())
+            rsum = rsum + (rs if on_device else rs.item())
             g = (q - p) * a + q * (diff - rkl) * (1.0 - a)
             grad[start:end] = (g / (tau * rows)).to(grad.dtype)
         n = max(rows, 1)
         fkl, rkl = fsum / n, rsum / n
         return a * fkl + (1 - a) * rkl, fkl, rkl, grad
-
 
 def lr_at(train, step):
     if step < train["warmup_steps"]:
@@ -524,32 +526,8 @@ def check_select(trials=300, seed=0):
 
 
 def kl_mix_device(teacher, student, a, tau, chunk):
-    """`kl_mix` without `.item()`: loss, fkl and rkl are 0-dim float64 tensors
-    (the same float64 sums, chunk by chunk, in the same order)."""
-    with torch.no_grad():
-        rows = student.shape[0]
-        grad = torch.empty_like(student)
-        fsum = rsum = None
-        chunk = max(chunk, 1)
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            t = teacher[start:end].float() / tau
-            s = student[start:end].float() / tau
-            logp = t.log_softmax(-1)
-            logq = s.log_softmax(-1)
-            p, q = logp.exp(), logq.exp()
-            diff = logq - logp
-            fkl = (p * -diff).sum(-1, keepdim=True)
-            rkl = (q * diff).sum(-1, keepdim=True)
-            fs, rs = fkl.double().sum(), rkl.double().sum()
-            fsum = fs if fsum is None else fsum + fs
-            rsum = rs if rsum is None else rsum + rs
-            g = (q - p) * a + q * (diff - rkl) * (1.0 - a)
-            grad[start:end] = (g / (tau * rows)).to(grad.dtype)
-        n = max(rows, 1)
-        fkl, rkl = fsum / n, rsum / n
-        return a * fkl + (1 - a) * rkl, fkl, rkl, grad
-
+    """`kl_mix` without `.item()` (its `on_device` form)."""
+    return kl_mix(teacher, student, a, tau, chunk, on_device=True)
 
 class FusedAdamW:
     """`torch.optim.AdamW(fused=True)` with a tensor learning rate, filled
