@@ -7,6 +7,9 @@
 #   .dev/c2: the rest of the GGUF, the release kv-distill (xz)
 #   .dev/c3: the prepared training data (train/qa; train/text, train/synth,
 #            train/multiqa)
+#   .dev/c4: with CKPT=DIR, the checkpoint parts ckpt-NAME.tar.partNN that an
+#            earlier session's `PACK_CKPT=NAME` brought back (stash it before
+#            c3; `assemble` restores them and `train` resumes them)
 # Needs `make build` (release binaries) and the assets of `make setup`; runs
 # `kvd-data prepare` when the data is missing. Usage: bench/device_carry.sh
 set -euo pipefail
@@ -23,8 +26,14 @@ done
 [ -f "$data/train/multiqa/manifest.json" ] ||
   "$bin/kvd-data" prepare --assets "$assets" --out "file://$data"
 out=$here/.dev
-rm -rf "$out/c1" "$out/c2" "$out/c3"
+rm -rf "$out/c1" "$out/c2" "$out/c3" "$out/c4"
 mkdir -p "$out/c1" "$out/c2" "$out/c3"
+folders="c1 c2 c3"
+if [ -n "${CKPT:-}" ]; then
+  mkdir -p "$out/c4"
+  cp "$CKPT"/ckpt-*.tar.part* "$out/c4/"
+  folders="$folders c4"
+fi
 head -c 52000000 "$gguf" > "$out/c1/gguf.part1"
 tail -c +52000001 "$gguf" > "$out/c2/gguf.part2"
 xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squad.json.xz"
@@ -33,7 +42,7 @@ xz -9e -T2 -c "$bin/kv-distill" > "$out/c2/kvd.xz"
 tar -C "$data" -cf "$out/c3/qa.tar" train/qa
 tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth train/multiqa
 repo=$(cd "$here" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-for c in c1 c2 c3; do
+for c in $folders; do
   size=$(du -cb "$out/$c" | tail -1 | cut -f1)
   echo "$out/$c: $size bytes (+ repository $repo; limit $limit)"
   if [ $((size + repo)) -gt "$limit" ]; then

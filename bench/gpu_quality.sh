@@ -12,8 +12,9 @@
 #       --data DATA/train/... flags (DATA/ = the prepared data's directory)
 #   bench/gpu_quality.sh needle BIN MODEL HAYSTACK OUT ITEMS RATIOS METHODS NAME...
 #       the needle test of each NAME's adaptor (all at once) -> OUT/needle-NAME/;
-#       NAME `none` runs BASE_METHODS (default: every training-free method) at
-#       BASE_RATIOS (default RATIOS) instead; EVAL_LIMIT_S bounds each run
+#       NAME `none` runs each of BASE_METHODS (default: every training-free
+#       method) at BASE_RATIOS (default RATIOS) in a process of its own ->
+#       OUT/needle-none-METHOD/; EVAL_LIMIT_S bounds each run
 #   bench/gpu_quality.sh squad BIN MODEL SQUAD OUT QUESTIONS RATIOS METHODS NAME...
 #       SQuAD v1.1 dev for each NAME's adaptor -> OUT/squad-NAME/
 #
@@ -49,16 +50,27 @@ case $PHASE in
     ;;
   needle|squad)
     ITEMS=$1 RATIOS=$2 METHODS=$3; shift 3
+    # NAME `none` becomes one run per training-free method (none-METHOD), so
+    # each gets the whole time limit; merge them with bench/merge_eval.py.
+    names=()
     for name in "$@"; do
+      if [ "$name" = none ]; then
+        IFS=, read -ra base <<< "${BASE_METHODS:-random,streaming_llm,key_norm,h2o,snapkv,tova,expected_attention,snapkv_question}"
+        for m in "${base[@]}"; do names+=("none-$m"); done
+      else
+        names+=("$name")
+      fi
+    done
+    for name in "${names[@]}"; do
       if [ "$PHASE" = needle ]; then
         task=(--task needle --haystack "$SRC" --max-new-tokens 32)
       else
         task=(--task squad --squad "$SRC" --max-new-tokens 24)
       fi
       adaptor=() methods=$METHODS ratios=$RATIOS
-      if [ "$name" = none ]; then
-        # The training-free methods alone (BASE_METHODS, BASE_RATIOS).
-        methods=${BASE_METHODS:-random,streaming_llm,key_norm,h2o,snapkv,tova,expected_attention,snapkv_question}
+      if [[ "$name" == none-* ]]; then
+        # One training-free method alone (at BASE_RATIOS).
+        methods=${name#none-}
         ratios=${BASE_RATIOS:-$RATIOS}
       else
         adaptor=(--adaptor "$KEEP/$name.safetensors")

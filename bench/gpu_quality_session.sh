@@ -8,6 +8,7 @@
 #   bench/gpu_quality_session.sh stash .dev/c1  # call 1 (carry .dev/c1)
 #   bench/gpu_quality_session.sh stash .dev/c2  # call 2 (carry .dev/c2)
 #   bench/gpu_quality_session.sh stash .dev/c3 && bench/gpu_quality_session.sh assemble  # call 3
+#     (assemble also restores checkpoints carried in as ckpt-NAME.tar.partNN)
 #   bench/gpu_quality_session.sh train SECONDS NAME=FLAGS...   # resumes NAME's checkpoint
 #   bench/gpu_quality_session.sh needle ITEMS RATIOS METHODS NAME...
 #   bench/gpu_quality_session.sh squad QUESTIONS RATIOS METHODS NAME...
@@ -18,11 +19,24 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=$KEEP/out
 stage=$1
 shift
-# What comes back: everything under $KEEP/out as one archive, and adaptors.
+# What comes back: everything under $KEEP/out as one archive, and adaptors;
+# with PACK_CKPT="NAME ..." those arms' newest checkpoints instead of their
+# adaptors (a checkpoint holds the adaptor and the optimizer state), as
+# ckpt-NAME.tar.partNN of 15 MiB (the device tool returns 8 files of at most
+# 16 MiB, 64 MiB in all), for a later session to carry in and resume.
 pack() {
   [ -n "${OUT:-}" ] || return 0
   tar -czf "$OUT/out.tgz" -C "$KEEP" out 2>/dev/null
-  for a in "$KEEP"/*.safetensors; do [ -e "$a" ] && cp "$a" "$OUT/"; done
+  for a in "$KEEP"/*.safetensors; do
+    [ -e "$a" ] || continue
+    name=$(basename "$a" .safetensors)
+    [[ " ${PACK_CKPT:-} " == *" $name "* ]] || cp "$a" "$OUT/"
+  done
+  for name in ${PACK_CKPT:-}; do
+    step=$(cd "$KEEP/$name.ckpt" 2>/dev/null && ls -d step-* | sort | tail -1)
+    [ -n "$step" ] || { echo "pack: no checkpoint of $name" >&2; continue; }
+    tar -cf - -C "$KEEP" "$name.ckpt/$step" | split -b 15M -d - "$OUT/ckpt-$name.tar.part"
+  done
   ls -l "$OUT"
 }
 trap pack EXIT
@@ -39,6 +53,11 @@ case $stage in
       xz -dc "$KEEP/squad.json.xz" > "$KEEP/squad.json" &&
       tar -C "$KEEP" -xJf "$KEEP/essays.tar.xz" &&
       xz -dc "$KEEP/kvd.xz" > "$KEEP/kv-distill" && chmod +x "$KEEP/kv-distill" &&
+      for p in "$KEEP"/ckpt-*.tar.part00; do
+        # A checkpoint carried from an earlier session: `train` resumes it.
+        [ -e "$p" ] || continue
+        cat "${p%00}"* | tar -x -C "$KEEP" && echo "restored $(basename "${p%.tar.part00}")"
+      done &&
       . scripts/gpu_env.sh && "$KEEP/kv-distill" devices
     ;;
   train)
