@@ -301,6 +301,22 @@ fn bench_step_reports_throughput_flops_and_mfu() {
         "{}",
         text(&out.stderr)
     );
+    // `--method train` times the method `train` trains by default (LoRA on
+    // q,k,v,o of rank 16, K/V at every position, the σ(s) feed, the selection
+    // loss): more adaptor FLOPs than the reference's q,o of rank 8, another loss.
+    let job = report(bench("1").args(["--method", "train"]));
+    assert_eq!(
+        (&line["method"], &job["method"]),
+        (&"reference".into(), &"train".into())
+    );
+    let lora = |l: &serde_json::Value| l["step_tflop"].as_f64().unwrap();
+    assert!(lora(&job) > lora(&full), "{job} vs {full}");
+    assert_ne!(job["losses"][0], full["losses"][0], "{job}");
+    assert!(job["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().unwrap().is_finite()));
     // Bad shapes are refused.
     let bad = run(&[
         "bench-step",

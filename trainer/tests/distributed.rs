@@ -1042,6 +1042,62 @@ fn an_allocation_failure_mid_step_is_named_and_keeps_the_checkpoint() {
     assert_same_adaptor(&out, reference_out);
 }
 
+/// `train --step-phases` logs, at every log line, the mean seconds per step
+/// of each phase of the step (what a job's time goes to, on the device where
+/// a benchmark's shapes differ from the job's), and trains the same adaptor.
+#[test]
+fn train_step_phases_are_logged_and_change_nothing() {
+    let (_, reference_out, _) = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("phases.safetensors");
+    let o = Command::new(BIN)
+        .args([
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+            "train",
+            "--step-phases",
+        ])
+        .args(train_flags(&out))
+        .output()
+        .expect("train");
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let of = |m: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|v| v["fields"]["message"] == m)
+            .collect()
+    };
+    let phases = of("step phases");
+    assert_eq!(phases.len(), STEPS.parse::<usize>().unwrap(), "{log}");
+    assert_eq!(of("step").len(), phases.len(), "one per logged step: {log}");
+    for (i, p) in phases.iter().enumerate() {
+        assert_eq!(p["fields"]["step"], i as u64 + 1, "{p}");
+        let per_step: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(p["fields"]["phases_s"].as_str().expect("phases_s"))
+                .expect("phases_s is a JSON object");
+        for name in [
+            "teacher",
+            "scorer",
+            "encoder",
+            "decoder",
+            "kl",
+            "backward",
+            "optimizer",
+        ] {
+            let t = per_step.get(name).and_then(|v| v.as_f64());
+            assert!(t.is_some_and(|t| t > 0.0), "{name} missing or zero: {p}");
+        }
+    }
+    assert_same_adaptor(&out, reference_out);
+}
+
 /// A checkpoint directory in which no checkpoint can be written: a plain
 /// file stands where each step's directory would go (even root cannot create
 /// a directory there, and the local store does not retry).

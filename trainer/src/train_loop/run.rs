@@ -199,6 +199,20 @@ pub fn run<H: LoopHooks>(
                     report_s = hooks.report_s(),
                     "step"
                 );
+                if crate::distill::phases::enabled() {
+                    // Mean seconds per step of each phase since the last log line.
+                    let per_step: std::collections::BTreeMap<&str, f64> =
+                        crate::distill::phases::take()
+                            .into_iter()
+                            .map(|(k, v)| (k, v / job.log_every as f64))
+                            .collect();
+                    tracing::info!(
+                        rank = at.rank,
+                        step = done,
+                        phases_s = %serde_json::json!(per_step),
+                        "step phases"
+                    );
+                }
             }
         }
         let is_last = done == total as u64;

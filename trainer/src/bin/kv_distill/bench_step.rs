@@ -63,6 +63,14 @@ pub(crate) struct BenchStepArgs {
     /// and report the mean seconds per phase.
     #[arg(long, env = "KVD_STEP_PHASES")]
     step_phases: bool,
+    /// Which method's step: reference (scorer on layer 3, LoRA on q,o of rank
+    /// 8, the straight-through score feed, no selection loss: what the PyTorch
+    /// reference `bench/kvdistill_ref.py` implements) or train (the method
+    /// `train` and `worker` train by default: LoRA on q,k,v,o with K/V at every
+    /// position, the σ(s) feed, sinks, the selection loss), to compare a
+    /// training job's tokens/s with its own step.
+    #[arg(long, default_value = "reference", value_parser = ["reference", "train"])]
+    method: String,
 }
 
 /// Device memory in use (bytes), from the CUDA driver: torch's cache included.
@@ -117,7 +125,10 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let distill = DistillConfig::default();
+    let distill = match a.method.as_str() {
+        "train" => super::distill_cmds::MethodArgs::train_defaults()?.distill_config()?,
+        _ => DistillConfig::default(),
+    };
     let adaptor = Adaptor::new(model.config(), distill.clone(), device, 0)?;
     let train_cfg = trainer_cfg(a.iters);
     let mut trainer = Trainer::new(&adaptor, train_cfg.clone())?;
@@ -183,7 +194,7 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "mfu": flops.total() / median / a.peak_flops,
         "device_memory_gib": peak_mem as f64 / (1u64 << 30) as f64,
         "host_peak_rss_gib": host_peak_rss().unwrap_or(0) as f64 / (1u64 << 30) as f64,
-        "recompute_encoder": a.recompute_encoder,
+        "recompute_encoder": a.recompute_encoder, "method": a.method,
         "losses": losses, "phases_s": phases,
         "cuda_graphs": a.cuda_graphs,
         "graph_replays": trainer.cuda_graphs().map_or(0, |g| g.replays()),

@@ -48,51 +48,10 @@ impl StoreArgs {
     }
 }
 
-/// Arguments of `train`.
-#[derive(Args, Debug)]
-pub(crate) struct TrainArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Dataset URL (file://, s3://, gs://, az:// or a path) prepared by `kvd-data
-    /// prepare`; repeatable.
-    #[arg(long, required = true)]
-    data: Vec<String>,
-    /// Integer mixing weight per dataset (steps per schedule cycle), e.g. 3,1.
-    #[arg(long, value_delimiter = ',')]
-    weights: Vec<u32>,
-    #[command(flatten)]
-    store: StoreArgs,
-    /// Where the adaptor is written (safetensors; a path, or for a worker also
-    /// an object URL).
-    #[arg(long)]
-    pub out: Option<String>,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
-    pub steps: usize,
-    /// Examples per optimizer step.
-    #[arg(long, default_value_t = 16)]
-    global_batch: usize,
-    /// Examples per forward/backward (the rest accumulate).
-    #[arg(long, default_value_t = 8)]
-    micro_batch: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Linear warmup steps.
-    #[arg(long, default_value_t = 50)]
-    warmup: usize,
-    /// Gradient clipping norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    /// Retention ratios drawn per example.
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.8")]
-    ratios: Vec<f32>,
-    /// Tokens per example at most (the model window or less).
-    #[arg(long, default_value_t = 1024)]
-    max_len: usize,
-    /// Continuation tokens of text rows.
-    #[arg(long, default_value_t = 128)]
-    text_suffix: usize,
+/// The method's flags (what `train` and `worker` train; `bench-step
+/// --method train` times the defaults).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct MethodArgs {
     /// The scorer reads the state after this many layers.
     #[arg(long, default_value_t = 6)]
     scorer_layer: usize,
@@ -146,6 +105,111 @@ pub(crate) struct TrainArgs {
     /// The same pool in training's selection (0: the raw scores, as measured).
     #[arg(long, default_value_t = 0)]
     train_span_pool: usize,
+}
+
+impl MethodArgs {
+    /// The flags' defaults: the method `train` trains unless told otherwise.
+    pub(crate) fn train_defaults() -> Result<MethodArgs> {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            method: MethodArgs,
+        }
+        let matches = Only::command().try_get_matches_from(["method"])?;
+        Ok(Only::from_arg_matches(&matches)?.method)
+    }
+
+    /// The method's configuration, checked.
+    pub(crate) fn distill_config(&self) -> Result<DistillConfig> {
+        let targets = self
+            .lora_targets
+            .iter()
+            .map(|t| Proj::parse(t).with_context(|| format!("unknown LoRA target `{t}`")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DistillConfig {
+            scorer_layer: self.scorer_layer,
+            lora: LoraConfig {
+                targets,
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                dropout: 0.0,
+                rslora: match self.lora_scaling.as_str() {
+                    "rs" => true,
+                    "standard" => false,
+                    x => bail!("--lora-scaling `{x}`: expected rs or standard"),
+                },
+                kv_all_tokens: match self.lora_kv_positions.as_str() {
+                    "all" => true,
+                    "kept" => false,
+                    x => bail!("--lora-kv-positions `{x}`: expected all or kept"),
+                },
+            },
+            kl_forward_weight: self.kl_forward_weight,
+            answer_only: self.answer_only,
+            score_feed: ScoreFeed::parse(&self.score_feed).with_context(|| {
+                format!(
+                    "unknown --score-feed `{}` (straight_through, direct, log_sigmoid)",
+                    self.score_feed
+                )
+            })?,
+            sinks: self.sinks,
+            select_weight: self.select_weight,
+            span_pool: self.span_pool,
+            train_span_pool: self.train_span_pool,
+            scorer_norm: self.scorer_input == "rms",
+            ..DistillConfig::default()
+        })
+    }
+}
+
+/// Arguments of `train`.
+#[derive(Args, Debug)]
+pub(crate) struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset URL (file://, s3://, gs://, az:// or a path) prepared by `kvd-data
+    /// prepare`; repeatable.
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// Integer mixing weight per dataset (steps per schedule cycle), e.g. 3,1.
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<u32>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where the adaptor is written (safetensors; a path, or for a worker also
+    /// an object URL).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    global_batch: usize,
+    /// Examples per forward/backward (the rest accumulate).
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Gradient clipping norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Retention ratios drawn per example.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.8")]
+    ratios: Vec<f32>,
+    /// Tokens per example at most (the model window or less).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Continuation tokens of text rows.
+    #[arg(long, default_value_t = 128)]
+    text_suffix: usize,
+    #[command(flatten)]
+    pub method: MethodArgs,
     /// Skip (count and log) bad rows instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
@@ -181,6 +245,11 @@ pub(crate) struct TrainArgs {
     /// one more encoder forward). Lets larger --micro-batch values fit.
     #[arg(long)]
     recompute_encoder: bool,
+    /// Time the step's phases (teacher, scorer, encoder, decoder, loss,
+    /// backward, optimizer; the device synchronizes between them, so the job
+    /// runs slower) and log their mean seconds per step at every log line.
+    #[arg(long, env = "KVD_STEP_PHASES")]
+    step_phases: bool,
     /// Fault injection for recovery tests: `kill|term:rank=R:step=S[:at=step|upload]`
     /// or `alloc:rank=R:step=S` (an allocation failure inside the step).
     #[arg(long, env = "KVD_CHAOS", hide_env_values = true)]
@@ -191,6 +260,11 @@ pub(crate) struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Turns on what the flags ask of the whole process (phase timing).
+    pub(crate) fn set_process_options(&self) {
+        kvd_trainer::distill::phases::set_enabled(self.step_phases);
+    }
+
     /// The fault of --chaos, if any.
     pub(crate) fn chaos(&self) -> Result<Option<Chaos>> {
         self.chaos
@@ -227,11 +301,6 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         n if n == a.data.len() => a.weights.clone(),
         n => bail!("{n} --weights for {} --data", a.data.len()),
     };
-    let targets = a
-        .lora_targets
-        .iter()
-        .map(|t| Proj::parse(t).with_context(|| format!("unknown LoRA target `{t}`")))
-        .collect::<Result<Vec<_>>>()?;
     let job = TrainJob {
         data: a
             .data
@@ -255,39 +324,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
             threads: a.data_threads.max(1),
             ..BuilderConfig::default()
         },
-        distill: DistillConfig {
-            scorer_layer: a.scorer_layer,
-            lora: LoraConfig {
-                targets,
-                rank: a.lora_rank,
-                alpha: a.lora_alpha,
-                dropout: 0.0,
-                rslora: match a.lora_scaling.as_str() {
-                    "rs" => true,
-                    "standard" => false,
-                    x => bail!("--lora-scaling `{x}`: expected rs or standard"),
-                },
-                kv_all_tokens: match a.lora_kv_positions.as_str() {
-                    "all" => true,
-                    "kept" => false,
-                    x => bail!("--lora-kv-positions `{x}`: expected all or kept"),
-                },
-            },
-            kl_forward_weight: a.kl_forward_weight,
-            answer_only: a.answer_only,
-            score_feed: ScoreFeed::parse(&a.score_feed).with_context(|| {
-                format!(
-                    "unknown --score-feed `{}` (straight_through, direct, log_sigmoid)",
-                    a.score_feed
-                )
-            })?,
-            sinks: a.sinks,
-            select_weight: a.select_weight,
-            span_pool: a.span_pool,
-            train_span_pool: a.train_span_pool,
-            scorer_norm: a.scorer_input == "rms",
-            ..DistillConfig::default()
-        },
+        distill: a.method.distill_config()?,
         train: TrainConfig {
             lr: a.lr,
             warmup_steps: a.warmup,
@@ -323,6 +360,7 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
     }
     let (model, tok) = load(&a.model)?;
     let job = build_job(&a, &model)?;
+    a.set_process_options();
     tracing::info!(job = %job.log_json(), "training");
     let bar = ProgressBar::new(a.steps as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")

@@ -98,6 +98,7 @@ pub(crate) fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
     let token = token(&a)?;
     let (model, tok) = load(&a.train.model)?;
     let job = build_job(&a.train, &model)?;
+    a.train.set_process_options();
     let name = a.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The training job against its own step on one H200 (issue 17), from the repo
+# root, after bench/gpu_quality_session.sh stash/assemble (KEEP holds the
+# binary, smol.gguf and the prepared data):
+#   bench/gpu_job.sh OUT
+# 1. bench-step of the job's method (`--method train`) and of the reference's
+#    at the job's median shape (train/qa: context ~350 tokens, suffix ~32;
+#    SHAPE=span:suffix) with 64 examples, each also with --step-phases;
+# 2. bench-step --method train at 64 x (1,024 + 256), with and without
+#    --recompute-encoder (device memory);
+# 3. `train` on train/qa for JOB_S seconds (default 60) per setting of JOBS
+#    (`;`-separated flag sets), then JOB_S/2 more with --step-phases (the
+#    phase split per step; the synchronizations slow it, so apart).
+# Everything lands in OUT/job.tgz (the device tool returns few files):
+# bench.jsonl (one line per bench-step), job-N.log / job-N-phases.log.
+# Summarise with bench/summarize_job.py DIR (DIR: job.tgz unpacked).
+set -uo pipefail
+KEEP=${KEEP:-/root/keep}
+DEST=$1
+OUT=$KEEP/job-out
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/gpu_env.sh"
+B=$KEEP/kv-distill M=$KEEP/smol.gguf
+SHAPE=${SHAPE:-352:32}
+JOB_S=${JOB_S:-60}
+JOBS=${JOBS:-"--micro-batch 64 --recompute-encoder;--micro-batch 32;--micro-batch 16 --bucket-by-length"}
+rm -rf "$OUT" && mkdir -p "$OUT" "$DEST"
+trap 'tar -czf "$DEST/job.tgz" -C "$OUT" . && ls -l "$DEST"' EXIT
+bench() {
+  timeout 120 "$B" bench-step --model "$M" --device cuda --dtype bf16 --iters 5 "$@" \
+    >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step $* failed" >&2
+}
+span=${SHAPE%:*} suffix=${SHAPE#*:}
+for method in train reference; do
+  for phases in "" --step-phases; do
+    bench --method $method --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 $phases
+  done
+done
+for r in "" --recompute-encoder; do
+  bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
+done
+IFS=';' read -ra sets <<< "$JOBS"
+i=0
+for flags in "${sets[@]}"; do
+  i=$((i + 1))
+  echo "job $i: $flags" >> "$OUT/jobs.txt"
+  for phases in "" --step-phases; do
+    secs=$JOB_S log=$OUT/job-$i.log
+    [ -n "$phases" ] && secs=$((JOB_S / 2)) log=$OUT/job-$i-phases.log
+    # shellcheck disable=SC2086
+    timeout $((secs + 60)) "$B" --log-format json train --model "$M" --device cuda --dtype bf16 \
+      --data "file://$KEEP/data/train/qa" --global-batch 64 --max-len 1024 --steps 100000 \
+      --time-limit-s "$secs" --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
+      --log-every 5 --out "$KEEP/job-$i.safetensors" $phases $flags \
+      > /dev/null 2> "$log" || echo "job $i $phases failed" >&2
+    rm -rf "$KEEP/job-$i.safetensors" "$KEEP/job-$i.ckpt"
+  done
+done
