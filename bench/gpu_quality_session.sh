@@ -12,6 +12,7 @@
 #   bench/gpu_quality_session.sh train SECONDS NAME=FLAGS...   # resumes NAME's checkpoint
 #   bench/gpu_quality_session.sh needle ITEMS RATIOS METHODS NAME...
 #   bench/gpu_quality_session.sh squad QUESTIONS RATIOS METHODS NAME...
+#   PACK_CKPT="NAME ..." bench/gpu_quality_session.sh pack   # last in a call
 set -uo pipefail
 KEEP=${KEEP:-/root/keep}
 export KEEP
@@ -26,6 +27,8 @@ shift
 # 16 MiB, 64 MiB in all), for a later session to carry in and resume.
 pack() {
   [ -n "${OUT:-}" ] || return 0
+  # The last invocation of a call decides what comes back (several may pack).
+  rm -f "$OUT"/*.safetensors "$OUT"/ckpt-*
   tar -czf "$OUT/out.tgz" -C "$KEEP" out 2>/dev/null
   for a in "$KEEP"/*.safetensors; do
     [ -e "$a" ] || continue
@@ -73,6 +76,10 @@ case $stage in
     ;;
   squad)
     "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR" "$@"
+    ;;
+  pack)
+    # Nothing but what every stage does on exit: with PACK_CKPT, after the
+    # evaluations of a call, to bring the checkpoints back.
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
