@@ -1042,6 +1042,37 @@ fn an_allocation_failure_mid_step_is_named_and_keeps_the_checkpoint() {
     assert_same_adaptor(&out, reference_out);
 }
 
+/// A row that cannot become an example stops `train` with an error that names
+/// the file, row and column, and says how to get past it.
+#[test]
+fn a_bad_row_names_the_row_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bad.safetensors");
+    let mut flags: Vec<String> = train_flags(&out)
+        .into_iter()
+        .filter(|f| f != "--skip-bad-rows")
+        .collect();
+    // 40 tokens leave no room for a span beside most questions and answers.
+    let at = flags.iter().position(|f| f == "--max-len").unwrap();
+    flags[at + 1] = "40".into();
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "train"])
+        .args(&flags)
+        .output()
+        .expect("train");
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("no room for span") && log.contains(".parquet") && log.contains("row "),
+        "{log}"
+    );
+    assert!(
+        log.contains("fix: a larger --max-len, or --skip-bad-rows"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// `train --step-phases` logs, at every log line, the mean seconds per step
 /// of each phase of the step (what a job's time goes to, on the device where
 /// a benchmark's shapes differ from the job's), and trains the same adaptor.

@@ -31,7 +31,7 @@ pub fn mix_schedule(weights: &[u32], steps: usize) -> Vec<usize> {
 
 /// A step's examples (this rank's share) and the cursors after it, built on
 /// the producer thread.
-pub type Produced = std::result::Result<(RankBatch, Vec<Cursor>), String>;
+pub type Produced = std::result::Result<(RankBatch, Vec<Cursor>), ModelError>;
 
 /// Where a producer starts and which share it reads.
 #[derive(Debug, Clone)]
@@ -65,7 +65,9 @@ pub fn spawn_producer(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = tx.send(Err(format!("cannot start the data runtime: {e}")));
+                    let _ = tx.send(Err(ModelError::Input(format!(
+                        "cannot start the data runtime: {e}"
+                    ))));
                     return;
                 }
             };
@@ -76,7 +78,7 @@ pub fn spawn_producer(
                     let ds = match Dataset::open(&mix.url, job.dataset.clone()).await {
                         Ok(d) => Arc::new(d),
                         Err(e) => {
-                            let _ = tx.send(Err(e.to_string()));
+                            let _ = tx.send(Err(ModelError::Data(e)));
                             return;
                         }
                     };
@@ -94,20 +96,20 @@ pub fn spawn_producer(
                 }
                 if let Some(saved) = start.cursors {
                     if saved.len() != cursors.len() {
-                        let _ = tx.send(Err(format!(
+                        let _ = tx.send(Err(ModelError::Input(format!(
                             "the checkpoint has {} data cursors for {} datasets",
                             saved.len(),
                             cursors.len()
-                        )));
+                        ))));
                         return;
                     }
                     for (i, (c, fresh)) in saved.iter().zip(&cursors).enumerate() {
                         if c.manifest_hash != fresh.manifest_hash || c.seed != fresh.seed {
-                            let _ = tx.send(Err(format!(
+                            let _ = tx.send(Err(ModelError::Input(format!(
                                 "the checkpoint's cursor of dataset {} ({}) is for another \
                                  dataset manifest or seed",
                                 i, job.data[i].url
-                            )));
+                            ))));
                             return;
                         }
                     }
@@ -121,7 +123,7 @@ pub fn spawn_producer(
                         .await;
                     let msg = batch
                         .map(|b| (b, cursors.clone()))
-                        .map_err(|e| e.to_string());
+                        .map_err(ModelError::Data);
                     let failed = msg.is_err();
                     if tx.send(msg).is_err() || failed {
                         return;

@@ -123,8 +123,7 @@ pub fn run<H: LoopHooks>(
         let waited = Instant::now();
         let (batch, cursors_after) = batches
             .recv()
-            .map_err(|_| ModelError::Input("the data thread stopped".into()))?
-            .map_err(ModelError::Input)?;
+            .map_err(|_| ModelError::Input("the data thread stopped".into()))??;
         let data_s = waited.elapsed().as_secs_f64();
         let t0 = Instant::now();
         if job.distill.lora.dropout > 0.0 {

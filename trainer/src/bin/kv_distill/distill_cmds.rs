@@ -384,7 +384,8 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
         },
-    )?;
+    )
+    .map_err(|e| with_bad_row_hint(e.into()))?;
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(
@@ -392,6 +393,34 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
         ckpt.dir.display()
     );
     Ok(())
+}
+
+/// A training error with how to get past a bad row: `--skip-bad-rows` (the
+/// rows are counted and logged), and for a row whose question and answer
+/// leave no room for a span, a larger `--max-len`. Other errors pass as they are.
+pub(crate) fn with_bad_row_hint(e: anyhow::Error) -> anyhow::Error {
+    use kvd_data::{BadInputKind, DataError};
+    use kvd_trainer::error::ModelError;
+    let kind = e.chain().find_map(|c| {
+        // A dataset error inside the trainer's is transparent: not in the chain.
+        let data = c
+            .downcast_ref::<DataError>()
+            .or(match c.downcast_ref::<ModelError>() {
+                Some(ModelError::Data(d)) => Some(d),
+                _ => None,
+            });
+        match data {
+            Some(DataError::BadRow { kind, .. }) => Some(*kind),
+            _ => None,
+        }
+    });
+    match kind {
+        Some(BadInputKind::NoRoomForSpan) => anyhow::anyhow!(
+            "{e:#}\n  fix: a larger --max-len, or --skip-bad-rows to skip (and count) such rows"
+        ),
+        Some(_) => anyhow::anyhow!("{e:#}\n  fix: --skip-bad-rows skips (and counts) such rows"),
+        None => e,
+    }
 }
 
 /// A model's label: its file or directory name.
