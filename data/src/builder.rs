@@ -97,6 +97,40 @@ pub struct Example {
     pub ratio: f32,
     /// Answer tokens (start, length) in `tokens`, for QA rows (EOS included).
     pub answer_span: Option<(usize, usize)>,
+    /// Where the answer's text occurs in the span (start, length in
+    /// `tokens`; every occurrence of every listed answer whose tokens appear
+    /// there as they are), for QA rows: what a question asks about, a target
+    /// for the scorer (`train --select-answer-weight`). Empty for text rows
+    /// and answers not found.
+    pub context_answers: Vec<(usize, usize)>,
+}
+
+/// Every occurrence of each answer's tokens in `ctx` (with and without a
+/// leading space, as a word inside the text or at its start is tokenised),
+/// as (start, length) offset by `offset`, sorted and without repeats.
+fn answer_occurrences(
+    tok: &dyn TextTokenizer,
+    ctx: &[u32],
+    answers: &[String],
+    offset: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let mut found = Vec::new();
+    for a in answers.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+        for text in [format!(" {a}"), a.to_string()] {
+            let needle = tok.encode(&text)?;
+            if needle.is_empty() || needle.len() > ctx.len() {
+                continue;
+            }
+            for (i, w) in ctx.windows(needle.len()).enumerate() {
+                if w == needle.as_slice() {
+                    found.push((offset + i, needle.len()));
+                }
+            }
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    Ok(found)
 }
 
 /// Counts of skipped rows by kind, shared by the pipeline and the run summary.
@@ -265,6 +299,7 @@ impl ExampleBuilder {
                     suffix_len,
                     ratio,
                     answer_span: None,
+                    context_answers: Vec::new(),
                 })
             }
             Record::Qa {
@@ -304,6 +339,8 @@ impl ExampleBuilder {
                 }
                 // Keep the beginning of an over-long context.
                 ctx.truncate(max - bos.len() - suffix_len);
+                let context_answers =
+                    answer_occurrences(self.tok.as_ref(), &ctx, answers, bos.len())?;
                 let mut tokens = bos.clone();
                 tokens.extend_from_slice(&ctx);
                 tokens.extend_from_slice(&q);
@@ -316,6 +353,7 @@ impl ExampleBuilder {
                     suffix_len,
                     ratio,
                     answer_span: Some((answer_start, a.len())),
+                    context_answers,
                     tokens,
                 })
             }

@@ -48,6 +48,54 @@ fn qa_layout_prefix_span_suffix_answer() {
 }
 
 #[test]
+fn qa_examples_locate_their_answers_in_the_span() {
+    let builder = b(BuilderConfig {
+        max_len: 64,
+        min_span: 4,
+        text_suffix_len: 8,
+        ..BuilderConfig::default()
+    });
+    let qa = |context: &str, answers: &[&str]| Record::Qa {
+        context: context.into(),
+        question: "who?".into(),
+        answers: answers.iter().map(|a| a.to_string()).collect(),
+    };
+    // Every occurrence of every answer, in `tokens` positions (BOS first).
+    let e = builder
+        .build(&qa("a b c d e f b c", &["b c", "f", "zz"]), 1, 1, &loc())
+        .expect("build");
+    assert_eq!(e.context_answers, vec![(2, 2), (6, 1), (7, 2)]);
+    for &(s, n) in &e.context_answers {
+        assert!(s >= e.prefix_len && s + n <= e.prefix_len + e.span_len);
+    }
+    // None found: none listed; text rows have none.
+    let e = builder
+        .build(&qa("a b c d", &["q"]), 1, 1, &loc())
+        .expect("build");
+    assert!(e.context_answers.is_empty());
+    let text = Record::Text {
+        text: (0..40).map(|i| format!("t{i} ")).collect(),
+    };
+    assert!(builder
+        .build(&text, 1, 1, &loc())
+        .expect("text")
+        .context_answers
+        .is_empty());
+    // An answer beyond the window (the context is cut to max_len) is not located.
+    let small = b(BuilderConfig {
+        max_len: 12,
+        min_span: 4,
+        text_suffix_len: 4,
+        ..BuilderConfig::default()
+    });
+    let long = "a b c d e f g h i j k l m n o p target";
+    let e = small
+        .build(&qa(long, &["target"]), 1, 1, &loc())
+        .expect("build");
+    assert!(e.context_answers.is_empty(), "{:?}", e.context_answers);
+}
+
+#[test]
 fn long_context_is_cut_to_the_window_keeping_the_suffix() {
     let builder = b(BuilderConfig {
         max_len: 32,
@@ -150,6 +198,7 @@ fn padding_and_masks() {
         suffix_len: n - p - s,
         ratio: 0.5,
         answer_span: Some((n - 2, 2)),
+        context_answers: Vec::new(),
     };
     let batch = Batch::pad(&[ex(1, 10, 1, 6), ex(2, 5, 1, 2)], 0, 8);
     assert_eq!(batch.seq_len, 16);

@@ -36,6 +36,7 @@ fn batch(ratio: f64) -> Vec<DistillExample> {
             suffix: tokens(12, 2),
             ratio,
             answer: None,
+            context_answers: Vec::new(),
         },
         DistillExample {
             context: tokens(28, 3),
@@ -43,6 +44,7 @@ fn batch(ratio: f64) -> Vec<DistillExample> {
             suffix: tokens(9, 4),
             ratio,
             answer: None,
+            context_answers: Vec::new(),
         },
     ]
 }
@@ -399,6 +401,7 @@ fn span_example(n: usize, seed: u64) -> DistillExample {
         suffix: tokens(9, seed + 100),
         ratio: 0.25,
         answer: None,
+        context_answers: Vec::new(),
     }
 }
 

@@ -55,6 +55,7 @@ fn rust_step_matches_pytorch_reference() {
         suffix: lcg_tokens(16, 2, 3, vocab),
         ratio: 0.25,
         answer: None,
+        context_answers: Vec::new(),
     }];
     let distill = DistillConfig::default();
     let train = TrainConfig {

@@ -78,6 +78,7 @@ fn training_loss_equals_the_evaluation_kl_on_the_same_tokens_and_selection() {
             suffix: suffix.clone(),
             ratio: 0.25,
             answer: Some(answer),
+            context_answers: Vec::new(),
         };
         let step = distill_step(&m, &a, &cfg, &[ex], 1.0, Backward::Off, None).expect("step");
         assert_eq!(step.tokens, answer.1);
@@ -263,6 +264,7 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
             suffix: tokens(10, 50 + i),
             ratio: 0.1,
             answer: None,
+            context_answers: Vec::new(),
         })
         .collect();
     // One initialisation for both runs (`Adaptor::new` draws from the global
@@ -302,6 +304,103 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
     assert!(
         diff > 0.0,
         "the selection loss changes the scorer's gradient"
+    );
+}
+
+#[test]
+fn the_answer_target_is_the_attention_plus_the_answers_positions() {
+    use kvd_trainer::distill::step::with_answers;
+    let choosable = Tensor::from_slice(&[0f32, 1., 1., 1., 0., 1., 1., 1.]).view([2, 4]);
+    let attention = Tensor::from_slice(&[5f32, 1., 3., 0., 5., 2., 2., 0.]).view([2, 4]);
+    let answers = Tensor::from_slice(&[0f32, 0., 0., 1., 0., 0., 0., 0.]).view([2, 4]);
+    let t = with_answers(&attention, &answers, &choosable, 2.0).expect("target");
+    let got = Vec::<f32>::try_from(t.flatten(0, -1)).expect("values");
+    // Row 0: attention over the choosable positions (1, 3, 0)/4, plus 2 x the
+    // answer's one position; row 1 knows no answer: its attention alone.
+    assert_eq!(got, [0.0, 0.25, 0.75, 2.0, 0.0, 0.5, 0.5, 0.0]);
+    // Weight 0 leaves the attention as it is.
+    let same = with_answers(&attention, &answers, &choosable, 0.0).expect("target");
+    assert!(same.equal(&attention));
+}
+
+#[test]
+fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
+    use kvd_trainer::distill::{TrainConfig, Trainer};
+    let m = model();
+    // The "answer" is three marker tokens (90, 91, 92) at a different place
+    // in each random context; the questions' answers are at those places.
+    let answer = [90u32, 91, 92];
+    let example = |seed: u64, at: usize| {
+        let mut context = tokens(40, seed);
+        context[at..at + 3].copy_from_slice(&answer);
+        DistillExample {
+            context,
+            spans: vec![(1, 39)],
+            suffix: tokens(10, seed + 100),
+            ratio: 0.1,
+            answer: None,
+            context_answers: vec![(at, 3)],
+        }
+    };
+    let batch: Vec<DistillExample> = (0..4)
+        .map(|i| example(60 + i, 8 + 7 * i as usize))
+        .collect();
+    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 4).expect("adaptor");
+    // Answer tokens kept at r = 0.1 (4 of 39 span positions) in unseen contexts
+    // after 40 steps, with the answer's weight `w` in the selection target.
+    let kept_after = |w: f64| -> usize {
+        let cfg = DistillConfig {
+            select_weight: 1.0,
+            select_answer_weight: w,
+            ..base_cfg()
+        };
+        let a = Adaptor::new(m.config(), cfg, Device::Cpu, 4).expect("adaptor");
+        tch::no_grad(|| {
+            for ((_, mut v), (_, t)) in a
+                .named_trainable()
+                .into_iter()
+                .zip(template.named_trainable())
+            {
+                v.copy_(&t);
+            }
+        });
+        let mut t = Trainer::new(
+            &a,
+            TrainConfig {
+                lr: 1e-2,
+                warmup_steps: 1,
+                ..TrainConfig::default()
+            },
+        )
+        .expect("trainer");
+        for _ in 0..40 {
+            t.train_step(&m, &a, std::slice::from_ref(&batch))
+                .expect("step");
+        }
+        (0..4u64)
+            .map(|i| {
+                let at = 5 + 8 * i as usize;
+                let ex = example(200 + i, at);
+                let (ids, len) = pad_rows(&[ex.context], 96, Device::Cpu).expect("pad");
+                let ctx = Contexts {
+                    ids: &ids,
+                    len: &len,
+                    spans: &[vec![(1, 39)]],
+                    ratios: &[0.1],
+                };
+                let c = compress_contexts(&m, Method::kv_distill(&a), ctx).expect("compress");
+                (at..at + 3)
+                    .filter(|p| c.selections[0].kept.contains(p))
+                    .count()
+            })
+            .sum()
+    };
+    let without = kept_after(0.0);
+    let with = kept_after(4.0);
+    eprintln!("answer tokens kept of 12: {with} with the answer target, {without} without");
+    assert!(
+        with >= 8 && with > without,
+        "answer tokens kept of 12: {with} with the answer target, {without} without"
     );
 }
 
@@ -400,6 +499,7 @@ fn training_selects_with_train_span_pool_and_compression_with_span_pool() {
             suffix: suffix.clone(),
             ratio: 0.25,
             answer: Some(answer),
+            context_answers: Vec::new(),
         };
         let step = distill_step(&m, &a, &cfg, &[ex], 1.0, Backward::Off, None).expect("step");
         let (train_kl, train_kept) = eval_kl(&a, train_span_pool);

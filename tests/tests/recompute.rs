@@ -62,6 +62,7 @@ fn batch(vocab: u64) -> Vec<DistillExample> {
             suffix: t(9, 2),
             ratio: 0.25,
             answer: None,
+            context_answers: Vec::new(),
         },
         DistillExample {
             context: t(27, 3),
@@ -69,6 +70,7 @@ fn batch(vocab: u64) -> Vec<DistillExample> {
             suffix: t(12, 4),
             ratio: 0.5,
             answer: None,
+            context_answers: Vec::new(),
         },
         DistillExample {
             context: t(33, 5),
@@ -76,6 +78,7 @@ fn batch(vocab: u64) -> Vec<DistillExample> {
             suffix: t(6, 6),
             ratio: 0.1,
             answer: None,
+            context_answers: Vec::new(),
         },
     ]
 }

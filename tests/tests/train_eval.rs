@@ -292,3 +292,55 @@ fn the_logged_job_hides_store_credentials() {
     // The job itself keeps its credentials.
     assert_eq!(j.dataset.store.config["secret_access_key"], "wJalrXUtnFEMI");
 }
+
+/// On real QA rows (SQuAD-shifts new_wiki, the SmolLM2 tokenizer), the
+/// example builder locates nearly every answer's text in the context tokens,
+/// and each located run decodes to the answer.
+#[test]
+fn qa_examples_locate_real_answers_in_their_context() {
+    use kvd_data::{ExampleBuilder, Location, Record};
+    use kvd_trainer::distill::examples::ModelTokenizer;
+    let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
+    let tok = Arc::new(ck.tokenizer().expect("tokenizer"));
+    let rows = read_squad(
+        &assets().join("bigbench/squad_shifts/new_wiki_v1.0.json"),
+        "new_wiki",
+        SquadContext::Paragraph,
+    )
+    .expect("new_wiki");
+    let builder = ExampleBuilder::new(
+        Arc::new(ModelTokenizer(tok.clone())),
+        BuilderConfig {
+            max_len: 1024,
+            ..BuilderConfig::default()
+        },
+    )
+    .expect("builder");
+    let (mut qa, mut located) = (0, 0);
+    for (i, row) in rows.iter().take(300).enumerate() {
+        let Record::Qa { answers, .. } = &row.record else {
+            continue;
+        };
+        let ex = builder
+            .build(
+                &row.record,
+                i as u64,
+                1,
+                &Location::cell("new_wiki", i as u64, "context"),
+            )
+            .expect("build");
+        qa += 1;
+        located += usize::from(!ex.context_answers.is_empty());
+        for &(s, n) in &ex.context_answers {
+            assert!(s >= ex.prefix_len && s + n <= ex.prefix_len + ex.span_len);
+            let text = tok.decode(&ex.tokens[s..s + n], false).expect("decode");
+            assert!(
+                answers.iter().any(|a| text.trim() == a.trim()),
+                "row {i}: {text:?} is none of {answers:?}"
+            );
+        }
+    }
+    eprintln!("answers located in {located} of {qa} QA rows");
+    assert!(qa >= 250, "{qa} QA rows");
+    assert!(located * 10 >= qa * 9, "located {located} of {qa}");
+}

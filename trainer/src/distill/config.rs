@@ -110,6 +110,14 @@ pub struct DistillConfig {
     /// question-aware method would keep. 0 turns it off.
     #[serde(default)]
     pub select_weight: f64,
+    /// Weight of the answer's location in the selection loss's target: the
+    /// target becomes the teacher's attention (normalised over the span)
+    /// plus this times the positions where the answer's text occurs in the
+    /// context (normalised too), for examples that know them
+    /// ([`super::DistillExample::context_answers`]). The scorer then learns
+    /// what questions ask about, beyond where the teacher looked. 0: off.
+    #[serde(default)]
+    pub select_answer_weight: f64,
     /// Half-width of the span-local average pool applied to the scores
     /// before top-k ([`super::select::span_mean_pool`]) when the adaptor
     /// compresses (inference, evaluation, cache files), so runs of
@@ -142,6 +150,7 @@ impl Default for DistillConfig {
             kl_chunk_rows: 64,
             sinks: 0,
             select_weight: 0.0,
+            select_answer_weight: 0.0,
             span_pool: 0,
             train_span_pool: 0,
             scorer_norm: false,

@@ -35,5 +35,6 @@ pub fn to_distill(ex: &Example) -> DistillExample {
         suffix: ex.tokens[ctx_len..].to_vec(),
         ratio: ex.ratio as f64,
         answer: ex.answer_span.map(|(s, n)| (s.saturating_sub(ctx_len), n)),
+        context_answers: ex.context_answers.clone(),
     }
 }

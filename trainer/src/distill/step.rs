@@ -32,6 +32,10 @@ pub struct DistillExample {
     pub ratio: f64,
     /// `[start, start + len)` of the answer within the suffix, for answer-only loss.
     pub answer: Option<(usize, usize)>,
+    /// Where the answer's text occurs in the context (start, length): what
+    /// the question asks about, a target of the selection loss with
+    /// [`DistillConfig::select_answer_weight`]. Empty when unknown.
+    pub context_answers: Vec<(usize, usize)>,
 }
 
 /// Result of one step on one batch.
@@ -107,6 +111,9 @@ pub struct StepInputs {
     /// 1.0 at the span positions the scorer chooses among (sinks excluded)
     /// `[batch, lc]`.
     pub choosable: Tensor,
+    /// 1.0 at the context positions of each example's answer text
+    /// ([`DistillExample::context_answers`]) `[batch, lc]`.
+    pub answer_positions: Tensor,
 }
 
 impl StepInputs {
@@ -120,6 +127,7 @@ impl StepInputs {
             &self.s_rows,
             &self.target_queries,
             &self.choosable,
+            &self.answer_positions,
         ];
         t.extend(self.kept.tensors());
         t.extend(self.suffixes.tensors());
@@ -262,12 +270,19 @@ pub(crate) fn prepare(
     let (lfu, lcu) = (lf as usize, lc as usize);
     let mut queries = vec![0f32; batch.len() * lfu];
     let mut choosable = vec![0f32; batch.len() * lcu];
+    let mut answers = vec![0f32; batch.len() * lcu];
     for (i, ex) in batch.iter().enumerate() {
         let row = i * lfu + ctx_len[i];
         queries[row..row + suf_len[i]].fill(1.0);
         for &(s, n) in &ex.spans {
             let from = s + cfg.sinks.min(n);
             choosable[i * lcu + from..i * lcu + s + n].fill(1.0);
+        }
+        for &(s, n) in &ex.context_answers {
+            let end = (s + n).min(ctx_len[i]);
+            if s < end {
+                answers[i * lcu + s..i * lcu + end].fill(1.0);
+            }
         }
     }
     let b = batch.len() as i64;
@@ -276,6 +291,7 @@ pub(crate) fn prepare(
         choosable: Tensor::from_slice(&choosable)
             .view([b, lc])
             .to_device(device),
+        answer_positions: Tensor::from_slice(&answers).view([b, lc]).to_device(device),
         suffixes: Suffixes::new(suf_ids, &suf_len, &ctx_len)?,
         full_ids,
         ctx_ids,
@@ -371,11 +387,13 @@ impl StudentPass<'_> {
             let select = match &target {
                 Some(t) => {
                     let lc = inp.choosable.size2()?.1;
-                    Some(selection_loss(
-                        &scores,
+                    let target = with_answers(
                         &t.narrow(1, 0, lc),
+                        &inp.answer_positions,
                         &inp.choosable,
-                    )?)
+                        cfg.select_answer_weight,
+                    )?;
+                    Some(selection_loss(&scores, &target, &inp.choosable)?)
                 }
                 None => None,
             };
@@ -420,6 +438,29 @@ pub fn selection_loss(scores: &Tensor, target: &Tensor, choosable: &Tensor) -> R
         .f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?
         .f_mean(Kind::Float)?
         .f_neg()?)
+}
+
+/// The selection target with the answer's location: the teacher's attention
+/// `attention` over the `choosable` positions, normalised per example, plus
+/// `weight` times the choosable `answers` positions, normalised per example
+/// (0 for an example without them). `weight` 0: the attention as it is.
+pub fn with_answers(
+    attention: &Tensor,
+    answers: &Tensor,
+    choosable: &Tensor,
+    weight: f64,
+) -> Result<Tensor> {
+    if weight == 0.0 {
+        return Ok(attention.shallow_clone());
+    }
+    let per_row = |t: &Tensor| -> Result<Tensor> {
+        let t = t.f_mul(choosable)?;
+        let sum = t
+            .f_sum_dim_intlist([1].as_slice(), true, Kind::Float)?
+            .f_clamp_min(1e-12)?;
+        Ok(t.f_div(&sum)?)
+    };
+    Ok(per_row(attention)?.f_add(&per_row(answers)?.f_mul_scalar(weight)?)?)
 }
 
 /// The loss's value, refused when it is not finite.

@@ -894,6 +894,7 @@ pub fn gradient_report(
                 suffix: p.suffixes[i].clone(),
                 ratio,
                 answer: Some(p.scored[i]),
+                context_answers: Vec::new(),
             })
             .collect();
         let force: Vec<Vec<usize>> = keep.iter().map(|&i| p.answer_pos[i].clone()).collect();

@@ -120,6 +120,7 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
                         suffix: tokens(a.suffix),
                         ratio: a.ratio,
                         answer: None,
+                        context_answers: Vec::new(),
                     }
                 })
                 .collect()

@@ -95,6 +95,12 @@ pub(crate) struct MethodArgs {
     /// the straight-through signal alone).
     #[arg(long, default_value_t = 4.0)]
     select_weight: f64,
+    /// Add the answer's location to the selection loss's target, with this
+    /// weight against the teacher's attention (QA rows whose answer text
+    /// occurs in the context): the scorer learns what questions ask about.
+    /// Needs --select-weight above 0 (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    select_answer_weight: f64,
     /// When the adaptor compresses (eval, compress, generate), rank span
     /// positions by the mean score within N positions on either side (a
     /// span-local average pool), so runs of high-scoring tokens such as
@@ -122,6 +128,15 @@ impl MethodArgs {
 
     /// The method's configuration, checked.
     pub(crate) fn distill_config(&self) -> Result<DistillConfig> {
+        if self.select_answer_weight < 0.0
+            || (self.select_answer_weight > 0.0 && self.select_weight <= 0.0)
+        {
+            bail!(
+                "--select-answer-weight {} needs a non-negative value and --select-weight above 0 \
+                 (it adds to the selection loss's target)",
+                self.select_answer_weight
+            );
+        }
         let targets = self
             .lora_targets
             .iter()
@@ -155,6 +170,7 @@ impl MethodArgs {
             })?,
             sinks: self.sinks,
             select_weight: self.select_weight,
+            select_answer_weight: self.select_answer_weight,
             span_pool: self.span_pool,
             train_span_pool: self.train_span_pool,
             scorer_norm: self.scorer_input == "rms",
