@@ -722,6 +722,10 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         )
         .expect("static template"),
     );
+    // Without a terminal (a background run, a pod) the bar is hidden: log
+    // the progress every 30 seconds instead.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_log = std::time::Instant::now();
     let mut report = run_eval(
         &model,
         Arc::new(tok),
@@ -731,6 +735,15 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            if !terminal && last_log.elapsed().as_secs_f64() >= 30.0 {
+                last_log = std::time::Instant::now();
+                tracing::info!(
+                    done,
+                    total,
+                    elapsed_s = bar.elapsed().as_secs(),
+                    "evaluating (batch x method x ratio)"
+                );
+            }
         },
     )?;
     bar.finish_and_clear();
