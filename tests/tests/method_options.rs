@@ -41,6 +41,19 @@ fn trained_like(m: &Model, cfg: DistillConfig, seed: i64) -> Adaptor {
     a
 }
 
+/// An adaptor of `cfg` with `src`'s weights (not a shared seed: tests running
+/// at the same time draw from libtorch's global generator too).
+fn copy_of(m: &Model, cfg: DistillConfig, src: &Adaptor) -> Adaptor {
+    let a = Adaptor::new(m.config(), cfg, Device::Cpu, 0).expect("adaptor");
+    let weights = src.vs.variables();
+    tch::no_grad(|| {
+        for (name, mut v) in a.vs.variables() {
+            v.copy_(&weights[&name]);
+        }
+    });
+    a
+}
+
 fn base_cfg() -> DistillConfig {
     DistillConfig {
         scorer_layer: 1,
@@ -155,13 +168,7 @@ fn kv_adaptors_at_every_position_change_dropped_positions_keys() {
     let mut cfg = base_cfg();
     let off = trained_like(&m, cfg.clone(), 9);
     cfg.lora.kv_all_tokens = true;
-    let on = Adaptor::new(m.config(), cfg, Device::Cpu, 9).expect("adaptor");
-    tch::no_grad(|| {
-        let src = off.vs.variables();
-        for (name, mut v) in on.vs.variables() {
-            v.copy_(&src[&name]);
-        }
-    });
+    let on = copy_of(&m, cfg, &off);
     let a = compress_contexts(&m, Method::kv_distill(&off), ctx).expect("off");
     let b = compress_contexts(&m, Method::kv_distill(&on), ctx).expect("on");
     assert_eq!(a.selections, b.selections, "same scorer, same selection");
@@ -273,16 +280,7 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
     let grad_of = |w: f64| {
         let mut cfg = base_cfg();
         cfg.select_weight = w;
-        let a = Adaptor::new(m.config(), cfg.clone(), Device::Cpu, 2).expect("adaptor");
-        tch::no_grad(|| {
-            for ((_, mut v), (_, t)) in a
-                .named_trainable()
-                .into_iter()
-                .zip(template.named_trainable())
-            {
-                v.copy_(&t);
-            }
-        });
+        let a = copy_of(&m, cfg.clone(), &template);
         let s = distill_step(&m, &a, &cfg, &batch, 1.0, Backward::Stored, None).expect("step");
         let g = a
             .named_trainable()
@@ -354,16 +352,7 @@ fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
             select_answer_weight: w,
             ..base_cfg()
         };
-        let a = Adaptor::new(m.config(), cfg, Device::Cpu, 4).expect("adaptor");
-        tch::no_grad(|| {
-            for ((_, mut v), (_, t)) in a
-                .named_trainable()
-                .into_iter()
-                .zip(template.named_trainable())
-            {
-                v.copy_(&t);
-            }
-        });
+        let a = copy_of(&m, cfg, &template);
         let mut t = Trainer::new(
             &a,
             TrainConfig {
@@ -441,15 +430,7 @@ fn span_pooling_keeps_runs_together_within_the_same_budget() {
     );
     let mut cfg = base_cfg();
     cfg.span_pool = 3;
-    // The same weights (not the same seed: tests running at the same time
-    // draw from libtorch's global generator too).
-    let own = Adaptor::new(m.config(), cfg, Device::Cpu, 5).expect("adaptor");
-    let weights = a.vs.variables();
-    tch::no_grad(|| {
-        for (name, mut v) in own.vs.variables() {
-            v.copy_(&weights[&name]);
-        }
-    });
+    let own = copy_of(&m, cfg, &a);
     let by_config = compress_contexts(&m, Method::kv_distill(&own), ctx).expect("config");
     assert_eq!(&by_config.selections[0].kept, q);
 }
