@@ -1073,6 +1073,27 @@ fn a_bad_row_names_the_row_and_the_fix() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// `--select-answer-weight` adds to the selection loss's target, so it needs
+/// `--select-weight` above 0: refused before any training, with both flags named.
+#[test]
+fn the_answer_weight_without_a_selection_loss_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut flags = train_flags(&dir.path().join("x.safetensors"));
+    flags.extend(["--select-weight", "0", "--select-answer-weight", "1"].map(String::from));
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "train"])
+        .args(&flags)
+        .output()
+        .expect("train");
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("--select-answer-weight 1") && log.contains("--select-weight above 0"),
+        "{log}"
+    );
+    assert!(!dir.path().join("x.safetensors").exists());
+}
+
 /// `train --step-phases` logs, at every log line, the mean seconds per step
 /// of each phase of the step (what a job's time goes to, on the device where
 /// a benchmark's shapes differ from the job's), and trains the same adaptor.
