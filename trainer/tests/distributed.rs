@@ -313,6 +313,19 @@ fn train_single(flags: Vec<String>) {
     );
 }
 
+/// `kv-distill train` (one process, one thread) with `flags`, which must fail
+/// with status 1; its log without colours.
+fn train_failing(flags: &[String]) -> String {
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "train"])
+        .args(flags)
+        .output()
+        .expect("train");
+    let log = strip_ansi(&text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    log
+}
+
 /// The committed manifest of `step` in `ckpt` was written by `world` ranks,
 /// one part each, with the data cursor.
 fn assert_committed(ckpt: &Path, step: u64, world: u32) {
@@ -1055,13 +1068,7 @@ fn a_bad_row_names_the_row_and_the_fix() {
     // 40 tokens leave no room for a span beside most questions and answers.
     let at = flags.iter().position(|f| f == "--max-len").unwrap();
     flags[at + 1] = "40".into();
-    let o = Command::new(BIN)
-        .args(["--threads", "1", "train"])
-        .args(&flags)
-        .output()
-        .expect("train");
-    let log = strip_ansi(&text(&o.stderr));
-    assert_eq!(o.status.code(), Some(1), "{log}");
+    let log = train_failing(&flags);
     assert!(
         log.contains("no room for span") && log.contains(".parquet") && log.contains("row "),
         "{log}"
@@ -1080,13 +1087,7 @@ fn the_answer_weight_without_a_selection_loss_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut flags = train_flags(&dir.path().join("x.safetensors"));
     flags.extend(["--select-weight", "0", "--select-answer-weight", "1"].map(String::from));
-    let o = Command::new(BIN)
-        .args(["--threads", "1", "train"])
-        .args(&flags)
-        .output()
-        .expect("train");
-    let log = strip_ansi(&text(&o.stderr));
-    assert_eq!(o.status.code(), Some(1), "{log}");
+    let log = train_failing(&flags);
     assert!(
         log.contains("--select-answer-weight 1") && log.contains("--select-weight above 0"),
         "{log}"

@@ -112,8 +112,9 @@ pub struct StepInputs {
     /// `[batch, lc]`.
     pub choosable: Tensor,
     /// 1.0 at the context positions of each example's answer text
-    /// ([`DistillExample::context_answers`]) `[batch, lc]`.
-    pub answer_positions: Tensor,
+    /// ([`DistillExample::context_answers`]) `[batch, lc]`; only when the
+    /// selection target uses them ([`DistillConfig::select_answer_weight`]).
+    pub answer_positions: Option<Tensor>,
 }
 
 impl StepInputs {
@@ -127,8 +128,8 @@ impl StepInputs {
             &self.s_rows,
             &self.target_queries,
             &self.choosable,
-            &self.answer_positions,
         ];
+        t.extend(&self.answer_positions);
         t.extend(self.kept.tensors());
         t.extend(self.suffixes.tensors());
         t
@@ -270,7 +271,6 @@ pub(crate) fn prepare(
     let (lfu, lcu) = (lf as usize, lc as usize);
     let mut queries = vec![0f32; batch.len() * lfu];
     let mut choosable = vec![0f32; batch.len() * lcu];
-    let mut answers = vec![0f32; batch.len() * lcu];
     for (i, ex) in batch.iter().enumerate() {
         let row = i * lfu + ctx_len[i];
         queries[row..row + suf_len[i]].fill(1.0);
@@ -278,20 +278,26 @@ pub(crate) fn prepare(
             let from = s + cfg.sinks.min(n);
             choosable[i * lcu + from..i * lcu + s + n].fill(1.0);
         }
-        for &(s, n) in &ex.context_answers {
-            let end = (s + n).min(ctx_len[i]);
-            if s < end {
-                answers[i * lcu + s..i * lcu + end].fill(1.0);
+    }
+    let answers = (cfg.select_weight > 0.0 && cfg.select_answer_weight > 0.0).then(|| {
+        let mut answers = vec![0f32; batch.len() * lcu];
+        for (i, ex) in batch.iter().enumerate() {
+            for &(s, n) in &ex.context_answers {
+                let end = (s + n).min(ctx_len[i]);
+                if s < end {
+                    answers[i * lcu + s..i * lcu + end].fill(1.0);
+                }
             }
         }
-    }
+        answers
+    });
     let b = batch.len() as i64;
     Ok(StepInputs {
         target_queries: Tensor::from_slice(&queries).view([b, lf]).to_device(device),
         choosable: Tensor::from_slice(&choosable)
             .view([b, lc])
             .to_device(device),
-        answer_positions: Tensor::from_slice(&answers).view([b, lc]).to_device(device),
+        answer_positions: answers.map(|a| Tensor::from_slice(&a).view([b, lc]).to_device(device)),
         suffixes: Suffixes::new(suf_ids, &suf_len, &ctx_len)?,
         full_ids,
         ctx_ids,
@@ -387,12 +393,13 @@ impl StudentPass<'_> {
             let select = match &target {
                 Some(t) => {
                     let lc = inp.choosable.size2()?.1;
-                    let target = with_answers(
-                        &t.narrow(1, 0, lc),
-                        &inp.answer_positions,
-                        &inp.choosable,
-                        cfg.select_answer_weight,
-                    )?;
+                    let attention = t.narrow(1, 0, lc);
+                    let target = match &inp.answer_positions {
+                        Some(a) => {
+                            with_answers(&attention, a, &inp.choosable, cfg.select_answer_weight)?
+                        }
+                        None => attention,
+                    };
                     Some(selection_loss(&scores, &target, &inp.choosable)?)
                 }
                 None => None,

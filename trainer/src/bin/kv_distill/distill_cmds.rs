@@ -401,7 +401,7 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
         },
     )
-    .map_err(|e| with_bad_row_hint(e.into()))?;
+    .map_err(with_bad_row_hint)?;
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(
@@ -414,29 +414,20 @@ pub(crate) fn run_train(cmd: TrainCmd) -> Result<()> {
 /// A training error with how to get past a bad row: `--skip-bad-rows` (the
 /// rows are counted and logged), and for a row whose question and answer
 /// leave no room for a span, a larger `--max-len`. Other errors pass as they are.
-pub(crate) fn with_bad_row_hint(e: anyhow::Error) -> anyhow::Error {
+pub(crate) fn with_bad_row_hint(e: kvd_trainer::error::ModelError) -> anyhow::Error {
     use kvd_data::{BadInputKind, DataError};
     use kvd_trainer::error::ModelError;
-    let kind = e.chain().find_map(|c| {
-        // A dataset error inside the trainer's is transparent: not in the chain.
-        let data = c
-            .downcast_ref::<DataError>()
-            .or(match c.downcast_ref::<ModelError>() {
-                Some(ModelError::Data(d)) => Some(d),
-                _ => None,
-            });
-        match data {
-            Some(DataError::BadRow { kind, .. }) => Some(*kind),
-            _ => None,
+    let fix = match &e {
+        ModelError::Data(DataError::BadRow {
+            kind: BadInputKind::NoRoomForSpan,
+            ..
+        }) => "a larger --max-len, or --skip-bad-rows to skip (and count) such rows",
+        ModelError::Data(DataError::BadRow { .. }) => {
+            "--skip-bad-rows skips (and counts) such rows"
         }
-    });
-    match kind {
-        Some(BadInputKind::NoRoomForSpan) => anyhow::anyhow!(
-            "{e:#}\n  fix: a larger --max-len, or --skip-bad-rows to skip (and count) such rows"
-        ),
-        Some(_) => anyhow::anyhow!("{e:#}\n  fix: --skip-bad-rows skips (and counts) such rows"),
-        None => e,
-    }
+        _ => return e.into(),
+    };
+    anyhow::anyhow!("{e}\n  fix: {fix}")
 }
 
 /// A model's label: its file or directory name.

@@ -131,9 +131,7 @@ pub(crate) fn run_worker_cmd(a: WorkerArgs, settings: &Settings) -> Result<()> {
         chaos: a.train.chaos()?,
     };
     tracing::info!(job = %cfg.job.log_json(), coordinator = %cfg.coordinator, "worker starting");
-    match run_worker(&model, Arc::new(tok), &cfg)
-        .map_err(|e| super::distill_cmds::with_bad_row_hint(e.into()))?
-    {
+    match run_worker(&model, Arc::new(tok), &cfg).map_err(super::distill_cmds::with_bad_row_hint)? {
         WorkerOutcome::Finished { steps } => tracing::info!(steps, "worker done"),
         WorkerOutcome::Stopped => tracing::info!("worker stopped by the coordinator"),
     }
