@@ -474,6 +474,58 @@ impl ModelConfig {
         }
     }
 
+    /// A SmolLM2-135M-shaped configuration (30 layers, d 576, 9/3 heads,
+    /// vocab 49152), for benchmarks with random weights.
+    pub fn smollm2_135m() -> Self {
+        let rope = RopeConfig {
+            theta: 100_000.0,
+            scaling: RopeScaling::None,
+        };
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 49_152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_full: rope.clone(),
+            rope_sliding: rope,
+            layer_kinds: vec![LayerKind::Full; 30],
+            sliding_window: None,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: Activation::Silu,
+            attn_scale: 64f64.powf(-0.5),
+            tie_word_embeddings: true,
+            final_logit_softcapping: None,
+            max_position_embeddings: 8192,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    /// This configuration with every width (hidden, MLP, head, vocabulary)
+    /// divided by `by` and the same layers and heads: the same operations as
+    /// the full model on a fraction of the arithmetic, so a step's time is
+    /// mostly its host-side dispatch (what bounds a GPU step at small shapes).
+    pub fn narrowed(mut self, by: usize) -> Self {
+        let by = by.max(1);
+        // RoPE rotates pairs: an even head width.
+        self.head_dim = ((self.head_dim / by).max(2) + 1) & !1;
+        self.hidden_size = self.num_heads * self.head_dim;
+        self.intermediate_size = (self.intermediate_size / by).max(2);
+        self.vocab_size = (self.vocab_size / by).max(16);
+        self.attn_scale = (self.head_dim as f64).powf(-0.5);
+        self.bos_token_id = self.bos_token_id.map(|b| b.min(self.vocab_size as u32 - 1));
+        self.eos_token_ids
+            .retain(|&e| (e as usize) < self.vocab_size);
+        self
+    }
+
     /// RoPE parameters of layer `i`.
     pub fn rope_for(&self, kind: LayerKind) -> &RopeConfig {
         match kind {

@@ -336,6 +336,69 @@ fn bench_step_reports_throughput_flops_and_mfu() {
 }
 
 #[test]
+fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
+    // Runs a 1-step bench on a preset; its JSON line.
+    let bench = |preset: &str| -> serde_json::Value {
+        let o = run(&[
+            "bench-step",
+            "--preset",
+            preset,
+            "--device",
+            "cpu",
+            "--span",
+            "24",
+            "--suffix",
+            "4",
+            "--iters",
+            "1",
+            "--method",
+            "train",
+        ]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line")
+    };
+    let full = bench("smollm2-135m");
+    let narrow = bench("smollm2-135m-narrow");
+    assert_eq!(narrow["model"], "random smollm2-135m-narrow", "{narrow}");
+    // SmolLM2's shape: the same step FLOPs as the real model's file.
+    let m = smollm2();
+    let o = run(&[
+        "bench-step",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--span",
+        "24",
+        "--suffix",
+        "4",
+        "--iters",
+        "1",
+        "--method",
+        "train",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let real: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("JSON");
+    assert_eq!(full["step_tflop"], real["step_tflop"], "{full} vs {real}");
+    // The narrow one: the same layers and operations on 1/8 of the widths,
+    // so a small fraction of the arithmetic (the widths' squares: ~1/64).
+    let flop = |l: &serde_json::Value| l["step_tflop"].as_f64().unwrap();
+    assert!(flop(&narrow) < flop(&full) / 30.0, "{narrow} vs {full}");
+    assert!(narrow["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().unwrap().is_finite()));
+    let o = run(&["bench-step", "--preset", "smollm2-2t", "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("smollm2-135m-narrow"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
 fn inspect_shows_the_kept_tokens_of_each_method() {
     let m = smollm2();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -404,6 +404,7 @@ pub fn question_aware_compress(
     let observer = Observer {
         query: Tensor::from_slice(&query).view([b, l]).to_device(device),
         key_span: Some(Tensor::from_slice(&key).view([b, l]).to_device(device)),
+        rows: None,
         lc: l,
         acc: RefCell::new((0..model.config().num_layers).map(|_| None).collect()),
     };
@@ -535,6 +536,9 @@ pub(crate) struct Observer {
     query: Tensor,
     /// SnapKV only: the span index of each key position (−1 outside spans).
     key_span: Option<Tensor>,
+    /// The query positions `[batch, n]` that `query` weighs (then `[batch,
+    /// n]` too), when only some are observed ([`Hooks::attention_rows`]).
+    rows: Option<Tensor>,
     /// Context length (keys per query).
     lc: i64,
     /// Per layer, the statistic so far.
@@ -564,14 +568,35 @@ impl Observer {
         Observer {
             query,
             key_span: None,
+            rows: None,
             lc,
             acc: RefCell::new((0..layers).map(|_| None).collect()),
         }
     }
 
-    /// The sum over observed layers `[batch, len]` (zeros when none was observed).
+    /// [`Observer::weighted`] with the weights `weights` `[batch, n]` of the
+    /// queries at positions `rows` `[batch, n]` (int64; the other queries
+    /// weigh 0) of a pass over `keys` positions: the attention is computed
+    /// for those rows alone, a fraction of every query's when they are few.
+    pub(crate) fn weighted_rows(
+        rows: Tensor,
+        weights: Tensor,
+        keys: i64,
+        layers: usize,
+    ) -> Observer {
+        Observer {
+            query: weights,
+            key_span: None,
+            rows: Some(rows),
+            lc: keys,
+            acc: RefCell::new((0..layers).map(|_| None).collect()),
+        }
+    }
+
+    /// The sum over observed layers `[batch, keys]` (zeros when none was observed).
     pub(crate) fn total(self) -> Tensor {
-        let zeros = Tensor::zeros_like(&self.query).to_kind(Kind::Float);
+        let b = self.query.size()[0];
+        let zeros = Tensor::zeros([b, self.lc], (Kind::Float, self.query.device()));
         self.acc
             .into_inner()
             .into_iter()
@@ -601,6 +626,7 @@ impl Observer {
         Observer {
             query: Tensor::from_slice(&query).view(shape).to_device(device),
             key_span: Some(Tensor::from_slice(&key).view(shape).to_device(device)),
+            rows: None,
             lc,
             acc: RefCell::new((0..layers).map(|_| None).collect()),
         }
@@ -620,6 +646,10 @@ impl Observer {
 impl Hooks for Observer {
     fn wants_attention(&self, _layer: usize) -> bool {
         true
+    }
+
+    fn attention_rows(&self, _layer: usize) -> Option<Tensor> {
+        self.rows.as_ref().map(Tensor::shallow_clone)
     }
 
     fn observe_attention(&self, layer: usize, q_start: i64, probs: &Tensor) -> Result<()> {
@@ -909,6 +939,68 @@ mod tests {
         let want = r.matmul(&sigma).matmul(&r.transpose(0, 1));
         let got = rotate(&rotate(&sigma, &cm, &sm).unwrap().transpose(0, 1), &cm, &sm).unwrap();
         assert!(got.allclose(&want, 1e-5, 1e-5, false));
+    }
+
+    /// The target of the selection loss computed from the chosen query rows
+    /// alone equals the one from every query's attention weighted 0/1, under
+    /// the causal fast path and under an explicit mask (given positions).
+    #[test]
+    fn observing_only_the_weighted_rows_gives_the_same_statistic() {
+        let mut cfg = crate::config::ModelConfig::smollm2_135m().narrowed(16);
+        cfg.num_layers = 3;
+        cfg.layer_kinds.truncate(3);
+        let src = crate::weights::RandomWeights::new(cfg.arch, 3);
+        let model = crate::model::Model::load(cfg, &src, Kind::Float, Device::Cpu).unwrap();
+        // Three right-padded rows; the queries of row i are its last `sufs[i]` tokens.
+        let (lens, sufs, l) = ([11usize, 7, 9], [3usize, 2, 4], 11i64);
+        let ids = Tensor::randint_low(3, 200, [3, l], (Kind::Int64, Device::Cpu));
+        let lx = *sufs.iter().max().unwrap();
+        let mut dense = vec![0f32; 3 * l as usize];
+        let (mut rows, mut weights) = (vec![0i64; 3 * lx], vec![0f32; 3 * lx]);
+        for i in 0..3 {
+            let first = lens[i] - sufs[i];
+            dense[i * l as usize + first..i * l as usize + lens[i]].fill(1.0);
+            for j in 0..lx {
+                rows[i * lx + j] = (first + j.min(sufs[i] - 1)) as i64;
+                weights[i * lx + j] = if j < sufs[i] { 1.0 } else { 0.0 };
+            }
+        }
+        let layers = 3;
+        let dense = Tensor::from_slice(&dense).view([3, l]);
+        let (rows, weights) = (
+            Tensor::from_slice(&rows).view([3, lx as i64]),
+            Tensor::from_slice(&weights).view([3, lx as i64]),
+        );
+        let positions = Tensor::arange(l, (Kind::Int64, Device::Cpu))
+            .unsqueeze(0)
+            .repeat([3, 1]);
+        for explicit in [false, true] {
+            let input = || {
+                let input = Input::new(&ids);
+                if explicit {
+                    input.with_positions(&positions)
+                } else {
+                    input
+                }
+            };
+            let all = Observer::weighted(dense.shallow_clone(), layers);
+            let some =
+                Observer::weighted_rows(rows.shallow_clone(), weights.shallow_clone(), l, layers);
+            tch::no_grad(|| {
+                let _ = model.forward_hidden_with(input(), None, &all).unwrap();
+                let _ = model.forward_hidden_with(input(), None, &some).unwrap();
+            });
+            let (want, got) = (all.total(), some.total());
+            assert_eq!(got.size(), [3, l]);
+            // Every weighted query spreads mass 1 per head over its keys.
+            let mass = want.sum(Kind::Float).double_value(&[]);
+            let per_query = (layers * model.config().num_heads) as f64;
+            assert!((mass - per_query * 9.0).abs() < 1e-3, "mass {mass}");
+            assert!(
+                got.allclose(&want, 1e-5, 1e-6, false),
+                "explicit mask: {explicit}"
+            );
+        }
     }
 
     #[test]

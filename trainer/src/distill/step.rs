@@ -105,9 +105,12 @@ pub struct StepInputs {
     pub kept: Kept,
     /// The suffixes.
     pub suffixes: Suffixes,
-    /// 1.0 at each example's suffix positions of `full_ids` `[batch, lf]`:
-    /// the queries whose attention is the selection target.
-    pub target_queries: Tensor,
+    /// The positions in `full_ids` of each example's suffix `[batch, lx]`
+    /// (int64; padding repeats the first): the queries whose attention is the
+    /// selection target.
+    pub target_rows: Tensor,
+    /// 1.0 at the real entries of `target_rows`, 0.0 at its padding `[batch, lx]`.
+    pub target_weights: Tensor,
     /// 1.0 at the span positions the scorer chooses among (sinks excluded)
     /// `[batch, lc]`.
     pub choosable: Tensor,
@@ -126,7 +129,8 @@ impl StepInputs {
             &self.features,
             &self.t_rows,
             &self.s_rows,
-            &self.target_queries,
+            &self.target_rows,
+            &self.target_weights,
             &self.choosable,
         ];
         t.extend(&self.answer_positions);
@@ -268,12 +272,15 @@ pub(crate) fn prepare(
     };
     let kept = Kept::select(&scores, contexts, cfg.sinks, cfg.train_span_pool)?;
     timer.mark("scorer");
-    let (lfu, lcu) = (lf as usize, lc as usize);
-    let mut queries = vec![0f32; batch.len() * lfu];
+    let (lxu, lcu) = (lx as usize, lc as usize);
+    let mut rows = vec![0i64; batch.len() * lxu];
+    let mut weights = vec![0f32; batch.len() * lxu];
     let mut choosable = vec![0f32; batch.len() * lcu];
     for (i, ex) in batch.iter().enumerate() {
-        let row = i * lfu + ctx_len[i];
-        queries[row..row + suf_len[i]].fill(1.0);
+        for j in 0..lxu {
+            rows[i * lxu + j] = (ctx_len[i] + j.min(suf_len[i] - 1)) as i64;
+        }
+        weights[i * lxu..i * lxu + suf_len[i]].fill(1.0);
         for &(s, n) in &ex.spans {
             let from = s + cfg.sinks.min(n);
             choosable[i * lcu + from..i * lcu + s + n].fill(1.0);
@@ -293,7 +300,8 @@ pub(crate) fn prepare(
     });
     let b = batch.len() as i64;
     Ok(StepInputs {
-        target_queries: Tensor::from_slice(&queries).view([b, lf]).to_device(device),
+        target_rows: Tensor::from_slice(&rows).view([b, lx]).to_device(device),
+        target_weights: Tensor::from_slice(&weights).view([b, lx]).to_device(device),
         choosable: Tensor::from_slice(&choosable)
             .view([b, lc])
             .to_device(device),
@@ -340,7 +348,12 @@ impl StudentPass<'_> {
             ids: inp.full_ids.shallow_clone(),
             states: inp.features.shallow_clone(),
             rows: inp.t_rows.shallow_clone(),
-            queries: (cfg.select_weight > 0.0).then(|| inp.target_queries.shallow_clone()),
+            queries: (cfg.select_weight > 0.0).then(|| {
+                (
+                    inp.target_rows.shallow_clone(),
+                    inp.target_weights.shallow_clone(),
+                )
+            }),
             layer: cfg.scorer_layer,
             threads: tch::get_num_threads(),
         };
@@ -514,8 +527,9 @@ struct TeacherRest<'a> {
     ids: Tensor,
     states: Tensor,
     rows: Tensor,
-    /// With the selection loss: the suffix queries whose attention is its target.
-    queries: Option<Tensor>,
+    /// With the selection loss: the suffix queries whose attention is its
+    /// target (positions and weights, [`StepInputs::target_rows`]).
+    queries: Option<(Tensor, Tensor)>,
     layer: usize,
     threads: i32,
 }
@@ -532,8 +546,10 @@ impl TeacherRest<'_> {
             let input = Input::new(&self.ids).vocab_checked();
             let (h, target) = match self.queries {
                 None => (model.resume_hidden(input, &self.states, self.layer)?, None),
-                Some(q) => {
-                    let obs = Observer::weighted(q, model.config().num_layers);
+                Some((rows, weights)) => {
+                    let keys = self.ids.size2()?.1;
+                    let obs =
+                        Observer::weighted_rows(rows, weights, keys, model.config().num_layers);
                     let h = model.resume_hidden_with(input, &self.states, self.layer, &obs)?;
                     (h, Some(obs.total()))
                 }

@@ -231,23 +231,47 @@ impl Attention {
         // [b, kv, 1, d, tk]: every query head of a group against its KV head.
         let kt = k.to_kind(Kind::Float).unsqueeze(2).transpose(3, 4);
         let bias = bias.map(|x| x.to_kind(Kind::Float).unsqueeze(1).unsqueeze(1));
+        // The observed queries: the rows the hook names, else all in order.
+        let rows = hooks.attention_rows(layer);
+        let nq = match &rows {
+            Some(r) => r.size2()?.1,
+            None => tq,
+        };
         let mut start = 0;
-        while start < tq {
-            let n = OBSERVE_CHUNK.min(tq - start);
-            let qc = q
-                .narrow(2, start, n)
-                .to_kind(Kind::Float)
-                .f_reshape([b, kv, rep, n, d])?;
+        while start < nq {
+            let n = OBSERVE_CHUNK.min(nq - start);
+            let (qc, allowed) = match &rows {
+                None => {
+                    let allowed = match mask {
+                        AttnMask::Causal => {
+                            Tensor::ones([n, tk], (Kind::Bool, q.device())).tril(tk - tq + start)
+                        }
+                        AttnMask::Explicit(m) => m.narrow(2, start, n),
+                    };
+                    (q.narrow(2, start, n), allowed)
+                }
+                Some(r) => {
+                    // [b, 1, n, 1]: each row's query positions.
+                    let pos = r.narrow(1, start, n).view([b, 1, n, 1]);
+                    let qc = q.f_gather(2, &pos.expand([b, h, n, d], false), false)?;
+                    let allowed = match mask {
+                        AttnMask::Causal => Tensor::arange(tk, (Kind::Int64, q.device()))
+                            .view([1, 1, 1, tk])
+                            .f_le_tensor(&(pos + (tk - tq)))?,
+                        AttnMask::Explicit(m) => {
+                            let m = m.expand([b, m.size()[1], tq, tk], false);
+                            let (mb, mh) = (m.size()[0], m.size()[1]);
+                            m.f_gather(2, &pos.expand([mb, mh, n, tk], false), false)?
+                        }
+                    };
+                    (qc, allowed)
+                }
+            };
+            let qc = qc.to_kind(Kind::Float).f_reshape([b, kv, rep, n, d])?;
             let mut logits = qc.f_matmul(&kt)?.f_reshape([b, h, n, tk])? * self.scale;
             if let Some(bias) = &bias {
                 logits += bias;
             }
-            let allowed = match mask {
-                AttnMask::Causal => {
-                    Tensor::ones([n, tk], (Kind::Bool, q.device())).tril(tk - tq + start)
-                }
-                AttnMask::Explicit(m) => m.narrow(2, start, n),
-            };
             let probs = logits
                 .f_masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)?
                 .softmax(-1, Kind::Float);

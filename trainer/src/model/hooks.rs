@@ -103,8 +103,17 @@ pub trait Hooks {
         false
     }
 
+    /// The query positions `[batch, n]` (int64) whose attention probabilities
+    /// [`Hooks::observe_attention`] wants at layer `layer`, when it wants only
+    /// some: the probabilities are then computed for these rows alone, and
+    /// `q_start` indexes into them. `None` (the default): every query, in order.
+    fn attention_rows(&self, _layer: usize) -> Option<Tensor> {
+        None
+    }
+
     /// Receives layer `layer`'s attention probabilities for this call's queries
-    /// `q_start .. q_start + q`: `[batch, heads, q, keys]` float32, keys as for
+    /// `q_start .. q_start + q` (of [`Hooks::attention_rows`] when it names
+    /// them): `[batch, heads, q, keys]` float32, keys as for
     /// [`Hooks::attn_bias`] (cached first, then this call's). They are the real
     /// attention's (same mask, scale and bias; masked keys exactly 0), delivered in
     /// query chunks in order; the layer's output does not depend on them.

@@ -138,7 +138,10 @@ pub struct BenchModelArgs {
     /// HF directory or GGUF file; omit to use `--preset` with random weights.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Random-weight shape when no model is given: llama-3.2-1b.
+    /// Random-weight shape when no model is given: llama-3.2-1b, smollm2-135m,
+    /// or smollm2-135m-narrow (SmolLM2's 30 layers and heads at 1/8 of its
+    /// widths: the same operations on little arithmetic, so the time is
+    /// mostly host-side dispatch).
     #[arg(long, default_value = "llama-3.2-1b")]
     pub preset: String,
     /// auto, cpu, cuda or cuda:N.
@@ -162,7 +165,11 @@ impl BenchModelArgs {
             None => {
                 let cfg = match self.preset.as_str() {
                     "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
-                    other => anyhow::bail!("unknown preset `{other}` (known: llama-3.2-1b)"),
+                    "smollm2-135m" => ModelConfig::smollm2_135m(),
+                    "smollm2-135m-narrow" => ModelConfig::smollm2_135m().narrowed(8),
+                    other => anyhow::bail!(
+                        "unknown preset `{other}` (known: llama-3.2-1b, smollm2-135m, smollm2-135m-narrow)"
+                    ),
                 };
                 let src = RandomWeights::new(cfg.arch, 0);
                 (
