@@ -1,4 +1,5 @@
-//! Build script: links libtorch (scripts/link_torch.rs) and builds the CUDA graph shim.
+//! Build script: links libtorch (scripts/link_torch.rs) and builds the CUDA
+//! graph and operator-count shims.
 
 include!("../scripts/link_torch.rs");
 
@@ -7,6 +8,24 @@ use std::path::{Path, PathBuf};
 fn main() {
     link_torch();
     cuda_graph_shim();
+    op_count_shim();
+}
+
+/// Compiles `csrc/op_count.cpp` (counts of dispatched operators, for
+/// `bench-step --count-ops`) against libtorch's headers, CPU or CUDA.
+fn op_count_shim() {
+    println!("cargo:rerun-if-changed=csrc/op_count.cpp");
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_default());
+    let include = lib.join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/op_count.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .compile("kvd_op_count");
 }
 
 /// Compiles `csrc/cuda_graph.cpp` (CUDA graph capture for the training step)

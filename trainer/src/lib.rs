@@ -19,6 +19,7 @@ pub mod eval;
 pub mod generate;
 pub use kvd_gguf as gguf;
 pub mod model;
+pub mod op_count;
 pub use kvd_tokenizer as tokenizer;
 pub mod train_loop;
 pub mod weights;

@@ -360,6 +360,63 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
     let full = bench("smollm2-135m");
     let narrow = bench("smollm2-135m-narrow");
     assert_eq!(narrow["model"], "random smollm2-135m-narrow", "{narrow}");
+    assert_eq!(
+        narrow["ops"],
+        serde_json::Value::Null,
+        "counted only when asked"
+    );
+    // --count-ops: the operators one step dispatches, per phase with
+    // --step-phases; the narrow model dispatches what the full one does.
+    let counted = |preset: &str| -> serde_json::Value {
+        let o = run(&[
+            "bench-step",
+            "--preset",
+            preset,
+            "--device",
+            "cpu",
+            "--span",
+            "24",
+            "--suffix",
+            "4",
+            "--iters",
+            "1",
+            "--method",
+            "train",
+            "--count-ops",
+            "--step-phases",
+        ]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line")
+    };
+    let (a, b) = (counted("smollm2-135m-narrow"), counted("smollm2-135m"));
+    let top = a["ops"]["top_level"].as_u64().unwrap();
+    // (Up to data-dependent branches, e.g. gradient clipping in the optimizer.)
+    let top_b = b["ops"]["top_level"].as_u64().unwrap();
+    assert!(top.abs_diff(top_b) * 200 < top, "{a} vs {b}");
+    assert_eq!(
+        a["phase_ops"]["encoder"], b["phase_ops"]["encoder"],
+        "{a} vs {b}"
+    );
+    let nodes = a["ops"]["backward"].as_u64().unwrap();
+    // Thousands: 30 layers of teacher, encoder and decoder, and their backward.
+    assert!(top > 3000 && nodes > 1000, "{a}");
+    let phases = a["phase_ops"].as_object().expect("per phase");
+    assert_eq!(phases.len(), a["phases_s"].as_object().unwrap().len());
+    let in_phases: u64 = phases
+        .values()
+        .map(|p| p["top_level"].as_u64().unwrap())
+        .sum();
+    assert!(
+        in_phases <= top && in_phases > top * 9 / 10,
+        "{in_phases} of {top}"
+    );
+    assert_eq!(phases["backward"]["backward"].as_u64(), Some(nodes));
+    assert!(
+        phases["teacher"]["top_level"].as_u64().unwrap() > 500,
+        "{a}"
+    );
+    let names = a["top_ops"].as_array().expect("top operators");
+    assert!(names.iter().any(|n| n[0] == "aten::linear"), "{a}");
     // SmolLM2's shape: the same step FLOPs as the real model's file.
     let m = smollm2();
     let o = run(&[

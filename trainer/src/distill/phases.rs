@@ -5,6 +5,7 @@
 //! times (and the step is slower by the synchronizations).
 
 use crate::device::synchronize;
+use crate::op_count::{self, OpCounts};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -23,15 +24,18 @@ pub(crate) fn enabled() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
-fn totals() -> &'static Mutex<BTreeMap<&'static str, f64>> {
-    static T: OnceLock<Mutex<BTreeMap<&'static str, f64>>> = OnceLock::new();
+/// Per phase: seconds, and operators dispatched (with [`crate::op_count`] on).
+type Totals = BTreeMap<&'static str, (f64, OpCounts)>;
+
+fn totals() -> &'static Mutex<Totals> {
+    static T: OnceLock<Mutex<Totals>> = OnceLock::new();
     T.get_or_init(|| Mutex::new(BTreeMap::new()))
 }
 
 /// Times consecutive phases on one device; a no-op unless enabled.
 pub struct PhaseTimer {
     device: Device,
-    last: Option<Instant>,
+    last: Option<(Instant, OpCounts)>,
 }
 
 impl PhaseTimer {
@@ -39,35 +43,44 @@ impl PhaseTimer {
     pub fn start(device: Device) -> PhaseTimer {
         let last = enabled().then(|| {
             synchronize(device);
-            Instant::now()
+            (Instant::now(), op_count::read())
         });
         PhaseTimer { device, last }
     }
 
-    /// Ends the current phase, adding its time to `name`'s total.
+    /// Ends the current phase, adding its time (and operators) to `name`'s total.
     pub fn mark(&mut self, name: &'static str) {
-        if let Some(t) = self.last {
+        if let Some((t, ops)) = self.last {
             synchronize(self.device);
-            let now = Instant::now();
+            let (now, now_ops) = (Instant::now(), op_count::read());
             if let Ok(mut m) = totals().lock() {
-                *m.entry(name).or_insert(0.0) += (now - t).as_secs_f64();
+                let e = m.entry(name).or_default();
+                e.0 += (now - t).as_secs_f64();
+                e.1.add(now_ops.since(ops));
             }
-            self.last = Some(now);
+            self.last = Some((now, now_ops));
         }
     }
-}
 
-impl PhaseTimer {
     /// Restarts the current phase without recording it (time another timer took).
     pub fn skip(&mut self) {
         if self.last.is_some() {
-            self.last = Some(Instant::now());
+            self.last = Some((Instant::now(), op_count::read()));
         }
     }
 }
 
 /// Takes the accumulated phase totals (seconds) and clears them.
 pub fn take() -> BTreeMap<&'static str, f64> {
+    take_with_ops()
+        .into_iter()
+        .map(|(k, (s, _))| (k, s))
+        .collect()
+}
+
+/// Takes the accumulated phase totals, seconds and operators dispatched
+/// (zeros unless [`crate::op_count::start`] was called), and clears them.
+pub fn take_with_ops() -> Totals {
     totals()
         .lock()
         .map(|mut m| std::mem::take(&mut *m))

@@ -63,6 +63,11 @@ pub(crate) struct BenchStepArgs {
     /// and report the mean seconds per phase.
     #[arg(long, env = "KVD_STEP_PHASES")]
     step_phases: bool,
+    /// Count the operators libtorch dispatches per timed step ("ops"; with
+    /// --step-phases also per phase, "phase_ops"): at small shapes a GPU
+    /// step's time is their host-side dispatch.
+    #[arg(long)]
+    count_ops: bool,
     /// Which method's step: reference (scorer on layer 3, LoRA on q,o of rank
     /// 8, the straight-through score feed, no selection loss: what the PyTorch
     /// reference `bench/kvdistill_ref.py` implements) or train (the method
@@ -94,6 +99,9 @@ fn host_peak_rss() -> Option<u64> {
 pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     kvd_trainer::ablate::turn_off(&kvd_trainer::ablate::SpeedUp::parse_list(&a.ablate)?);
     kvd_trainer::distill::phases::set_enabled(a.step_phases);
+    if a.count_ops {
+        kvd_trainer::op_count::start()?;
+    }
     let (model, name) = a.model.load()?;
     let (device, kind) = (model.device(), model.kind());
     if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 || a.batches == 0 {
@@ -153,9 +161,13 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut peak_mem = 0u64;
+    let mut ops_before = kvd_trainer::op_count::read();
     for i in 0..a.iters + 2 {
         if i == 2 {
             let _ = kvd_trainer::distill::phases::take();
+            ops_before = kvd_trainer::op_count::read();
+            kvd_trainer::op_count::count_names(a.count_ops);
+            let _ = kvd_trainer::op_count::take_names();
         }
         sync();
         let t0 = Instant::now();
@@ -169,10 +181,25 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             peak_mem = peak_mem.max(device_memory_used().unwrap_or(0));
         }
     }
-    // Mean seconds per timed step of each phase (--step-phases), else empty.
-    let phases: std::collections::BTreeMap<&str, f64> = kvd_trainer::distill::phases::take()
+    let iters = a.iters as u64;
+    let ops = kvd_trainer::op_count::read().since(ops_before).per(iters);
+    // The 30 most frequent operators per timed step (--count-ops).
+    let top_ops: Vec<(String, u64)> = kvd_trainer::op_count::take_names()
         .into_iter()
-        .map(|(k, v)| (k, v / a.iters as f64))
+        .take(30)
+        .map(|(n, c)| (n, c / iters.max(1)))
+        .collect();
+    // Mean seconds (and operators, --count-ops) per timed step of each phase
+    // (--step-phases), else empty.
+    let timed = kvd_trainer::distill::phases::take_with_ops();
+    let phases: std::collections::BTreeMap<&str, f64> = timed
+        .iter()
+        .map(|(&k, v)| (k, v.0 / a.iters as f64))
+        .collect();
+    let phase_ops: std::collections::BTreeMap<&str, _> = timed
+        .iter()
+        .filter(|_| a.count_ops)
+        .map(|(&k, v)| (k, v.1.per(iters)))
         .collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
@@ -197,6 +224,7 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "host_peak_rss_gib": host_peak_rss().unwrap_or(0) as f64 / (1u64 << 30) as f64,
         "recompute_encoder": a.recompute_encoder, "method": a.method,
         "losses": losses, "phases_s": phases,
+        "ops": a.count_ops.then_some(ops), "phase_ops": phase_ops, "top_ops": top_ops,
         "cuda_graphs": a.cuda_graphs,
         "graph_replays": trainer.cuda_graphs().map_or(0, |g| g.replays()),
     });
