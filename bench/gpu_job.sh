@@ -8,9 +8,14 @@
 #    SHAPE=span:suffix) with 64 examples, each also with --step-phases;
 # 2. bench-step --method train at 64 x (1,024 + 256), with and without
 #    --recompute-encoder (device memory);
-# 3. `train` on train/qa for JOB_S seconds (default 60) per setting of JOBS
-#    (`;`-separated flag sets), then JOB_S/2 more with --step-phases (the
-#    phase split per step; the synchronizations slow it, so apart).
+# 3. the operators the job's step dispatches (--count-ops), and the same step
+#    on SmolLM2's layers at 1/8 of its widths (--preset smollm2-135m-narrow):
+#    its time is the step's host-side dispatch, the cost every micro-batch
+#    pays whatever its size;
+# 4. `train` on train/qa for JOB_S seconds (default 60) per setting of JOBS
+#    (`;`-separated flag sets, each with its --global-batch), then JOB_S/2
+#    more with --step-phases (the phase split per step; the synchronizations
+#    slow it, so apart).
 # Everything lands in OUT/job.tgz (the device tool returns few files):
 # bench.jsonl (one line per bench-step), job-N.log / job-N-phases.log.
 # Summarise with bench/summarize_job.py DIR (DIR: job.tgz unpacked).
@@ -23,7 +28,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 B=$KEEP/kv-distill M=$KEEP/smol.gguf
 SHAPE=${SHAPE:-352:32}
 JOB_S=${JOB_S:-60}
-JOBS=${JOBS:-"--micro-batch 64 --recompute-encoder;--micro-batch 32;--micro-batch 16 --bucket-by-length"}
+JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 64 --recompute-encoder;--global-batch 256 --micro-batch 256 --micro-batch-tokens 65536 --bucket-by-length --recompute-encoder"}
 rm -rf "$OUT" && mkdir -p "$OUT" "$DEST"
 trap 'tar -czf "$DEST/job.tgz" -C "$OUT" . && ls -l "$DEST"' EXIT
 bench() {
@@ -39,6 +44,12 @@ done
 for r in "" --recompute-encoder; do
   bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
 done
+bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --count-ops --step-phases
+for batch in 64 16; do
+  timeout 120 "$B" bench-step --preset smollm2-135m-narrow --device cuda --dtype bf16 --iters 5 \
+    --method train --span "$span" --suffix "$suffix" --batch $batch --ratio 0.25 \
+    >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step narrow failed" >&2
+done
 IFS=';' read -ra sets <<< "$JOBS"
 i=0
 for flags in "${sets[@]}"; do
@@ -49,7 +60,7 @@ for flags in "${sets[@]}"; do
     [ -n "$phases" ] && secs=$((JOB_S / 2)) log=$OUT/job-$i-phases.log
     # shellcheck disable=SC2086
     timeout $((secs + 60)) "$B" --log-format json train --model "$M" --device cuda --dtype bf16 \
-      --data "file://$KEEP/data/train/qa" --global-batch 64 --max-len 1024 --steps 100000 \
+      --data "file://$KEEP/data/train/qa" --max-len 1024 --steps 100000 \
       --time-limit-s "$secs" --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
       --log-every 5 --out "$KEEP/job-$i.safetensors" $phases $flags \
       > /dev/null 2> "$log" || echo "job $i $phases failed" >&2

@@ -35,17 +35,22 @@ def phase_text(phases):
 def main():
     d = sys.argv[1]
     benches = [json.loads(l) for l in open(os.path.join(d, "bench.jsonl")) if l.strip()]
-    print("| method | span + suffix x batch | recompute | median step | tokens/s | device memory | phases (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | model | span + suffix x batch | recompute | median step | tokens/s | device memory | operators | phases (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     reference_tps = None
     for b in benches:
         ph = b.get("phases_s") or {}
-        print(
-            f"| {b.get('method', 'reference')} | {b['span']} + {b['suffix']} x {b['batch']} | "
-            f"{'yes' if b.get('recompute_encoder') else ''} | {b['median_s']:.3f} s | "
-            f"{b['tokens_per_s']:,.0f} | {b['device_memory_gib']:.1f} GiB | {phase_text(ph)} |"
+        model = "narrow" if "narrow" in b.get("model", "") else ""
+        ops = b.get("ops") or {}
+        op_text = (
+            f"{ops['top_level']:,} + {ops['backward_ops']:,} in {ops['backward']:,} backward nodes" if ops else ""
         )
-        if b.get("method") == "train" and not ph and b["batch"] == 64 and reference_tps is None:
+        print(
+            f"| {b.get('method', 'reference')} | {model} | {b['span']} + {b['suffix']} x {b['batch']} | "
+            f"{'yes' if b.get('recompute_encoder') else ''} | {b['median_s']:.3f} s | "
+            f"{b['tokens_per_s']:,.0f} | {b['device_memory_gib']:.1f} GiB | {op_text} | {phase_text(ph)} |"
+        )
+        if b.get("method") == "train" and not ph and not model and b["batch"] == 64 and reference_tps is None:
             reference_tps = b["tokens_per_s"]
     names = {}
     if os.path.exists(os.path.join(d, "jobs.txt")):
@@ -64,6 +69,8 @@ def main():
             print(f"| {names.get(n, n)} | failed or too short ({len(steps)} logged steps) | | | | | |")
             continue
         median = statistics.median(s["seconds"] for s in steps[1:])
+        started = log_fields(log, "training")
+        batch = json.loads(started[0]["job"])["global_batch"] if started else 64
         last = steps[-1]
         share = f"{last['total_tok_per_s'] / reference_tps:.0%}" if reference_tps else ""
         ph_path = os.path.join(d, f"job-{n}-phases.log")
@@ -74,7 +81,7 @@ def main():
                 for k, v in r.items():
                     ph[k] = ph.get(k, 0.0) + v / len(rows)
         print(
-            f"| `{names.get(n, n)}` | {median:.3f} s | {64 / median:.0f} | {last['total_tok_per_s']:,.0f} | "
+            f"| `{names.get(n, n)}` | {median:.3f} s | {batch / median:.0f} | {last['total_tok_per_s']:,.0f} | "
             f"{last['tok_per_s']:,.0f} | {share} | {phase_text(ph)} |"
         )
 

@@ -105,6 +105,26 @@ pub struct Example {
     pub context_answers: Vec<(usize, usize)>,
 }
 
+/// The answers a multi-question row's `question` holds (see
+/// [`crate::multiqa`]: `q1 <answer prefix> a1 <question prefix> q2 ...`): the
+/// text after the template's answer prefix in every part but the last. None
+/// for an ordinary question.
+pub fn earlier_answers(question: &str, template: &QaTemplate) -> Vec<String> {
+    if template.question_prefix.is_empty() || template.answer_prefix.is_empty() {
+        return Vec::new();
+    }
+    let parts: Vec<&str> = question.split(template.question_prefix.as_str()).collect();
+    let Some((_, earlier)) = parts.split_last() else {
+        return Vec::new();
+    };
+    earlier
+        .iter()
+        .filter_map(|p| p.rsplit_once(template.answer_prefix.as_str()))
+        .map(|(_, a)| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
 /// Every occurrence of each answer's tokens in `ctx` (with and without a
 /// leading space, as a word inside the text or at its start is tokenised),
 /// as (start, length) offset by `offset`, sorted and without repeats.
@@ -339,8 +359,12 @@ impl ExampleBuilder {
                 }
                 // Keep the beginning of an over-long context.
                 ctx.truncate(max - bos.len() - suffix_len);
+                // A multi-question row (`train/multiqa`) asks about its
+                // earlier answers too: locate them as well.
+                let mut asked = answers.to_vec();
+                asked.extend(earlier_answers(question, t));
                 let context_answers =
-                    answer_occurrences(self.tok.as_ref(), &ctx, answers, bos.len())?;
+                    answer_occurrences(self.tok.as_ref(), &ctx, &asked, bos.len())?;
                 let mut tokens = bos.clone();
                 tokens.extend_from_slice(&ctx);
                 tokens.extend_from_slice(&q);

@@ -169,6 +169,49 @@ fn short_document_has_no_room_for_span() {
 }
 
 #[test]
+fn multi_question_rows_locate_every_asked_answer() {
+    use kvd_data::builder::{earlier_answers, QaTemplate};
+    use kvd_data::writer::SourcedRecord;
+    let t = QaTemplate::default();
+    assert!(earlier_answers("who wrote it?", &t).is_empty());
+    // Three questions about one context, combined as train/multiqa combines them.
+    let row = |id: &str, q: &str, a: &str| SourcedRecord {
+        id: id.into(),
+        source: "s".into(),
+        record: Record::Qa {
+            context: "a b c d e f g h".into(),
+            question: q.into(),
+            answers: vec![a.into()],
+        },
+    };
+    let rows = [
+        row("1", "q1?", "b c"),
+        row("2", "q2?", "e"),
+        row("3", "q3?", "g h"),
+    ];
+    let multi = kvd_data::multiqa::multi_question(&rows, 3, &t);
+    let Record::Qa { question, .. } = &multi[0].record else {
+        panic!("a QA row")
+    };
+    assert_eq!(earlier_answers(question, &t), ["b c", "e"]);
+    let builder = b(BuilderConfig {
+        max_len: 64,
+        min_span: 4,
+        text_suffix_len: 8,
+        ..BuilderConfig::default()
+    });
+    let e = builder
+        .build(&multi[0].record, 1, 1, &loc())
+        .expect("build");
+    // b c at 2..4, e at 5, g h at 7..9 (BOS at 0): the last answer's and the
+    // earlier ones'.
+    assert_eq!(e.context_answers, vec![(2, 2), (5, 1), (7, 2)]);
+    // The single question alone locates only its own answer.
+    let e = builder.build(&rows[0].record, 1, 1, &loc()).expect("build");
+    assert_eq!(e.context_answers, vec![(2, 2)]);
+}
+
+#[test]
 fn invalid_config_is_refused() {
     assert!(ExampleBuilder::new(
         Arc::new(common::WordTok),
