@@ -321,31 +321,58 @@ fn the_answer_target_is_the_attention_plus_the_answers_positions() {
     assert!(same.equal(&attention));
 }
 
+/// A random context with the three marker tokens 90, 91, 92 (the "answer")
+/// at `at`, whose location the example names.
+fn marker_example(seed: u64, at: usize) -> DistillExample {
+    let mut context = tokens(40, seed);
+    context[at..at + 3].copy_from_slice(&[90, 91, 92]);
+    DistillExample {
+        context,
+        spans: vec![(1, 39)],
+        suffix: tokens(10, seed + 100),
+        ratio: 0.1,
+        answer: None,
+        context_answers: vec![(at, 3)],
+    }
+}
+
+/// A batch of four marker examples, the answer at a different place in each.
+fn marker_batch() -> Vec<DistillExample> {
+    (0..4)
+        .map(|i| marker_example(60 + i, 8 + 7 * i as usize))
+        .collect()
+}
+
+/// Marker tokens `a` keeps at r = 0.1 (4 of 39 span positions) in four
+/// unseen contexts (of 12).
+fn marker_tokens_kept(m: &Model, a: &Adaptor) -> usize {
+    (0..4u64)
+        .map(|i| {
+            let at = 5 + 8 * i as usize;
+            let ex = marker_example(200 + i, at);
+            let (ids, len) = pad_rows(&[ex.context], 96, Device::Cpu).expect("pad");
+            let ctx = Contexts {
+                ids: &ids,
+                len: &len,
+                spans: &[vec![(1, 39)]],
+                ratios: &[0.1],
+            };
+            let c = compress_contexts(m, Method::kv_distill(a), ctx).expect("compress");
+            (at..at + 3)
+                .filter(|p| c.selections[0].kept.contains(p))
+                .count()
+        })
+        .sum()
+}
+
 #[test]
 fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
     use kvd_trainer::distill::{TrainConfig, Trainer};
     let m = model();
-    // The "answer" is three marker tokens (90, 91, 92) at a different place
-    // in each random context; the questions' answers are at those places.
-    let answer = [90u32, 91, 92];
-    let example = |seed: u64, at: usize| {
-        let mut context = tokens(40, seed);
-        context[at..at + 3].copy_from_slice(&answer);
-        DistillExample {
-            context,
-            spans: vec![(1, 39)],
-            suffix: tokens(10, seed + 100),
-            ratio: 0.1,
-            answer: None,
-            context_answers: vec![(at, 3)],
-        }
-    };
-    let batch: Vec<DistillExample> = (0..4)
-        .map(|i| example(60 + i, 8 + 7 * i as usize))
-        .collect();
+    let batch = marker_batch();
     let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 4).expect("adaptor");
-    // Answer tokens kept at r = 0.1 (4 of 39 span positions) in unseen contexts
-    // after 40 steps, with the answer's weight `w` in the selection target.
+    // Answer tokens kept after 40 steps, with the answer's weight `w` in the
+    // selection target.
     let kept_after = |w: f64| -> usize {
         let cfg = DistillConfig {
             select_weight: 1.0,
@@ -366,23 +393,7 @@ fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
             t.train_step(&m, &a, std::slice::from_ref(&batch))
                 .expect("step");
         }
-        (0..4u64)
-            .map(|i| {
-                let at = 5 + 8 * i as usize;
-                let ex = example(200 + i, at);
-                let (ids, len) = pad_rows(&[ex.context], 96, Device::Cpu).expect("pad");
-                let ctx = Contexts {
-                    ids: &ids,
-                    len: &len,
-                    spans: &[vec![(1, 39)]],
-                    ratios: &[0.1],
-                };
-                let c = compress_contexts(&m, Method::kv_distill(&a), ctx).expect("compress");
-                (at..at + 3)
-                    .filter(|p| c.selections[0].kept.contains(p))
-                    .count()
-            })
-            .sum()
+        marker_tokens_kept(&m, &a)
     };
     let without = kept_after(0.0);
     let with = kept_after(4.0);
@@ -391,6 +402,77 @@ fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
         with >= 8 && with > without,
         "answer tokens kept of 12: {with} with the answer target, {without} without"
     );
+}
+
+#[test]
+fn scorer_only_warm_up_steps_train_the_scorer_and_leave_the_lora() {
+    use kvd_trainer::distill::{TrainConfig, Trainer};
+    let m = model();
+    let batch = marker_batch();
+    let cfg = DistillConfig {
+        select_weight: 1.0,
+        select_answer_weight: 4.0,
+        ..base_cfg()
+    };
+    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 4).expect("adaptor");
+    let a = copy_of(&m, cfg.clone(), &template);
+    let snapshot = |a: &Adaptor, part: &str| -> Vec<Tensor> {
+        a.named_trainable()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(part))
+            .map(|(_, t)| t.detach().copy())
+            .collect()
+    };
+    let same = |x: &[Tensor], y: &[Tensor]| x.iter().zip(y).all(|(x, y)| x.equal(y));
+    let (lora0, scorer0) = (snapshot(&a, "lora"), snapshot(&a, "scorer"));
+    assert!(!lora0.is_empty() && !scorer0.is_empty());
+    let train_cfg = TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 1,
+        select_warmup_steps: 40,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(&a, train_cfg.clone()).expect("trainer");
+    let mut first = f64::NAN;
+    for i in 0..40 {
+        let s = t
+            .train_step(&m, &a, std::slice::from_ref(&batch))
+            .expect("step");
+        assert!(s.loss.is_nan(), "no KL in a scorer-only step: {s:?}");
+        assert!(s.select_loss.is_finite() && s.select_loss > 0.0, "{s:?}");
+        if i == 0 {
+            first = s.select_loss;
+        }
+        if i == 39 {
+            assert!(s.select_loss < first, "{} -> {}", first, s.select_loss);
+        }
+    }
+    // The scorer learned where the answers are; the LoRA did not move.
+    assert!(
+        same(&lora0, &snapshot(&a, "lora")),
+        "the LoRA changed in warm-up"
+    );
+    assert!(!same(&scorer0, &snapshot(&a, "scorer")));
+    let kept = marker_tokens_kept(&m, &a);
+    assert!(
+        kept >= 8,
+        "answer tokens kept of 12 after the warm-up: {kept}"
+    );
+    // The step after the warm-up trains the whole adaptor, with the KL.
+    let s = t
+        .train_step(&m, &a, std::slice::from_ref(&batch))
+        .expect("step");
+    assert!(s.loss.is_finite() && s.loss > 0.0, "{s:?}");
+    assert!(
+        !same(&lora0, &snapshot(&a, "lora")),
+        "the LoRA trains after it"
+    );
+    // Without the selection loss there is nothing to warm up on.
+    let plain = copy_of(&m, base_cfg(), &template);
+    match Trainer::new(&plain, train_cfg) {
+        Ok(_) => panic!("a warm-up without the selection loss was accepted"),
+        Err(e) => assert!(e.to_string().contains("--select-weight"), "{e}"),
+    }
 }
 
 /// Maximal runs of consecutive positions in `kept` (ascending).

@@ -1093,6 +1093,15 @@ fn the_answer_weight_without_a_selection_loss_is_refused() {
         "{log}"
     );
     assert!(!dir.path().join("x.safetensors").exists());
+    // Likewise scorer-only warm-up steps, which train on the selection loss alone.
+    let mut flags = train_flags(&dir.path().join("y.safetensors"));
+    flags.extend(["--select-weight", "0", "--select-warmup-steps", "3"].map(String::from));
+    let log = train_failing(&flags);
+    assert!(
+        log.contains("--select-warmup-steps") && log.contains("--select-weight above 0"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 /// `train --step-phases` logs, at every log line, the mean seconds per step

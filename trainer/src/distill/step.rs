@@ -187,6 +187,72 @@ pub fn distill_step(
     })
 }
 
+/// A step that trains the scorer alone (the first
+/// [`super::TrainConfig::select_warmup_steps`] of a run): the teacher, without
+/// gradients, gives the selection target (its suffix's attention, plus the
+/// answer's location with [`DistillConfig::select_answer_weight`]), and the
+/// selection loss times `select_weight * grad_scale` is backpropagated into
+/// the scorer. No student pass and no KL (the returned `loss` and KL are
+/// NaN): about the cost of the teacher's forward, a fraction of a full step,
+/// so the scorer learns what the suffix reads before the LoRA trains on what
+/// it keeps.
+pub fn select_step(
+    model: &Model,
+    adaptor: &Adaptor,
+    cfg: &DistillConfig,
+    batch: &[DistillExample],
+    grad_scale: f64,
+) -> Result<StepStats> {
+    if cfg.select_weight <= 0.0 {
+        return Err(ModelError::Input(
+            "a scorer-only step needs the selection loss (--select-weight above 0)".into(),
+        ));
+    }
+    let inputs = prepare(model, adaptor, cfg, batch, None)?;
+    let tokens = inputs.s_rows.size()[0] as usize;
+    let mut timer = super::phases::PhaseTimer::start(model.device());
+    let rest = TeacherRest {
+        model: SharedModel(model),
+        ids: inputs.full_ids.shallow_clone(),
+        states: inputs.features.shallow_clone(),
+        rows: inputs.t_rows.shallow_clone(),
+        queries: Some((
+            inputs.target_rows.shallow_clone(),
+            inputs.target_weights.shallow_clone(),
+        )),
+        layer: cfg.scorer_layer,
+        threads: tch::get_num_threads(),
+    };
+    let (_, attention) = rest.logits()?;
+    let attention =
+        attention.ok_or_else(|| ModelError::Input("the teacher gave no attention".into()))?;
+    timer.mark("teacher");
+    let lc = inputs.choosable.size2()?.1;
+    let attention = attention.narrow(1, 0, lc);
+    let target = match &inputs.answer_positions {
+        Some(a) => with_answers(&attention, a, &inputs.choosable, cfg.select_answer_weight)?,
+        None => attention,
+    };
+    let scores = adaptor.score(&inputs.features.narrow(1, 0, lc));
+    let loss = selection_loss(&scores, &target, &inputs.choosable)?;
+    let value = loss.f_double_value(&[])?;
+    if !value.is_finite() {
+        return Err(ModelError::Input(format!(
+            "non-finite selection loss {value}"
+        )));
+    }
+    loss.f_mul_scalar(cfg.select_weight * grad_scale)?
+        .f_backward()?;
+    timer.mark("backward");
+    Ok(StepStats {
+        loss: f64::NAN,
+        forward_kl: f64::NAN,
+        reverse_kl: f64::NAN,
+        tokens,
+        select_loss: value,
+    })
+}
+
 /// Checks the batch, uploads it, runs the teacher's first `scorer_layer`
 /// layers and the scorer, and selects the kept positions (reading the scores
 /// to the host).

@@ -3,7 +3,9 @@
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
-use super::step::{distill_step, supervised_positions, Backward, DistillExample, StepStats};
+use super::step::{
+    distill_step, select_step, supervised_positions, Backward, DistillExample, StepStats,
+};
 use super::step_graph::StepGraphs;
 use crate::collective::DEFAULT_BUCKET_ELEMS;
 use crate::collective::{all_reduce_values, Collective, FlatGrads, Single};
@@ -30,6 +32,12 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// The first this many optimizer steps train the scorer alone on the
+    /// selection loss ([`super::step::select_step`]: the teacher's cost, no
+    /// student pass); the LoRA trains from the step after. Needs the
+    /// selection loss.
+    #[serde(default)]
+    pub select_warmup_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -42,6 +50,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             grad_accum: 1,
+            select_warmup_steps: 0,
         }
     }
 }
@@ -62,7 +71,8 @@ impl TrainConfig {
 /// Statistics of one optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct OptStats {
-    /// Mean loss over the supervised tokens of the global batch.
+    /// Mean loss over the supervised tokens of the global batch (NaN in a
+    /// scorer-only step, [`TrainConfig::select_warmup_steps`]).
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
@@ -107,6 +117,13 @@ impl Trainer {
         if cfg.grad_accum == 0 || cfg.total_steps == 0 {
             return Err(ModelError::Input(
                 "grad_accum and total_steps must be positive".into(),
+            ));
+        }
+        if cfg.select_warmup_steps > 0 && adaptor.config().select_weight <= 0.0 {
+            return Err(ModelError::Input(
+                "scorer-only warm-up steps (--select-warmup-steps) train on the selection loss: \
+                 give --select-weight above 0"
+                    .into(),
             ));
         }
         let vars: Vec<Tensor> = adaptor
@@ -236,6 +253,7 @@ impl Trainer {
         let started = Instant::now();
         let mut local = [micro_batches.len() as f64, 0.0, 0.0, 0.0];
         let mut fail_alloc = std::mem::take(&mut self.fail_alloc);
+        let select_only = self.step < self.cfg.select_warmup_steps;
         for (mb, &count) in micro_batches.iter().zip(&counts) {
             let weight = count / global_tokens;
             let shape = || {
@@ -255,7 +273,11 @@ impl Trainer {
                     // 2^46 float32 elements (256 TiB): refused by any allocator.
                     let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
                 }
-                distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
+                if select_only {
+                    select_step(model, adaptor, cfg, mb, weight)
+                } else {
+                    distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
+                }
             })
             .map_err(|e| e.with_oom_context(shape))?;
             local[1] += s.loss * weight;

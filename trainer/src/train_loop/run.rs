@@ -173,12 +173,16 @@ pub fn run<H: LoopHooks>(
                 "every row of this step was skipped: no update"
             );
         } else {
-            if summary.first_loss.is_nan() {
-                summary.first_loss = s.loss;
-            }
-            recent.push(s.loss);
-            if recent.len() > job.log_every.max(1) {
-                recent.remove(0);
+            // Scorer-only warm-up steps have no KL (NaN): the summary's losses
+            // are the full steps'.
+            if s.loss.is_finite() {
+                if summary.first_loss.is_nan() {
+                    summary.first_loss = s.loss;
+                }
+                recent.push(s.loss);
+                if recent.len() > job.log_every.max(1) {
+                    recent.remove(0);
+                }
             }
             if job.log_every > 0 && done.is_multiple_of(job.log_every as u64) {
                 tracing::info!(

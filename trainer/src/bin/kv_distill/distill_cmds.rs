@@ -215,6 +215,11 @@ pub(crate) struct TrainArgs {
     /// Gradient clipping norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
+    /// Train the scorer alone on the selection loss for the first N steps
+    /// (the teacher's cost, no student pass; needs --select-weight), then
+    /// the whole adaptor.
+    #[arg(long, default_value_t = 0)]
+    select_warmup_steps: usize,
     /// Retention ratios drawn per example.
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.8")]
     ratios: Vec<f32>,
@@ -347,6 +352,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
             total_steps: a.steps,
             max_grad_norm: a.max_grad_norm,
             grad_accum: a.global_batch.div_ceil(a.micro_batch.max(1)),
+            select_warmup_steps: a.select_warmup_steps,
             ..TrainConfig::default()
         },
         global_batch: a.global_batch,
