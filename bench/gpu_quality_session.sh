@@ -27,8 +27,11 @@ shift
 # 16 MiB, 64 MiB in all), for a later session to carry in and resume.
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  # The last invocation of a call decides what comes back (several may pack).
-  rm -f "$OUT"/*.safetensors "$OUT"/ckpt-*
+  # The last invocation of a call decides what comes back (several may pack,
+  # e.g. needle and squad run side by side: one at a time, under a lock).
+  exec 9> "$KEEP/.pack.lock"
+  flock 9
+  rm -f "$OUT"/*.safetensors "$OUT"/ckpt-* "$OUT/out.tgz"
   tar -czf "$OUT/out.tgz" -C "$KEEP" out 2>/dev/null
   for a in "$KEEP"/*.safetensors; do
     [ -e "$a" ] || continue
