@@ -10,15 +10,19 @@
 #   .dev/c4: with CKPT=DIR, the checkpoint parts ckpt-NAME.tar.partNN that an
 #            earlier session's `PACK_CKPT=NAME` brought back (stash it before
 #            c3; `assemble` restores them and `train` resumes them)
+#   .dev/c5, c6, ...: with a larger GGUF=FILE (Gemma-3-270m's is 253 MB), the
+#            rest of it in 52 MB parts, one call each (stash them before c3)
 # Needs `make build` (release binaries) and the assets of `make setup`; runs
 # `kvd-data prepare` when the data is missing. Usage: bench/device_carry.sh
+# (SmolLM2), GGUF=~/.cache/kv-distill/assets/gemma3/gemma-3-270m-q4_k_m.gguf
+# bench/device_carry.sh (another model; the prepared data is the same).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${KVD_CACHE:-$HOME/.cache/kv-distill}
 bin=${CARGO_TARGET_DIR:-$cache/target}/release
 assets=$cache/assets
 data=${DATA:-$cache/data}
-gguf=$assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf=${GGUF:-$assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 limit=$((64 * 1024 * 1024))
 for f in "$gguf" "$bin/kv-distill" "$bin/kvd-data" "$assets/bigbench/squad_shifts/squaddev_v1.1.json"; do
   [ -e "$f" ] || { echo "device_carry: missing $f (run make build)" >&2; exit 1; }
@@ -26,7 +30,7 @@ done
 [ -f "$data/train/multiqa/manifest.json" ] ||
   "$bin/kvd-data" prepare --assets "$assets" --out "file://$data"
 out=$here/.dev
-rm -rf "$out/c1" "$out/c2" "$out/c3" "$out/c4"
+rm -rf "$out"/c[0-9]*
 mkdir -p "$out/c1" "$out/c2" "$out/c3"
 folders="c1 c2 c3"
 if [ -n "${CKPT:-}" ]; then
@@ -34,8 +38,22 @@ if [ -n "${CKPT:-}" ]; then
   cp "$CKPT"/ckpt-*.tar.part* "$out/c4/"
   folders="$folders c4"
 fi
-head -c 52000000 "$gguf" > "$out/c1/gguf.part1"
-tail -c +52000001 "$gguf" > "$out/c2/gguf.part2"
+# gguf.part1 (c1), gguf.part2 (c2, beside the binary), gguf.part3.. (c5..):
+# `assemble` concatenates gguf.part* in order.
+part() { # part N OFFSET BYTES DIR: bytes OFFSET.. of the GGUF as DIR/gguf.partN
+  dd if="$gguf" of="$4/gguf.part$1" bs=1M iflag=skip_bytes,count_bytes skip="$2" count="$3" status=none
+}
+part 1 0 52000000 "$out/c1"
+part 2 52000000 46400000 "$out/c2"
+size=$(stat -c %s "$gguf")
+offset=98400000 n=3
+while [ "$offset" -lt "$size" ]; do
+  c=$out/c$((n + 2))
+  mkdir -p "$c"
+  part $n $offset 52000000 "$c"
+  folders="$folders c$((n + 2))"
+  offset=$((offset + 52000000)) n=$((n + 1))
+done
 xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squad.json.xz"
 tar -C "$assets" -cJf "$out/c1/essays.tar.xz" essays
 xz -9e -T2 -c "$bin/kv-distill" > "$out/c2/kvd.xz"

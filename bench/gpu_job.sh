@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training job against its own step on one H200 (issue 17), from the repo
 # root, after bench/gpu_quality_session.sh stash/assemble (KEEP holds the
-# binary, smol.gguf and the prepared data):
+# binary, model.gguf and the prepared data):
 #   bench/gpu_job.sh OUT
 # 1. bench-step of the job's method (`--method train`) and of the reference's
 #    at the job's median shape (train/qa: context ~350 tokens, suffix ~32;
@@ -25,7 +25,7 @@ DEST=$1
 OUT=$KEEP/job-out
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/gpu_env.sh"
-B=$KEEP/kv-distill M=$KEEP/smol.gguf
+B=$KEEP/kv-distill M=$KEEP/model.gguf
 SHAPE=${SHAPE:-352:32}
 JOB_S=${JOB_S:-60}
 JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 64 --recompute-encoder;--global-batch 256 --micro-batch 256 --micro-batch-tokens 65536 --bucket-by-length --recompute-encoder"}

@@ -3,8 +3,9 @@
 # stages that fit the device tool's calls. The working tree is limited, so
 # the model and data travel in three ignored folders (.dev/c1: first part of
 # the GGUF, SQuAD, essays; .dev/c2: the rest of the GGUF, the binary; .dev/c3:
-# the training data; made on the CPU machine, see docs/RESULTS.md), one call
-# each while the machine stays warm, and are assembled in $KEEP.
+# the training data; a larger GGUF's further parts in .dev/c5, c6, ...; made
+# on the CPU machine by bench/device_carry.sh), one call each while the
+# machine stays warm, and are assembled in $KEEP (the model as model.gguf).
 #   bench/gpu_quality_session.sh stash .dev/c1  # call 1 (carry .dev/c1)
 #   bench/gpu_quality_session.sh stash .dev/c2  # call 2 (carry .dev/c2)
 #   bench/gpu_quality_session.sh stash .dev/c3 && bench/gpu_quality_session.sh assemble  # call 3
@@ -52,8 +53,9 @@ case $stage in
     mkdir -p "$KEEP" && cp "$1"/* "$KEEP/" && ls -l "$KEEP" && nvidia-smi -L
     ;;
   assemble)
-    cat "$KEEP/gguf.part1" "$KEEP/gguf.part2" > "$KEEP/smol.gguf" &&
-      sha256sum "$KEEP/smol.gguf" &&
+    # The model's parts (two for SmolLM2, more for a larger GGUF) in order.
+    ls "$KEEP"/gguf.part* | sort -V | xargs cat > "$KEEP/model.gguf" &&
+      sha256sum "$KEEP/model.gguf" &&
       mkdir -p "$KEEP/data" && tar -C "$KEEP/data" -xf "$KEEP/qa.tar" &&
       tar -C "$KEEP/data" -xf "$KEEP/rest.tar" &&
       xz -dc "$KEEP/squad.json.xz" > "$KEEP/squad.json" &&
@@ -67,7 +69,7 @@ case $stage in
       . scripts/gpu_env.sh && "$KEEP/kv-distill" devices
     ;;
   train)
-    "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/data" "$OUTDIR" "$@"
+    "$here/bench/gpu_quality.sh" train "$KEEP/kv-distill" "$KEEP/model.gguf" "$KEEP/data" "$OUTDIR" "$@"
     for f in "$OUTDIR"/*.train.log; do
       echo "== $f"
       grep '"step"' "$f" | tail -2 | cut -c1-400
@@ -75,10 +77,10 @@ case $stage in
     done
     ;;
   needle)
-    "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/essays" "$OUTDIR" "$@"
+    "$here/bench/gpu_quality.sh" needle "$KEEP/kv-distill" "$KEEP/model.gguf" "$KEEP/essays" "$OUTDIR" "$@"
     ;;
   squad)
-    "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/smol.gguf" "$KEEP/squad.json" "$OUTDIR" "$@"
+    "$here/bench/gpu_quality.sh" squad "$KEEP/kv-distill" "$KEEP/model.gguf" "$KEEP/squad.json" "$OUTDIR" "$@"
     ;;
   pack)
     # Nothing but what every stage does on exit: with PACK_CKPT, after the
