@@ -69,6 +69,17 @@ pub enum DataError {
         #[source]
         source: object_store::Error,
     },
+    /// The URL's bucket (or container) does not exist, or the credentials
+    /// cannot see it.
+    #[error(
+        "`{url}`: no bucket (container) named `{bucket}` (or these credentials cannot see it)"
+    )]
+    MissingBucket {
+        /// The dataset URL.
+        url: String,
+        /// The bucket or container.
+        bucket: String,
+    },
     /// An object named in the manifest is missing from the store.
     #[error("{path}: object listed in the dataset manifest is missing")]
     MissingObject {
@@ -194,6 +205,7 @@ impl From<kvd_store::StoreError> for DataError {
             S::Url { url, reason } => DataError::Url { url, reason },
             S::Store { op, path, source } => DataError::Store { op, path, source },
             S::MissingObject { path } => DataError::MissingObject { path },
+            S::MissingBucket { url, bucket } => DataError::MissingBucket { url, bucket },
             S::Io { path, source } => DataError::Io { path, source },
         }
     }

@@ -236,12 +236,13 @@ async fn azure_missing_object_is_named() {
         "{e}"
     );
 
-    // A container that does not exist: the store's error names the object.
+    // A container that does not exist: the error names it and says so.
     let other = Source::open("az://no-such-container/ds", &emu.options()).expect("open");
     let e = other.get("manifest.json").await.expect_err("no container");
     assert!(
-        e.to_string()
-            .contains("az://no-such-container/ds/manifest.json"),
+        e.to_string().contains(
+            "`az://no-such-container/ds`: no bucket (container) named `no-such-container`"
+        ),
         "{e}"
     );
 }

@@ -226,6 +226,17 @@ async fn gcs_missing_object_is_named() {
         e.to_string().contains("gs://kvd-test/ds/manifest.json"),
         "{e}"
     );
+
+    // A bucket that does not exist: fake-gcs-server answers a bare 404 (GCS
+    // itself says NoSuchBucket, recognised as on S3 and Azure), so the error
+    // names the object, bucket included.
+    let other = Source::open("gs://no-such-bucket-kvd/ds", &emu.options()).expect("open");
+    let e = other.get("manifest.json").await.expect_err("no bucket");
+    assert!(
+        e.to_string()
+            .contains("gs://no-such-bucket-kvd/ds/manifest.json"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

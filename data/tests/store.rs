@@ -126,4 +126,20 @@ async fn s3_store_with_moto() {
     .await
     .expect_err("open with wrong key");
     assert!(e.to_string().contains("manifest.json"), "{e}");
+    // A bucket that does not exist: the error names the bucket and says so.
+    let e = Dataset::open(
+        "s3://no-such-bucket-kvd/ds",
+        DatasetOptions {
+            store: moto.options(),
+            ..DatasetOptions::default()
+        },
+    )
+    .await
+    .expect_err("open in a missing bucket");
+    let s = e.to_string();
+    assert!(
+        s.contains("no bucket (container) named `no-such-bucket-kvd`"),
+        "{s}"
+    );
+    assert!(!s.contains("kvd-data index"), "not a missing manifest: {s}");
 }

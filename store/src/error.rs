@@ -22,6 +22,17 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    /// The bucket (S3, GCS) or container (Azure) of the URL does not exist,
+    /// or these credentials cannot see it.
+    #[error(
+        "`{url}`: no bucket (container) named `{bucket}` (or these credentials cannot see it)"
+    )]
+    MissingBucket {
+        /// The dataset URL.
+        url: String,
+        /// The bucket or container.
+        bucket: String,
+    },
     /// The object does not exist.
     #[error("{path}: no such object")]
     MissingObject {

@@ -88,6 +88,8 @@ pub struct Source {
     store: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
+    /// The bucket or container (empty for files).
+    bucket: String,
     /// GCS and Azure: etags in the quoted form of RFC 7232 (see [`quoted_etag`]).
     quote_etags: bool,
 }
@@ -131,6 +133,21 @@ fn quoted_etag(e: String) -> String {
     }
 }
 
+/// Whether a not-found error is about the bucket or container rather than an
+/// object in it (the servers' error codes: S3 `NoSuchBucket`, Azure
+/// `ContainerNotFound`, GCS "The specified bucket does not exist").
+fn names_missing_bucket(e: &object_store::Error) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    ["NoSuchBucket", "ContainerNotFound", "bucket does not exist"]
+        .iter()
+        .any(|code| text.contains(code))
+}
+
 fn url_err(url: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Url {
         url: url.to_string(),
@@ -171,6 +188,7 @@ impl Source {
                     store: Arc::new(fs),
                     root: Path::default(),
                     url: url.to_string(),
+                    bucket: String::new(),
                     quote_etags: false,
                 });
             }
@@ -225,6 +243,7 @@ impl Source {
             store,
             root: Path::from(prefix),
             url: url.to_string(),
+            bucket: bucket.to_string(),
             quote_etags: matches!(scheme, "gs" | "az" | "azure" | "abfs"),
         })
     }
@@ -235,6 +254,7 @@ impl Source {
             store,
             root: Path::from(root),
             url: label.to_string(),
+            bucket: String::new(),
             quote_etags: false,
         }
     }
@@ -277,6 +297,12 @@ impl Source {
 
     fn store_err(&self, op: &'static str, rel: &str, e: object_store::Error) -> StoreError {
         match e {
+            object_store::Error::NotFound { .. } if names_missing_bucket(&e) => {
+                StoreError::MissingBucket {
+                    url: self.url.clone(),
+                    bucket: self.bucket.clone(),
+                }
+            }
             object_store::Error::NotFound { .. } => StoreError::MissingObject {
                 path: self.display(rel),
             },

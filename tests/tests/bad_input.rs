@@ -195,3 +195,41 @@ fn tokenizer_larger_than_embedding_is_a_vocab_mismatch() {
     assert!(matches!(err, ModelError::VocabMismatch { .. }), "{err:?}");
     assert_mentions(&err, &["200", "96", dir.to_str().expect("utf-8")]);
 }
+
+/// A checkpoint written to a bucket that does not exist (a real S3-protocol
+/// server) fails with a storage error that names the URL and the bucket.
+#[test]
+fn a_checkpoint_write_to_a_missing_bucket_names_it() {
+    use kvd_test_stores::moto::MotoServer;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root");
+    let moto = MotoServer::start(root, "kvd-ckpt").expect("start moto_server (make setup)");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let url = "s3://no-such-bucket-kvd/run/step-00000001/rank-0.safetensors";
+    let e = rt
+        .block_on(kvd_trainer::checkpointer::parts::put_url(
+            url,
+            vec![1, 2, 3],
+            &moto.options(),
+        ))
+        .expect_err("no bucket");
+    let s = e.to_string();
+    assert!(matches!(e, ModelError::Storage(_)), "{s}");
+    assert!(
+        s.contains(url) && s.contains("bucket (container) `no-such-bucket-kvd` does not exist"),
+        "{s}"
+    );
+    // The bucket that exists takes the same write.
+    let ok = moto.url("run/step-00000001/rank-0.safetensors");
+    rt.block_on(kvd_trainer::checkpointer::parts::put_url(
+        &ok,
+        vec![1, 2, 3],
+        &moto.options(),
+    ))
+    .expect("write to the bucket that exists");
+}

@@ -259,6 +259,10 @@ fn storage(url: &str, e: kvd_data::StoreError) -> ModelError {
         kvd_data::StoreError::MissingObject { .. } => ModelError::Storage(format!(
             "cannot write {url}: its bucket, container or directory does not exist"
         )),
+        kvd_data::StoreError::MissingBucket { bucket, .. } => ModelError::Storage(format!(
+            "cannot write {url}: its bucket (container) `{bucket}` does not exist \
+             (or these credentials cannot see it)"
+        )),
         e => ModelError::Storage(format!(
             "cannot write {url}: {}",
             kvd_proto::report::error_chain(&e)
