@@ -81,6 +81,10 @@ impl Default for LoraConfig {
     }
 }
 
+/// Elements of one chunk of the KL's `[rows x vocab]` float32 temporaries
+/// when [`DistillConfig::kl_chunk_rows`] is 0 (2^25: 128 MiB each).
+pub const KL_CHUNK_ELEMS: i64 = 1 << 25;
+
 /// The method's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistillConfig {
@@ -96,7 +100,8 @@ pub struct DistillConfig {
     pub score_feed: ScoreFeed,
     /// Loss only on answer tokens (when the example marks an answer).
     pub answer_only: bool,
-    /// Rows of `[tokens x vocab]` processed at once in the KL (memory bound).
+    /// Rows of `[tokens x vocab]` processed at once in the KL (memory bound);
+    /// 0: as many as fit [`KL_CHUNK_ELEMS`] elements ([`DistillConfig::kl_rows_per_chunk`]).
     pub kl_chunk_rows: i64,
     /// The first this many positions of each span are always kept (attention
     /// sinks), within the span's budget of k positions.
@@ -138,6 +143,19 @@ pub struct DistillConfig {
     pub scorer_norm: bool,
 }
 
+impl DistillConfig {
+    /// Rows per chunk of the KL for a vocabulary of `vocab`: `kl_chunk_rows`,
+    /// or with 0 as many rows as fit [`KL_CHUNK_ELEMS`] (at least 64). Each
+    /// chunk's kernels are dispatched once, so few large chunks cost the host
+    /// less than many small ones: 682 rows for SmolLM2's 49,152 tokens.
+    pub fn kl_rows_per_chunk(&self, vocab: usize) -> i64 {
+        if self.kl_chunk_rows > 0 {
+            return self.kl_chunk_rows;
+        }
+        (KL_CHUNK_ELEMS / vocab.max(1) as i64).max(64)
+    }
+}
+
 impl Default for DistillConfig {
     fn default() -> Self {
         DistillConfig {
@@ -147,7 +165,7 @@ impl Default for DistillConfig {
             temperature: 1.0,
             score_feed: ScoreFeed::StraightThrough,
             answer_only: false,
-            kl_chunk_rows: 64,
+            kl_chunk_rows: 0,
             sinks: 0,
             select_weight: 0.0,
             select_answer_weight: 0.0,
@@ -164,4 +182,29 @@ pub fn kept_count(n: usize, r: f64) -> usize {
         return 0;
     }
     ((r * n as f64).ceil() as usize).clamp(1, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_chunks_fit_the_element_budget_unless_given() {
+        let auto = DistillConfig::default();
+        assert_eq!(auto.kl_chunk_rows, 0);
+        // SmolLM2 (49,152 tokens), Gemma 3 (262,144), and a vocabulary so
+        // large that the floor of 64 rows applies.
+        assert_eq!(auto.kl_rows_per_chunk(49_152), 682);
+        assert_eq!(auto.kl_rows_per_chunk(262_144), 128);
+        assert_eq!(auto.kl_rows_per_chunk(4_000_000), 64);
+        for vocab in [1usize, 49_152, 262_144] {
+            let rows = auto.kl_rows_per_chunk(vocab);
+            assert!(rows >= 64 && (rows == 64 || rows * vocab as i64 <= KL_CHUNK_ELEMS));
+        }
+        let given = DistillConfig {
+            kl_chunk_rows: 16,
+            ..DistillConfig::default()
+        };
+        assert_eq!(given.kl_rows_per_chunk(49_152), 16);
+    }
 }

@@ -37,7 +37,7 @@ pub fn score_gradients(
         &student,
         cfg.kl_forward_weight,
         cfg.temperature,
-        cfg.kl_chunk_rows,
+        cfg.kl_rows_per_chunk(model.config().vocab_size),
     )?;
     (student * kl.grad.detach()).sum(Kind::Float).f_backward()?;
     let grad = scores.grad().to_device(Device::Cpu);

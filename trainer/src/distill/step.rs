@@ -467,7 +467,7 @@ impl StudentPass<'_> {
                 &student_logits,
                 cfg.kl_forward_weight,
                 cfg.temperature,
-                cfg.kl_chunk_rows,
+                cfg.kl_rows_per_chunk(model.config().vocab_size),
             )?;
             let select = match &target {
                 Some(t) => {
