@@ -210,8 +210,8 @@ def kl_mix(teacher, student, a, tau, chunk, on_device=False):
         rows = student.shape[0]
         grad = torch.empty_like(student)
         fsum = rsum = 0.0
-        # config.rs: 0 is as many rows as fit 2^25 elements (at least 64).
-        chunk = chunk if chunk > 0 else max(64, (1 << 25) // student.shape[1])
+        # config.rs: 0 is as many rows as fit 2^24 elements (at least 64).
+        chunk = chunk if chunk > 0 else max(64, (1 << 24) // student.shape[1])
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
             t = teacher[start:end].float() / tau

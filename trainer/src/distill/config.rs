@@ -82,8 +82,9 @@ impl Default for LoraConfig {
 }
 
 /// Elements of one chunk of the KL's `[rows x vocab]` float32 temporaries
-/// when [`DistillConfig::kl_chunk_rows`] is 0 (2^25: 128 MiB each).
-pub const KL_CHUNK_ELEMS: i64 = 1 << 25;
+/// when [`DistillConfig::kl_chunk_rows`] is 0 (2^24: 64 MiB each, about
+/// ten of them at once).
+pub const KL_CHUNK_ELEMS: i64 = 1 << 24;
 
 /// The method's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,7 +148,7 @@ impl DistillConfig {
     /// Rows per chunk of the KL for a vocabulary of `vocab`: `kl_chunk_rows`,
     /// or with 0 as many rows as fit [`KL_CHUNK_ELEMS`] (at least 64). Each
     /// chunk's kernels are dispatched once, so few large chunks cost the host
-    /// less than many small ones: 682 rows for SmolLM2's 49,152 tokens.
+    /// less than many small ones: 341 rows for SmolLM2's 49,152 tokens.
     pub fn kl_rows_per_chunk(&self, vocab: usize) -> i64 {
         if self.kl_chunk_rows > 0 {
             return self.kl_chunk_rows;
@@ -194,8 +195,8 @@ mod tests {
         assert_eq!(auto.kl_chunk_rows, 0);
         // SmolLM2 (49,152 tokens), Gemma 3 (262,144), and a vocabulary so
         // large that the floor of 64 rows applies.
-        assert_eq!(auto.kl_rows_per_chunk(49_152), 682);
-        assert_eq!(auto.kl_rows_per_chunk(262_144), 128);
+        assert_eq!(auto.kl_rows_per_chunk(49_152), 341);
+        assert_eq!(auto.kl_rows_per_chunk(262_144), 64);
         assert_eq!(auto.kl_rows_per_chunk(4_000_000), 64);
         for vocab in [1usize, 49_152, 262_144] {
             let rows = auto.kl_rows_per_chunk(vocab);
