@@ -337,9 +337,9 @@ fn bench_step_reports_throughput_flops_and_mfu() {
 
 #[test]
 fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
-    // Runs a 1-step bench on a preset; its JSON line.
-    let bench = |preset: &str| -> serde_json::Value {
-        let o = run(&[
+    // Runs a 1-step bench on a preset with `extra` flags; its JSON line.
+    let bench = |preset: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
             "bench-step",
             "--preset",
             preset,
@@ -353,12 +353,14 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
             "1",
             "--method",
             "train",
-        ]);
+        ];
+        args.extend(extra);
+        let o = run(&args);
         assert!(o.status.success(), "{}", text(&o.stderr));
         serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line")
     };
-    let full = bench("smollm2-135m");
-    let narrow = bench("smollm2-135m-narrow");
+    let full = bench("smollm2-135m", &[]);
+    let narrow = bench("smollm2-135m-narrow", &[]);
     assert_eq!(narrow["model"], "random smollm2-135m-narrow", "{narrow}");
     assert_eq!(
         narrow["ops"],
@@ -367,27 +369,7 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
     );
     // --count-ops: the operators one step dispatches, per phase with
     // --step-phases; the narrow model dispatches what the full one does.
-    let counted = |preset: &str| -> serde_json::Value {
-        let o = run(&[
-            "bench-step",
-            "--preset",
-            preset,
-            "--device",
-            "cpu",
-            "--span",
-            "24",
-            "--suffix",
-            "4",
-            "--iters",
-            "1",
-            "--method",
-            "train",
-            "--count-ops",
-            "--step-phases",
-        ]);
-        assert!(o.status.success(), "{}", text(&o.stderr));
-        serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line")
-    };
+    let counted = |preset: &str| bench(preset, &["--count-ops", "--step-phases"]);
     let (a, b) = (counted("smollm2-135m-narrow"), counted("smollm2-135m"));
     let top = a["ops"]["top_level"].as_u64().unwrap();
     // (Up to data-dependent branches, e.g. gradient clipping in the optimizer.)

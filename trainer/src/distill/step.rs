@@ -211,19 +211,7 @@ pub fn select_step(
     let inputs = prepare(model, adaptor, cfg, batch, None)?;
     let tokens = inputs.s_rows.size()[0] as usize;
     let mut timer = super::phases::PhaseTimer::start(model.device());
-    let rest = TeacherRest {
-        model: SharedModel(model),
-        ids: inputs.full_ids.shallow_clone(),
-        states: inputs.features.shallow_clone(),
-        rows: inputs.t_rows.shallow_clone(),
-        queries: Some((
-            inputs.target_rows.shallow_clone(),
-            inputs.target_weights.shallow_clone(),
-        )),
-        layer: cfg.scorer_layer,
-        threads: tch::get_num_threads(),
-    };
-    let (_, attention) = rest.logits()?;
+    let (_, attention) = TeacherRest::new(model, cfg, &inputs, true).logits()?;
     let attention =
         attention.ok_or_else(|| ModelError::Input("the teacher gave no attention".into()))?;
     timer.mark("teacher");
@@ -409,20 +397,7 @@ impl StudentPass<'_> {
     pub fn run(&self, inp: &StepInputs, thread: bool, read_early: bool) -> Result<KlOutput> {
         let (model, adaptor, cfg) = (self.model, self.adaptor, self.cfg);
         let mut timer = super::phases::PhaseTimer::start(model.device());
-        let rest = TeacherRest {
-            model: SharedModel(model),
-            ids: inp.full_ids.shallow_clone(),
-            states: inp.features.shallow_clone(),
-            rows: inp.t_rows.shallow_clone(),
-            queries: (cfg.select_weight > 0.0).then(|| {
-                (
-                    inp.target_rows.shallow_clone(),
-                    inp.target_weights.shallow_clone(),
-                )
-            }),
-            layer: cfg.scorer_layer,
-            threads: tch::get_num_threads(),
-        };
+        let rest = TeacherRest::new(model, cfg, inp, cfg.select_weight > 0.0);
         std::thread::scope(|scope| -> Result<KlOutput> {
             let teacher = if thread {
                 Teacher::Running(
@@ -575,16 +550,7 @@ pub(crate) fn teacher_logits(
     cfg: &DistillConfig,
     inp: &StepInputs,
 ) -> Result<Tensor> {
-    let rest = TeacherRest {
-        model: SharedModel(model),
-        ids: inp.full_ids.shallow_clone(),
-        states: inp.features.shallow_clone(),
-        rows: inp.t_rows.shallow_clone(),
-        queries: None,
-        layer: cfg.scorer_layer,
-        threads: tch::get_num_threads(),
-    };
-    Ok(rest.logits()?.0)
+    Ok(TeacherRest::new(model, cfg, inp, false).logits()?.0)
 }
 
 /// The teacher's layers after the scorer's, and its logits at the supervised rows.
@@ -600,7 +566,26 @@ struct TeacherRest<'a> {
     threads: i32,
 }
 
-impl TeacherRest<'_> {
+impl<'a> TeacherRest<'a> {
+    /// The rest of the teacher's pass over `inp` (with `target`, also the
+    /// selection target's attention), on this thread's intra-op threads.
+    fn new(model: &'a Model, cfg: &DistillConfig, inp: &StepInputs, target: bool) -> Self {
+        TeacherRest {
+            model: SharedModel(model),
+            ids: inp.full_ids.shallow_clone(),
+            states: inp.features.shallow_clone(),
+            rows: inp.t_rows.shallow_clone(),
+            queries: target.then(|| {
+                (
+                    inp.target_rows.shallow_clone(),
+                    inp.target_weights.shallow_clone(),
+                )
+            }),
+            layer: cfg.scorer_layer,
+            threads: tch::get_num_threads(),
+        }
+    }
+
     /// The teacher's logits at the supervised rows, and with the selection
     /// loss its attention target `[batch, lc]` (over all its positions; the
     /// loss keeps the span's).
