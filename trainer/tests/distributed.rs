@@ -1104,6 +1104,55 @@ fn the_answer_weight_without_a_selection_loss_is_refused() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A run of scorer-only warm-up steps alone trains, logs no KL, and says so
+/// in its summary: no first or final loss (null), the selection loss logged.
+#[test]
+fn a_warm_up_only_run_reports_no_kl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("warm.safetensors");
+    let mut flags = train_flags_sized(&out, "2", "2");
+    flags.extend(
+        [
+            "--select-weight",
+            "1",
+            "--select-warmup-steps",
+            "2",
+            "--checkpoint-dir",
+        ]
+        .map(String::from),
+    );
+    flags.push(dir.path().join("ckpt").to_string_lossy().into_owned());
+    let o = Command::new(BIN)
+        .args(["--threads", "1", "--log-format", "json", "train"])
+        .args(&flags)
+        .output()
+        .expect("train");
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(out.exists());
+    let summary: serde_json::Value = serde_json::from_str(
+        text(&o.stdout)
+            .split("adaptor written")
+            .next()
+            .expect("summary")
+            .trim(),
+    )
+    .expect("the summary is JSON");
+    assert_eq!(summary["steps"], 2, "{summary}");
+    assert!(summary["first_loss"].is_null(), "{summary}");
+    assert!(summary["final_loss"].is_null(), "{summary}");
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 2, "{log}");
+    for s in &steps {
+        assert!(s["fields"]["loss"].is_null(), "{s}");
+        assert!(s["fields"]["select_loss"].as_f64().unwrap() > 0.0, "{s}");
+    }
+}
+
 /// `train --step-phases` logs, at every log line, the mean seconds per step
 /// of each phase of the step (what a job's time goes to, on the device where
 /// a benchmark's shapes differ from the job's), and trains the same adaptor.

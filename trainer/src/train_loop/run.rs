@@ -242,7 +242,12 @@ pub fn run<H: LoopHooks>(
         }
     }
     ckpt.flush()?;
-    summary.final_loss = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
+    // NaN (null in the summary) when no step had a KL (all scorer-only).
+    summary.final_loss = if recent.is_empty() {
+        f64::NAN
+    } else {
+        recent.iter().sum::<f64>() / recent.len() as f64
+    };
     summary.seconds = start.elapsed().as_secs_f64();
     summary.tok_per_s = summary.tokens as f64 / summary.seconds.max(1e-9);
     summary.total_tok_per_s = summary.total_tokens as f64 / summary.seconds.max(1e-9);
