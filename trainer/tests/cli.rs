@@ -337,28 +337,20 @@ fn bench_step_reports_throughput_flops_and_mfu() {
 
 #[test]
 fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
-    // Runs a 1-step bench on a preset with `extra` flags; its JSON line.
-    let bench = |preset: &str, extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "bench-step",
-            "--preset",
-            preset,
-            "--device",
-            "cpu",
-            "--span",
-            "24",
-            "--suffix",
-            "4",
-            "--iters",
-            "1",
-            "--method",
-            "train",
-        ];
+    // Runs a 1-step bench of `model` (--preset NAME or --model FILE) with
+    // `extra` flags; its JSON line.
+    let bench_of = |model: &[&str], extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench-step"];
+        args.extend(model);
+        args.extend([
+            "--device", "cpu", "--span", "24", "--suffix", "4", "--iters", "1", "--method", "train",
+        ]);
         args.extend(extra);
         let o = run(&args);
         assert!(o.status.success(), "{}", text(&o.stderr));
         serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line")
     };
+    let bench = |preset: &str, extra: &[&str]| bench_of(&["--preset", preset], extra);
     let full = bench("smollm2-135m", &[]);
     let narrow = bench("smollm2-135m-narrow", &[]);
     assert_eq!(narrow["model"], "random smollm2-135m-narrow", "{narrow}");
@@ -401,23 +393,7 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
     assert!(names.iter().any(|n| n[0] == "aten::linear"), "{a}");
     // SmolLM2's shape: the same step FLOPs as the real model's file.
     let m = smollm2();
-    let o = run(&[
-        "bench-step",
-        "--model",
-        &m,
-        "--device",
-        "cpu",
-        "--span",
-        "24",
-        "--suffix",
-        "4",
-        "--iters",
-        "1",
-        "--method",
-        "train",
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let real: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("JSON");
+    let real = bench_of(&["--model", &m], &[]);
     assert_eq!(full["step_tflop"], real["step_tflop"], "{full} vs {real}");
     // The narrow one: the same layers and operations on 1/8 of the widths,
     // so a small fraction of the arithmetic (the widths' squares: ~1/64).
