@@ -196,7 +196,11 @@ fn train_reproducibly_then_evaluate() {
         seed: 1,
         context: ContextKind::Paragraph,
         ratios: vec![0.25],
-        methods: vec!["kv_distill".into(), "streaming_llm".into()],
+        methods: vec![
+            "kv_distill".into(),
+            "kv_distill_select".into(),
+            "streaming_llm".into(),
+        ],
         batch: 2,
         max_new_tokens: 6,
         ..EvalConfig::default()
@@ -207,8 +211,8 @@ fn train_reproducibly_then_evaluate() {
     })
     .expect("eval");
     report.model = "SmolLM2-135M-Instruct".into();
-    assert_eq!(ticks.last(), Some(&(3, 3)));
-    assert_eq!(report.rows.len(), 3);
+    assert_eq!(ticks.last(), Some(&(4, 4)));
+    assert_eq!(report.rows.len(), 4);
     let full = &report.rows[0];
     assert_eq!((full.method.as_str(), full.questions), ("full", 2));
     assert!((full.cache_fraction - 1.0).abs() < 1e-12);
@@ -223,6 +227,13 @@ fn train_reproducibly_then_evaluate() {
         assert!(r.kl > 0.0 && r.answer_nll.is_finite(), "{r:?}");
         assert!((0.0..=100.0).contains(&r.f1) && r.f1 >= r.exact_match);
     }
+    // The adaptor's selection read by the frozen model: the same positions
+    // kept (so the same profile), another cache.
+    let (kvd, select) = (&report.rows[1], &report.rows[2]);
+    assert_eq!(select.method, "kv_distill_select");
+    assert_eq!(select.kept_profile, kvd.kept_profile);
+    assert_eq!(select.answer_kept, kvd.answer_kept);
+    assert_ne!(select.answer_nll, kvd.answer_nll);
     // Where the kept tokens fall: StreamingLLM keeps the span's first tokens
     // (sinks) and its end, nothing in the middle.
     let stream = report
@@ -251,7 +262,7 @@ fn train_reproducibly_then_evaluate() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("json"))
             .expect("valid json");
-    assert_eq!(json["rows"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["rows"].as_array().map(Vec::len), Some(4));
 
     // Bad harness settings are refused up front.
     let bad = EvalConfig {

@@ -26,6 +26,10 @@ pub enum Method<'a> {
         /// Span pooling of the scores before top-k (`None`: the adaptor's).
         span_pool: Option<usize>,
     },
+    /// The trained scorer's selection read by the frozen model: the
+    /// teacher's cache at the kept positions, no LoRA and no score feed (a
+    /// diagnosis separating what the scorer keeps from how the adaptor reads).
+    ScorerOnly(&'a Adaptor),
     /// A question-agnostic training-free baseline.
     Baseline(Baseline),
 }
@@ -47,10 +51,14 @@ impl<'a> Method<'a> {
                 span_pool: Some(p), ..
             } => format!("kv_distill_pool{p}"),
             Method::KvDistill { .. } => "kv_distill".into(),
+            Method::ScorerOnly(_) => SCORER_ONLY.into(),
             Method::Baseline(b) => b.name().into(),
         }
     }
 }
+
+/// [`Method::ScorerOnly`]'s name in tables and `eval --methods`.
+pub const SCORER_ONLY: &str = "kv_distill_select";
 
 /// Compresses right-padded contexts with `method` (no gradients). With
 /// [`Method::Full`] every position is kept and the ratios are ignored.
@@ -73,6 +81,22 @@ pub fn compress_contexts_forcing(
             let features =
                 model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
             compress_forcing(model, adaptor, ctx, &features, false, force, span_pool)
+        }
+        Method::ScorerOnly(adaptor) => {
+            let features =
+                model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
+            let lc = ctx.ids.size2()?.1;
+            let scores = adaptor.score(&features.narrow(1, 0, lc));
+            let scores = match force {
+                Some(f) => with_forced(&scores, f)?,
+                None => scores,
+            };
+            let config = adaptor.config();
+            let kept = Kept::select(&scores, ctx, config.sinks, config.span_pool)?;
+            let mut full = model.new_cache();
+            model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
+            // The frozen reader: no score enters the decoder.
+            gather_kept(&full, &kept, &scores.zeros_like())
         }
         Method::Full => {
             let mut full = model.new_cache();
@@ -332,5 +356,66 @@ mod tests {
             e.contains("row 1, position 1: token id 7 outside the vocabulary [0, 5)"),
             "{e}"
         );
+    }
+
+    /// `kv_distill_select` keeps what the adaptor's scorer keeps and reads it
+    /// with the frozen model: the teacher's K/V at those positions, no score
+    /// feed, where `kv_distill` (LoRA B non-zero here) reads different K/V.
+    #[test]
+    fn scorer_only_keeps_the_scorer_positions_with_the_frozen_cache() {
+        let mut cfg = crate::config::ModelConfig::smollm2_135m().narrowed(16);
+        cfg.num_layers = 3;
+        cfg.layer_kinds.truncate(3);
+        let src = crate::weights::RandomWeights::new(cfg.arch, 5);
+        let model = Model::load(cfg.clone(), &src, Kind::Float, Device::Cpu).unwrap();
+        let dc = super::super::DistillConfig {
+            scorer_layer: 1,
+            ..Default::default()
+        };
+        let adaptor = Adaptor::new(&cfg, dc, Device::Cpu, 7).unwrap();
+        tch::no_grad(|| {
+            for (name, t) in adaptor.named_trainable() {
+                if name.ends_with(".b") {
+                    t.shallow_clone().copy_(&(t.randn_like() * 0.5));
+                }
+            }
+        });
+        let (lens, l) = ([12usize, 9], 12i64);
+        let ids = Tensor::randint_low(3, 200, [2, l], (Kind::Int64, Device::Cpu));
+        let spans = vec![vec![(2usize, 10usize)], vec![(1, 8)]];
+        let ctx = Contexts {
+            ids: &ids,
+            len: &lens,
+            spans: &spans,
+            ratios: &[0.3, 0.5],
+        };
+        let select_only = compress_contexts(&model, Method::ScorerOnly(&adaptor), ctx).unwrap();
+        let adapted = compress_contexts(&model, Method::kv_distill(&adaptor), ctx).unwrap();
+        assert_eq!(Method::ScorerOnly(&adaptor).name(), SCORER_ONLY);
+        assert!(select_only.feed.is_none());
+        for (a, b) in select_only.selections.iter().zip(&adapted.selections) {
+            assert_eq!(a.kept, b.kept);
+            assert!(a.kept.len() < 12, "{:?}", a.kept);
+        }
+        let mut full = model.new_cache();
+        model
+            .fill_cache(Input::new(&ids), &mut full, &NoHooks)
+            .unwrap();
+        let kept = Kept::new(select_only.selections.clone(), l, &lens, Device::Cpu);
+        let want = full.gather(&kept.index).unwrap();
+        let valid = kept.valid.unsqueeze(1).unsqueeze(-1);
+        let masked = |t: &Tensor| t.where_self(&valid, &t.zeros_like());
+        for layer in 0..3 {
+            let (got, exp, ad) = (
+                select_only.cache.layer(layer).unwrap(),
+                want.layer(layer).unwrap(),
+                adapted.cache.layer(layer).unwrap(),
+            );
+            assert!(masked(&got.k).allclose(&masked(&exp.k), 1e-6, 1e-6, false));
+            assert!(masked(&got.v).allclose(&masked(&exp.v), 1e-6, 1e-6, false));
+            if layer > 0 {
+                assert!(!masked(&ad.v).allclose(&masked(&exp.v), 1e-3, 1e-3, false));
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::distill::baselines::Baseline;
 use crate::distill::examples::ModelTokenizer;
 use crate::distill::infer::{
     compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, pad_rows,
-    teacher_logprobs, Method,
+    teacher_logprobs, Method, SCORER_ONLY,
 };
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
@@ -609,6 +609,7 @@ impl<'a> EvalMethod<'a> {
         }
         Ok(match (name, adaptor) {
             ("kv_distill", Some(a)) => EvalMethod::Compress(Method::kv_distill(a)),
+            (SCORER_ONLY, Some(a)) => EvalMethod::Compress(Method::ScorerOnly(a)),
             (name, Some(a)) if name.starts_with(POOLED_PREFIX) => {
                 let pool = name[POOLED_PREFIX.len()..].parse().map_err(|_| {
                     ModelError::Input(format!(

@@ -638,7 +638,9 @@ pub(crate) struct EvalArgs {
     ratios: Vec<f64>,
     /// Methods (kv_distill is added first when --adaptor is given;
     /// kv_distill_poolN ranks by the scores after a span-local average pool
-    /// of half-width N; METHOD+answer keeps the answer's tokens, an oracle);
+    /// of half-width N; kv_distill_select keeps what the adaptor's scorer
+    /// keeps and reads it with the frozen model, no LoRA; METHOD+answer keeps
+    /// the answer's tokens, an oracle);
     /// snapkv_question is a question-aware reference, not a competitor.
     #[arg(
         long,
