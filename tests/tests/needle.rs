@@ -103,12 +103,31 @@ fn the_needle_harness_reports_kept_answers_oracles_and_heat_maps() {
         assert!((0.0..=1.0).contains(&k), "{m}: {k}");
         assert!(row(m).f1_se >= 0.0);
     }
+    // Grouped by how much of the answer was kept: every question in one
+    // group; the oracle's all in `all`, with the uncompressed model's scores
+    // of the same questions beside.
+    for m in ["random", "tova", "expected_attention", "snapkv_question"] {
+        let n: usize = row(m).by_answer_kept.iter().map(|g| g.questions).sum();
+        assert_eq!(n, 4, "{m}: {:?}", row(m).by_answer_kept);
+    }
+    let oracle = &row("random+answer").by_answer_kept;
+    assert_eq!(oracle.len(), 1, "{oracle:?}");
+    assert_eq!((oracle[0].kept.as_str(), oracle[0].questions), ("all", 4));
+    assert!((oracle[0].full_f1 - row("full").f1).abs() < 1e-9);
+    assert!((oracle[0].full_answer_nll - row("full").answer_nll).abs() < 1e-9);
+    assert!((oracle[0].f1 - row("random+answer").f1).abs() < 1e-9);
+    assert!(row("full").by_answer_kept.is_empty());
     // The question-aware reference sees the question: it keeps at least as
     // much of the answer as random selection on these items.
     assert!(row("snapkv_question").answer_kept >= row("random").answer_kept);
     let dir = tempfile::tempdir().expect("tempdir");
     let md = write_needle_report(&report, dir.path()).expect("report");
     assert!(md.contains("| random+answer | 0.25 |"), "{md}");
+    let tables = kvd_trainer::eval::run::markdown(&report);
+    assert!(
+        tables.contains("| random+answer | 0.25 | all | 4 |"),
+        "{tables}"
+    );
     let png = std::fs::read(dir.path().join("needle_r0.25.png")).expect("heat map");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(png.len() > 5_000);

@@ -9,7 +9,9 @@
 //!   paragraph, articles with their joined context), [`select_questions`].
 //! * [`plot`]: [`plot_f1_vs_ratio`] of [`Series`].
 //! * [`error`]: [`EvalError`], which names the file (and field) at fault.
+//! * [`answer_groups`]: results by how much of the answer was kept.
 
+pub mod answer_groups;
 pub mod error;
 pub mod kept_profile;
 pub mod metrics;

@@ -5,6 +5,7 @@
 //! Metrics: generation EM/F1 (SQuAD normalisation), teacher-forced NLL of the
 //! gold answer (first gold, EOS included) and KL(teacher || method) on it.
 
+use super::answer_groups::{AnswerGroup, GroupSums, QuestionScore};
 use super::kept_profile::{KeptProfile, ProfileSum, TokenClass};
 use super::metrics::MetricSum;
 use super::plot::{plot_f1_vs_ratio, Series};
@@ -128,6 +129,11 @@ pub struct EvalRow {
     /// punctuation and words, and of each tenth of the span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_profile: Option<KeptProfile>,
+    /// The questions whose answer could be located, grouped by how much of
+    /// it was kept (none, part, all), with the uncompressed model's scores on
+    /// the same questions (empty for `full`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_answer_kept: Vec<AnswerGroup>,
 }
 
 /// One question's result for one method and ratio.
@@ -187,6 +193,7 @@ struct Acc {
     /// Sum of squared per-question F1 (percent).
     f1_sq: f64,
     profile: ProfileSum,
+    groups: GroupSums,
 }
 
 impl Acc {
@@ -212,6 +219,7 @@ impl Acc {
             answer_kept: (self.answer_located > 0)
                 .then(|| self.answer_kept / self.answer_located as f64),
             kept_profile: self.profile.profile(),
+            by_answer_kept: self.groups.groups(),
         }
     }
 }
@@ -420,7 +428,8 @@ pub fn run_eval(
             p: &p,
             teacher: &teacher,
         };
-        batch.score(teacher_comp, &mut full, "full", 1.0, true, &mut out)?;
+        let full_scores =
+            batch.score(teacher_comp, &mut full, "full", 1.0, true, None, &mut out)?;
         done += 1;
         progress(done, total);
         for (m, method) in methods.iter().enumerate() {
@@ -442,7 +451,15 @@ pub fn run_eval(
                     }
                 };
                 let name = method.name();
-                batch.score(comp, &mut accs[m][ri], &name, r, ri == sample_r, &mut out)?;
+                batch.score(
+                    comp,
+                    &mut accs[m][ri],
+                    &name,
+                    r,
+                    ri == sample_r,
+                    Some(&full_scores),
+                    &mut out,
+                )?;
                 done += 1;
                 progress(done, total);
             }
@@ -489,7 +506,11 @@ struct BatchScorer<'a> {
 }
 
 impl BatchScorer<'_> {
-    /// Adds `comp`'s results to `acc` (and `out`), as method `name` at `ratio`.
+    /// Adds `comp`'s results to `acc` (and `out`), as method `name` at
+    /// `ratio`, grouped by the answer's tokens kept against `full` (the
+    /// uncompressed model's scores of these questions); returns each
+    /// question's scores.
+    #[allow(clippy::too_many_arguments)]
     fn score(
         &self,
         comp: Compressed,
@@ -497,8 +518,9 @@ impl BatchScorer<'_> {
         name: &str,
         ratio: f64,
         sample: bool,
+        full: Option<&[QuestionScore]>,
         out: &mut Outputs,
-    ) -> Result<()> {
+    ) -> Result<Vec<QuestionScore>> {
         let (qs, p) = (self.qs, self.p);
         let mut gen = comp.shallow_clone();
         let mut forced = comp;
@@ -529,7 +551,10 @@ impl BatchScorer<'_> {
             self.cfg.max_new_tokens,
             self.stop,
         )?;
-        for (((q, generated), f), share) in qs.iter().zip(outs).zip(f).zip(kept_share) {
+        let mut scores = Vec::with_capacity(qs.len());
+        for (i, (((q, generated), f), share)) in
+            qs.iter().zip(outs).zip(f).zip(kept_share).enumerate()
+        {
             let text = self.tok.decode(&generated, true)?;
             // The answer is the first non-empty line.
             let pred = text
@@ -549,6 +574,15 @@ impl BatchScorer<'_> {
             }
             acc.nll += f.nll;
             acc.kl += f.kl;
+            let own = QuestionScore {
+                f1: 100.0 * item_f1,
+                contains,
+                nll: f.nll,
+            };
+            if let (Some(x), Some(full)) = (share, full) {
+                acc.groups.add(x, own, full[i]);
+            }
+            scores.push(own);
             if self.cfg.per_item {
                 out.items.push(ItemResult {
                     id: q.id.clone(),
@@ -569,7 +603,7 @@ impl BatchScorer<'_> {
                 ));
             }
         }
-        Ok(())
+        Ok(scores)
     }
 }
 
@@ -767,6 +801,7 @@ pub fn markdown(report: &EvalReport) -> String {
         }
         let _ = writeln!(out);
     }
+    out.push_str(&super::answer_groups::markdown(&report.rows));
     if !report.samples.is_empty() {
         let _ = writeln!(out, "**Sample predictions**\n");
         let _ = writeln!(out, "| method | question | prediction | gold |");
