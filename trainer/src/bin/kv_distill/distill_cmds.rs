@@ -636,7 +636,8 @@ pub(crate) struct EvalArgs {
         default_value = "1.0,0.5,0.25,0.1,0.05,0.02"
     )]
     ratios: Vec<f64>,
-    /// Methods (kv_distill is added first when --adaptor is given;
+    /// Methods (kv_distill is added first when --adaptor is given and no
+    /// kv_distill* method is named;
     /// kv_distill_poolN ranks by the scores after a span-local average pool
     /// of half-width N; kv_distill_select keeps what the adaptor's scorer
     /// keeps and reads it with the frozen model, no LoRA; METHOD+answer keeps
@@ -663,6 +664,17 @@ pub(crate) struct EvalArgs {
     /// Stop after the batch that crosses this many seconds.
     #[arg(long)]
     time_limit_s: Option<f64>,
+}
+
+/// The methods `eval` runs: those asked for, with `kv_distill` first when
+/// an adaptor is given and none of the adaptor's methods (`kv_distill*`) was
+/// named (so `--methods kv_distill_select` runs that alone).
+fn eval_methods(asked: &[String], adaptor: bool) -> Vec<String> {
+    let mut methods = asked.to_vec();
+    if adaptor && !methods.iter().any(|m| m.starts_with("kv_distill")) {
+        methods.insert(0, "kv_distill".into());
+    }
+    methods
 }
 
 /// Runs `eval`.
@@ -695,10 +707,7 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         Some(p) => Some(load_adaptor(p, model.config(), model.device())?),
         None => None,
     };
-    let mut methods = a.methods.clone();
-    if adaptor.is_some() && !methods.iter().any(|m| m == "kv_distill") {
-        methods.insert(0, "kv_distill".into());
-    }
+    let methods = eval_methods(&a.methods, adaptor.is_some());
     let cfg = EvalConfig {
         questions: a.questions,
         seed: a.seed,
@@ -942,4 +951,27 @@ pub(crate) fn run_diagnose(a: DiagnoseArgs) -> Result<()> {
     )?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_adds_the_adaptor_method_unless_one_is_named() {
+        let m = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            eval_methods(&m(&["snapkv"]), true),
+            m(&["kv_distill", "snapkv"])
+        );
+        assert_eq!(eval_methods(&m(&["snapkv"]), false), m(&["snapkv"]));
+        assert_eq!(
+            eval_methods(&m(&["kv_distill_select", "random"]), true),
+            m(&["kv_distill_select", "random"])
+        );
+        assert_eq!(
+            eval_methods(&m(&["random", "kv_distill"]), true),
+            m(&["random", "kv_distill"])
+        );
+    }
 }
