@@ -391,6 +391,21 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
     );
     let names = a["top_ops"].as_array().expect("top operators");
     assert!(names.iter().any(|n| n[0] == "aten::linear"), "{a}");
+    // The projections take `[batch * seq, hidden]`: their products need no
+    // reshape and view around them, nor those views' backward nodes (a 3-D
+    // input gives each product an UnsafeViewBackward0).
+    let named = |op: &str| {
+        names
+            .iter()
+            .find(|n| n[0] == op)
+            .and_then(|n| n[1].as_u64())
+            .unwrap_or(0)
+    };
+    let (views, products) = (named("UnsafeViewBackward0"), named("MmBackward0"));
+    assert!(
+        products > 200 && views * 4 < products,
+        "{views} / {products}: {a}"
+    );
     // SmolLM2's shape: the same step FLOPs as the real model's file.
     let m = smollm2();
     let real = bench_of(&["--model", &m], &[]);

@@ -111,12 +111,24 @@ impl Attention {
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.size3()?;
-        let mut q = self.heads(&self.q_proj, Proj::Q, self.num_heads, x, layer, hooks)?;
+        let (b, t, d) = x.size3()?;
+        // The projections see `[batch * seq, hidden]`: a linear map over a 2-D
+        // input is one matrix product, where a 3-D one adds a reshape and a
+        // view around it (and their autograd nodes), four projections a layer.
+        let rows = x.f_reshape([b * t, d])?;
+        let mut q = self.heads(
+            &self.q_proj,
+            Proj::Q,
+            self.num_heads,
+            &rows,
+            (b, t),
+            layer,
+            hooks,
+        )?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q);
         }
-        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
+        let (k, v) = self.project_kv(&rows, (b, t), inputs, layer, hooks)?;
         hooks.observe_qkv(layer, &q, &k, &v)?;
         let q = rope::apply(&q, &inputs.cos, &inputs.sin);
         let (k, v) = match cache {
@@ -133,8 +145,11 @@ impl Attention {
         };
         let out = out
             .transpose(1, 2)
-            .f_reshape([b, t, self.num_heads * self.head_dim])?;
-        Ok(self.o_proj.forward_hooked(&out, layer, Proj::O, hooks))
+            .f_reshape([b * t, self.num_heads * self.head_dim])?;
+        Ok(self
+            .o_proj
+            .forward_hooked(&out, layer, Proj::O, hooks)
+            .f_view([b, t, -1])?)
     }
 
     /// Appends layer `layer`'s K/V for `x` to `cache` and nothing else: the
@@ -147,38 +162,44 @@ impl Attention {
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<()> {
-        let (k, v) = self.project_kv(x, inputs, layer, hooks)?;
+        let (b, t, d) = x.size3()?;
+        let rows = x.f_reshape([b * t, d])?;
+        let (k, v) = self.project_kv(&rows, (b, t), inputs, layer, hooks)?;
         let _ = cache.append_layer(layer, &k, &v)?;
         Ok(())
     }
 
-    /// `x` `[batch, seq, hidden]` through projection `p` (with `hooks`) as
-    /// `[batch, n, seq, head_dim]`.
+    /// `rows` `[batch * seq, hidden]` through projection `p` (with `hooks`)
+    /// as `[batch, n, seq, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn heads(
         &self,
         p: &Linear,
         which: Proj,
         n: i64,
-        x: &Tensor,
+        rows: &Tensor,
+        (b, t): (i64, i64),
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.size3()?;
-        Ok(p.forward_hooked(x, layer, which, hooks)
+        Ok(p.forward_hooked(rows, layer, which, hooks)
             .f_view([b, t, n, self.head_dim])?
             .transpose(1, 2))
     }
 
-    /// The new keys (normed where the family does, with RoPE) and values.
+    /// The new keys (normed where the family does, with RoPE) and values of
+    /// `rows` `[batch * seq, hidden]`.
     fn project_kv(
         &self,
-        x: &Tensor,
+        rows: &Tensor,
+        bt: (i64, i64),
         inputs: &AttnInputs,
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<(Tensor, Tensor)> {
-        let mut k = self.heads(&self.k_proj, Proj::K, self.num_kv_heads, x, layer, hooks)?;
-        let v = self.heads(&self.v_proj, Proj::V, self.num_kv_heads, x, layer, hooks)?;
+        let kv = self.num_kv_heads;
+        let mut k = self.heads(&self.k_proj, Proj::K, kv, rows, bt, layer, hooks)?;
+        let v = self.heads(&self.v_proj, Proj::V, kv, rows, bt, layer, hooks)?;
         if let Some(n) = &self.k_norm {
             k = n.forward(&k);
         }
