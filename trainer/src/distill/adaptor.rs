@@ -213,9 +213,13 @@ impl Hooks for LoraHooks<'_> {
             } else {
                 xs
             };
-            xs.linear::<&Tensor>(&pair.a.to_kind(kind), None)
-                .linear::<&Tensor>(&pair.b.to_kind(kind), None)
-                * cfg.scale()
+            // `x Aᵀ Bᵀ`: on the 2-D rows the projections see, a transpose and
+            // a product each (what `linear` does, without its dispatches).
+            let times_t = |x: &Tensor, w: &Tensor| match x.dim() {
+                2 => x.mm(&w.tr()),
+                _ => x.linear::<&Tensor>(w, None),
+            };
+            times_t(&times_t(&xs, &pair.a.to_kind(kind)), &pair.b.to_kind(kind)) * cfg.scale()
         };
         if cfg.kv_all_tokens && matches!(proj, Proj::K | Proj::V) {
             // Every position, kept or not.

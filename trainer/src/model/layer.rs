@@ -123,8 +123,8 @@ impl DecoderLayer {
             &m.up_proj,
             &m.down_proj,
         ] {
-            out.push(&l.weight);
-            out.extend(l.bias.as_ref());
+            out.push(l.weight());
+            out.extend(l.bias());
         }
         out
     }

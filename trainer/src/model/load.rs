@@ -58,13 +58,13 @@ impl<'a> Loader<'a> {
 
     /// Loads `{name}.weight` `[out, in]` and, if `bias`, `{name}.bias` `[out]`.
     pub fn linear(&self, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.weight(&format!("{name}.weight"), &[out, inp])?,
-            bias: if bias {
+        Ok(Linear::new(
+            self.weight(&format!("{name}.weight"), &[out, inp])?,
+            if bias {
                 Some(self.weight(&format!("{name}.bias"), &[out])?)
             } else {
                 None
             },
-        })
+        ))
     }
 }
