@@ -390,10 +390,13 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
         "{a}"
     );
     let names = a["top_ops"].as_array().expect("top operators");
-    assert!(names.iter().any(|n| n[0] == "aten::linear"), "{a}");
-    // The projections take `[batch * seq, hidden]`: their products need no
-    // reshape and view around them, nor those views' backward nodes (a 3-D
-    // input gives each product an UnsafeViewBackward0).
+    // The projections take `[batch * seq, hidden]` and call `mm` on a
+    // transposed view of their weight: no `aten::linear` (a transpose and a
+    // `matmul` around the product on every call), no reshape and view around
+    // the product, nor those views' backward nodes (a 3-D input gives each
+    // product an UnsafeViewBackward0).
+    assert!(names.iter().any(|n| n[0] == "aten::mm"), "{a}");
+    assert!(!names.iter().any(|n| n[0] == "aten::linear"), "{a}");
     let named = |op: &str| {
         names
             .iter()
