@@ -7,8 +7,8 @@ use super::adaptor::Adaptor;
 use super::baselines::{baseline_scores, Baseline};
 use super::select::{select, Selection};
 use super::student::{
-    compress_forcing, decode, decode_step, gather_kept, with_forced, Compressed, Contexts, Kept,
-    Suffixes,
+    compress_forcing, decode, decode_step, gather_kept, scored_selection, with_forced, Compressed,
+    Contexts, Kept, Suffixes,
 };
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model, NoHooks};
@@ -85,14 +85,7 @@ pub fn compress_contexts_forcing(
         Method::ScorerOnly(adaptor) => {
             let features =
                 model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
-            let lc = ctx.ids.size2()?.1;
-            let scores = adaptor.score(&features.narrow(1, 0, lc));
-            let scores = match force {
-                Some(f) => with_forced(&scores, f)?,
-                None => scores,
-            };
-            let config = adaptor.config();
-            let kept = Kept::select(&scores, ctx, config.sinks, config.span_pool)?;
+            let (scores, kept) = scored_selection(adaptor, ctx, &features, force, None)?;
             let mut full = model.new_cache();
             model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
             // The frozen reader: no score enters the decoder.

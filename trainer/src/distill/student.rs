@@ -203,14 +203,8 @@ pub fn compress_forcing(
     force: Option<&[Vec<usize>]>,
     span_pool: Option<usize>,
 ) -> Result<Compressed> {
-    let lc = ctx.ids.size2()?.1;
     let mut timer = super::phases::PhaseTimer::start(model.device());
-    let mut scores = adaptor.score(&features.narrow(1, 0, lc));
-    if let Some(force) = force {
-        scores = with_forced(&scores, force)?;
-    }
-    let pool = span_pool.unwrap_or(adaptor.config().span_pool);
-    let kept = Kept::select(&scores, ctx, adaptor.config().sinks, pool)?;
+    let (scores, kept) = scored_selection(adaptor, ctx, features, force, span_pool)?;
     timer.mark("scorer");
     let full = encode(model, adaptor, ctx.ids, &kept, train)?;
     timer.mark("encoder");
@@ -219,6 +213,26 @@ pub fn compress_forcing(
     out.feed = feed.in_forward().then_some(feed);
     timer.mark("gather");
     Ok(out)
+}
+
+/// The adaptor's scores `[batch, lc]` of the contexts from the scorer layer's
+/// `features` (`force`d positions at +inf) and the positions they keep, ranked
+/// after the span pool (`None`: the adaptor's own) with the adaptor's sinks.
+pub fn scored_selection(
+    adaptor: &Adaptor,
+    ctx: Contexts,
+    features: &Tensor,
+    force: Option<&[Vec<usize>]>,
+    span_pool: Option<usize>,
+) -> Result<(Tensor, Kept)> {
+    let lc = ctx.ids.size2()?.1;
+    let mut scores = adaptor.score(&features.narrow(1, 0, lc));
+    if let Some(force) = force {
+        scores = with_forced(&scores, force)?;
+    }
+    let pool = span_pool.unwrap_or(adaptor.config().span_pool);
+    let kept = Kept::select(&scores, ctx, adaptor.config().sinks, pool)?;
+    Ok((scores, kept))
 }
 
 /// `scores` `[batch, lc]` with +inf at the positions `force[i]` of row i.
