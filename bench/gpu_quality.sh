@@ -38,7 +38,10 @@ case $PHASE in
       flags=${flags//DATA\//file://$SRC/}
       data=(--data "file://$SRC/train/qa" --data "file://$SRC/train/text" --data "file://$SRC/train/synth" --weights 2,1,2)
       [[ " $flags " == *" --weights "* ]] && data=()
+      # Every micro-batch has another shape: expandable segments keep the
+      # caching allocator from fragmenting (three jobs share one card).
       # shellcheck disable=SC2086
+      PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
       "$BIN" --log-format json train --model "$MODEL" --device cuda --dtype bf16 \
         "${data[@]}" --steps "${STEPS:-100000}" --global-batch 32 --micro-batch "${MICRO:-32}" --max-len 1024 --save-every 50 \
         --text-suffix 64 --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
@@ -62,10 +65,14 @@ case $PHASE in
       fi
     done
     for name in "${names[@]}"; do
+      # Batches: a needle context is up to 2,048 tokens, SQuAD's ~200; at
+      # 100 needle items a batch, 22 runs side by side (needle and SQuAD, every
+      # baseline in its own process) ran the H200 out of memory (fifteenth
+      # session; `eval` now retries such a batch in halves, at a cost in time).
       if [ "$PHASE" = needle ]; then
-        task=(--task needle --haystack "$SRC" --max-new-tokens 32)
+        task=(--task needle --haystack "$SRC" --max-new-tokens 32 --batch "${BATCH:-32}")
       else
-        task=(--task squad --squad "$SRC" --max-new-tokens 24)
+        task=(--task squad --squad "$SRC" --max-new-tokens 24 --batch "${BATCH:-100}")
       fi
       adaptor=() methods=$METHODS ratios=$RATIOS
       if [[ "$name" == none-* ]]; then
@@ -78,7 +85,7 @@ case $PHASE in
       limit=()
       [ -n "${EVAL_LIMIT_S:-}" ] && limit=(--time-limit-s "$EVAL_LIMIT_S")
       "$BIN" eval --model "$MODEL" --device cuda --dtype bf16 "${adaptor[@]}" "${task[@]}" "${limit[@]}" \
-        --questions "$ITEMS" --seed 0 --batch 100 --ratios "$ratios" --methods "$methods" \
+        --questions "$ITEMS" --seed 0 --per-item --ratios "$ratios" --methods "$methods" \
         --out-dir "$OUT/$PHASE-$name" > "$OUT/$PHASE-$name.md" 2> "$OUT/$PHASE-$name.log" &
       pids+=($!)
     done

@@ -87,6 +87,52 @@ def main():
     table("Answer tokens kept (%)",
           lambda x: "-" if x.get("answer_kept") is None else f"{100 * x['answer_kept']:.1f}")
     table("KL(teacher || method) on the answer", lambda x: f"{x['kl']:.3f}")
+    paired(merged, ratios, methods)
+
+
+# Question-aware methods and oracles are references, not competitors.
+def is_competitor(method):
+    base = method.split(":")[-1]
+    return not (base.startswith("kv_distill") or base.endswith("+answer")
+                or base.endswith("_question") or method == "full")
+
+
+def paired(merged, ratios, methods):
+    """Each adaptor method's F1 minus each question-agnostic baseline's on the
+    same questions, with the standard error of the mean paired difference
+    (the acceptance's "more than two standard errors")."""
+    f1 = {}
+    for it in merged["items"]:
+        f1.setdefault((it["method"], it["ratio"]), {})[it["id"]] = it["f1"]
+    ours = [m for m in methods if m.split(":")[-1].startswith("kv_distill")
+            and not m.endswith("+answer")]
+    rivals = [m for m in methods if is_competitor(m)]
+    lines = []
+    for m in ours:
+        for r in ratios:
+            a = f1.get((m, r))
+            if not a:
+                continue
+            cells = []
+            for b_name in rivals:
+                b = f1.get((b_name, r))
+                ids = sorted(set(a) & set(b or {}))
+                if len(ids) < 2:
+                    continue
+                d = [a[i] - b[i] for i in ids]
+                mean = sum(d) / len(d)
+                se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+                z = mean / se if se > 0 else float("inf") * (1 if mean > 0 else -1)
+                cells.append((z, f"{b_name} {mean:+.1f} ± {se:.1f} ({z:+.1f} SE)"))
+            if cells:
+                worst = min(cells)[1]
+                lines.append(f"| {m} | {r} | {worst} | {len(cells)} |")
+    if lines:
+        print("**F1 minus the closest question-agnostic baseline, paired over the same questions**\n")
+        print("| method | r | closest baseline: difference ± SE (in SE) | baselines compared |")
+        print("|---|---|---|---|")
+        print("\n".join(lines))
+        print()
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ fn train_reproducibly_then_evaluate() {
     })
     .expect("eval");
     report.model = "SmolLM2-135M-Instruct".into();
-    assert_eq!(ticks.last(), Some(&(4, 4)));
+    // Progress counts (question, method x ratio) units: 2 x (full + 3).
+    assert_eq!(ticks.last(), Some(&(8, 8)));
     assert_eq!(report.rows.len(), 4);
     let full = &report.rows[0];
     assert_eq!((full.method.as_str(), full.questions), ("full", 2));
@@ -263,6 +264,46 @@ fn train_reproducibly_then_evaluate() {
         serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("json"))
             .expect("valid json");
     assert_eq!(json["rows"].as_array().map(Vec::len), Some(4));
+
+    // A batch that runs out of memory is evaluated again in halves: the same
+    // rows as batches of one; a single question that does not fit ends the
+    // run with an error naming the batch and the fix.
+    let one_method = EvalConfig {
+        methods: vec!["streaming_llm".into()],
+        per_item: true,
+        ..cfg.clone()
+    };
+    let singles = EvalConfig {
+        batch: 1,
+        ..one_method.clone()
+    };
+    let halving = EvalConfig {
+        inject_oom_above: Some(1),
+        ..one_method.clone()
+    };
+    let want = run_eval(&model, tok.clone(), None, &set, &singles, |_, _| {}).expect("batch 1");
+    let mut ticks = Vec::new();
+    let got = run_eval(&model, tok.clone(), None, &set, &halving, |d, t| {
+        ticks.push((d, t))
+    })
+    .expect("halved after the injected failure");
+    assert_eq!(got.rows, want.rows);
+    assert_eq!(got.items, want.items);
+    assert_eq!(ticks.last(), Some(&(4, 4)));
+    assert!(ticks.windows(2).all(|w| w[0].0 < w[1].0), "{ticks:?}");
+    let never = EvalConfig {
+        inject_oom_above: Some(0),
+        ..one_method.clone()
+    };
+    let e = run_eval(&model, tok.clone(), None, &set, &never, |_, _| {})
+        .map(|_| ())
+        .expect_err("a single question out of memory")
+        .to_string();
+    assert!(
+        e.starts_with("out of memory in an evaluation batch of 1 questions of up to 2048 tokens: "),
+        "{e}"
+    );
+    assert!(e.contains("fix: a smaller --batch"), "{e}");
 
     // Bad harness settings are refused up front.
     let bad = EvalConfig {

@@ -128,12 +128,14 @@ pub enum ModelError {
     },
     /// The device ran out of memory; names the work that needed it and how
     /// to make it fit.
-    #[error("out of memory {what}: {detail}\n  fix: a smaller --micro-batch (gradients accumulate to the same --global-batch) or a shorter --max-len")]
+    #[error("out of memory {what}: {detail}\n  fix: {fix}")]
     OutOfMemory {
         /// The work that ran out (e.g. `in a micro-batch of 16 examples of up to 1024 tokens`).
         what: String,
-        /// libtorch's message.
+        /// libtorch's message (its first line).
         detail: String,
+        /// How to make the work fit (e.g. `a smaller --micro-batch ...`).
+        fix: String,
     },
     /// A libtorch operation panicked (tch's infallible operations abort the
     /// thread on an error; the step catches it).
@@ -172,9 +174,9 @@ impl ModelError {
         }
     }
 
-    /// This error as [`ModelError::OutOfMemory`] naming `what` when it is one,
-    /// else unchanged.
-    pub fn with_oom_context(self, what: impl FnOnce() -> String) -> ModelError {
+    /// This error as [`ModelError::OutOfMemory`] naming `what` and the `fix`
+    /// when it is one, else unchanged.
+    pub fn with_oom_context(self, what: impl FnOnce() -> String, fix: &str) -> ModelError {
         if !self.is_out_of_memory() {
             return self;
         }
@@ -182,13 +184,29 @@ impl ModelError {
             ModelError::OutOfMemory { detail, .. } | ModelError::Panic { detail, .. } => detail,
             other => other.to_string(),
         };
-        // libtorch appends a C++ backtrace: keep the first line.
-        let detail = detail.lines().next().unwrap_or_default().to_string();
         ModelError::OutOfMemory {
             what: what(),
-            detail,
+            detail: torch_message(&detail).to_string(),
+            fix: fix.to_string(),
         }
     }
+}
+
+/// The fix an out-of-memory training step suggests.
+pub const TRAIN_OOM_FIX: &str =
+    "a smaller --micro-batch (gradients accumulate to the same --global-batch) or a shorter --max-len";
+
+/// libtorch's own message inside `detail`, without what wraps it: the
+/// `called \`Result::unwrap()\` on an \`Err\` value: Torch("...")` of a caught
+/// panic, and the C++ backtrace libtorch appends (after its first line, or
+/// after an escaped `\n` in a panic's debug-formatted message).
+fn torch_message(detail: &str) -> &str {
+    let inner = detail
+        .split_once("Torch(\"")
+        .map_or(detail, |(_, rest)| rest);
+    let first = inner.split("\\n").next().unwrap_or(inner);
+    let first = first.lines().next().unwrap_or(first);
+    first.trim_end_matches("\")").trim_end()
 }
 
 /// Whether libtorch's message `m` reports a failed allocation: CUDA's
@@ -200,11 +218,36 @@ fn is_oom_message(m: &str) -> bool {
         || m.contains("can't allocate memory")
 }
 
+thread_local! {
+    /// How many [`catch_panic`] calls this thread is inside.
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics [`catch_panic`]
+/// turns into errors (their message travels in the error) and defers to the
+/// previous hook for every other panic.
+fn quiet_caught_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(|c| c.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic inside it (tch's infallible operations panic on
 /// a libtorch error, e.g. CUDA out of memory) into [`ModelError::Panic`]
-/// naming `what`, so a worker reports it instead of aborting.
+/// naming `what`, so a worker reports it instead of aborting (and prints no
+/// panic message of its own).
 pub fn catch_panic<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    quiet_caught_panics();
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(c.get() - 1));
+    match r {
         Ok(r) => r,
         Err(p) => {
             let detail = p
@@ -230,17 +273,20 @@ mod tests {
         let r: Result<()> = catch_panic(
             || "in step 3".into(),
             || {
-                panic!("called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 974.00 MiB\")")
+                panic!("called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 974.00 MiB\\nException raised from malloc at CUDACachingAllocator.cpp:1574\\nframe #0: c10::Error\")")
             },
         );
         let e = r.unwrap_err();
         assert!(matches!(e, ModelError::Panic { .. }), "{e:?}");
         assert!(e.is_out_of_memory());
-        let e =
-            e.with_oom_context(|| "in a micro-batch of 16 examples of up to 1024 tokens".into());
+        let e = e.with_oom_context(
+            || "in a micro-batch of 16 examples of up to 1024 tokens".into(),
+            TRAIN_OOM_FIX,
+        );
         let msg = e.to_string();
-        assert!(
-            msg.starts_with("out of memory in a micro-batch of 16 examples of up to 1024 tokens"),
+        assert_eq!(
+            msg.lines().next().unwrap(),
+            "out of memory in a micro-batch of 16 examples of up to 1024 tokens: CUDA out of memory. Tried to allocate 974.00 MiB",
             "{msg}"
         );
         assert!(msg.contains("smaller --micro-batch"), "{msg}");
@@ -249,7 +295,7 @@ mod tests {
 
     #[test]
     fn other_errors_keep_their_kind() {
-        let e = ModelError::Input("bad".into()).with_oom_context(|| "x".into());
+        let e = ModelError::Input("bad".into()).with_oom_context(|| "x".into(), "y");
         assert_eq!(e.to_string(), "invalid input: bad");
         assert_eq!(catch_panic(|| "x".into(), || Ok(5)).unwrap(), 5);
     }

@@ -279,7 +279,7 @@ impl Trainer {
                     distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
                 }
             })
-            .map_err(|e| e.with_oom_context(shape))?;
+            .map_err(|e| e.with_oom_context(shape, crate::error::TRAIN_OOM_FIX))?;
             local[1] += s.loss * weight;
             local[2] += s.tokens as f64;
             local[3] += s.select_loss * weight;

@@ -25,6 +25,7 @@ use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,6 +69,10 @@ pub struct EvalConfig {
     /// Record every question's result per method and ratio in the report.
     #[serde(default)]
     pub per_item: bool,
+    /// Fault injection for tests: a batch of more questions than this fails
+    /// with an allocation failure (libtorch refuses a real allocation).
+    #[serde(skip)]
+    pub inject_oom_above: Option<usize>,
 }
 
 impl Default for EvalConfig {
@@ -91,6 +96,7 @@ impl Default for EvalConfig {
             template: QaTemplate::default(),
             time_limit_s: None,
             per_item: false,
+            inject_oom_above: None,
         }
     }
 }
@@ -376,8 +382,8 @@ pub fn run_eval(
         .collect();
     let builder = eval_builder(&tok, model, cfg.max_len, cfg.template.clone())?;
     let questions = super::squad::select_questions(&set.questions, cfg.questions, cfg.seed);
-    let batches: Vec<&[SquadQuestion]> = questions.chunks(cfg.batch).collect();
-    let total = batches.len() * (1 + methods.len() * cfg.ratios.len());
+    let steps = 1 + methods.len() * cfg.ratios.len();
+    let total = questions.len() * steps;
     let mut done = 0;
     let mut full = Acc::default();
     let mut accs = vec![vec![Acc::default(); cfg.ratios.len()]; methods.len()];
@@ -387,9 +393,22 @@ pub fn run_eval(
         .position(|&r| (r - 0.1).abs() < 1e-9)
         .unwrap_or(0);
     let mut out = Outputs::default();
-    let device = model.device();
     let mut evaluated = 0;
-    for qs in batches {
+    // Batches still to evaluate; one that runs out of device memory is put
+    // back as two halves (its partial sums dropped), so a too-large --batch
+    // costs time, not the run.
+    let mut queue: VecDeque<&[SquadQuestion]> = questions.chunks(cfg.batch).collect();
+    let runner = BatchRunner {
+        model,
+        tok: &tok,
+        builder: &builder,
+        set,
+        cfg,
+        stop: &stop,
+        methods: &methods,
+        sample_r,
+    };
+    while let Some(qs) = queue.pop_front() {
         if cfg
             .time_limit_s
             .is_some_and(|t| start.elapsed().as_secs_f64() > t)
@@ -397,72 +416,41 @@ pub fn run_eval(
             tracing::warn!(evaluated, "time limit reached: stopping early");
             break;
         }
-        evaluated += qs.len();
-        let p = prepare(&builder, &tok, set, qs, cfg.context)?;
-        let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
-        let ones = vec![1.0; qs.len()];
-        // The teacher: the full cache.
-        let teacher_comp = compress_contexts(
-            model,
-            Method::Full,
-            Contexts {
-                ids: &ids,
-                len: &len,
-                spans: &p.spans,
-                ratios: &ones,
-            },
-        )?;
-        let teacher = teacher_logprobs(
-            model,
-            &mut teacher_comp.shallow_clone(),
-            &p.suffixes,
-            &p.scored,
-        )?;
-        let batch = BatchScorer {
-            model,
-            tok: &tok,
-            cfg,
-            stop: &stop,
-            qs,
-            len: &len,
-            p: &p,
-            teacher: &teacher,
+        let before = (full.clone(), accs.clone(), out.len(), done);
+        let what = || {
+            format!(
+                "in an evaluation batch of {} questions of up to {} tokens",
+                qs.len(),
+                cfg.max_len
+            )
         };
-        let full_scores =
-            batch.score(teacher_comp, &mut full, "full", 1.0, true, None, &mut out)?;
-        done += 1;
-        progress(done, total);
-        for (m, method) in methods.iter().enumerate() {
-            for (ri, &r) in cfg.ratios.iter().enumerate() {
-                let ratios = vec![r; qs.len()];
-                let contexts = Contexts {
-                    ids: &ids,
-                    len: &len,
-                    spans: &p.spans,
-                    ratios: &ratios,
-                };
-                let comp = match method {
-                    EvalMethod::Compress(method) => compress_contexts(model, *method, contexts)?,
-                    EvalMethod::Oracle(method) => {
-                        compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
-                    }
-                    EvalMethod::QuestionAware(kernel) => {
-                        question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
-                    }
-                };
-                let name = method.name();
-                batch.score(
-                    comp,
-                    &mut accs[m][ri],
-                    &name,
-                    r,
-                    ri == sample_r,
-                    Some(&full_scores),
-                    &mut out,
-                )?;
-                done += 1;
+        let r = crate::error::catch_panic(what, || {
+            let mut step = || {
+                done += qs.len();
                 progress(done, total);
+            };
+            let sums = BatchSums {
+                full: &mut full,
+                accs: &mut accs,
+                out: &mut out,
+            };
+            runner.run(qs, sums, &mut step)
+        });
+        match r {
+            Ok(()) => evaluated += qs.len(),
+            Err(e) if e.is_out_of_memory() && qs.len() > 1 => {
+                tracing::warn!(
+                    questions = qs.len(),
+                    "out of memory in an evaluation batch: evaluating it again in two halves"
+                );
+                (full, accs) = (before.0, before.1);
+                out.truncate(before.2);
+                done = before.3;
+                let (a, b) = qs.split_at(qs.len() / 2);
+                queue.push_front(b);
+                queue.push_front(a);
             }
+            Err(e) => return Err(e.with_oom_context(what, "a smaller --batch or a shorter --max-len")),
         }
     }
     let mut rows = vec![full.row("full".into(), 1.0, evaluated)];
@@ -484,12 +472,123 @@ pub fn run_eval(
     })
 }
 
+/// Where one batch adds its results.
+struct BatchSums<'a> {
+    full: &'a mut Acc,
+    accs: &'a mut [Vec<Acc>],
+    out: &'a mut Outputs,
+}
+
+/// Evaluates one batch of questions: the teacher, then every method at
+/// every ratio.
+struct BatchRunner<'a> {
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    builder: &'a ExampleBuilder,
+    set: &'a SquadSet,
+    cfg: &'a EvalConfig,
+    stop: &'a [u32],
+    methods: &'a [EvalMethod<'a>],
+    /// The ratio whose answers are kept as samples.
+    sample_r: usize,
+}
+
+impl BatchRunner<'_> {
+    /// Adds the batch `qs`'s results to `sums`, calling `step` after each
+    /// (method, ratio) unit and the teacher's.
+    fn run(&self, qs: &[SquadQuestion], sums: BatchSums, step: &mut dyn FnMut()) -> Result<()> {
+        let (model, cfg) = (self.model, self.cfg);
+        let device = model.device();
+        if cfg.inject_oom_above.is_some_and(|n| qs.len() > n) {
+            // 2^46 float32 elements (256 TiB): refused by any allocator.
+            let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, device))?;
+        }
+        let p = prepare(self.builder, self.tok, self.set, qs, cfg.context)?;
+        let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
+        let ones = vec![1.0; qs.len()];
+        // The teacher: the full cache.
+        let teacher_comp = compress_contexts(
+            model,
+            Method::Full,
+            Contexts {
+                ids: &ids,
+                len: &len,
+                spans: &p.spans,
+                ratios: &ones,
+            },
+        )?;
+        let teacher = teacher_logprobs(
+            model,
+            &mut teacher_comp.shallow_clone(),
+            &p.suffixes,
+            &p.scored,
+        )?;
+        let batch = BatchScorer {
+            model,
+            tok: self.tok,
+            cfg,
+            stop: self.stop,
+            qs,
+            len: &len,
+            p: &p,
+            teacher: &teacher,
+        };
+        let full_scores = batch.score(teacher_comp, sums.full, "full", 1.0, true, None, sums.out)?;
+        step();
+        for (m, method) in self.methods.iter().enumerate() {
+            for (ri, &r) in cfg.ratios.iter().enumerate() {
+                let ratios = vec![r; qs.len()];
+                let contexts = Contexts {
+                    ids: &ids,
+                    len: &len,
+                    spans: &p.spans,
+                    ratios: &ratios,
+                };
+                let comp = match method {
+                    EvalMethod::Compress(method) => compress_contexts(model, *method, contexts)?,
+                    EvalMethod::Oracle(method) => {
+                        compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
+                    }
+                    EvalMethod::QuestionAware(kernel) => {
+                        question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
+                    }
+                };
+                let name = method.name();
+                batch.score(
+                    comp,
+                    &mut sums.accs[m][ri],
+                    &name,
+                    r,
+                    ri == self.sample_r,
+                    Some(&full_scores),
+                    sums.out,
+                )?;
+                step();
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What an evaluation collects besides the sums: sample answers and, with
 /// `per_item`, each question's result.
 #[derive(Default)]
 struct Outputs {
     samples: Vec<(String, String, String, Vec<String>)>,
     items: Vec<ItemResult>,
+}
+
+impl Outputs {
+    /// How many samples and items it holds (to [`Outputs::truncate`] back to).
+    fn len(&self) -> (usize, usize) {
+        (self.samples.len(), self.items.len())
+    }
+
+    /// Drops what was added after [`Outputs::len`] returned `to`.
+    fn truncate(&mut self, to: (usize, usize)) {
+        self.samples.truncate(to.0);
+        self.items.truncate(to.1);
+    }
 }
 
 /// Scores compressed caches of one batch against its teacher: F1,

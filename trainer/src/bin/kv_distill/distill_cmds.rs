@@ -726,7 +726,7 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
     };
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} (batch x method x ratio) [{elapsed} < {eta}]",
+            "{bar:30} {pos}/{len} (question x method x ratio) [{elapsed} < {eta}]",
         )
         .expect("static template"),
     );
@@ -749,7 +749,7 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
                     done,
                     total,
                     elapsed_s = bar.elapsed().as_secs(),
-                    "evaluating (batch x method x ratio)"
+                    "evaluating (question x method x ratio)"
                 );
             }
         },
