@@ -6,7 +6,7 @@
 //! all-reduce) or during the upload of the checkpoint of step S (after its
 //! part is written, before the commit). `alloc:rank=R:step=S`
 //! makes rank R's step S ask libtorch for an allocation no device can give
-//! (a real allocation failure, inside its first micro-batch). With `--chaos-once FILE` it fires
+//! (a real allocation failure, in its first micro-batch after the backward; one of several examples is retried in halves). With `--chaos-once FILE` it fires
 //! only if FILE does not exist, and creates it, so a restarted worker with
 //! the same environment does not die again. `term:...` (same keys) sends
 //! SIGTERM instead, as an orchestrator evicting the worker does.

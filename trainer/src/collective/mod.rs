@@ -182,6 +182,20 @@ impl FlatGrads {
         self.flat.narrow(0, 0, self.elems)
     }
 
+    /// A copy of the gradients, for [`FlatGrads::restore`] (a micro-batch
+    /// that failed part-way must not leave its partial sums).
+    pub fn snapshot(&self) -> crate::error::Result<Tensor> {
+        self.repoint()?;
+        Ok(self.grads().f_detach_copy()?)
+    }
+
+    /// Puts back the gradients of a [`FlatGrads::snapshot`].
+    pub fn restore(&self, snapshot: &Tensor) -> crate::error::Result<()> {
+        self.repoint()?;
+        self.grads().f_copy_(snapshot)?;
+        Ok(())
+    }
+
     /// Zeroes the gradients (one kernel).
     pub fn zero(&self) -> crate::error::Result<()> {
         if self.repoint()? > 0 {

@@ -140,9 +140,29 @@ impl StepInputs {
     }
 }
 
+/// How much one micro-batch's losses count in an optimizer step: the update
+/// is the gradient of the global batch's mean losses however the batch is
+/// split into ranks and micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradScale {
+    /// Multiplies the KL's gradient: the micro-batch's share of the global
+    /// batch's supervised tokens (the KL is a mean over them).
+    pub kl: f64,
+    /// Multiplies the selection loss's gradient: the micro-batch's share of
+    /// the global batch's examples (the selection loss is a mean over them).
+    pub select: f64,
+}
+
+impl From<f64> for GradScale {
+    /// The same scale for both losses (one micro-batch: 1).
+    fn from(x: f64) -> Self {
+        GradScale { kl: x, select: x }
+    }
+}
+
 /// Runs the step: teacher under no_grad, student with autograd, loss, and
 /// `backward` into the adaptor's gradients (accumulated; `grad_scale` multiplies
-/// them, e.g. 1/accumulation steps). Base weights get no gradient. With
+/// them, e.g. 1/accumulation steps, or each loss by its own share). Base weights get no gradient. With
 /// `graphs`, the work after the scorer's selection replays a captured CUDA
 /// graph when the batch's shapes were seen before.
 pub fn distill_step(
@@ -150,10 +170,11 @@ pub fn distill_step(
     adaptor: &Adaptor,
     cfg: &DistillConfig,
     batch: &[DistillExample],
-    grad_scale: f64,
+    grad_scale: impl Into<GradScale>,
     backward: Backward,
     graphs: Option<&mut StepGraphs>,
 ) -> Result<StepStats> {
+    let grad_scale = grad_scale.into();
     let inputs = prepare(model, adaptor, cfg, batch, None)?;
     let tokens = inputs.s_rows.size()[0] as usize;
     let pass = StudentPass {
@@ -191,7 +212,7 @@ pub fn distill_step(
 /// [`super::TrainConfig::select_warmup_steps`] of a run): the teacher, without
 /// gradients, gives the selection target (its suffix's attention, plus the
 /// answer's location with [`DistillConfig::select_answer_weight`]), and the
-/// selection loss times `select_weight * grad_scale` is backpropagated into
+/// selection loss times `select_weight * grad_scale.select` is backpropagated into
 /// the scorer. No student pass and no KL (the returned `loss` and KL are
 /// NaN): about the cost of the teacher's forward, a fraction of a full step,
 /// so the scorer learns what the suffix reads before the LoRA trains on what
@@ -201,8 +222,9 @@ pub fn select_step(
     adaptor: &Adaptor,
     cfg: &DistillConfig,
     batch: &[DistillExample],
-    grad_scale: f64,
+    grad_scale: impl Into<GradScale>,
 ) -> Result<StepStats> {
+    let grad_scale = grad_scale.into();
     if cfg.select_weight <= 0.0 {
         return Err(ModelError::Input(
             "a scorer-only step needs the selection loss (--select-weight above 0)".into(),
@@ -229,7 +251,7 @@ pub fn select_step(
             "non-finite selection loss {value}"
         )));
     }
-    loss.f_mul_scalar(cfg.select_weight * grad_scale)?
+    loss.f_mul_scalar(cfg.select_weight * grad_scale.select)?
         .f_backward()?;
     timer.mark("backward");
     Ok(StepStats {
@@ -381,8 +403,8 @@ pub struct StudentPass<'a> {
     pub adaptor: &'a Adaptor,
     /// Method settings.
     pub cfg: &'a DistillConfig,
-    /// Multiplies the gradients.
-    pub grad_scale: f64,
+    /// Multiplies the gradients (each loss's by its own share).
+    pub grad_scale: GradScale,
     /// Whether and how to backpropagate (training also enables LoRA dropout).
     pub backward: Backward,
 }
@@ -465,10 +487,10 @@ impl StudentPass<'_> {
             timer.mark("kl");
             if self.backward.trains() {
                 // d(sum(logits * g))/d logits = g: backpropagates the analytic KL gradient.
-                let g = &kl.grad * self.grad_scale;
+                let g = &kl.grad * self.grad_scale.kl;
                 let mut total = (student_logits * g.detach()).sum(Kind::Float);
                 if let Some(l) = &select {
-                    total += l * (cfg.select_weight * self.grad_scale);
+                    total += l * (cfg.select_weight * self.grad_scale.select);
                 }
                 total.f_backward()?;
                 if let Some(back) = encoder_backward {

@@ -120,7 +120,8 @@ fn replay(c: &Captured, inputs: &StepInputs) -> Result<KlValues> {
 /// and kinds, the gradient scale, training or not, and the adaptor's address.
 fn shape_key(pass: &StudentPass, inputs: &StepInputs) -> Vec<i64> {
     let mut key = vec![
-        pass.grad_scale.to_bits() as i64,
+        pass.grad_scale.kl.to_bits() as i64,
+        pass.grad_scale.select.to_bits() as i64,
         pass.backward as i64,
         pass.adaptor as *const _ as i64,
     ];

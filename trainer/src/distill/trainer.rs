@@ -4,7 +4,7 @@
 use super::adamw::{AdamW, AdamWConfig};
 use super::adaptor::Adaptor;
 use super::step::{
-    distill_step, select_step, supervised_positions, Backward, DistillExample, StepStats,
+    distill_step, select_step, supervised_positions, Backward, DistillExample, GradScale, StepStats,
 };
 use super::step_graph::StepGraphs;
 use crate::collective::DEFAULT_BUCKET_ELEMS;
@@ -12,6 +12,7 @@ use crate::collective::{all_reduce_values, Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -104,8 +105,8 @@ pub struct Trainer {
     grads: Option<FlatGrads>,
     /// Captured steps, when CUDA graphs are on.
     graphs: Option<StepGraphs>,
-    /// Fault injection: the next step's first micro-batch asks for an
-    /// allocation no device can give.
+    /// Fault injection: the next step's first micro-batch asks, after its
+    /// backward, for an allocation no device can give.
     fail_alloc: bool,
     /// How micro-batches backpropagate ([`Backward::Stored`] or [`Backward::Recompute`]).
     backward: Backward,
@@ -176,8 +177,9 @@ impl Trainer {
         self.graphs.as_ref()
     }
 
-    /// Makes the next step fail with a real allocation failure inside its
-    /// first micro-batch (fault injection for tests of the failure path).
+    /// Makes the next step's first micro-batch fail with a real allocation
+    /// failure after its backward (fault injection for tests of the failure
+    /// path: its gradients are then partly accumulated).
     pub fn fail_next_allocation(&mut self) {
         self.fail_alloc = true;
     }
@@ -232,11 +234,12 @@ impl Trainer {
         }
         let flat = self.grads.as_ref().expect("made above");
         flat.zero()?;
-        // Each micro-batch's gradient is weighted by its share of the global
-        // batch's supervised tokens: the update is the gradient of the mean
-        // over all of them, however the batch is split into ranks and
-        // micro-batches (a mean of per-micro-batch means would weight a token
-        // by the size of the micro-batch it landed in).
+        // Each micro-batch's KL gradient is weighted by its share of the
+        // global batch's supervised tokens, its selection loss's by its share
+        // of the examples: the update is the gradient of the means over all
+        // of them, however the batch is split into ranks and micro-batches (a
+        // mean of per-micro-batch means would weight a token by the size of
+        // the micro-batch it landed in).
         let cfg = adaptor.config();
         let counts: Vec<f64> = micro_batches
             .iter()
@@ -247,15 +250,32 @@ impl Trainer {
             })
             .collect();
         let counted = Instant::now();
-        let global_tokens =
-            all_reduce_values(coll, &[counts.iter().sum::<f64>()], model.device())?[0];
+        let local_examples = micro_batches.iter().map(Vec::len).sum::<usize>() as f64;
+        let global = all_reduce_values(
+            coll,
+            &[counts.iter().sum::<f64>(), local_examples],
+            model.device(),
+        )?;
+        let (global_tokens, global_examples) = (global[0], global[1]);
         let mut comm_s = counted.elapsed().as_secs_f64();
         let started = Instant::now();
         let mut local = [micro_batches.len() as f64, 0.0, 0.0, 0.0];
         let mut fail_alloc = std::mem::take(&mut self.fail_alloc);
         let select_only = self.step < self.cfg.select_warmup_steps;
-        for (mb, &count) in micro_batches.iter().zip(&counts) {
-            let weight = count / global_tokens;
+        // A micro-batch that runs out of device memory is run again as two
+        // halves (each weighted by its own share of the tokens, so the update
+        // is the same), its partial gradients dropped; one example that does
+        // not fit ends the step with an error naming it.
+        let mut queue: VecDeque<(&[DistillExample], f64)> = micro_batches
+            .iter()
+            .zip(&counts)
+            .map(|(mb, &count)| (mb.as_slice(), count))
+            .collect();
+        while let Some((mb, count)) = queue.pop_front() {
+            let weight = GradScale {
+                kl: count / global_tokens,
+                select: mb.len() as f64 / global_examples,
+            };
             let shape = || {
                 let longest = mb
                     .iter()
@@ -267,22 +287,49 @@ impl Trainer {
                     mb.len()
                 )
             };
+            let before = if mb.len() > 1 {
+                Some(flat.snapshot()?)
+            } else {
+                None
+            };
             let graphs = self.graphs.as_mut();
-            let s: StepStats = crate::error::catch_panic(shape, || {
-                if std::mem::take(&mut fail_alloc) {
-                    // 2^46 float32 elements (256 TiB): refused by any allocator.
-                    let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
-                }
-                if select_only {
+            let r = crate::error::catch_panic(shape, || {
+                let s = if select_only {
                     select_step(model, adaptor, cfg, mb, weight)
                 } else {
                     distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
+                }?;
+                if std::mem::take(&mut fail_alloc) {
+                    // After the backward, so the gradients already hold this
+                    // micro-batch's part: 2^46 float32 elements (256 TiB),
+                    // refused by any allocator.
+                    let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
                 }
-            })
-            .map_err(|e| e.with_oom_context(shape, crate::error::TRAIN_OOM_FIX))?;
-            local[1] += s.loss * weight;
+                Ok(s)
+            });
+            let s: StepStats = match (r, before) {
+                (Ok(s), _) => s,
+                (Err(e), Some(before)) if e.is_out_of_memory() => {
+                    tracing::warn!(
+                        examples = mb.len(),
+                        "out of memory in a micro-batch: running it again in two halves \
+                         (a smaller --micro-batch avoids the retry)"
+                    );
+                    flat.restore(&before)?;
+                    let (a, b) = mb.split_at(mb.len() / 2);
+                    let first: f64 = a
+                        .iter()
+                        .map(|e| supervised_positions(e, cfg).count() as f64)
+                        .sum();
+                    queue.push_front((b, count - first));
+                    queue.push_front((a, first));
+                    continue;
+                }
+                (Err(e), _) => return Err(e.with_oom_context(shape, crate::error::TRAIN_OOM_FIX)),
+            };
+            local[1] += s.loss * weight.kl;
             local[2] += s.tokens as f64;
-            local[3] += s.select_loss * weight;
+            local[3] += s.select_loss * weight.select;
         }
         // The all-reduce needs the gradients anyway; draining here splits the
         // step into own work and waiting for the others.

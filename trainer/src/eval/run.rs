@@ -24,8 +24,8 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
-use std::fmt::Write as _;
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -450,7 +450,9 @@ pub fn run_eval(
                 queue.push_front(b);
                 queue.push_front(a);
             }
-            Err(e) => return Err(e.with_oom_context(what, "a smaller --batch or a shorter --max-len")),
+            Err(e) => {
+                return Err(e.with_oom_context(what, "a smaller --batch or a shorter --max-len"))
+            }
         }
     }
     let mut rows = vec![full.row("full".into(), 1.0, evaluated)];
@@ -533,7 +535,8 @@ impl BatchRunner<'_> {
             p: &p,
             teacher: &teacher,
         };
-        let full_scores = batch.score(teacher_comp, sums.full, "full", 1.0, true, None, sums.out)?;
+        let full_scores =
+            batch.score(teacher_comp, sums.full, "full", 1.0, true, None, sums.out)?;
         step();
         for (m, method) in self.methods.iter().enumerate() {
             for (ri, &r) in cfg.ratios.iter().enumerate() {
