@@ -6,6 +6,7 @@
 # 1. bench-step of the job's method (`--method train`) and of the reference's
 #    at the job's median shape (train/qa: context ~350 tokens, suffix ~32;
 #    SHAPE=span:suffix) with 64 examples, each also with --step-phases;
+#    and --method train with --cuda-graphs (the host cost where shapes repeat);
 # 2. bench-step --method train at 64 x (1,024 + 256), with and without
 #    --recompute-encoder (device memory);
 # 3. the operators the job's step dispatches (--count-ops), and the same step
@@ -41,6 +42,9 @@ for method in train reference; do
     bench --method $method --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 $phases
   done
 done
+# The step with its work after the selection as a CUDA graph: what the
+# per-micro-batch host cost is worth where shapes repeat.
+bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --cuda-graphs
 for r in "" --recompute-encoder; do
   bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
 done

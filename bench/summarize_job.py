@@ -35,7 +35,7 @@ def phase_text(phases):
 def main():
     d = sys.argv[1]
     benches = [json.loads(l) for l in open(os.path.join(d, "bench.jsonl")) if l.strip()]
-    print("| method | model | span + suffix x batch | recompute | median step | tokens/s | device memory | operators | phases (ms) |")
+    print("| method | model | span + suffix x batch | recompute / graphs | median step | tokens/s | device memory | operators | phases (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
     reference_tps = None
     for b in benches:
@@ -47,7 +47,7 @@ def main():
         )
         print(
             f"| {b.get('method', 'reference')} | {model} | {b['span']} + {b['suffix']} x {b['batch']} | "
-            f"{'yes' if b.get('recompute_encoder') else ''} | {b['median_s']:.3f} s | "
+            f"{'recompute' if b.get('recompute_encoder') else ''}{' graphs' if b.get('cuda_graphs') else ''} | {b['median_s']:.3f} s | "
             f"{b['tokens_per_s']:,.0f} | {b['device_memory_gib']:.1f} GiB | {op_text} | {phase_text(ph)} |"
         )
         if b.get("method") == "train" and not ph and not model and b["batch"] == 64 and reference_tps is None:
