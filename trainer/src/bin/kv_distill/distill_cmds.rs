@@ -203,7 +203,9 @@ pub(crate) struct TrainArgs {
     /// Examples per optimizer step.
     #[arg(long, default_value_t = 16)]
     global_batch: usize,
-    /// Examples per forward/backward (the rest accumulate).
+    /// Examples per forward/backward (the rest accumulate). One that runs out
+    /// of device memory is run again as two halves (same update, a warning);
+    /// a single example that does not fit stops the job with an error.
     #[arg(long, default_value_t = 8)]
     micro_batch: usize,
     /// Peak learning rate.
@@ -649,7 +651,8 @@ pub(crate) struct EvalArgs {
         default_value = "random,streaming_llm,key_norm,h2o,snapkv,tova,expected_attention,snapkv_question"
     )]
     methods: Vec<String>,
-    /// Questions per batch.
+    /// Questions per batch. One that runs out of device memory is evaluated
+    /// again as two halves (same results, a warning).
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Longest generated answer.
