@@ -14,7 +14,8 @@
 #    its time is the step's host-side dispatch, the cost every micro-batch
 #    pays whatever its size;
 # 4. `train` on train/qa for JOB_S seconds (default 60) per setting of JOBS
-#    (`;`-separated flag sets, each with its --global-batch), then JOB_S/2
+#    (`;`-separated flag sets, each with its --global-batch, optionally led by
+#    NAME=VALUE words for the job's environment), then JOB_S/2
 #    more with --step-phases (the phase split per step; the synchronizations
 #    slow it, so apart).
 # Everything lands in OUT/job.tgz (the device tool returns few files):
@@ -29,7 +30,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 B=$KEEP/kv-distill M=$KEEP/model.gguf
 SHAPE=${SHAPE:-352:32}
 JOB_S=${JOB_S:-60}
-JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 64 --recompute-encoder;--global-batch 256 --micro-batch 256 --micro-batch-tokens 65536 --bucket-by-length --recompute-encoder"}
+# The last set: the first with the caching allocator's expandable segments
+# (does a new shape per micro-batch cost allocations? BENCHMARKS.md).
+JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 64 --recompute-encoder;--global-batch 256 --micro-batch 256 --micro-batch-tokens 65536 --bucket-by-length --recompute-encoder;PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --global-batch 64 --micro-batch 32"}
 rm -rf "$OUT" && mkdir -p "$OUT" "$DEST"
 trap 'tar -czf "$DEST/job.tgz" -C "$OUT" . && ls -l "$DEST"' EXIT
 bench() {
@@ -59,14 +62,19 @@ i=0
 for flags in "${sets[@]}"; do
   i=$((i + 1))
   echo "job $i: $flags" >> "$OUT/jobs.txt"
+  flags_env="" job_flags=""
+  for w in $flags; do
+    if [ -z "$job_flags" ] && [[ "$w" =~ ^[A-Z_]+= ]]; then flags_env="$flags_env $w"; else job_flags="$job_flags $w"; fi
+  done
   for phases in "" --step-phases; do
     secs=$JOB_S log=$OUT/job-$i.log
     [ -n "$phases" ] && secs=$((JOB_S / 2)) log=$OUT/job-$i-phases.log
+    # A set may begin with NAME=VALUE words: the job's environment.
     # shellcheck disable=SC2086
-    timeout $((secs + 60)) "$B" --log-format json train --model "$M" --device cuda --dtype bf16 \
+    env $flags_env timeout $((secs + 60)) "$B" --log-format json train --model "$M" --device cuda --dtype bf16 \
       --data "file://$KEEP/data/train/qa" --max-len 1024 --steps 100000 \
       --time-limit-s "$secs" --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
-      --log-every 5 --out "$KEEP/job-$i.safetensors" $phases $flags \
+      --log-every 5 --out "$KEEP/job-$i.safetensors" $phases $job_flags \
       > /dev/null 2> "$log" || echo "job $i $phases failed" >&2
     rm -rf "$KEEP/job-$i.safetensors" "$KEEP/job-$i.ckpt"
   done
