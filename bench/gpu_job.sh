@@ -6,7 +6,8 @@
 # 1. bench-step of the job's method (`--method train`) and of the reference's
 #    at the job's median shape (train/qa: context ~350 tokens, suffix ~32;
 #    SHAPE=span:suffix) with 64 examples, each also with --step-phases;
-#    and --method train with --cuda-graphs (the host cost where shapes repeat);
+#    and --method train with --cuda-graphs (the host cost where shapes repeat),
+#    and cut into 2 or 4 micro-batches launched side by side (--launch-threads);
 # 2. bench-step --method train at 64 x (1,024 + 256), with and without
 #    --recompute-encoder (device memory);
 # 3. the operators the job's step dispatches (--count-ops), and the same step
@@ -48,6 +49,12 @@ done
 # The step with its work after the selection as a CUDA graph: what the
 # per-micro-batch host cost is worth where shapes repeat.
 bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --cuda-graphs
+# Micro-batches side by side from host threads (same stream): 2 one after
+# the other, 2 and 4 side by side.
+for mt in "2 1" "2 2" "4 4"; do
+  set -- $mt
+  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --micro-batches $1 --launch-threads $2
+done
 for r in "" --recompute-encoder; do
   bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
 done

@@ -38,6 +38,11 @@ def main():
     print("| method | model | span + suffix x batch | recompute / graphs | median step | tokens/s | device memory | operators | phases (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
     reference_tps = None
+    def split_text(b):
+        if b.get("micro_batches", 1) <= 1:
+            return ""
+        return f" {b['micro_batches']} micro-batches x {b.get('launch_threads', 1)} threads"
+
     for b in benches:
         ph = b.get("phases_s") or {}
         model = "narrow" if "narrow" in b.get("model", "") else ""
@@ -47,7 +52,7 @@ def main():
         )
         print(
             f"| {b.get('method', 'reference')} | {model} | {b['span']} + {b['suffix']} x {b['batch']} | "
-            f"{'recompute' if b.get('recompute_encoder') else ''}{' graphs' if b.get('cuda_graphs') else ''} | {b['median_s']:.3f} s | "
+            f"{'recompute' if b.get('recompute_encoder') else ''}{' graphs' if b.get('cuda_graphs') else ''}{split_text(b)} | {b['median_s']:.3f} s | "
             f"{b['tokens_per_s']:,.0f} | {b['device_memory_gib']:.1f} GiB | {op_text} | {phase_text(ph)} |"
         )
         if b.get("method") == "train" and not ph and not model and b["batch"] == 64 and reference_tps is None:

@@ -366,11 +366,47 @@ fn micro_batching_does_not_change_the_step() {
     );
 }
 
+/// With the selection loss on, cutting the batch into micro-batches, or
+/// running them side by side from two host threads
+/// (`Trainer::launch_threads`), is still the same step: the selection loss
+/// counts each micro-batch by its share of the examples (by its share of the
+/// supervised tokens, as the KL, the split step's gradient differed).
+#[test]
+fn micro_batches_side_by_side_with_the_selection_loss_are_the_same_step() {
+    let m = model();
+    let c = DistillConfig {
+        select_weight: 4.0,
+        ..cfg()
+    };
+    let template = Adaptor::new(m.config(), c.clone(), Device::Cpu, 7).expect("adaptor");
+    let run = |micro: &[Vec<DistillExample>], threads: usize| {
+        let a = copy_with(&m, &template, c.clone());
+        let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+        t.launch_threads(threads).expect("threads");
+        t.train_step(&m, &a, micro).expect("step")
+    };
+    let b = batch(0.25);
+    let whole = run(std::slice::from_ref(&b), 1);
+    let split = [vec![b[0].clone()], vec![b[1].clone()]];
+    assert!(whole.select_loss > 0.0, "{whole:?}");
+    assert_same_step(&whole, &run(&split, 1));
+    assert_same_step(&whole, &run(&split, 2));
+    assert!(Trainer::new(&template, TrainConfig::default())
+        .expect("trainer")
+        .launch_threads(0)
+        .is_err());
+}
+
 /// A fresh adaptor holding `src`'s values. Two runs that must start alike
 /// copy one adaptor: `Adaptor::new` seeds libtorch's global generator and
 /// draws from it while other tests in this process may draw too.
 fn copy_of(m: &Model, src: &Adaptor) -> Adaptor {
-    let a = Adaptor::new(m.config(), cfg(), Device::Cpu, 0).expect("adaptor");
+    copy_with(m, src, cfg())
+}
+
+/// [`copy_of`] for an adaptor of the settings `c`.
+fn copy_with(m: &Model, src: &Adaptor, c: DistillConfig) -> Adaptor {
+    let a = Adaptor::new(m.config(), c, Device::Cpu, 0).expect("adaptor");
     tch::no_grad(|| {
         for ((_, mut v), (_, w)) in a.named_trainable().into_iter().zip(src.named_trainable()) {
             v.copy_(&w);

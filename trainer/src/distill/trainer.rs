@@ -7,6 +7,7 @@ use super::step::{
     distill_step, select_step, supervised_positions, Backward, DistillExample, GradScale, StepStats,
 };
 use super::step_graph::StepGraphs;
+use super::DistillConfig;
 use crate::collective::DEFAULT_BUCKET_ELEMS;
 use crate::collective::{all_reduce_values, Collective, FlatGrads, Single};
 use crate::error::{ModelError, Result};
@@ -110,6 +111,8 @@ pub struct Trainer {
     fail_alloc: bool,
     /// How micro-batches backpropagate ([`Backward::Stored`] or [`Backward::Recompute`]).
     backward: Backward,
+    /// Micro-batches launched side by side, each from a host thread of its own.
+    launch_threads: usize,
 }
 
 impl Trainer {
@@ -149,6 +152,7 @@ impl Trainer {
             graphs: None,
             fail_alloc: false,
             backward: Backward::Stored,
+            launch_threads: 1,
         })
     }
 
@@ -170,6 +174,22 @@ impl Trainer {
         } else {
             Backward::Stored
         };
+    }
+
+    /// Runs up to `threads` micro-batches of a step side by side, each
+    /// launched from a host thread of its own onto the same device stream: a
+    /// step bound by the host's operator dispatch (small shapes on a GPU)
+    /// launches up to `threads` times faster, for `threads` micro-batches'
+    /// activations at once. The update is the same up to the order in which
+    /// gradients are summed (not bit-reproducible). Not with CUDA graphs.
+    pub fn launch_threads(&mut self, threads: usize) -> Result<()> {
+        if threads == 0 {
+            return Err(ModelError::Input(
+                "launch threads must be at least 1".into(),
+            ));
+        }
+        self.launch_threads = threads;
+        Ok(())
     }
 
     /// The captured steps, when CUDA graphs are on.
@@ -271,11 +291,57 @@ impl Trainer {
             .zip(&counts)
             .map(|(mb, &count)| (mb.as_slice(), count))
             .collect();
-        while let Some((mb, count)) = queue.pop_front() {
-            let weight = GradScale {
-                kl: count / global_tokens,
-                select: mb.len() as f64 / global_examples,
+        let scale = |mb: &[DistillExample], count: f64| GradScale {
+            kl: count / global_tokens,
+            select: mb.len() as f64 / global_examples,
+        };
+        // With launch threads, micro-batches run side by side (each from a
+        // host thread of its own, on the same device stream); a group that
+        // runs out of memory runs again one micro-batch after another.
+        let mut alone = 0usize;
+        loop {
+            let n = self.launch_threads.min(queue.len());
+            if n < 2 || alone > 0 || self.graphs.is_some() || fail_alloc {
+                break;
+            }
+            let group: Vec<(&[DistillExample], f64)> = queue.drain(..n).collect();
+            let before = flat.snapshot()?;
+            let work = SideBySide {
+                model,
+                adaptor,
+                cfg,
+                backward: self.backward,
+                select_only,
             };
+            let jobs: Vec<(&[DistillExample], GradScale)> = group
+                .iter()
+                .map(|&(mb, count)| (mb, scale(mb, count)))
+                .collect();
+            match work.run(&jobs) {
+                Ok(stats) => {
+                    for (s, (_, weight)) in stats.iter().zip(&jobs) {
+                        local[1] += s.loss * weight.kl;
+                        local[2] += s.tokens as f64;
+                        local[3] += s.select_loss * weight.select;
+                    }
+                }
+                Err(e) if e.is_out_of_memory() => {
+                    tracing::warn!(
+                        micro_batches = n,
+                        "out of memory with micro-batches side by side: running them one \
+                         after another"
+                    );
+                    flat.restore(&before)?;
+                    for g in group.into_iter().rev() {
+                        queue.push_front(g);
+                    }
+                    alone = n;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        while let Some((mb, count)) = queue.pop_front() {
+            let weight = scale(mb, count);
             let shape = || {
                 let longest = mb
                     .iter()
@@ -390,5 +456,91 @@ impl Trainer {
             comm_s,
             select_loss: total[3],
         })
+    }
+}
+
+/// What a micro-batch's step needs, shared by the host threads that run
+/// several side by side ([`Trainer::launch_threads`]).
+struct SideBySide<'a> {
+    model: &'a Model,
+    adaptor: &'a Adaptor,
+    cfg: &'a DistillConfig,
+    backward: Backward,
+    select_only: bool,
+}
+
+// SAFETY: the threads read the model's and the adaptor's tensors (libtorch
+// tensors may be read from several threads at once; their reference counts
+// are atomic) and accumulate into the adaptor's gradients through autograd,
+// whose accumulation into a leaf's gradient holds that leaf's lock; the scope
+// joins every thread before the borrows end.
+unsafe impl Sync for SideBySide<'_> {}
+
+impl SideBySide<'_> {
+    /// Each of `jobs` (a micro-batch and its gradient scale) on a host thread
+    /// of its own; the stats in order, or the first error (an out-of-memory
+    /// one first, so the caller can retry).
+    fn run(&self, jobs: &[(&[DistillExample], GradScale)]) -> Result<Vec<StepStats>> {
+        let threads = tch::get_num_threads();
+        let results: Vec<Result<StepStats>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .map(|&(mb, weight)| {
+                    scope.spawn(move || {
+                        // Intra-op thread counts are per thread: the caller's.
+                        tch::set_num_threads(threads);
+                        let what = || {
+                            format!(
+                                "in a micro-batch of {} examples (side by side with others)",
+                                mb.len()
+                            )
+                        };
+                        crate::error::catch_panic(what, || {
+                            if self.select_only {
+                                select_step(self.model, self.adaptor, self.cfg, mb, weight)
+                            } else {
+                                distill_step(
+                                    self.model,
+                                    self.adaptor,
+                                    self.cfg,
+                                    mb,
+                                    weight,
+                                    self.backward,
+                                    None,
+                                )
+                            }
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(ModelError::Panic {
+                            what: "in a launch thread".into(),
+                            detail: "it panicked outside the step".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut stats = Vec::with_capacity(results.len());
+        let mut failed: Option<ModelError> = None;
+        for r in results {
+            match r {
+                Ok(s) => stats.push(s),
+                // The first error, an out-of-memory one before any other.
+                Err(e) => {
+                    if failed
+                        .as_ref()
+                        .is_none_or(|f| !f.is_out_of_memory() && e.is_out_of_memory())
+                    {
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        failed.map_or(Ok(stats), Err)
     }
 }

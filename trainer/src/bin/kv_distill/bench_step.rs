@@ -51,6 +51,14 @@ pub(crate) struct BenchStepArgs {
     /// the first step, replayed after; CUDA only).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Cut each step's batch into this many micro-batches (gradients
+    /// accumulate; 1: the whole batch at once).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
+    /// Run up to this many micro-batches side by side, each launched from a
+    /// host thread of its own (for a step bound by operator dispatch).
+    #[arg(long, default_value_t = 1)]
+    launch_threads: usize,
     /// Recompute the student encoder's activations in the backward instead
     /// of keeping them (less memory, one more encoder forward).
     #[arg(long)]
@@ -104,6 +112,9 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     }
     let (model, name) = a.model.load()?;
     let (device, kind) = (model.device(), model.kind());
+    if a.micro_batches == 0 || a.micro_batches > a.batch {
+        bail!("--micro-batches must lie in 1..=--batch ({})", a.batch);
+    }
     if a.span == 0 || a.suffix < 2 || a.batch == 0 || a.iters == 0 || a.batches == 0 {
         bail!(
             "--span must be positive, --suffix at least 2, --batch, --batches and --iters positive"
@@ -145,6 +156,7 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         trainer.use_cuda_graphs(device, 1)?;
     }
     trainer.recompute_encoder(a.recompute_encoder);
+    trainer.launch_threads(a.launch_threads)?;
     let sync = || kvd_trainer::device::synchronize(device);
     if let Some(dir) = &a.dump {
         write_step_inputs(
@@ -157,7 +169,11 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             &batches[0],
         )?;
     }
-    let micro: Vec<[Vec<DistillExample>; 1]> = batches.into_iter().map(|b| [b]).collect();
+    let cut = a.batch.div_ceil(a.micro_batches);
+    let micro: Vec<Vec<Vec<DistillExample>>> = batches
+        .into_iter()
+        .map(|b| b.chunks(cut).map(<[DistillExample]>::to_vec).collect())
+        .collect();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut peak_mem = 0u64;
@@ -216,7 +232,8 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let line = serde_json::json!({
         "model": name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
         "span": a.span, "suffix": a.suffix, "ratio": a.ratio, "batch": a.batch,
-        "batches": a.batches,
+        "batches": a.batches, "micro_batches": a.micro_batches,
+        "launch_threads": a.launch_threads,
         "median_s": median, "tokens_per_s": tokens_per_step / median,
         "step_tflop": flops.total() / 1e12, "flops": flops,
         "mfu": flops.total() / median / a.peak_flops,
