@@ -69,6 +69,7 @@ fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
         bucket_by_length: false,
         micro_batch_tokens: None,
         recompute_encoder: false,
+        launch_threads: 1,
     }
 }
 
@@ -173,6 +174,34 @@ fn train_reproducibly_then_evaluate() {
     for (name, t) in a1.vs.variables() {
         let diff = (&t - &v3[&name]).abs().max().double_value(&[]);
         assert!(diff <= 1e-6, "{name} differs by {diff} when recomputing");
+    }
+
+    // The two micro-batches of a step side by side from two host threads (a
+    // per-process setting): the same job hash and the same adaptor (two
+    // gradients summed in either order are the same sum).
+    let mut threaded = job(dir.path(), "a4.safetensors", 2);
+    threaded.launch_threads = 2;
+    assert_eq!(
+        job_hash(&threaded),
+        job_hash(&job(dir.path(), "a4.safetensors", 2))
+    );
+    let (a4, s4) = train(
+        &model,
+        tok.clone(),
+        &threaded,
+        &LocalCheckpoints::beside(&dir.path().join("a4.safetensors")),
+        None,
+        |_, _, _| {},
+    )
+    .expect("train side by side");
+    assert!(
+        (s4.first_loss - s1.first_loss).abs() <= 1e-6 * s1.first_loss,
+        "{s4:?}"
+    );
+    let v4 = a4.vs.variables();
+    for (name, t) in a1.vs.variables() {
+        let diff = (&t - &v4[&name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name} differs by {diff} side by side");
     }
 
     // The checkpoint reloads with its step and settings.

@@ -268,6 +268,12 @@ pub(crate) struct TrainArgs {
     /// one more encoder forward). Lets larger --micro-batch values fit.
     #[arg(long)]
     recompute_encoder: bool,
+    /// Run up to N micro-batches of a step side by side, each launched from a
+    /// host thread of its own (a step bound by operator dispatch, small
+    /// shapes on a GPU, launches faster; N micro-batches' activations at
+    /// once; the same update up to the order of the gradients' sums).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    launch_threads: u64,
     /// Time the step's phases (teacher, scorer, encoder, decoder, loss,
     /// backward, optimizer; the device synchronizes between them, so the job
     /// runs slower) and log their mean seconds per step at every log line.
@@ -369,6 +375,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         bucket_by_length: a.bucket_by_length,
         micro_batch_tokens: a.micro_batch_tokens,
         recompute_encoder: a.recompute_encoder,
+        launch_threads: a.launch_threads as usize,
     };
     Ok(job)
 }
