@@ -391,6 +391,13 @@ fn micro_batches_side_by_side_with_the_selection_loss_are_the_same_step() {
     assert!(whole.select_loss > 0.0, "{whole:?}");
     assert_same_step(&whole, &run(&split, 1));
     assert_same_step(&whole, &run(&split, 2));
+    // One of the two runs out of memory after its backward: the group's
+    // partial gradients are dropped and both run again one after another.
+    let a = copy_with(&m, &template, c.clone());
+    let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
+    t.launch_threads(2).expect("threads");
+    t.fail_next_allocation();
+    assert_same_step(&whole, &t.train_step(&m, &a, &split).expect("retried"));
     assert!(Trainer::new(&template, TrainConfig::default())
         .expect("trainer")
         .launch_threads(0)

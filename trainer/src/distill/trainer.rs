@@ -283,9 +283,9 @@ impl Trainer {
         let mut fail_alloc = std::mem::take(&mut self.fail_alloc);
         let select_only = self.step < self.cfg.select_warmup_steps;
         // A micro-batch that runs out of device memory is run again as two
-        // halves (each weighted by its own share of the tokens, so the update
-        // is the same), its partial gradients dropped; one example that does
-        // not fit ends the step with an error naming it.
+        // halves (each weighted by its own shares of the tokens and examples,
+        // so the update is the same), its partial gradients dropped; one
+        // example that does not fit ends the step with an error naming it.
         let mut queue: VecDeque<(&[DistillExample], f64)> = micro_batches
             .iter()
             .zip(&counts)
@@ -298,10 +298,10 @@ impl Trainer {
         // With launch threads, micro-batches run side by side (each from a
         // host thread of its own, on the same device stream); a group that
         // runs out of memory runs again one micro-batch after another.
-        let mut alone = 0usize;
-        loop {
+        let mut one_at_a_time = self.graphs.is_some();
+        while !one_at_a_time {
             let n = self.launch_threads.min(queue.len());
-            if n < 2 || alone > 0 || self.graphs.is_some() || fail_alloc {
+            if n < 2 {
                 break;
             }
             let group: Vec<(&[DistillExample], f64)> = queue.drain(..n).collect();
@@ -312,6 +312,7 @@ impl Trainer {
                 cfg,
                 backward: self.backward,
                 select_only,
+                fail_first: std::mem::take(&mut fail_alloc),
             };
             let jobs: Vec<(&[DistillExample], GradScale)> = group
                 .iter()
@@ -335,7 +336,7 @@ impl Trainer {
                     for g in group.into_iter().rev() {
                         queue.push_front(g);
                     }
-                    alone = n;
+                    one_at_a_time = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -467,6 +468,9 @@ struct SideBySide<'a> {
     cfg: &'a DistillConfig,
     backward: Backward,
     select_only: bool,
+    /// Fault injection: the first micro-batch asks, after its backward, for
+    /// an allocation no device can give.
+    fail_first: bool,
 }
 
 // SAFETY: the threads read the model's and the adaptor's tensors (libtorch
@@ -485,7 +489,9 @@ impl SideBySide<'_> {
         let results: Vec<Result<StepStats>> = std::thread::scope(|scope| {
             let handles: Vec<_> = jobs
                 .iter()
-                .map(|&(mb, weight)| {
+                .enumerate()
+                .map(|(i, &(mb, weight))| {
+                    let fail = self.fail_first && i == 0;
                     scope.spawn(move || {
                         // Intra-op thread counts are per thread: the caller's.
                         tch::set_num_threads(threads);
@@ -496,7 +502,7 @@ impl SideBySide<'_> {
                             )
                         };
                         crate::error::catch_panic(what, || {
-                            if self.select_only {
+                            let s = if self.select_only {
                                 select_step(self.model, self.adaptor, self.cfg, mb, weight)
                             } else {
                                 distill_step(
@@ -508,7 +514,12 @@ impl SideBySide<'_> {
                                     self.backward,
                                     None,
                                 )
+                            }?;
+                            if fail {
+                                let device = self.model.device();
+                                let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, device))?;
                             }
+                            Ok(s)
                         })
                     })
                 })
