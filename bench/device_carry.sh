@@ -4,9 +4,11 @@
 # beside the repository, so the model, data and binary are split.
 #   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF, SQuAD v1.1 dev
 #            (xz), the essays (tar.xz)
-#   .dev/c2: the rest of the GGUF, the release kv-distill (xz)
+#   .dev/c2: the rest of the GGUF
 #   .dev/c3: the prepared training data (train/qa; train/text, train/synth,
-#            train/multiqa)
+#            train/multiqa), the release kv-distill (xz; here, not beside the
+#            GGUF's second part: the repository's ~13 MB left c2 40 KB under
+#            the limit)
 #   .dev/c4: with CKPT=DIR, the checkpoint parts ckpt-NAME.tar.partNN that an
 #            earlier session's `PACK_CKPT=NAME` brought back (stash it before
 #            c3; `assemble` restores them and `train` resumes them)
@@ -56,7 +58,7 @@ while [ "$offset" -lt "$size" ]; do
 done
 xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squad.json.xz"
 tar -C "$assets" -cJf "$out/c1/essays.tar.xz" essays
-xz -9e -T2 -c "$bin/kv-distill" > "$out/c2/kvd.xz"
+xz -9e -T2 -c "$bin/kv-distill" > "$out/c3/kvd.xz"
 tar -C "$data" -cf "$out/c3/qa.tar" train/qa
 tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth train/multiqa
 repo=$(cd "$here" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
