@@ -2,13 +2,12 @@
 # Makes the three carry folders of a quality session on the device tool
 # (bench/gpu_quality_session.sh): each must fit the tool's 64 MiB working tree
 # beside the repository, so the model, data and binary are split.
-#   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF, SQuAD v1.1 dev
-#            (xz), the essays (tar.xz)
+#   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF
 #   .dev/c2: the rest of the GGUF
 #   .dev/c3: the prepared training data (train/qa; train/text, train/synth,
-#            train/multiqa), the release kv-distill (xz; here, not beside the
-#            GGUF's second part: the repository's ~13 MB left c2 40 KB under
-#            the limit)
+#            train/multiqa), the release kv-distill (xz), SQuAD v1.1 dev (xz)
+#            and the essays (tar.xz): all beside the training data, since the
+#            repository's ~13 MB leave the GGUF's folders little room
 #   .dev/c4: with CKPT=DIR, the checkpoint parts ckpt-NAME.tar.partNN that an
 #            earlier session's `PACK_CKPT=NAME` brought back (stash it before
 #            c3; `assemble` restores them and `train` resumes them)
@@ -40,7 +39,7 @@ if [ -n "${CKPT:-}" ]; then
   cp "$CKPT"/ckpt-*.tar.part* "$out/c4/"
   folders="$folders c4"
 fi
-# gguf.part1 (c1), gguf.part2 (c2, beside the binary), gguf.part3.. (c5..):
+# gguf.part1 (c1), gguf.part2 (c2), gguf.part3.. (c5..):
 # `assemble` concatenates gguf.part* in order.
 part() { # part N OFFSET BYTES DIR: bytes OFFSET.. of the GGUF as DIR/gguf.partN
   dd if="$gguf" of="$4/gguf.part$1" bs=1M iflag=skip_bytes,count_bytes skip="$2" count="$3" status=none
@@ -56,8 +55,8 @@ while [ "$offset" -lt "$size" ]; do
   folders="$folders c$((n + 2))"
   offset=$((offset + 52000000)) n=$((n + 1))
 done
-xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c1/squad.json.xz"
-tar -C "$assets" -cJf "$out/c1/essays.tar.xz" essays
+xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c3/squad.json.xz"
+tar -C "$assets" -cJf "$out/c3/essays.tar.xz" essays
 xz -9e -T2 -c "$bin/kv-distill" > "$out/c3/kvd.xz"
 tar -C "$data" -cf "$out/c3/qa.tar" train/qa
 tar -C "$data" -cf "$out/c3/rest.tar" train/text train/synth train/multiqa

@@ -2,8 +2,8 @@
 # One device session of the compression-quality work (docs/RESULTS.md), in
 # stages that fit the device tool's calls. The working tree is limited, so
 # the model and data travel in three ignored folders (.dev/c1: first part of
-# the GGUF, SQuAD, essays; .dev/c2: the rest of the GGUF; .dev/c3: the
-# training data and the binary; a larger GGUF's further parts in .dev/c5, c6, ...; made
+# the GGUF; .dev/c2: the rest of the GGUF; .dev/c3: the training data, the
+# binary, SQuAD and the essays; a larger GGUF's further parts in .dev/c5, c6, ...; made
 # on the CPU machine by bench/device_carry.sh), one call each while the
 # machine stays warm, and are assembled in $KEEP (the model as model.gguf).
 #   bench/gpu_quality_session.sh stash .dev/c1  # call 1 (carry .dev/c1)
