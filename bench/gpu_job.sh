@@ -9,7 +9,8 @@
 #    and --method train with --cuda-graphs (the host cost where shapes repeat),
 #    and cut into 2 or 4 micro-batches launched side by side (--launch-threads);
 # 2. bench-step --method train at 64 x (1,024 + 256), with and without
-#    --recompute-encoder (device memory);
+#    --recompute-encoder (device memory), and at 32 x (1,000 + 64), the
+#    padded shape of the job's micro-batches of 32;
 # 3. the operators the job's step dispatches (--count-ops), and the same step
 #    on SmolLM2's layers at 1/8 of its widths (--preset smollm2-135m-narrow):
 #    its time is the step's host-side dispatch, the cost every micro-batch
@@ -58,6 +59,10 @@ done
 for r in "" --recompute-encoder; do
   bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
 done
+# The shape a micro-batch of 32 train/qa examples pads to (its longest
+# example, often the 1,024-token cap, and a ~64-token suffix): the job's
+# micro-batch against the step at the same padded shape.
+bench --method train --span 1000 --suffix 64 --batch 32 --ratio 0.25 --step-phases
 bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --count-ops --step-phases
 for batch in 64 16; do
   timeout 120 "$B" bench-step --preset smollm2-135m-narrow --device cuda --dtype bf16 --iters 5 \
