@@ -366,31 +366,37 @@ fn micro_batching_does_not_change_the_step() {
     );
 }
 
-/// With the selection loss on, cutting the batch into micro-batches, or
-/// running them side by side from two host threads
-/// (`Trainer::launch_threads`), is still the same step: the selection loss
+/// With the selection loss on, cutting the batch into micro-batches, running
+/// them side by side from two host threads (`Trainer::launch_threads`), or
+/// padding them to multiples of 64 positions (`Trainer::pad_multiple`), is
+/// still the same step: the selection loss
 /// counts each micro-batch by its share of the examples (by its share of the
 /// supervised tokens, as the KL, the split step's gradient differed).
 #[test]
-fn micro_batches_side_by_side_with_the_selection_loss_are_the_same_step() {
+fn micro_batches_side_by_side_or_padded_with_the_selection_loss_are_the_same_step() {
     let m = model();
     let c = DistillConfig {
         select_weight: 4.0,
         ..cfg()
     };
     let template = Adaptor::new(m.config(), c.clone(), Device::Cpu, 7).expect("adaptor");
-    let run = |micro: &[Vec<DistillExample>], threads: usize| {
+    let run_padded = |micro: &[Vec<DistillExample>], threads: usize, pad: usize| {
         let a = copy_with(&m, &template, c.clone());
         let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
         t.launch_threads(threads).expect("threads");
+        t.pad_multiple(pad).expect("pad");
         t.train_step(&m, &a, micro).expect("step")
     };
+    let run = |micro: &[Vec<DistillExample>], threads: usize| run_padded(micro, threads, 1);
     let b = batch(0.25);
     let whole = run(std::slice::from_ref(&b), 1);
     let split = [vec![b[0].clone()], vec![b[1].clone()]];
     assert!(whole.select_loss > 0.0, "{whole:?}");
     assert_same_step(&whole, &run(&split, 1));
     assert_same_step(&whole, &run(&split, 2));
+    // Padded to multiples of 64 positions (masked): the same step too.
+    assert_same_step(&whole, &run_padded(std::slice::from_ref(&b), 1, 64));
+    assert_same_step(&whole, &run_padded(&split, 2, 64));
     // One of the two runs out of memory after its backward: the group's
     // partial gradients are dropped and both run again one after another.
     let a = copy_with(&m, &template, c.clone());

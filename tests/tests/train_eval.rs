@@ -70,6 +70,7 @@ fn job(dir: &Path, out: &str, steps: usize) -> TrainJob {
         micro_batch_tokens: None,
         recompute_encoder: false,
         launch_threads: 1,
+        pad_multiple: 1,
     }
 }
 

@@ -140,7 +140,17 @@ pub fn check_window(model: &Model, lens: &[usize]) -> Result<()> {
 /// Right-pads `rows` into `[batch, max_len]` int64 on `device`, with lengths;
 /// every id must be below `vocab` (the error names the row and position).
 pub fn pad_rows(rows: &[Vec<u32>], vocab: usize, device: Device) -> Result<(Tensor, Vec<usize>)> {
-    let l = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    pad_rows_to(rows, vocab, device, 0)
+}
+
+/// [`pad_rows`] to at least `len` positions (more when a row is longer).
+pub fn pad_rows_to(
+    rows: &[Vec<u32>],
+    vocab: usize,
+    device: Device,
+    len: usize,
+) -> Result<(Tensor, Vec<usize>)> {
+    let l = rows.iter().map(Vec::len).max().unwrap_or(1).max(len).max(1);
     let mut flat = vec![0i64; rows.len() * l];
     for (i, r) in rows.iter().enumerate() {
         for (j, &t) in r.iter().enumerate() {

@@ -26,6 +26,6 @@ pub mod trainer;
 pub use adaptor::Adaptor;
 pub use baselines::{baseline_scores, Baseline};
 pub use config::{kept_count, DistillConfig, LoraConfig, ScoreFeed};
-pub use step::{distill_step, Backward, DistillExample, GradScale, StepStats};
+pub use step::{distill_step, with_pad_multiple, Backward, DistillExample, GradScale, StepStats};
 pub use step_graph::StepGraphs;
 pub use trainer::{OptStats, TrainConfig, Trainer};

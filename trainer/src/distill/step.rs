@@ -8,7 +8,7 @@
 use super::adaptor::Adaptor;
 use super::baselines::Observer;
 use super::config::DistillConfig;
-use super::infer::pad_rows;
+use super::infer::pad_rows_to;
 use super::loss::{kl_mix, KlOutput, KlValues};
 use super::select::{validate_spans, Span};
 use super::step_graph::StepGraphs;
@@ -17,6 +17,7 @@ use super::student::{
 };
 use crate::error::{ModelError, Result};
 use crate::model::{Input, Model};
+use std::cell::Cell;
 use tch::{Kind, Tensor};
 
 /// One training sequence: a context (with compressible spans) and a suffix.
@@ -138,6 +139,23 @@ impl StepInputs {
         t.extend(self.suffixes.tensors());
         t
     }
+}
+
+thread_local! {
+    /// This thread's pad multiple ([`with_pad_multiple`]; 1: the longest row).
+    static PAD_MULTIPLE: Cell<usize> = const { Cell::new(1) };
+}
+
+/// Runs `f` with the steps of this thread padding their contexts (and whole
+/// rows) up to a multiple of `m` positions, and their suffixes up to a
+/// multiple of `min(m, 32)`: micro-batches of similar lengths then share
+/// shapes (fewer new shapes for the device's allocator and kernels; CUDA
+/// graphs can replay). The padding is masked: the same step up to rounding.
+pub fn with_pad_multiple<T>(m: usize, f: impl FnOnce() -> T) -> T {
+    let before = PAD_MULTIPLE.with(|p| p.replace(m.max(1)));
+    let r = f();
+    PAD_MULTIPLE.with(|p| p.set(before));
+    r
 }
 
 /// How much one micro-batch's losses count in an optimizer step: the update
@@ -300,11 +318,19 @@ pub(crate) fn prepare(
         .map(|e| [e.context.as_slice(), e.suffix.as_slice()].concat())
         .collect();
     let vocab = model.config().vocab_size;
-    let full_ids = pad_rows(&full, vocab, device)?.0;
+    // Padded to the longest row, or with a pad multiple up to the next
+    // multiple (suffixes: of at most 32), within the model's window.
+    let m = PAD_MULTIPLE.with(Cell::get);
+    let window = model.config().max_position_embeddings;
+    let to = |lens: &[usize], m: usize| {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        (longest.div_ceil(m) * m).min(window).max(longest)
+    };
+    let full_ids = pad_rows_to(&full, vocab, device, to(&full_len, m))?.0;
     let ctx_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.context.clone()).collect();
     let suf_rows: Vec<Vec<u32>> = batch.iter().map(|e| e.suffix.clone()).collect();
-    let ctx_ids = pad_rows(&ctx_rows, vocab, device)?.0;
-    let suf_ids = pad_rows(&suf_rows, vocab, device)?.0;
+    let ctx_ids = pad_rows_to(&ctx_rows, vocab, device, to(&ctx_len, m))?.0;
+    let suf_ids = pad_rows_to(&suf_rows, vocab, device, to(&suf_len, m.min(32)))?.0;
     let lf = full_ids.size()[1];
     let lx = suf_ids.size()[1];
 
@@ -657,5 +683,46 @@ impl Teacher<'_> {
                 ModelError::Input(format!("the teacher thread panicked: {why}"))
             })?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pad multiple pads contexts and whole rows to its next multiple and
+    /// suffixes to one of at most 32, for the closure's duration only.
+    #[test]
+    fn a_pad_multiple_pads_contexts_and_suffixes() {
+        let mut mc = crate::config::ModelConfig::smollm2_135m().narrowed(16);
+        mc.num_layers = 2;
+        mc.layer_kinds.truncate(2);
+        let src = crate::weights::RandomWeights::new(mc.arch, 5);
+        let model = Model::load(mc.clone(), &src, Kind::Float, tch::Device::Cpu).unwrap();
+        let dc = DistillConfig {
+            scorer_layer: 1,
+            ..Default::default()
+        };
+        let adaptor = Adaptor::new(&mc, dc.clone(), tch::Device::Cpu, 7).unwrap();
+        let ex = DistillExample {
+            context: (3..40).collect(),
+            spans: vec![(2, 30)],
+            suffix: (5..14).collect(),
+            ratio: 0.25,
+            answer: None,
+            context_answers: Vec::new(),
+        };
+        let widths = || {
+            let p = prepare(&model, &adaptor, &dc, std::slice::from_ref(&ex), None).unwrap();
+            (
+                p.ctx_ids.size()[1],
+                p.full_ids.size()[1],
+                p.suffixes.ids.size()[1],
+            )
+        };
+        assert_eq!(widths(), (37, 46, 9));
+        assert_eq!(with_pad_multiple(64, widths), (64, 64, 32));
+        assert_eq!(with_pad_multiple(8, widths), (40, 48, 16));
+        assert_eq!(widths(), (37, 46, 9), "back to the longest row");
     }
 }

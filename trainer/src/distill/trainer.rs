@@ -113,6 +113,8 @@ pub struct Trainer {
     backward: Backward,
     /// Micro-batches launched side by side, each from a host thread of its own.
     launch_threads: usize,
+    /// Step inputs padded to a multiple of this many positions.
+    pad_multiple: usize,
 }
 
 impl Trainer {
@@ -153,6 +155,7 @@ impl Trainer {
             fail_alloc: false,
             backward: Backward::Stored,
             launch_threads: 1,
+            pad_multiple: 1,
         })
     }
 
@@ -189,6 +192,19 @@ impl Trainer {
             ));
         }
         self.launch_threads = threads;
+        Ok(())
+    }
+
+    /// Pads each micro-batch's contexts to a multiple of `m` positions (and
+    /// suffixes to one of `min(m, 32)`; [`super::with_pad_multiple`]), so
+    /// micro-batches of similar lengths share shapes. 1: to the longest.
+    pub fn pad_multiple(&mut self, m: usize) -> Result<()> {
+        if m == 0 {
+            return Err(ModelError::Input(
+                "the pad multiple must be at least 1".into(),
+            ));
+        }
+        self.pad_multiple = m;
         Ok(())
     }
 
@@ -313,6 +329,7 @@ impl Trainer {
                 backward: self.backward,
                 select_only,
                 fail_first: std::mem::take(&mut fail_alloc),
+                pad_multiple: self.pad_multiple,
             };
             let jobs: Vec<(&[DistillExample], GradScale)> = group
                 .iter()
@@ -360,12 +377,15 @@ impl Trainer {
                 None
             };
             let graphs = self.graphs.as_mut();
+            let pad = self.pad_multiple;
             let r = crate::error::catch_panic(shape, || {
-                let s = if select_only {
-                    select_step(model, adaptor, cfg, mb, weight)
-                } else {
-                    distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
-                }?;
+                let s = super::with_pad_multiple(pad, || {
+                    if select_only {
+                        select_step(model, adaptor, cfg, mb, weight)
+                    } else {
+                        distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
+                    }
+                })?;
                 if std::mem::take(&mut fail_alloc) {
                     // After the backward, so the gradients already hold this
                     // micro-batch's part: 2^46 float32 elements (256 TiB),
@@ -471,6 +491,8 @@ struct SideBySide<'a> {
     /// Fault injection: the first micro-batch asks, after its backward, for
     /// an allocation no device can give.
     fail_first: bool,
+    /// [`Trainer::pad_multiple`].
+    pad_multiple: usize,
 }
 
 // SAFETY: the threads read the model's and the adaptor's tensors (libtorch
@@ -501,25 +523,28 @@ impl SideBySide<'_> {
                                 mb.len()
                             )
                         };
+                        let pad = self.pad_multiple;
                         crate::error::catch_panic(what, || {
-                            let s = if self.select_only {
-                                select_step(self.model, self.adaptor, self.cfg, mb, weight)
-                            } else {
-                                distill_step(
-                                    self.model,
-                                    self.adaptor,
-                                    self.cfg,
-                                    mb,
-                                    weight,
-                                    self.backward,
-                                    None,
-                                )
-                            }?;
-                            if fail {
-                                let device = self.model.device();
-                                let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, device))?;
-                            }
-                            Ok(s)
+                            super::with_pad_multiple(pad, || {
+                                let s = if self.select_only {
+                                    select_step(self.model, self.adaptor, self.cfg, mb, weight)
+                                } else {
+                                    distill_step(
+                                        self.model,
+                                        self.adaptor,
+                                        self.cfg,
+                                        mb,
+                                        weight,
+                                        self.backward,
+                                        None,
+                                    )
+                                }?;
+                                if fail {
+                                    let device = self.model.device();
+                                    let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, device))?;
+                                }
+                                Ok(s)
+                            })
                         })
                     })
                 })

@@ -89,6 +89,11 @@ pub struct TrainJob {
     /// after another). A per-process setting, like `recompute_encoder`.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub launch_threads: usize,
+    /// Micro-batches padded to a multiple of this many positions
+    /// ([`crate::distill::Trainer::pad_multiple`]; 1: to the longest). A
+    /// per-process setting, like `recompute_encoder`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub pad_multiple: usize,
 }
 
 fn one() -> usize {
@@ -218,6 +223,7 @@ pub(crate) fn hashed_json(job: &TrainJob) -> Option<String> {
     j.builder.threads = 0;
     j.recompute_encoder = false;
     j.launch_threads = 1;
+    j.pad_multiple = 1;
     serde_json::to_string(&j).ok()
 }
 

@@ -274,6 +274,11 @@ pub(crate) struct TrainArgs {
     /// once; the same update up to the order of the gradients' sums).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     launch_threads: u64,
+    /// Pad each micro-batch's contexts to a multiple of N positions (and its
+    /// suffixes to one of min(N, 32)), so micro-batches of similar lengths
+    /// share shapes; 1: to the longest example. The same step up to rounding.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pad_multiple: u64,
     /// Time the step's phases (teacher, scorer, encoder, decoder, loss,
     /// backward, optimizer; the device synchronizes between them, so the job
     /// runs slower) and log their mean seconds per step at every log line.
@@ -376,6 +381,7 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         micro_batch_tokens: a.micro_batch_tokens,
         recompute_encoder: a.recompute_encoder,
         launch_threads: a.launch_threads as usize,
+        pad_multiple: a.pad_multiple as usize,
     };
     Ok(job)
 }
