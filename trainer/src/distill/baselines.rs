@@ -946,11 +946,7 @@ mod tests {
     /// the causal fast path and under an explicit mask (given positions).
     #[test]
     fn observing_only_the_weighted_rows_gives_the_same_statistic() {
-        let mut cfg = crate::config::ModelConfig::smollm2_135m().narrowed(16);
-        cfg.num_layers = 3;
-        cfg.layer_kinds.truncate(3);
-        let src = crate::weights::RandomWeights::new(cfg.arch, 3);
-        let model = crate::model::Model::load(cfg, &src, Kind::Float, Device::Cpu).unwrap();
+        let model = crate::model::Model::tiny_random(3, 3);
         // Three right-padded rows; the queries of row i are its last `sufs[i]` tokens.
         let (lens, sufs, l) = ([11usize, 7, 9], [3usize, 2, 4], 11i64);
         let ids = Tensor::randint_low(3, 200, [3, l], (Kind::Int64, Device::Cpu));

@@ -366,11 +366,8 @@ mod tests {
     /// feed, where `kv_distill` (LoRA B non-zero here) reads different K/V.
     #[test]
     fn scorer_only_keeps_the_scorer_positions_with_the_frozen_cache() {
-        let mut cfg = crate::config::ModelConfig::smollm2_135m().narrowed(16);
-        cfg.num_layers = 3;
-        cfg.layer_kinds.truncate(3);
-        let src = crate::weights::RandomWeights::new(cfg.arch, 5);
-        let model = Model::load(cfg.clone(), &src, Kind::Float, Device::Cpu).unwrap();
+        let model = Model::tiny_random(3, 5);
+        let cfg = model.config().clone();
         let dc = super::super::DistillConfig {
             scorer_layer: 1,
             ..Default::default()

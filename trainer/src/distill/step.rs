@@ -694,11 +694,8 @@ mod tests {
     /// suffixes to one of at most 32, for the closure's duration only.
     #[test]
     fn a_pad_multiple_pads_contexts_and_suffixes() {
-        let mut mc = crate::config::ModelConfig::smollm2_135m().narrowed(16);
-        mc.num_layers = 2;
-        mc.layer_kinds.truncate(2);
-        let src = crate::weights::RandomWeights::new(mc.arch, 5);
-        let model = Model::load(mc.clone(), &src, Kind::Float, tch::Device::Cpu).unwrap();
+        let model = Model::tiny_random(2, 5);
+        let mc = model.config().clone();
         let dc = DistillConfig {
             scorer_layer: 1,
             ..Default::default()

@@ -311,6 +311,14 @@ impl Trainer {
             kl: count / global_tokens,
             select: mb.len() as f64 / global_examples,
         };
+        let work = MicroStep {
+            model,
+            adaptor,
+            cfg,
+            backward: self.backward,
+            select_only,
+            pad_multiple: self.pad_multiple,
+        };
         // With launch threads, micro-batches run side by side (each from a
         // host thread of its own, on the same device stream); a group that
         // runs out of memory runs again one micro-batch after another.
@@ -322,25 +330,14 @@ impl Trainer {
             }
             let group: Vec<(&[DistillExample], f64)> = queue.drain(..n).collect();
             let before = flat.snapshot()?;
-            let work = SideBySide {
-                model,
-                adaptor,
-                cfg,
-                backward: self.backward,
-                select_only,
-                fail_first: std::mem::take(&mut fail_alloc),
-                pad_multiple: self.pad_multiple,
-            };
             let jobs: Vec<(&[DistillExample], GradScale)> = group
                 .iter()
                 .map(|&(mb, count)| (mb, scale(mb, count)))
                 .collect();
-            match work.run(&jobs) {
+            match work.side_by_side(&jobs, std::mem::take(&mut fail_alloc)) {
                 Ok(stats) => {
-                    for (s, (_, weight)) in stats.iter().zip(&jobs) {
-                        local[1] += s.loss * weight.kl;
-                        local[2] += s.tokens as f64;
-                        local[3] += s.select_loss * weight.select;
+                    for (s, &(_, weight)) in stats.iter().zip(&jobs) {
+                        add_stats(&mut local, s, weight);
                     }
                 }
                 Err(e) if e.is_out_of_memory() => {
@@ -360,40 +357,15 @@ impl Trainer {
         }
         while let Some((mb, count)) = queue.pop_front() {
             let weight = scale(mb, count);
-            let shape = || {
-                let longest = mb
-                    .iter()
-                    .map(|e| e.context.len() + e.suffix.len())
-                    .max()
-                    .unwrap_or(0);
-                format!(
-                    "in a micro-batch of {} examples of up to {longest} tokens",
-                    mb.len()
-                )
-            };
+            let shape = || micro_batch_shape(mb);
             let before = if mb.len() > 1 {
                 Some(flat.snapshot()?)
             } else {
                 None
             };
             let graphs = self.graphs.as_mut();
-            let pad = self.pad_multiple;
-            let r = crate::error::catch_panic(shape, || {
-                let s = super::with_pad_multiple(pad, || {
-                    if select_only {
-                        select_step(model, adaptor, cfg, mb, weight)
-                    } else {
-                        distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
-                    }
-                })?;
-                if std::mem::take(&mut fail_alloc) {
-                    // After the backward, so the gradients already hold this
-                    // micro-batch's part: 2^46 float32 elements (256 TiB),
-                    // refused by any allocator.
-                    let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, model.device()))?;
-                }
-                Ok(s)
-            });
+            let fail = std::mem::take(&mut fail_alloc);
+            let r = crate::error::catch_panic(shape, || work.one(mb, weight, graphs, fail));
             let s: StepStats = match (r, before) {
                 (Ok(s), _) => s,
                 (Err(e), Some(before)) if e.is_out_of_memory() => {
@@ -414,9 +386,7 @@ impl Trainer {
                 }
                 (Err(e), _) => return Err(e.with_oom_context(shape, crate::error::TRAIN_OOM_FIX)),
             };
-            local[1] += s.loss * weight.kl;
-            local[2] += s.tokens as f64;
-            local[3] += s.select_loss * weight.select;
+            add_stats(&mut local, &s, weight);
         }
         // The all-reduce needs the gradients anyway; draining here splits the
         // step into own work and waiting for the others.
@@ -480,17 +450,35 @@ impl Trainer {
     }
 }
 
-/// What a micro-batch's step needs, shared by the host threads that run
-/// several side by side ([`Trainer::launch_threads`]).
-struct SideBySide<'a> {
+/// `what` of a micro-batch's errors: its examples and longest row.
+fn micro_batch_shape(mb: &[DistillExample]) -> String {
+    let longest = mb
+        .iter()
+        .map(|e| e.context.len() + e.suffix.len())
+        .max()
+        .unwrap_or(0);
+    format!(
+        "in a micro-batch of {} examples of up to {longest} tokens",
+        mb.len()
+    )
+}
+
+/// Adds a micro-batch's `s`, weighted by its `w`, to a step's local sums
+/// (micro-batches, loss, supervised tokens, selection loss).
+fn add_stats(local: &mut [f64; 4], s: &StepStats, w: GradScale) {
+    local[1] += s.loss * w.kl;
+    local[2] += s.tokens as f64;
+    local[3] += s.select_loss * w.select;
+}
+
+/// What a micro-batch's step needs: one after another, or shared by the
+/// host threads that run several side by side ([`Trainer::launch_threads`]).
+struct MicroStep<'a> {
     model: &'a Model,
     adaptor: &'a Adaptor,
     cfg: &'a DistillConfig,
     backward: Backward,
     select_only: bool,
-    /// Fault injection: the first micro-batch asks, after its backward, for
-    /// an allocation no device can give.
-    fail_first: bool,
     /// [`Trainer::pad_multiple`].
     pad_multiple: usize,
 }
@@ -500,51 +488,56 @@ struct SideBySide<'a> {
 // are atomic) and accumulate into the adaptor's gradients through autograd,
 // whose accumulation into a leaf's gradient holds that leaf's lock; the scope
 // joins every thread before the borrows end.
-unsafe impl Sync for SideBySide<'_> {}
+unsafe impl Sync for MicroStep<'_> {}
 
-impl SideBySide<'_> {
+impl MicroStep<'_> {
+    /// One micro-batch's step (the scorer alone in warm-up steps). With
+    /// `fail` (fault injection), an allocation no device can give after its
+    /// backward, so the gradients already hold this micro-batch's part.
+    fn one(
+        &self,
+        mb: &[DistillExample],
+        weight: GradScale,
+        graphs: Option<&mut StepGraphs>,
+        fail: bool,
+    ) -> Result<StepStats> {
+        let (model, adaptor, cfg) = (self.model, self.adaptor, self.cfg);
+        let s = super::with_pad_multiple(self.pad_multiple, || {
+            if self.select_only {
+                select_step(model, adaptor, cfg, mb, weight)
+            } else {
+                distill_step(model, adaptor, cfg, mb, weight, self.backward, graphs)
+            }
+        })?;
+        if fail {
+            // 2^46 float32 elements (256 TiB): refused by any allocator.
+            let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, model.device()))?;
+        }
+        Ok(s)
+    }
+
     /// Each of `jobs` (a micro-batch and its gradient scale) on a host thread
-    /// of its own; the stats in order, or the first error (an out-of-memory
-    /// one first, so the caller can retry).
-    fn run(&self, jobs: &[(&[DistillExample], GradScale)]) -> Result<Vec<StepStats>> {
+    /// of its own (the first with `fail_first`, [`MicroStep::one`]); the
+    /// stats in order, or the first error (an out-of-memory one first, so the
+    /// caller can retry).
+    fn side_by_side(
+        &self,
+        jobs: &[(&[DistillExample], GradScale)],
+        fail_first: bool,
+    ) -> Result<Vec<StepStats>> {
         let threads = tch::get_num_threads();
         let results: Vec<Result<StepStats>> = std::thread::scope(|scope| {
             let handles: Vec<_> = jobs
                 .iter()
                 .enumerate()
                 .map(|(i, &(mb, weight))| {
-                    let fail = self.fail_first && i == 0;
                     scope.spawn(move || {
                         // Intra-op thread counts are per thread: the caller's.
                         tch::set_num_threads(threads);
-                        let what = || {
-                            format!(
-                                "in a micro-batch of {} examples (side by side with others)",
-                                mb.len()
-                            )
-                        };
-                        let pad = self.pad_multiple;
+                        let what =
+                            || format!("{} (side by side with others)", micro_batch_shape(mb));
                         crate::error::catch_panic(what, || {
-                            super::with_pad_multiple(pad, || {
-                                let s = if self.select_only {
-                                    select_step(self.model, self.adaptor, self.cfg, mb, weight)
-                                } else {
-                                    distill_step(
-                                        self.model,
-                                        self.adaptor,
-                                        self.cfg,
-                                        mb,
-                                        weight,
-                                        self.backward,
-                                        None,
-                                    )
-                                }?;
-                                if fail {
-                                    let device = self.model.device();
-                                    let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, device))?;
-                                }
-                                Ok(s)
-                            })
+                            self.one(mb, weight, None, fail_first && i == 0)
                         })
                     })
                 })

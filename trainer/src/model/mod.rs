@@ -133,6 +133,17 @@ pub struct Model {
 }
 
 impl Model {
+    /// SmolLM2's layers at 1/16 of its widths, `layers` of them, with random
+    /// weights drawn from `seed`, in float32 on the CPU (unit tests).
+    #[cfg(test)]
+    pub(crate) fn tiny_random(layers: usize, seed: i64) -> Model {
+        let mut cfg = ModelConfig::smollm2_135m().narrowed(16);
+        cfg.num_layers = layers;
+        cfg.layer_kinds.truncate(layers);
+        let src = crate::weights::RandomWeights::new(cfg.arch, seed);
+        Model::load(cfg, &src, Kind::Float, Device::Cpu).expect("a tiny random model")
+    }
+
     /// Builds the model from a checkpoint in HF naming, in `kind` on `device`.
     pub fn load(
         cfg: ModelConfig,
