@@ -25,7 +25,10 @@ assets=$cache/assets
 data=${DATA:-$cache/data}
 gguf=${GGUF:-$assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 limit=$((64 * 1024 * 1024))
-for f in "$gguf" "$bin/kv-distill" "$bin/kvd-data" "$assets/bigbench/squad_shifts/squaddev_v1.1.json"; do
+# SQuAD v1.1 dev: BIG-bench's, or the substitute of scripts/fetch_assets.sh.
+squad=$assets/bigbench/squad_shifts/squaddev_v1.1.json
+[ -f "$squad" ] || squad=$assets/qa-substitute/squad_shifts/squaddev_v1.1.json
+for f in "$gguf" "$bin/kv-distill" "$bin/kvd-data" "$squad"; do
   [ -e "$f" ] || { echo "device_carry: missing $f (run make build)" >&2; exit 1; }
 done
 [ -f "$data/train/multiqa/manifest.json" ] ||
@@ -55,7 +58,7 @@ while [ "$offset" -lt "$size" ]; do
   folders="$folders c$((n + 2))"
   offset=$((offset + 52000000)) n=$((n + 1))
 done
-xz -9e -T2 -c "$assets/bigbench/squad_shifts/squaddev_v1.1.json" > "$out/c3/squad.json.xz"
+xz -9e -T2 -c "$squad" > "$out/c3/squad.json.xz"
 tar -C "$assets" -cJf "$out/c3/essays.tar.xz" essays
 xz -9e -T2 -c "$bin/kv-distill" > "$out/c3/kvd.xz"
 tar -C "$data" -cf "$out/c3/qa.tar" train/qa

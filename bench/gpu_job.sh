@@ -15,11 +15,12 @@
 #    on SmolLM2's layers at 1/8 of its widths (--preset smollm2-135m-narrow):
 #    its time is the step's host-side dispatch, the cost every micro-batch
 #    pays whatever its size;
-# 4. `train` on train/qa for JOB_S seconds (default 60) per setting of JOBS
+# 4. `train` on JOB_DATA (default train/qa) for JOB_S seconds (default 60) per setting of JOBS
 #    (`;`-separated flag sets, each with its --global-batch, optionally led by
 #    NAME=VALUE words for the job's environment), then JOB_S/2
 #    more with --step-phases (the phase split per step; the synchronizations
-#    slow it, so apart).
+#    slow it, so apart; PHASE_JOBS="1 3" limits those runs to the sets
+#    numbered, "" to none; default every set).
 # Everything lands in OUT/job.tgz (the device tool returns few files):
 # bench.jsonl (one line per bench-step), job-N.log / job-N-phases.log.
 # Summarise with bench/summarize_job.py DIR (DIR: job.tgz unpacked).
@@ -79,13 +80,15 @@ for flags in "${sets[@]}"; do
   for w in $flags; do
     if [ -z "$job_flags" ] && [[ "$w" =~ ^[A-Z_]+= ]]; then flags_env="$flags_env $w"; else job_flags="$job_flags $w"; fi
   done
-  for phases in "" --step-phases; do
+  runs=("")
+  if [ -z "${PHASE_JOBS+x}" ] || [[ " $PHASE_JOBS " == *" $i "* ]]; then runs+=(--step-phases); fi
+  for phases in "${runs[@]}"; do
     secs=$JOB_S log=$OUT/job-$i.log
     [ -n "$phases" ] && secs=$((JOB_S / 2)) log=$OUT/job-$i-phases.log
     # A set may begin with NAME=VALUE words: the job's environment.
     # shellcheck disable=SC2086
     env $flags_env timeout $((secs + 60)) "$B" --log-format json train --model "$M" --device cuda --dtype bf16 \
-      --data "file://$KEEP/data/train/qa" --max-len 1024 --steps 100000 \
+      --data "file://$KEEP/data/${JOB_DATA:-train/qa}" --max-len 1024 --steps 100000 \
       --time-limit-s "$secs" --seed 0 --data-threads 4 --no-verify-data --skip-bad-rows \
       --log-every 5 --out "$KEEP/job-$i.safetensors" $phases $job_flags \
       > /dev/null 2> "$log" || echo "job $i $phases failed" >&2

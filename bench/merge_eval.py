@@ -33,7 +33,7 @@ def main():
 
     merged = {"runs": [], "rows": [], "items": [], "needle": []}
     seen_full = False
-    for label, r in runs:
+    for k, (label, r) in enumerate(runs):
         merged["runs"].append(
             {"label": label, "dataset": r["dataset"], "adaptor": r.get("adaptor"),
              "config": r["config"], "seconds": r["seconds"]})
@@ -47,7 +47,7 @@ def main():
             row = dict(row, method=name(label, row["method"]) if row["method"] != "full" else "full")
             merged["rows"].append(row)
         for it in r.get("items", []):
-            if it["method"] == "full" and label != runs[0][0]:
+            if it["method"] == "full" and k > 0:
                 continue
             m = name(label, it["method"]) if it["method"] != "full" else "full"
             merged["items"].append(dict(it, method=m))
@@ -122,7 +122,7 @@ def paired(merged, ratios, methods):
                 d = [a[i] - b[i] for i in ids]
                 mean = sum(d) / len(d)
                 se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-                z = mean / se if se > 0 else float("inf") * (1 if mean > 0 else -1)
+                z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
                 cells.append((z, f"{b_name} {mean:+.1f} ± {se:.1f} ({z:+.1f} SE)"))
             if cells:
                 worst = min(cells)[1]

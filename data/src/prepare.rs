@@ -349,6 +349,8 @@ pub struct Split {
     pub train_multiqa: Vec<SourcedRecord>,
     /// Evaluation QA rows (SQuAD v1.1 dev).
     pub eval_qa: Vec<SourcedRecord>,
+    /// Where the QA rows came from.
+    pub qa_sources: QaSources,
 }
 
 /// Most questions in one `train/multiqa` row.
@@ -357,9 +359,49 @@ pub const MULTIQA_QUESTIONS: usize = 3;
 /// Synthetic retrieval rows written to `train/synth`.
 pub const SYNTH_ROWS: usize = 16_000;
 
-/// Reads the split of shared/DATA.md from `assets`.
-pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
+/// Where the QA sources of shared/DATA.md were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QaSources {
+    /// The BIG-bench files (`assets/bigbench`, from `bigbench==1.0.0`).
+    BigBench,
+    /// The corpus `scripts/make_qa_substitute.py` makes from the essays in the
+    /// same formats (`assets/qa-substitute`), for machines where the registry
+    /// does not serve `bigbench==1.0.0`: rule-made questions that exercise the
+    /// pipeline and measure no model quality.
+    Substitute,
+}
+
+/// The SQuAD v1.1 dev file under a sources root ([`qa_root`]).
+pub const SQUAD_DEV: &str = "squad_shifts/squaddev_v1.1.json";
+
+/// The root of the QA sources under `assets`: `bigbench/` where its SQuAD
+/// dev file is, else `qa-substitute/` (made by `scripts/fetch_assets.sh` when
+/// the registry refuses the BIG-bench package); an error naming both when
+/// neither is there.
+pub fn qa_root(assets: &Path) -> Result<(PathBuf, QaSources)> {
     let bb = assets.join("bigbench");
+    if bb.join(SQUAD_DEV).is_file() {
+        return Ok((bb, QaSources::BigBench));
+    }
+    let sub = assets.join("qa-substitute");
+    if sub.join(SQUAD_DEV).is_file() {
+        return Ok((sub, QaSources::Substitute));
+    }
+    Err(src_err(
+        &bb,
+        format!(
+            "no QA sources: neither {} nor {} has {SQUAD_DEV} (run scripts/setup.sh)",
+            bb.display(),
+            sub.display()
+        ),
+    ))
+}
+
+/// Reads the split of shared/DATA.md from `assets` (the QA sources from
+/// [`qa_root`]).
+pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
+    let (bb, qa_sources) = qa_root(assets)?;
     let ni = bb.join("natural_instructions");
     let mut train_qa = read_squad(&bb.join("squad_shifts/new_wiki_v1.0.json"), "new_wiki", ctx)?;
     train_qa.extend(read_coqa(
@@ -394,11 +436,8 @@ pub fn read_split(assets: &Path, ctx: SquadContext) -> Result<Split> {
         train_synth,
         train_qa,
         train_text,
-        eval_qa: read_squad(
-            &bb.join("squad_shifts/squaddev_v1.1.json"),
-            "squad_dev",
-            ctx,
-        )?,
+        qa_sources,
+        eval_qa: read_squad(&bb.join(SQUAD_DEV), "squad_dev", ctx)?,
     })
 }
 
@@ -437,6 +476,8 @@ pub async fn write_dataset(
 pub struct PrepareSummary {
     /// (dataset URL, rows, files).
     pub datasets: Vec<(String, u64, usize)>,
+    /// Where the QA rows came from.
+    pub qa_sources: QaSources,
 }
 
 /// Reads the split from `assets` and writes `train/qa`, `train/text`,
@@ -479,5 +520,8 @@ pub async fn prepare(
         datasets.push((url, m.num_rows(), m.files.len()));
     }
     bar.finish();
-    Ok(PrepareSummary { datasets })
+    Ok(PrepareSummary {
+        datasets,
+        qa_sources: split.qa_sources,
+    })
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use kvd_data::prepare::{self, SquadContext};
+use kvd_data::prepare::{self, QaSources, SquadContext};
 use kvd_data::writer::WriterConfig;
 use kvd_data::{
     BuilderConfig, Dataset, DatasetOptions, ExampleBuilder, HfTokenizer, Loader, LoaderConfig,
@@ -32,18 +32,63 @@ fn repo() -> &'static Path {
         .expect("root")
 }
 
+/// Rows per source: shared/DATA.md's for the BIG-bench files, the counts
+/// `scripts/make_qa_substitute.py` wrote for the substitute.
+struct Expected {
+    rows: Vec<(&'static str, usize)>,
+    eval: usize,
+    /// Fewest multi-question rows.
+    multi: usize,
+    /// How many times longer the article contexts are than the paragraphs.
+    article_factor: usize,
+}
+
+fn expected(split: &prepare::Split, root: &Path) -> Expected {
+    match split.qa_sources {
+        QaSources::BigBench => Expected {
+            rows: vec![
+                ("new_wiki", 7936),
+                ("coqa", 10930),
+                ("quoref", 6500),
+                ("drop", 6500),
+                ("minute_mysteries", 274),
+            ],
+            eval: 10565,
+            multi: 5000,
+            article_factor: 10,
+        },
+        QaSources::Substitute => {
+            let c: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(root.join("counts.json")).expect("substitute counts.json"),
+            )
+            .expect("counts JSON");
+            let n = |k: &str| c[k].as_u64().expect(k) as usize;
+            Expected {
+                rows: ["new_wiki", "coqa", "quoref", "drop", "minute_mysteries"]
+                    .into_iter()
+                    .map(|k| (k, n(k)))
+                    .collect(),
+                eval: n("squad_dev"),
+                multi: 500,
+                // Two paragraphs an article.
+                article_factor: 1,
+            }
+        }
+    }
+}
+
 #[test]
 fn source_row_counts_match_data_md() {
     let a = cache().join("assets");
     let split = prepare::read_split(&a, SquadContext::Paragraph).expect("split");
+    let (root, _) = prepare::qa_root(&a).expect("QA sources");
+    let want = expected(&split, &root);
     let count = |src: &str| split.train_qa.iter().filter(|r| r.source == src).count();
-    assert_eq!(count("new_wiki"), 7936);
-    assert_eq!(count("coqa"), 10930);
-    assert_eq!(count("quoref"), 6500);
-    assert_eq!(count("drop"), 6500);
-    assert_eq!(count("minute_mysteries"), 274);
+    for &(src, n) in &want.rows {
+        assert_eq!(count(src), n, "{src}");
+    }
     assert_eq!(split.train_text.len(), 49);
-    assert_eq!(split.eval_qa.len(), 10565);
+    assert_eq!(split.eval_qa.len(), want.eval);
     // Mysteries: every story ends in a question that is split off.
     for r in split
         .train_qa
@@ -76,19 +121,22 @@ fn source_row_counts_match_data_md() {
         "{question}"
     );
     // Article contexts are longer than paragraphs.
-    let art = prepare::read_squad(
-        &a.join("bigbench/squad_shifts/squaddev_v1.1.json"),
-        "d",
-        SquadContext::Article,
-    )
-    .expect("article");
+    let art = prepare::read_squad(&root.join(prepare::SQUAD_DEV), "d", SquadContext::Article)
+        .expect("article");
     let para = &split.eval_qa;
     let len = |r: &kvd_data::writer::SourcedRecord| r.record.text_bytes();
-    assert!(art.iter().map(len).sum::<usize>() > 10 * para.iter().map(len).sum::<usize>());
+    assert!(
+        art.iter().map(len).sum::<usize>()
+            > want.article_factor * para.iter().map(len).sum::<usize>()
+    );
     // Several questions per context: training contexts only, never CoQA's
     // (its rows hold their history), each row asking 2 to 3 questions.
     let multi = &split.train_multiqa;
-    assert!(multi.len() > 5000, "{} multi-question rows", multi.len());
+    assert!(
+        multi.len() > want.multi,
+        "{} multi-question rows",
+        multi.len()
+    );
     let eval: std::collections::HashSet<&str> = para
         .iter()
         .filter_map(|r| match &r.record {
@@ -149,23 +197,23 @@ async fn prepare_writes_datasets_readable_by_pyarrow_and_the_loader() {
     .await
     .expect("prepare");
     let rows: Vec<u64> = s.datasets.iter().map(|d| d.1).collect();
+    let split =
+        prepare::read_split(&cache().join("assets"), SquadContext::Paragraph).expect("split");
+    let (root, _) = prepare::qa_root(&cache().join("assets")).expect("QA sources");
+    let want = expected(&split, &root);
+    assert_eq!(s.qa_sources, split.qa_sources);
     assert_eq!(
         rows,
         vec![
-            7936 + 10930 + 6500 + 6500 + 274,
+            want.rows.iter().map(|r| r.1 as u64).sum::<u64>(),
             49,
             prepare::SYNTH_ROWS as u64,
-            prepare::read_split(&cache().join("assets"), SquadContext::Paragraph)
-                .expect("split")
-                .train_multiqa
-                .len() as u64,
-            10565
+            split.train_multiqa.len() as u64,
+            want.eval as u64
         ]
     );
     // The synthetic retrieval rows: every answer is in its context.
-    let synth = prepare::read_split(&cache().join("assets"), SquadContext::Paragraph)
-        .expect("split")
-        .train_synth;
+    let synth = split.train_synth;
     assert_eq!(synth.len(), prepare::SYNTH_ROWS);
     for r in synth.iter().step_by(97) {
         let kvd_data::Record::Qa {
@@ -183,7 +231,10 @@ async fn prepare_writes_datasets_readable_by_pyarrow_and_the_loader() {
         .output()
         .expect("python");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "10565");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        want.eval.to_string()
+    );
 
     // The real tokenizer (SmolLM2, via transformers) and one loader step.
     let tokdir = dir.path().join("tok");

@@ -28,6 +28,17 @@ pub fn assets() -> PathBuf {
         .unwrap_or_else(|_| cache_dir().join("assets"))
 }
 
+/// The root of the QA sources (`assets/bigbench`, or where the registry no
+/// longer serves it, `assets/qa-substitute`: [`kvd_data::prepare::qa_root`]).
+pub fn qa_sources() -> PathBuf {
+    qa_sources_kind().0
+}
+
+/// [`qa_sources`] and which of the two it is.
+pub fn qa_sources_kind() -> (PathBuf, kvd_data::prepare::QaSources) {
+    kvd_data::prepare::qa_root(&assets()).expect("QA sources: run scripts/setup.sh")
+}
+
 /// The real SmolLM2-135M-Instruct GGUF file.
 pub fn smollm2_gguf() -> PathBuf {
     assets().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

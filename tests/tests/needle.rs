@@ -5,7 +5,7 @@
 //! question-aware reference; per-item results, heat maps; the containment
 //! metric; and the straight-through gradient report.
 
-use kvd_tests::env::{assets, smollm2_gguf};
+use kvd_tests::env::{assets, qa_sources, smollm2_gguf};
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::distill::{Adaptor, DistillConfig};
 use kvd_trainer::eval::needle::{build_needles, load_haystack, write_needle_report, NeedleConfig};
@@ -148,9 +148,8 @@ fn containment_is_the_normalised_answer_inside_the_generation() {
 fn the_gradient_report_covers_the_forced_answer_slots() {
     let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
     let (model, tok) = ck.load(Kind::Float, Device::Cpu).expect("load");
-    let set =
-        kvd_trainer::eval::load_squad(&assets().join("bigbench/squad_shifts/new_wiki_v1.0.json"))
-            .expect("new_wiki");
+    let set = kvd_trainer::eval::load_squad(&qa_sources().join("squad_shifts/new_wiki_v1.0.json"))
+        .expect("new_wiki");
     let adaptor =
         Adaptor::new(model.config(), DistillConfig::default(), Device::Cpu, 0).expect("adaptor");
     let r = gradient_report(&model, Arc::new(tok), &adaptor, &set, 3, 0.25, 3).expect("report");

@@ -6,7 +6,7 @@
 use kvd_data::prepare::{read_squad, read_text_dir, SquadContext};
 use kvd_data::writer::WriterConfig;
 use kvd_data::{BuilderConfig, DatasetOptions, StoreOptions};
-use kvd_tests::env::{assets, smollm2_gguf};
+use kvd_tests::env::{assets, qa_sources, smollm2_gguf};
 use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::distill::checkpoint::load as load_adaptor;
 use kvd_trainer::distill::{DistillConfig, TrainConfig};
@@ -86,7 +86,7 @@ fn mix_schedule_follows_weights() {
 #[test]
 fn train_reproducibly_then_evaluate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bb = assets().join("bigbench/squad_shifts");
+    let bb = qa_sources().join("squad_shifts");
     let qa = read_squad(
         &bb.join("new_wiki_v1.0.json"),
         "new_wiki",
@@ -385,7 +385,7 @@ fn qa_examples_locate_real_answers_in_their_context() {
     let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
     let tok = Arc::new(ck.tokenizer().expect("tokenizer"));
     let rows = read_squad(
-        &assets().join("bigbench/squad_shifts/new_wiki_v1.0.json"),
+        &qa_sources().join("squad_shifts/new_wiki_v1.0.json"),
         "new_wiki",
         SquadContext::Paragraph,
     )

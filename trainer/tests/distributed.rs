@@ -9,7 +9,7 @@
 //! One more job runs 8 workers (4 steps of 8 examples) with a worker killed.
 
 mod common;
-use common::{assets, smollm2};
+use common::{qa_sources, smollm2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -41,7 +41,7 @@ fn dataset() -> &'static str {
         .get_or_init(|| {
             let dir = tempfile::tempdir().expect("tempdir");
             let rows = read_squad(
-                &assets().join("bigbench/squad_shifts/new_wiki_v1.0.json"),
+                &qa_sources().join("squad_shifts/new_wiki_v1.0.json"),
                 "new_wiki",
                 SquadContext::Paragraph,
             )

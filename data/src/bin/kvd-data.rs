@@ -139,6 +139,14 @@ async fn run(cmd: Cmd) -> Result<()> {
             for (url, rows, files) in s.datasets {
                 println!("{url}: {rows} rows in {files} files");
             }
+            if s.qa_sources == kvd_data::prepare::QaSources::Substitute {
+                eprintln!(
+                    "warning: the QA rows come from {}/qa-substitute (rule-made questions over the \
+                     essays: the registry did not serve bigbench==1.0.0); they test the pipeline \
+                     and measure no model quality",
+                    assets.display()
+                );
+            }
         }
         Cmd::Index {
             url,

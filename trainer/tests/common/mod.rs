@@ -17,6 +17,14 @@ pub(crate) fn assets() -> PathBuf {
     cache.join("assets")
 }
 
+/// The root of the QA sources ([`kvd_data::prepare::qa_root`]).
+#[allow(dead_code)]
+pub(crate) fn qa_sources() -> PathBuf {
+    kvd_data::prepare::qa_root(&assets())
+        .expect("QA sources: run scripts/setup.sh")
+        .0
+}
+
 /// The real SmolLM2-135M-Instruct GGUF.
 pub(crate) fn smollm2() -> String {
     assets()
