@@ -16,7 +16,7 @@ and counts.json (rows per source, articles and paragraphs of the dev file), whic
 the tests compare with what the readers return.
 
 The questions are extractive and made by rule, not by people: "What words come
-after "w1 w2 w3 w4" in the text?" with the next one to three words as the answer
+after ‘w1 w2 w3 w4’ in the text?" with the next one to three words as the answer
 (its character offset in the paragraph recorded as SQuAD does). They exercise
 the readers, the pipeline and the metrics; they measure no model quality. The
 output is a function of the essays alone (no randomness).
@@ -89,7 +89,9 @@ def questions(para, key):
         if para[start : start + len(text)] != text:
             continue
         phrase = " ".join(w for w, _ in ctx)
-        out.append((f'What words come after "{phrase}" in the text?', text, start))
+        # Curly single quotes: a straight double quote followed by a space
+        # ends a sentence for the mysteries' reader (split_trailing_question).
+        out.append((f"What words come after \u2018{phrase}\u2019 in the text?", text, start))
     return out
 
 
@@ -157,7 +159,9 @@ def main(src, out):
     myst = []
     for t, j, p in by["myst"]:
         qs = questions(p, f"myst/{t}/{j}")
-        if qs:
+        # The reader takes every trailing sentence that ends in "?" as the
+        # question: a story ending in one would lend it its last sentence.
+        if qs and not p.endswith("?"):
             q, a, _ = qs[-1]
             myst.append({"input": f"{p} {q}", "target": a})
     write(out, "minute_mysteries_qa/freetext/task.json", {"name": "minute_mysteries_qa", "examples": myst})

@@ -169,6 +169,123 @@ fn source_row_counts_match_data_md() {
     }
 }
 
+/// The substitute QA sources (`scripts/make_qa_substitute.py`, made by the
+/// setup where the registry does not serve the BIG-bench package), made here
+/// from the real essays whichever sources this machine has: the same bytes
+/// twice, every file read by its reader with the rows `counts.json` states,
+/// every SQuAD answer at its character offset, and no evaluation paragraph
+/// among the training sources' contexts.
+#[test]
+fn the_qa_substitute_is_deterministic_readable_and_disjoint() {
+    let essays = cache().join("assets/essays");
+    let dirs = [
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    ];
+    for d in &dirs {
+        let o = Command::new(python())
+            .arg(repo().join("scripts/make_qa_substitute.py"))
+            .args([&essays, &d.path().to_path_buf()])
+            .output()
+            .expect("python");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (dirs[0].path(), dirs[1].path());
+    let files = [
+        "squad_shifts/new_wiki_v1.0.json",
+        prepare::SQUAD_DEV,
+        "coqa_conversational_question_answering/coqa.test.json",
+        "natural_instructions/subtask002_quoref_answer_generation/task.json",
+        "natural_instructions/subtask028_drop_answer_generation/task.json",
+        "minute_mysteries_qa/freetext/task.json",
+        "counts.json",
+    ];
+    for f in files {
+        let x = std::fs::read(a.join(f)).expect(f);
+        assert!(
+            x == std::fs::read(b.join(f)).expect(f),
+            "{f} differs between runs"
+        );
+    }
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("counts.json")).expect("counts"))
+            .expect("counts JSON");
+    let n = |k: &str| c[k].as_u64().expect(k) as usize;
+    let p = SquadContext::Paragraph;
+    let wiki = prepare::read_squad(&a.join(files[0]), "new_wiki", p).expect("new_wiki");
+    let dev = prepare::read_squad(&a.join(files[1]), "squad_dev", p).expect("dev");
+    let coqa = prepare::read_coqa(&a.join(files[2])).expect("coqa");
+    let quoref = prepare::read_natural_instructions(&a.join(files[3]), "quoref").expect("quoref");
+    let drop = prepare::read_natural_instructions(&a.join(files[4]), "drop").expect("drop");
+    let myst = prepare::read_minute_mysteries(&a.join(files[5])).expect("mysteries");
+    for (name, rows) in [
+        ("new_wiki", &wiki),
+        ("squad_dev", &dev),
+        ("coqa", &coqa),
+        ("quoref", &quoref),
+        ("drop", &drop),
+        ("minute_mysteries", &myst),
+    ] {
+        assert_eq!(rows.len(), n(name), "{name}");
+        assert!(rows.len() > 50, "{name}: {} rows", rows.len());
+    }
+    // Every mystery's question is split off its story, as the real ones are.
+    for r in &myst {
+        let Record::Qa { question, .. } = &r.record else {
+            panic!("qa")
+        };
+        assert!(question.starts_with("What words come after"), "{question}");
+    }
+    let context = |r: &kvd_data::writer::SourcedRecord| match &r.record {
+        Record::Qa {
+            context, answers, ..
+        } => {
+            assert!(
+                context.contains(&answers[0]),
+                "{}: answer not in context",
+                r.id
+            );
+            context.clone()
+        }
+        Record::Text { .. } => panic!("{}: not QA", r.id),
+    };
+    let eval: std::collections::HashSet<String> = dev.iter().map(context).collect();
+    for r in wiki
+        .iter()
+        .chain(&coqa)
+        .chain(&quoref)
+        .chain(&drop)
+        .chain(&myst)
+    {
+        let c = context(r);
+        assert!(
+            !eval
+                .iter()
+                .any(|e| e.contains(&c) || c.contains(e.as_str())),
+            "{}: an evaluation paragraph",
+            r.id
+        );
+    }
+    // SQuAD answers at their character offsets.
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join(files[1])).expect("dev")).expect("JSON");
+    let mut at = 0;
+    for art in raw["data"].as_array().expect("data") {
+        for para in art["paragraphs"].as_array().expect("paragraphs") {
+            let ctx: Vec<char> = para["context"].as_str().expect("context").chars().collect();
+            for qa in para["qas"].as_array().expect("qas") {
+                let ans = &qa["answers"][0];
+                let text = ans["text"].as_str().expect("text");
+                let s = ans["answer_start"].as_u64().expect("start") as usize;
+                let got: String = ctx[s..s + text.chars().count()].iter().collect();
+                assert_eq!(got, text, "{}", qa["id"]);
+                at += 1;
+            }
+        }
+    }
+    assert_eq!(at, n("squad_dev"));
+}
+
 #[test]
 fn held_out_files_are_refused() {
     let dir = tempfile::tempdir().expect("tmp");

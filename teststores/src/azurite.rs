@@ -76,8 +76,22 @@ pub fn binary() -> Result<PathBuf> {
 
 impl Azurite {
     /// Starts the server in a fresh workspace and creates `container` (3 to
-    /// 63 lowercase letters, digits and dashes, as Azure requires).
+    /// 63 lowercase letters, digits and dashes, as Azure requires). A start
+    /// whose first request is refused (two servers started at once can be
+    /// handed the same free port; the second exits) is tried again on
+    /// another port, three times in all.
     pub fn start(container: &str) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(container) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+
+    fn start_once(container: &str) -> Result<Self> {
         let port = crate::local_server::free_port()?;
         let bin = binary()?;
         let dir = std::env::temp_dir().join(format!("kvd-azurite-{}-{port}", std::process::id()));

@@ -272,6 +272,9 @@ pub(crate) struct TrainArgs {
     /// host thread of its own (a step bound by operator dispatch, small
     /// shapes on a GPU, launches faster; N micro-batches' activations at
     /// once; the same update up to the order of the gradients' sums).
+    /// Measured on one H200 with SmolLM2: no faster than one thread (the
+    /// micro-batches serialise on the host); a larger --micro-batch is what
+    /// pays (docs/BENCHMARKS.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     launch_threads: u64,
     /// Pad each micro-batch's contexts to a multiple of N positions (and its
