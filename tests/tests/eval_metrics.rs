@@ -380,7 +380,8 @@ fn loads_real_squad_dev() {
             }
         }
     }
-    assert!(checked > 2_000, "checked {checked}");
+    // Every fifth question of each paragraph: at least a fifth of them all.
+    assert!(checked * 5 >= want.questions, "checked {checked}");
 }
 
 /// A minimal valid SQuAD document whose second question can be broken.
