@@ -2,8 +2,8 @@
 # Makes the three carry folders of a quality session on the device tool
 # (bench/gpu_quality_session.sh): each must fit the tool's 64 MiB working tree
 # beside the repository, so the model, data and binary are split.
-#   .dev/c1: the first 52,000,000 bytes of the SmolLM2 GGUF
-#   .dev/c2: the rest of the GGUF
+#   .dev/c1: the first 49,200,000 bytes of the SmolLM2 GGUF
+#   .dev/c2: the next 49,200,000 (for SmolLM2, the rest)
 #   .dev/c3: the prepared training data (train/qa; train/text, train/synth,
 #            train/multiqa), the release kv-distill (xz), SQuAD v1.1 dev (xz)
 #            and the essays (tar.xz): all beside the training data, since the
@@ -12,7 +12,7 @@
 #            earlier session's `PACK_CKPT=NAME` brought back (stash it before
 #            c3; `assemble` restores them and `train` resumes them)
 #   .dev/c5, c6, ...: with a larger GGUF=FILE (Gemma-3-270m's is 253 MB), the
-#            rest of it in 52 MB parts, one call each (stash them before c3)
+#            rest of it in 49.2 MB parts, one call each (stash them before c3)
 # Needs `make build` (release binaries) and the assets of `make setup`; runs
 # `kvd-data prepare` when the data is missing. Usage: bench/device_carry.sh
 # (SmolLM2), GGUF=~/.cache/kv-distill/assets/gemma3/gemma-3-270m-q4_k_m.gguf
@@ -47,16 +47,19 @@ fi
 part() { # part N OFFSET BYTES DIR: bytes OFFSET.. of the GGUF as DIR/gguf.partN
   dd if="$gguf" of="$4/gguf.part$1" bs=1M iflag=skip_bytes,count_bytes skip="$2" count="$3" status=none
 }
-part 1 0 52000000 "$out/c1"
-part 2 52000000 46400000 "$out/c2"
+# Parts of 49.2 MB: with the repository's ~16.5 MB each stays under the
+# tool's 64 MiB (SmolLM2's 98.4 MB GGUF is two parts).
+P=49200000
+part 1 0 $P "$out/c1"
+part 2 $P $P "$out/c2"
 size=$(stat -c %s "$gguf")
-offset=98400000 n=3
+offset=$((2 * P)) n=3
 while [ "$offset" -lt "$size" ]; do
   c=$out/c$((n + 2))
   mkdir -p "$c"
-  part $n $offset 52000000 "$c"
+  part $n $offset $P "$c"
   folders="$folders c$((n + 2))"
-  offset=$((offset + 52000000)) n=$((n + 1))
+  offset=$((offset + P)) n=$((n + 1))
 done
 xz -9e -T2 -c "$squad" > "$out/c3/squad.json.xz"
 tar -C "$assets" -cJf "$out/c3/essays.tar.xz" essays

@@ -62,7 +62,9 @@ def main():
             var = sum((x - m) ** 2 for x in v) / (len(v) - 1)
             row["f1_se"] = math.sqrt(var / len(v))
     with open(out, "w") as f:
-        json.dump(merged, f, indent=1)
+        # Compact: the per-item rows make these files megabytes, and the
+        # repository travels to the device machine beside the model's parts.
+        json.dump(merged, f, separators=(",", ":"))
 
     ratios = sorted({row["ratio"] for row in merged["rows"]}, reverse=True)
     methods = []
