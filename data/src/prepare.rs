@@ -2,6 +2,8 @@
 //! the train/eval split there: train on SQuAD-shifts new_wiki, CoQA, Quoref,
 //! DROP, minute mysteries and the essays; evaluate on SQuAD v1.1 dev. The
 //! held-out SQuAD-shifts files (nyt, reddit, amazon_reviews) are refused.
+//! Where the registry no longer serves the BIG-bench package that holds the QA
+//! sets, the same files made from the essays stand in ([`qa_root`]).
 //!
 //! Output under the target URL: `train/qa/`, `train/text/`, `train/synth/`
 //! (synthetic retrieval rows, [`crate::synth`]), `eval/qa/`, each a dataset

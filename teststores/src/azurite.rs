@@ -81,14 +81,14 @@ impl Azurite {
     /// handed the same free port; the second exits) is tried again on
     /// another port, three times in all.
     pub fn start(container: &str) -> Result<Self> {
-        let mut last = None;
-        for _ in 0..3 {
-            match Self::start_once(container) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
+        let mut started = Self::start_once(container);
+        for _ in 1..3 {
+            if started.is_ok() {
+                break;
             }
+            started = Self::start_once(container);
         }
-        Err(last.expect("three attempts"))
+        started
     }
 
     fn start_once(container: &str) -> Result<Self> {
