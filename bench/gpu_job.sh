@@ -33,10 +33,13 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 B=$KEEP/kv-distill M=$KEEP/model.gguf
 SHAPE=${SHAPE:-352:32}
 JOB_S=${JOB_S:-60}
-# The last two sets: the first with the caching allocator's expandable
-# segments, and bucketed micro-batches padded to multiples of 128 positions
-# (does a new shape per micro-batch cost time? BENCHMARKS.md).
-JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 64 --recompute-encoder;--global-batch 256 --micro-batch 256 --micro-batch-tokens 65536 --bucket-by-length --recompute-encoder;PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --global-batch 64 --micro-batch 32;--global-batch 64 --micro-batch 32 --bucket-by-length --pad-multiple 128"}
+# The sets: the fifteenth session's first job, and the fastest measured in
+# the sixteenth (length buckets, shapes padded to multiples of 128,
+# micro-batches of 128 with the encoder recomputed, expandable segments;
+# BENCHMARKS.md), at micro-batches of 128 and 256.
+E=PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+FAST="--bucket-by-length --pad-multiple 128 --recompute-encoder"
+JOBS=${JOBS:-"--global-batch 64 --micro-batch 32;$E --global-batch 256 --micro-batch 128 $FAST;$E --global-batch 512 --micro-batch 256 $FAST"}
 rm -rf "$OUT" && mkdir -p "$OUT" "$DEST"
 trap 'tar -czf "$DEST/job.tgz" -C "$OUT" . && ls -l "$DEST"' EXIT
 bench() {
