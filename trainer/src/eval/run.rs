@@ -737,11 +737,13 @@ impl<'a> EvalMethod<'a> {
     fn parse(name: &str, adaptor: Option<&'a Adaptor>) -> Result<EvalMethod<'a>> {
         let needs = || ModelError::Input(format!("method {name} needs an adaptor"));
         if let Some(base) = name.strip_suffix(ORACLE_SUFFIX) {
-            return Ok(EvalMethod::Oracle(match (base, adaptor) {
-                ("kv_distill", Some(a)) => Method::kv_distill(a),
-                ("kv_distill", None) => return Err(needs()),
-                (base, _) => Method::Baseline(Baseline::parse(base)?),
-            }));
+            // Any compressor with the answer's tokens forced kept.
+            return match EvalMethod::parse(base, adaptor)? {
+                EvalMethod::Compress(m) => Ok(EvalMethod::Oracle(m)),
+                _ => Err(ModelError::Input(format!(
+                    "method {name}: {ORACLE_SUFFIX} applies to a compressor of the context, not {base}"
+                ))),
+            };
         }
         Ok(match (name, adaptor) {
             ("kv_distill", Some(a)) => EvalMethod::Compress(Method::kv_distill(a)),
@@ -1069,4 +1071,42 @@ pub fn gradient_report(
     r.other_pushed_down = div(oth_pos as f64, r.other_slots);
     r.answer_rank = div(rank_sum, r.answer_slots);
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distill::DistillConfig;
+
+    /// `METHOD+answer` is the oracle of every compressor, the adaptor's
+    /// included, and names itself back; it refuses what is not one.
+    #[test]
+    fn every_compressor_has_its_answer_oracle() {
+        let model = Model::tiny_random(2, 5);
+        let adaptor = Adaptor::new(
+            model.config(),
+            DistillConfig {
+                scorer_layer: 1,
+                ..Default::default()
+            },
+            tch::Device::Cpu,
+            3,
+        )
+        .unwrap();
+        for name in [
+            "random+answer",
+            "kv_distill+answer",
+            "kv_distill_select+answer",
+            "kv_distill_pool2+answer",
+        ] {
+            let m = EvalMethod::parse(name, Some(&adaptor)).unwrap();
+            assert!(matches!(m, EvalMethod::Oracle(_)), "{name}: {m:?}");
+            assert_eq!(m.name(), name);
+        }
+        for name in ["snapkv_question+answer", "full+answer+answer"] {
+            assert!(EvalMethod::parse(name, Some(&adaptor)).is_err(), "{name}");
+        }
+        let err = EvalMethod::parse("kv_distill_select+answer", None).unwrap_err();
+        assert!(err.to_string().contains("needs an adaptor"), "{err}");
+    }
 }
