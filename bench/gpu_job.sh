@@ -7,7 +7,7 @@
 #    at the job's median shape (train/qa: context ~350 tokens, suffix ~32;
 #    SHAPE=span:suffix) with 64 examples, each also with --step-phases;
 #    and --method train with --cuda-graphs (the host cost where shapes repeat),
-#    and cut into 2 or 4 micro-batches launched side by side (--launch-threads);
+#    and cut into 2 or 4 micro-batches (one after another);
 # 2. bench-step --method train at 64 x (1,024 + 256), with and without
 #    --recompute-encoder (device memory), and at 32 x (1,000 + 64), the
 #    padded shape of the job's micro-batches of 32;
@@ -55,11 +55,9 @@ done
 # The step with its work after the selection as a CUDA graph: what the
 # per-micro-batch host cost is worth where shapes repeat.
 bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --cuda-graphs
-# Micro-batches side by side from host threads (same stream): 2 one after
-# the other, 2 and 4 side by side.
-for mt in "2 1" "2 2" "4 4"; do
-  set -- $mt
-  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --micro-batches $1 --launch-threads $2
+# The batch cut into 2 and 4 micro-batches, run one after the other.
+for mb in 2 4; do
+  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --micro-batches $mb
 done
 for r in "" --recompute-encoder; do
   bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r

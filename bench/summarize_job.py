@@ -41,7 +41,9 @@ def main():
     def split_text(b):
         if b.get("micro_batches", 1) <= 1:
             return ""
-        return f" {b['micro_batches']} micro-batches x {b.get('launch_threads', 1)} threads"
+        # Lines written before --launch-threads was removed may name threads.
+        threads = b.get("launch_threads", 1)
+        return f" {b['micro_batches']} micro-batches" + (f" x {threads} threads" if threads > 1 else "")
 
     for b in benches:
         ph = b.get("phases_s") or {}

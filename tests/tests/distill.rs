@@ -366,47 +366,47 @@ fn micro_batching_does_not_change_the_step() {
     );
 }
 
-/// With the selection loss on, cutting the batch into micro-batches, running
-/// them side by side from two host threads (`Trainer::launch_threads`), or
+/// With the selection loss on, cutting the batch into micro-batches, or
 /// padding them to multiples of 64 positions (`Trainer::pad_multiple`), is
 /// still the same step: the selection loss
 /// counts each micro-batch by its share of the examples (by its share of the
-/// supervised tokens, as the KL, the split step's gradient differed).
+/// supervised tokens, as the KL, the split step's gradient differed). So is
+/// a micro-batch that runs out of memory and runs again in two halves.
 #[test]
-fn micro_batches_side_by_side_or_padded_with_the_selection_loss_are_the_same_step() {
+fn micro_batches_split_or_padded_with_the_selection_loss_are_the_same_step() {
     let m = model();
     let c = DistillConfig {
         select_weight: 4.0,
         ..cfg()
     };
     let template = Adaptor::new(m.config(), c.clone(), Device::Cpu, 7).expect("adaptor");
-    let run_padded = |micro: &[Vec<DistillExample>], threads: usize, pad: usize| {
+    let run_padded = |micro: &[Vec<DistillExample>], pad: usize| {
         let a = copy_with(&m, &template, c.clone());
         let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
-        t.launch_threads(threads).expect("threads");
         t.pad_multiple(pad).expect("pad");
         t.train_step(&m, &a, micro).expect("step")
     };
-    let run = |micro: &[Vec<DistillExample>], threads: usize| run_padded(micro, threads, 1);
+    let run = |micro: &[Vec<DistillExample>]| run_padded(micro, 1);
     let b = batch(0.25);
-    let whole = run(std::slice::from_ref(&b), 1);
+    let whole = run(std::slice::from_ref(&b));
     let split = [vec![b[0].clone()], vec![b[1].clone()]];
     assert!(whole.select_loss > 0.0, "{whole:?}");
-    assert_same_step(&whole, &run(&split, 1));
-    assert_same_step(&whole, &run(&split, 2));
+    assert_same_step(&whole, &run(&split));
     // Padded to multiples of 64 positions (masked): the same step too.
-    assert_same_step(&whole, &run_padded(std::slice::from_ref(&b), 1, 64));
-    assert_same_step(&whole, &run_padded(&split, 2, 64));
-    // One of the two runs out of memory after its backward: the group's
-    // partial gradients are dropped and both run again one after another.
+    assert_same_step(&whole, &run_padded(std::slice::from_ref(&b), 64));
+    assert_same_step(&whole, &run_padded(&split, 64));
+    // The whole batch runs out of memory after its backward: its partial
+    // gradients are dropped and its two halves run one after the other.
     let a = copy_with(&m, &template, c.clone());
     let mut t = Trainer::new(&a, TrainConfig::default()).expect("trainer");
-    t.launch_threads(2).expect("threads");
     t.fail_next_allocation();
-    assert_same_step(&whole, &t.train_step(&m, &a, &split).expect("retried"));
+    let retried = t
+        .train_step(&m, &a, std::slice::from_ref(&b))
+        .expect("retried");
+    assert_same_step(&whole, &retried);
     assert!(Trainer::new(&template, TrainConfig::default())
         .expect("trainer")
-        .launch_threads(0)
+        .pad_multiple(0)
         .is_err());
 }
 

@@ -422,46 +422,6 @@ fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
         .unwrap()
         .iter()
         .all(|l| l.as_f64().unwrap().is_finite()));
-    // Two micro-batches side by side from two host threads: the same steps
-    // as one after the other (up to the order of the gradients' sums).
-    let cut = |threads: &str| {
-        bench(
-            "smollm2-135m-narrow",
-            &[
-                "--batch",
-                "4",
-                "--micro-batches",
-                "2",
-                "--launch-threads",
-                threads,
-            ],
-        )
-    };
-    let (one, two) = (cut("1"), cut("2"));
-    assert_eq!(
-        (
-            two["micro_batches"].as_u64(),
-            two["launch_threads"].as_u64()
-        ),
-        (Some(2), Some(2)),
-        "{two}"
-    );
-    let losses = |l: &serde_json::Value| -> Vec<f64> {
-        l["losses"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
-    let (lo, lt) = (losses(&one), losses(&two));
-    assert_eq!(lo.len(), 3, "{one}");
-    for (x, y) in lo.iter().zip(&lt) {
-        assert!(
-            (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
-            "{lo:?} vs {lt:?}"
-        );
-    }
     let o = run(&[
         "bench-step",
         "--preset",

@@ -111,8 +111,6 @@ pub struct Trainer {
     fail_alloc: bool,
     /// How micro-batches backpropagate ([`Backward::Stored`] or [`Backward::Recompute`]).
     backward: Backward,
-    /// Micro-batches launched side by side, each from a host thread of its own.
-    launch_threads: usize,
     /// Step inputs padded to a multiple of this many positions.
     pad_multiple: usize,
 }
@@ -154,7 +152,6 @@ impl Trainer {
             graphs: None,
             fail_alloc: false,
             backward: Backward::Stored,
-            launch_threads: 1,
             pad_multiple: 1,
         })
     }
@@ -177,22 +174,6 @@ impl Trainer {
         } else {
             Backward::Stored
         };
-    }
-
-    /// Runs up to `threads` micro-batches of a step side by side, each
-    /// launched from a host thread of its own onto the same device stream: a
-    /// step bound by the host's operator dispatch (small shapes on a GPU)
-    /// launches up to `threads` times faster, for `threads` micro-batches'
-    /// activations at once. The update is the same up to the order in which
-    /// gradients are summed (not bit-reproducible). Not with CUDA graphs.
-    pub fn launch_threads(&mut self, threads: usize) -> Result<()> {
-        if threads == 0 {
-            return Err(ModelError::Input(
-                "launch threads must be at least 1".into(),
-            ));
-        }
-        self.launch_threads = threads;
-        Ok(())
     }
 
     /// Pads each micro-batch's contexts to a multiple of `m` positions (and
@@ -319,42 +300,6 @@ impl Trainer {
             select_only,
             pad_multiple: self.pad_multiple,
         };
-        // With launch threads, micro-batches run side by side (each from a
-        // host thread of its own, on the same device stream); a group that
-        // runs out of memory runs again one micro-batch after another.
-        let mut one_at_a_time = self.graphs.is_some();
-        while !one_at_a_time {
-            let n = self.launch_threads.min(queue.len());
-            if n < 2 {
-                break;
-            }
-            let group: Vec<(&[DistillExample], f64)> = queue.drain(..n).collect();
-            let before = flat.snapshot()?;
-            let jobs: Vec<(&[DistillExample], GradScale)> = group
-                .iter()
-                .map(|&(mb, count)| (mb, scale(mb, count)))
-                .collect();
-            match work.side_by_side(&jobs, std::mem::take(&mut fail_alloc)) {
-                Ok(stats) => {
-                    for (s, &(_, weight)) in stats.iter().zip(&jobs) {
-                        add_stats(&mut local, s, weight);
-                    }
-                }
-                Err(e) if e.is_out_of_memory() => {
-                    tracing::warn!(
-                        micro_batches = n,
-                        "out of memory with micro-batches side by side: running them one \
-                         after another"
-                    );
-                    flat.restore(&before)?;
-                    for g in group.into_iter().rev() {
-                        queue.push_front(g);
-                    }
-                    one_at_a_time = true;
-                }
-                Err(e) => return Err(e),
-            }
-        }
         while let Some((mb, count)) = queue.pop_front() {
             let weight = scale(mb, count);
             let shape = || micro_batch_shape(mb);
@@ -471,8 +416,7 @@ fn add_stats(local: &mut [f64; 4], s: &StepStats, w: GradScale) {
     local[3] += s.select_loss * w.select;
 }
 
-/// What a micro-batch's step needs: one after another, or shared by the
-/// host threads that run several side by side ([`Trainer::launch_threads`]).
+/// What each micro-batch's step of an optimizer step needs.
 struct MicroStep<'a> {
     model: &'a Model,
     adaptor: &'a Adaptor,
@@ -482,13 +426,6 @@ struct MicroStep<'a> {
     /// [`Trainer::pad_multiple`].
     pad_multiple: usize,
 }
-
-// SAFETY: the threads read the model's and the adaptor's tensors (libtorch
-// tensors may be read from several threads at once; their reference counts
-// are atomic) and accumulate into the adaptor's gradients through autograd,
-// whose accumulation into a leaf's gradient holds that leaf's lock; the scope
-// joins every thread before the borrows end.
-unsafe impl Sync for MicroStep<'_> {}
 
 impl MicroStep<'_> {
     /// One micro-batch's step (the scorer alone in warm-up steps). With
@@ -514,62 +451,5 @@ impl MicroStep<'_> {
             let _ = Tensor::f_empty([1i64 << 46], (Kind::Float, model.device()))?;
         }
         Ok(s)
-    }
-
-    /// Each of `jobs` (a micro-batch and its gradient scale) on a host thread
-    /// of its own (the first with `fail_first`, [`MicroStep::one`]); the
-    /// stats in order, or the first error (an out-of-memory one first, so the
-    /// caller can retry).
-    fn side_by_side(
-        &self,
-        jobs: &[(&[DistillExample], GradScale)],
-        fail_first: bool,
-    ) -> Result<Vec<StepStats>> {
-        let threads = tch::get_num_threads();
-        let results: Vec<Result<StepStats>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .iter()
-                .enumerate()
-                .map(|(i, &(mb, weight))| {
-                    scope.spawn(move || {
-                        // Intra-op thread counts are per thread: the caller's.
-                        tch::set_num_threads(threads);
-                        let what =
-                            || format!("{} (side by side with others)", micro_batch_shape(mb));
-                        crate::error::catch_panic(what, || {
-                            self.one(mb, weight, None, fail_first && i == 0)
-                        })
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(ModelError::Panic {
-                            what: "in a launch thread".into(),
-                            detail: "it panicked outside the step".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        let mut stats = Vec::with_capacity(results.len());
-        let mut failed: Option<ModelError> = None;
-        for r in results {
-            match r {
-                Ok(s) => stats.push(s),
-                // The first error, an out-of-memory one before any other.
-                Err(e) => {
-                    if failed
-                        .as_ref()
-                        .is_none_or(|f| !f.is_out_of_memory() && e.is_out_of_memory())
-                    {
-                        failed = Some(e);
-                    }
-                }
-            }
-        }
-        failed.map_or(Ok(stats), Err)
     }
 }

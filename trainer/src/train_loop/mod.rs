@@ -84,11 +84,6 @@ pub struct TrainJob {
     /// per-process setting: ranks and resumes may differ in it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recompute_encoder: bool,
-    /// Micro-batches of a step run side by side, each launched from a host
-    /// thread of its own ([`crate::distill::Trainer::launch_threads`]; 1: one
-    /// after another). A per-process setting, like `recompute_encoder`.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub launch_threads: usize,
     /// Micro-batches padded to a multiple of this many positions
     /// ([`crate::distill::Trainer::pad_multiple`]; 1: to the longest). A
     /// per-process setting, like `recompute_encoder`.
@@ -222,7 +217,6 @@ pub(crate) fn hashed_json(job: &TrainJob) -> Option<String> {
     j.time_limit_s = None;
     j.builder.threads = 0;
     j.recompute_encoder = false;
-    j.launch_threads = 1;
     j.pad_multiple = 1;
     serde_json::to_string(&j).ok()
 }

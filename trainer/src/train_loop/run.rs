@@ -109,7 +109,6 @@ pub fn run<H: LoopHooks>(
 ) -> Result<RunOutcome<H::Stop>> {
     let start = Instant::now();
     state.trainer.recompute_encoder(job.recompute_encoder);
-    state.trainer.launch_threads(job.launch_threads)?;
     state.trainer.pad_multiple(job.pad_multiple)?;
     let total = job.train.total_steps;
     let mut summary = TrainSummary::at_start(state);

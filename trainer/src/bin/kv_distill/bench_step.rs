@@ -55,10 +55,6 @@ pub(crate) struct BenchStepArgs {
     /// accumulate; 1: the whole batch at once).
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
-    /// Run up to this many micro-batches side by side, each launched from a
-    /// host thread of its own (for a step bound by operator dispatch).
-    #[arg(long, default_value_t = 1)]
-    launch_threads: usize,
     /// Recompute the student encoder's activations in the backward instead
     /// of keeping them (less memory, one more encoder forward).
     #[arg(long)]
@@ -156,7 +152,6 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         trainer.use_cuda_graphs(device, 1)?;
     }
     trainer.recompute_encoder(a.recompute_encoder);
-    trainer.launch_threads(a.launch_threads)?;
     let sync = || kvd_trainer::device::synchronize(device);
     if let Some(dir) = &a.dump {
         write_step_inputs(
@@ -233,7 +228,6 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "model": name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
         "span": a.span, "suffix": a.suffix, "ratio": a.ratio, "batch": a.batch,
         "batches": a.batches, "micro_batches": a.micro_batches,
-        "launch_threads": a.launch_threads,
         "median_s": median, "tokens_per_s": tokens_per_step / median,
         "step_tflop": flops.total() / 1e12, "flops": flops,
         "mfu": flops.total() / median / a.peak_flops,

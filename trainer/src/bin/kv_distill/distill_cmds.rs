@@ -271,15 +271,6 @@ pub(crate) struct TrainArgs {
     /// one more encoder forward). Lets larger --micro-batch values fit.
     #[arg(long)]
     recompute_encoder: bool,
-    /// Run up to N micro-batches of a step side by side, each launched from a
-    /// host thread of its own (a step bound by operator dispatch, small
-    /// shapes on a GPU, launches faster; N micro-batches' activations at
-    /// once; the same update up to the order of the gradients' sums).
-    /// Measured on one H200 with SmolLM2: no faster than one thread (the
-    /// micro-batches serialise on the host); a larger --micro-batch is what
-    /// pays (docs/BENCHMARKS.md).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    launch_threads: u64,
     /// Pad each micro-batch's contexts to a multiple of N positions (and its
     /// suffixes to one of min(N, 32)), so micro-batches of similar lengths
     /// share shapes; 1: to the longest example. The same step up to rounding.
@@ -386,7 +377,6 @@ pub(crate) fn build_job(a: &TrainArgs, model: &Model) -> Result<TrainJob> {
         bucket_by_length: a.bucket_by_length,
         micro_batch_tokens: a.micro_batch_tokens,
         recompute_encoder: a.recompute_encoder,
-        launch_threads: a.launch_threads as usize,
         pad_multiple: a.pad_multiple as usize,
     };
     Ok(job)
