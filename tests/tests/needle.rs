@@ -133,6 +133,68 @@ fn the_needle_harness_reports_kept_answers_oracles_and_heat_maps() {
     assert!(png.len() > 5_000);
 }
 
+/// A training-free method scores a batch's contexts once for all its ratios:
+/// every row and item of an evaluation at two ratios equals that of the
+/// evaluations at each ratio alone (the shared scores and full cache are
+/// not changed by the first ratio's compression), oracles included.
+#[test]
+fn one_scoring_pass_serves_every_ratio() {
+    let ck = Checkpoint::open(&smollm2_gguf()).expect("smollm2");
+    let (model, tok) = ck.load(Kind::Float, Device::Cpu).expect("load");
+    let tok = Arc::new(tok);
+    let filler = load_haystack(&assets().join("essays")).expect("essays");
+    let (set, _) = build_needles(
+        &filler,
+        &tok,
+        &NeedleConfig {
+            items: 3,
+            lengths: vec![96, 128],
+            depths: vec![0.5],
+            seed: 1,
+        },
+    )
+    .expect("needles");
+    let cfg = |ratios: Vec<f64>| EvalConfig {
+        questions: 3,
+        ratios,
+        methods: vec!["snapkv".into(), "key_norm".into(), "random+answer".into()],
+        batch: 3,
+        max_new_tokens: 8,
+        per_item: true,
+        ..EvalConfig::default()
+    };
+    let run = |ratios: Vec<f64>| {
+        run_eval(&model, tok.clone(), None, &set, &cfg(ratios), |_, _| {}).expect("eval")
+    };
+    let both = run(vec![0.5, 0.25]);
+    let mut rows = Vec::new();
+    let mut items = Vec::new();
+    for r in [0.5, 0.25] {
+        let alone = run(vec![r]);
+        rows.extend(alone.rows.into_iter().filter(|row| row.method != "full"));
+        items.extend(alone.items.into_iter().filter(|it| it.method != "full"));
+    }
+    let key = |m: &str, r: f64| (m.to_string(), (r * 1000.0) as i64);
+    let mut got: Vec<_> = both
+        .rows
+        .iter()
+        .filter(|row| row.method != "full")
+        .collect();
+    got.sort_by_key(|row| key(&row.method, row.ratio));
+    rows.sort_by_key(|row| key(&row.method, row.ratio));
+    assert_eq!(got.len(), 6);
+    assert_eq!(got, rows.iter().collect::<Vec<_>>());
+    let mut got: Vec<_> = both.items.iter().filter(|it| it.method != "full").collect();
+    let item_key = |it: &&kvd_trainer::eval::run::ItemResult| {
+        (it.id.clone(), it.method.clone(), (it.ratio * 1000.0) as i64)
+    };
+    got.sort_by_key(item_key);
+    let mut want: Vec<_> = items.iter().collect();
+    want.sort_by_key(item_key);
+    assert_eq!(got.len(), 18);
+    assert_eq!(got, want);
+}
+
 #[test]
 fn containment_is_the_normalised_answer_inside_the_generation() {
     assert!(contains_answer(

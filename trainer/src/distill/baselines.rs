@@ -13,8 +13,8 @@
 //! the full cache (from which the caller gathers the kept positions) and, through
 //! [`Hooks`], gathers what the method needs; nothing runs twice.
 
-use super::select::{select, validate_spans, Span};
-use super::student::{gather_kept, Compressed, Contexts, Kept};
+use super::select::{validate_spans, Span};
+use super::student::{Compressed, Contexts};
 use crate::config::LayerKind;
 use crate::error::{ModelError, Result};
 use crate::model::rope::Rope;
@@ -414,18 +414,7 @@ pub fn question_aware_compress(
         let scores = snapkv_pool(observer.into_layers(), ctx.spans, kernel, b, l)?;
         let scores = mask_padding(&scores, ctx.len)?;
         let host = Vec::<f32>::try_from(scores.flatten(0, -1))?;
-        let selections = (0..rows.len())
-            .map(|i| {
-                select(
-                    &host[i * lu..(i + 1) * lu],
-                    ctx.len[i],
-                    &ctx.spans[i],
-                    ctx.ratios[i],
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let kept = Kept::new(selections, l, ctx.len, device);
-        gather_kept(&cache, &kept, &Tensor::zeros([b, l], (Kind::Float, device)))
+        super::infer::keep_top(&cache, &host, l, ctx, device)
     })
 }
 

@@ -11,7 +11,7 @@ use super::student::{
     Contexts, Kept, Suffixes,
 };
 use crate::error::{ModelError, Result};
-use crate::model::{Input, Model, NoHooks};
+use crate::model::{Input, KvCache, Model, NoHooks};
 use tch::{Device, Kind, Tensor};
 
 /// How contexts are compressed.
@@ -104,25 +104,81 @@ pub fn compress_contexts_forcing(
             gather_kept(&full, &kept, &scores)
         }
         Method::Baseline(baseline) => {
+            BaselineScores::new(model, baseline, ctx, force)?.compress(model.device(), ctx)
+        }
+    })
+}
+
+/// A training-free method's score of every context position and the full
+/// cache it came from: all its compression needs before the ratio, so one
+/// pass over the contexts serves every ratio ([`BaselineScores::compress`]).
+pub struct BaselineScores {
+    /// `[batch * lc]` scores, row-major, on the host.
+    host: Vec<f32>,
+    lc: i64,
+    full: KvCache,
+}
+
+impl BaselineScores {
+    /// Runs `baseline` over `ctx` (its ratios are not read; no gradients),
+    /// scoring the positions `force[i]` of each example above all others.
+    pub fn new(
+        model: &Model,
+        baseline: Baseline,
+        ctx: Contexts,
+        force: Option<&[Vec<usize>]>,
+    ) -> Result<BaselineScores> {
+        check_window(model, ctx.len)?;
+        tch::no_grad(|| {
             let (scores, full) = baseline_scores(model, &baseline, ctx.ids, ctx.len, ctx.spans)?;
             let scores = match force {
                 Some(f) => with_forced(&scores, f)?,
                 None => scores,
             };
-            let (b, lc) = scores.size2()?;
+            let (_, lc) = scores.size2()?;
             let host = Vec::<f32>::try_from(scores.to_device(Device::Cpu).flatten(0, -1))?;
-            let selections = (0..b as usize)
-                .map(|i| {
-                    let row = &host[i * lc as usize..(i + 1) * lc as usize];
-                    select(row, ctx.len[i], &ctx.spans[i], ctx.ratios[i])
-                })
-                .collect::<Result<Vec<Selection>>>()?;
-            // Baseline scores never enter the decoder: the slots get zero scores.
-            let zeros = Tensor::zeros([b, lc], (Kind::Float, model.device()));
-            let kept = Kept::new(selections, lc, ctx.len, model.device());
-            gather_kept(&full, &kept, &zeros)
-        }
-    })
+            Ok(BaselineScores { host, lc, full })
+        })
+    }
+
+    /// The compressed caches of the scored contexts at `ctx.ratios` (the
+    /// contexts of [`BaselineScores::new`]).
+    pub fn compress(&self, device: Device, ctx: Contexts) -> Result<Compressed> {
+        tch::no_grad(|| keep_top(&self.full, &self.host, self.lc, ctx, device))
+    }
+}
+
+/// Keeps each context's top-`ratios[i]` span positions by the `host` scores
+/// (`[batch * lc]`, row-major) and gathers their K/V from `full`. The scores
+/// never enter the decoder: the slots get zero scores.
+pub(crate) fn keep_top(
+    full: &KvCache,
+    host: &[f32],
+    lc: i64,
+    ctx: Contexts,
+    device: Device,
+) -> Result<Compressed> {
+    let lcu = lc as usize;
+    if host.len() != ctx.len.len() * lcu {
+        return Err(ModelError::Input(format!(
+            "{} scores for {} contexts of {lc} positions",
+            host.len(),
+            ctx.len.len()
+        )));
+    }
+    let selections = (0..ctx.len.len())
+        .map(|i| {
+            select(
+                &host[i * lcu..(i + 1) * lcu],
+                ctx.len[i],
+                &ctx.spans[i],
+                ctx.ratios[i],
+            )
+        })
+        .collect::<Result<Vec<Selection>>>()?;
+    let b = ctx.len.len() as i64;
+    let kept = Kept::new(selections, lc, ctx.len, device);
+    gather_kept(full, &kept, &Tensor::zeros([b, lc], (Kind::Float, device)))
 }
 
 /// Refuses contexts longer than the model window.

@@ -14,7 +14,7 @@ use crate::distill::baselines::Baseline;
 use crate::distill::examples::ModelTokenizer;
 use crate::distill::infer::{
     compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, pad_rows,
-    teacher_logprobs, Method, SCORER_ONLY,
+    teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
 };
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
@@ -508,17 +508,14 @@ impl BatchRunner<'_> {
         let p = prepare(self.builder, self.tok, self.set, qs, cfg.context)?;
         let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
         let ones = vec![1.0; qs.len()];
+        let all_kept = Contexts {
+            ids: &ids,
+            len: &len,
+            spans: &p.spans,
+            ratios: &ones,
+        };
         // The teacher: the full cache.
-        let teacher_comp = compress_contexts(
-            model,
-            Method::Full,
-            Contexts {
-                ids: &ids,
-                len: &len,
-                spans: &p.spans,
-                ratios: &ones,
-            },
-        )?;
+        let teacher_comp = compress_contexts(model, Method::Full, all_kept)?;
         let teacher = teacher_logprobs(
             model,
             &mut teacher_comp.shallow_clone(),
@@ -539,6 +536,19 @@ impl BatchRunner<'_> {
             batch.score(teacher_comp, sums.full, "full", 1.0, true, None, sums.out)?;
         step();
         for (m, method) in self.methods.iter().enumerate() {
+            // A training-free method scores the contexts once for every ratio.
+            let scored = match method {
+                EvalMethod::Compress(Method::Baseline(b)) => {
+                    Some(BaselineScores::new(model, *b, all_kept, None)?)
+                }
+                EvalMethod::Oracle(Method::Baseline(b)) => Some(BaselineScores::new(
+                    model,
+                    *b,
+                    all_kept,
+                    Some(&p.answer_pos),
+                )?),
+                _ => None,
+            };
             for (ri, &r) in cfg.ratios.iter().enumerate() {
                 let ratios = vec![r; qs.len()];
                 let contexts = Contexts {
@@ -547,12 +557,15 @@ impl BatchRunner<'_> {
                     spans: &p.spans,
                     ratios: &ratios,
                 };
-                let comp = match method {
-                    EvalMethod::Compress(method) => compress_contexts(model, *method, contexts)?,
-                    EvalMethod::Oracle(method) => {
+                let comp = match (&scored, method) {
+                    (Some(s), _) => s.compress(device, contexts)?,
+                    (None, EvalMethod::Compress(method)) => {
+                        compress_contexts(model, *method, contexts)?
+                    }
+                    (None, EvalMethod::Oracle(method)) => {
                         compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
                     }
-                    EvalMethod::QuestionAware(kernel) => {
+                    (None, EvalMethod::QuestionAware(kernel)) => {
                         question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
                     }
                 };
