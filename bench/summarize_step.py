@@ -2,6 +2,8 @@
 
     python bench/summarize_step.py OUT_PNG RUN.jsonl [RUN.jsonl ...]
 
+(DEVICE names the card in the plot's title; default "one H200".)
+
 Each file is one device call (rows compared within it). Prints, per file and
 shape, a markdown table: the Rust step and each PyTorch reference variant
 with s/step, tokens/s, MFU (the Rust FLOP count of the shape for every row),
@@ -13,6 +15,7 @@ or differs from its eager twin ("rust (n)", the same batches) by more than
 FIRST_RTOL at the first replay or LOSS_RTOL in the mean loss over the run. Needs matplotlib for the plot.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,7 +121,8 @@ def main():
             ax.bar(xs, ys, w, label=labels.get(impl, impl))
         ax.set_xticks(range(len(shapes)), [s.replace("1b", "Llama-1B").replace("smol", "SmolLM2") for s in shapes])
         ax.set_ylabel("thousand tokens/s (span + suffix)")
-        ax.set_title("KV-Distill training step, one H200, bf16, r = 0.1, suffix 256")
+        device = os.environ.get("DEVICE", "one H200")
+        ax.set_title(f"KV-Distill training step, {device}, bf16, r = 0.1, suffix 256")
         ax.legend()
         fig.tight_layout()
         fig.savefig(png, dpi=120)
