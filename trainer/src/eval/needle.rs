@@ -99,6 +99,19 @@ const LAST: &[&str] = &[
     "Ivanova",
 ];
 
+/// The fact kind (mod 3) of item `i` among `lengths` lengths: `i`, shifted
+/// by one per pass over the lengths when their count is a multiple of 3
+/// (else every item of a length would have the same kind, and a table by
+/// length would compare kinds). Other counts keep `i`, so their item sets
+/// are those of earlier versions.
+fn kind_index(i: usize, lengths: usize) -> usize {
+    if lengths % 3 == 0 {
+        i + i / lengths
+    } else {
+        i
+    }
+}
+
 /// One fact: the sentence, the question, the answer, the kind.
 fn fact(rng: &mut Rng, i: usize) -> (String, String, String, &'static str) {
     match i % 3 {
@@ -192,7 +205,8 @@ pub fn load_haystack(dir: &Path) -> Result<Vec<String>> {
 
 /// Builds `cfg.items` needle questions from `filler` sentences; `tok` measures
 /// lengths. Item `i` takes length `i mod L`, depth `(i / L) mod D` and fact
-/// kind `i mod 3` (numbers, codes and names in turn).
+/// kind [`kind_index`] mod 3 (numbers, codes and names in turn, every length
+/// getting all three).
 pub fn build_needles(
     filler: &[String],
     tok: &Tokenizer,
@@ -219,7 +233,7 @@ pub fn build_needles(
     for i in 0..cfg.items {
         let length = cfg.lengths[i % cfg.lengths.len()];
         let depth = cfg.depths[(i / cfg.lengths.len()) % cfg.depths.len()];
-        let (sentence, question, answer, kind) = fact(&mut rng, i);
+        let (sentence, question, answer, kind) = fact(&mut rng, kind_index(i, cfg.lengths.len()));
         // Consecutive filler sentences from a random start, about `length`
         // tokens with the fact (wrapping around the corpus).
         let start = rng.below(filler.len());
@@ -408,6 +422,24 @@ mod tests {
                 "Nine ten eleven twelve?"
             ]
         );
+    }
+
+    /// Every length gets every kind, whatever the number of lengths, and
+    /// counts not divisible by 3 keep the earlier items (kind `i mod 3`).
+    #[test]
+    fn every_length_gets_every_fact_kind() {
+        for n in 1..=7 {
+            for c in 0..n {
+                let kinds: std::collections::BTreeSet<usize> = (0..9 * n)
+                    .filter(|i| i % n == c)
+                    .map(|i| kind_index(i, n) % 3)
+                    .collect();
+                assert_eq!(kinds.len(), 3, "{n} lengths, length {c}: {kinds:?}");
+            }
+            if n % 3 != 0 {
+                assert!((0..100).all(|i| kind_index(i, n) == i));
+            }
+        }
     }
 
     #[test]
