@@ -105,7 +105,7 @@ const LAST: &[&str] = &[
 /// length would compare kinds). Other counts keep `i`, so their item sets
 /// are those of earlier versions.
 fn kind_index(i: usize, lengths: usize) -> usize {
-    if lengths % 3 == 0 {
+    if lengths.is_multiple_of(3) {
         i + i / lengths
     } else {
         i
@@ -436,7 +436,7 @@ mod tests {
                     .collect();
                 assert_eq!(kinds.len(), 3, "{n} lengths, length {c}: {kinds:?}");
             }
-            if n % 3 != 0 {
+            if !n.is_multiple_of(3) {
                 assert!((0..100).all(|i| kind_index(i, n) == i));
             }
         }
