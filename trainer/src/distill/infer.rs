@@ -95,13 +95,18 @@ pub fn compress_contexts_forcing(
             let mut full = model.new_cache();
             model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
             let (b, lc) = ctx.ids.size2()?;
-            let zeros = vec![0f32; lc as usize];
-            let selections = (0..b as usize)
-                .map(|i| select(&zeros, ctx.len[i], &ctx.spans[i], 1.0))
-                .collect::<Result<Vec<_>>>()?;
-            let scores = Tensor::zeros([b, lc], (Kind::Float, model.device()));
-            let kept = Kept::new(selections, lc, ctx.len, model.device());
-            gather_kept(&full, &kept, &scores)
+            let ones = vec![1.0; b as usize];
+            let every = Contexts {
+                ratios: &ones,
+                ..ctx
+            };
+            keep_top(
+                &full,
+                &vec![0f32; (b * lc) as usize],
+                lc,
+                every,
+                model.device(),
+            )
         }
         Method::Baseline(baseline) => {
             BaselineScores::new(model, baseline, ctx, force)?.compress(model.device(), ctx)

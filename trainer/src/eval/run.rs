@@ -538,17 +538,12 @@ impl BatchRunner<'_> {
         for (m, method) in self.methods.iter().enumerate() {
             // A training-free method scores the contexts once for every ratio.
             let scored = match method {
-                EvalMethod::Compress(Method::Baseline(b)) => {
-                    Some(BaselineScores::new(model, *b, all_kept, None)?)
-                }
-                EvalMethod::Oracle(Method::Baseline(b)) => Some(BaselineScores::new(
-                    model,
-                    *b,
-                    all_kept,
-                    Some(&p.answer_pos),
-                )?),
+                EvalMethod::Compress(Method::Baseline(b)) => Some((*b, None)),
+                EvalMethod::Oracle(Method::Baseline(b)) => Some((*b, Some(&p.answer_pos[..]))),
                 _ => None,
-            };
+            }
+            .map(|(b, force)| BaselineScores::new(model, b, all_kept, force))
+            .transpose()?;
             for (ri, &r) in cfg.ratios.iter().enumerate() {
                 let ratios = vec![r; qs.len()];
                 let contexts = Contexts {
