@@ -23,6 +23,7 @@
 #    numbered, "" to none; default every set).
 # Everything lands in OUT/job.tgz (the device tool returns few files):
 # bench.jsonl (one line per bench-step), job-N.log / job-N-phases.log.
+# BENCHES (below) replaces parts 1-3 with chosen bench-step runs.
 # Summarise with bench/summarize_job.py DIR (DIR: job.tgz unpacked).
 set -uo pipefail
 KEEP=${KEEP:-/root/keep}
@@ -47,6 +48,15 @@ bench() {
     >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step $* failed" >&2
 }
 span=${SHAPE%:*} suffix=${SHAPE#*:}
+# BENCHES="FLAGS;FLAGS" replaces parts 1-3 with bench-step runs of those flag
+# sets (each beside --model/--device/--dtype/--iters 5); BENCHES=none skips them.
+if [ -n "${BENCHES:-}" ]; then
+  if [ "$BENCHES" != none ]; then
+    IFS=';' read -ra bsets <<< "$BENCHES"
+    # shellcheck disable=SC2086
+    for b in "${bsets[@]}"; do bench $b; done
+  fi
+else
 for method in train reference; do
   for phases in "" --step-phases; do
     bench --method $method --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 $phases
@@ -72,6 +82,7 @@ for batch in 64 16; do
     --method train --span "$span" --suffix "$suffix" --batch $batch --ratio 0.25 \
     >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step narrow failed" >&2
 done
+fi
 IFS=';' read -ra sets <<< "$JOBS"
 i=0
 for flags in "${sets[@]}"; do

@@ -3,10 +3,10 @@
 
 use super::cache::KvCache;
 use super::hooks::{Hooks, Proj};
-use super::linear::Linear;
+use super::linear::{Linear, Stacked};
 use super::norm::RmsNorm;
 use super::rope;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
@@ -78,12 +78,8 @@ impl AttnInputs {
 /// One self-attention block.
 #[derive(Debug)]
 pub struct Attention {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
+    /// Query, key and value projections, stacked (parts 0, 1, 2).
+    pub qkv: Stacked,
     /// Output projection.
     pub o_proj: Linear,
     /// Per-head RMSNorm of queries (Gemma 3).
@@ -116,19 +112,8 @@ impl Attention {
         // input is one matrix product, where a 3-D one adds a reshape and a
         // view around it (and their autograd nodes), four projections a layer.
         let rows = x.f_reshape([b * t, d])?;
-        let mut q = self.heads(
-            &self.q_proj,
-            Proj::Q,
-            self.num_heads,
-            &rows,
-            (b, t),
-            layer,
-            hooks,
-        )?;
-        if let Some(n) = &self.q_norm {
-            q = n.forward(&q);
-        }
-        let (k, v) = self.project_kv(&rows, (b, t), inputs, layer, hooks)?;
+        let (q, k, v) = self.project(&rows, (b, t), inputs, layer, hooks, true)?;
+        let q = q.ok_or_else(|| ModelError::Input("attention: no queries projected".into()))?;
         hooks.observe_qkv(layer, &q, &k, &v)?;
         let q = rope::apply(&q, &inputs.cos, &inputs.sin);
         let (k, v) = match cache {
@@ -164,17 +149,17 @@ impl Attention {
     ) -> Result<()> {
         let (b, t, d) = x.size3()?;
         let rows = x.f_reshape([b * t, d])?;
-        let (k, v) = self.project_kv(&rows, (b, t), inputs, layer, hooks)?;
+        let (_, k, v) = self.project(&rows, (b, t), inputs, layer, hooks, false)?;
         let _ = cache.append_layer(layer, &k, &v)?;
         Ok(())
     }
 
-    /// `rows` `[batch * seq, hidden]` through projection `p` (with `hooks`)
-    /// as `[batch, n, seq, head_dim]`.
+    /// `y` `[batch * seq, n * head_dim]` (projection `which` of `rows`) with
+    /// what `hooks` add, as `[batch, n, seq, head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn heads(
         &self,
-        p: &Linear,
+        y: Tensor,
         which: Proj,
         n: i64,
         rows: &Tensor,
@@ -182,28 +167,50 @@ impl Attention {
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        Ok(p.forward_hooked(rows, layer, which, hooks)
+        Ok(hooks
+            .adjust_linear(layer, which, rows, y)
             .f_view([b, t, n, self.head_dim])?
             .transpose(1, 2))
     }
 
-    /// The new keys (normed where the family does, with RoPE) and values of
-    /// `rows` `[batch * seq, hidden]`.
-    fn project_kv(
+    /// The queries (normed where the family does, before RoPE; only `with_q`)
+    /// and the new keys (normed, with RoPE) and values of `rows` `[batch *
+    /// seq, hidden]`, from one stacked projection.
+    fn project(
         &self,
         rows: &Tensor,
         bt: (i64, i64),
         inputs: &AttnInputs,
         layer: usize,
         hooks: &dyn Hooks,
-    ) -> Result<(Tensor, Tensor)> {
+        with_q: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let kv = self.num_kv_heads;
-        let mut k = self.heads(&self.k_proj, Proj::K, kv, rows, bt, layer, hooks)?;
-        let v = self.heads(&self.v_proj, Proj::V, kv, rows, bt, layer, hooks)?;
+        let mut parts = self
+            .qkv
+            .forward_from(usize::from(!with_q), rows)?
+            .into_iter();
+        let mut next = || {
+            parts.next().ok_or_else(|| {
+                ModelError::Input("attention: a stacked projection part is missing".into())
+            })
+        };
+        let q = match with_q {
+            true => {
+                let q = self.heads(next()?, Proj::Q, self.num_heads, rows, bt, layer, hooks)?;
+                Some(match &self.q_norm {
+                    Some(n) => n.forward(&q),
+                    None => q,
+                })
+            }
+            false => None,
+        };
+        let mut k = self.heads(next()?, Proj::K, kv, rows, bt, layer, hooks)?;
+        let v = self.heads(next()?, Proj::V, kv, rows, bt, layer, hooks)?;
         if let Some(n) = &self.k_norm {
             k = n.forward(&k);
         }
-        Ok((rope::apply(&k, &inputs.cos, &inputs.sin), v))
+        Ok((q, rope::apply(&k, &inputs.cos, &inputs.sin), v))
     }
 
     /// Attention with an additive per-key bias `[batch, keys]`, computed explicitly

@@ -4,6 +4,7 @@
 use super::attention::{Attention, AttnInputs};
 use super::cache::KvCache;
 use super::hooks::Hooks;
+use super::linear::Stacked;
 use super::load::Loader;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
@@ -50,9 +51,11 @@ impl DecoderLayer {
             ))
         };
         let attn = Attention {
-            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h * hd, d, cfg.qkv_bias)?,
-            k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), kv * hd, d, cfg.qkv_bias)?,
-            v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), kv * hd, d, cfg.qkv_bias)?,
+            qkv: Stacked::new(vec![
+                ld.linear_parts(&format!("{p}.self_attn.q_proj"), h * hd, d, cfg.qkv_bias)?,
+                ld.linear_parts(&format!("{p}.self_attn.k_proj"), kv * hd, d, cfg.qkv_bias)?,
+                ld.linear_parts(&format!("{p}.self_attn.v_proj"), kv * hd, d, cfg.qkv_bias)?,
+            ])?,
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), d, h * hd, cfg.o_bias)?,
             q_norm: if gemma {
                 Some(norm("self_attn.q_norm", hd)?)
@@ -70,8 +73,10 @@ impl DecoderLayer {
             scale: cfg.attn_scale,
         };
         let mlp = Mlp {
-            gate_proj: ld.linear(&format!("{p}.mlp.gate_proj"), ff, d, cfg.mlp_bias)?,
-            up_proj: ld.linear(&format!("{p}.mlp.up_proj"), ff, d, cfg.mlp_bias)?,
+            gate_up: Stacked::new(vec![
+                ld.linear_parts(&format!("{p}.mlp.gate_proj"), ff, d, cfg.mlp_bias)?,
+                ld.linear_parts(&format!("{p}.mlp.up_proj"), ff, d, cfg.mlp_bias)?,
+            ])?,
             down_proj: ld.linear(&format!("{p}.mlp.down_proj"), d, ff, cfg.mlp_bias)?,
             activation: cfg.activation,
         };
@@ -115,12 +120,12 @@ impl DecoderLayer {
             out.push(n.weight());
         }
         for l in [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
+            a.qkv.part(0),
+            a.qkv.part(1),
+            a.qkv.part(2),
             &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
+            m.gate_up.part(0),
+            m.gate_up.part(1),
             &m.down_proj,
         ] {
             out.push(l.weight());
@@ -160,7 +165,7 @@ impl DecoderLayer {
         let x = x + h;
         let mut h = self
             .mlp
-            .forward(&self.pre_mlp_norm.forward(&x), layer, hooks);
+            .forward(&self.pre_mlp_norm.forward(&x), layer, hooks)?;
         if let Some(n) = &self.post_mlp_norm {
             h = n.forward(&h);
         }

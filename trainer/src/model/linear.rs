@@ -58,3 +58,157 @@ impl Linear {
         hooks.adjust_linear(layer, which, x, self.forward(x))
     }
 }
+
+/// Projections of one input stacked into one matrix product: `x [W₁; W₂; …]ᵀ`,
+/// split into the parts' outputs. One product reads the input once and
+/// launches once where separate ones would each do both (and their
+/// backward adds the input gradients up); each part's [`Linear`] is a view of
+/// the stacked weight, not a copy.
+#[derive(Debug)]
+pub struct Stacked {
+    /// All parts' rows: `[Σ out, in]`.
+    all: Linear,
+    /// Part `i` alone, a view of `all`'s rows.
+    parts: Vec<Linear>,
+    /// Rows `offsets[i]..` of `all` (parts `i..`), for `i ≥ 1`: a view.
+    tails: Vec<Linear>,
+    /// Output width of each part.
+    sizes: Vec<i64>,
+}
+
+impl Stacked {
+    /// Stacks `parts` (weight `[out_i, in]`, optional bias `[out_i]`; all with
+    /// a bias or none) into one weight.
+    pub fn new(parts: Vec<(Tensor, Option<Tensor>)>) -> crate::error::Result<Self> {
+        let sizes: Vec<i64> = parts.iter().map(|(w, _)| w.size()[0]).collect();
+        let with_bias = parts.iter().filter(|(_, b)| b.is_some()).count();
+        if with_bias != 0 && with_bias != parts.len() {
+            return Err(crate::error::ModelError::Input(
+                "stacked projections: some have a bias and some not".into(),
+            ));
+        }
+        let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+        let weight = Tensor::f_cat(&weights, 0)?;
+        let bias = match with_bias {
+            0 => None,
+            _ => {
+                let biases: Vec<&Tensor> = parts.iter().filter_map(|(_, b)| b.as_ref()).collect();
+                Some(Tensor::f_cat(&biases, 0)?)
+            }
+        };
+        let total: i64 = sizes.iter().sum();
+        let rows = |start: i64, len: i64| {
+            Linear::new(
+                weight.narrow(0, start, len),
+                bias.as_ref().map(|b| b.narrow(0, start, len)),
+            )
+        };
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut tails = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for (i, &n) in sizes.iter().enumerate() {
+            parts.push(rows(start, n));
+            if i > 0 {
+                tails.push(rows(start, total - start));
+            }
+            start += n;
+        }
+        Ok(Stacked {
+            all: Linear::new(weight, bias),
+            parts,
+            tails,
+            sizes,
+        })
+    }
+
+    /// Part `i`'s projection (a view of the stacked weight).
+    pub fn part(&self, i: usize) -> &Linear {
+        &self.parts[i]
+    }
+
+    /// The outputs of parts `first..` for `x` `[rows, in]`, one matrix
+    /// product; each output a column view of the product.
+    pub fn forward_from(&self, first: usize, x: &Tensor) -> crate::error::Result<Vec<Tensor>> {
+        let proj = match first {
+            0 => &self.all,
+            i => &self.tails[i - 1],
+        };
+        Ok(proj
+            .forward(x)
+            .f_split_with_sizes(&self.sizes[first..], -1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn rand(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Double, Device::Cpu))
+    }
+
+    /// The stacked product gives each part's own projection, its input
+    /// gradient is the separate projections' summed, and the parts' weights
+    /// are views of the one stacked weight.
+    #[test]
+    fn stacked_projections_equal_separate_ones() {
+        tch::manual_seed(0);
+        for bias in [false, true] {
+            let parts: Vec<(Tensor, Option<Tensor>)> = [6, 2, 3]
+                .iter()
+                .map(|&n| (rand(&[n, 5]), bias.then(|| rand(&[n]))))
+                .collect();
+            let separate: Vec<Linear> = parts
+                .iter()
+                .map(|(w, b)| Linear::new(w.copy(), b.as_ref().map(|b| b.copy())))
+                .collect();
+            let stacked = Stacked::new(parts).unwrap();
+            let x = rand(&[4, 5]).set_requires_grad(true);
+            for first in 0..3 {
+                let ys = stacked.forward_from(first, &x).unwrap();
+                assert_eq!(ys.len(), 3 - first);
+                for (y, lin) in ys.iter().zip(&separate[first..]) {
+                    assert!(y.allclose(&lin.forward(&x), 1e-12, 1e-12, false));
+                }
+            }
+            // Input gradient of a loss that weighs every part differently.
+            let loss = |ys: Vec<Tensor>| {
+                ys.iter()
+                    .enumerate()
+                    .map(|(i, y)| (y * (i as f64 + 1.0)).sin().sum(Kind::Double))
+                    .fold(Tensor::zeros([], (Kind::Double, Device::Cpu)), |a, b| a + b)
+            };
+            let g_stacked = Tensor::run_backward(
+                &[loss(stacked.forward_from(0, &x).unwrap())],
+                &[&x],
+                false,
+                false,
+            );
+            let g_separate = Tensor::run_backward(
+                &[loss(separate.iter().map(|l| l.forward(&x)).collect())],
+                &[&x],
+                false,
+                false,
+            );
+            assert!(g_stacked[0].allclose(&g_separate[0], 1e-10, 1e-12, false));
+            // The parts share the stacked weight's storage, rows in order.
+            let base = stacked.all.weight().data_ptr() as usize;
+            let row = 5 * std::mem::size_of::<f64>();
+            for (i, start) in [0usize, 6, 8].into_iter().enumerate() {
+                assert_eq!(
+                    stacked.part(i).weight().data_ptr() as usize,
+                    base + start * row
+                );
+                assert!(stacked.part(i).weight().equal(separate[i].weight()));
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_refuses_a_bias_on_some_parts_only() {
+        let parts = vec![(rand(&[2, 3]), Some(rand(&[2]))), (rand(&[2, 3]), None)];
+        let err = Stacked::new(parts).unwrap_err().to_string();
+        assert!(err.contains("some have a bias"), "{err}");
+    }
+}

@@ -58,7 +58,19 @@ impl<'a> Loader<'a> {
 
     /// Loads `{name}.weight` `[out, in]` and, if `bias`, `{name}.bias` `[out]`.
     pub fn linear(&self, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear> {
-        Ok(Linear::new(
+        let (weight, bias) = self.linear_parts(name, out, inp, bias)?;
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// The weight and bias of [`Loader::linear`], unwrapped (for [`super::linear::Stacked`]).
+    pub fn linear_parts(
+        &self,
+        name: &str,
+        out: i64,
+        inp: i64,
+        bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((
             self.weight(&format!("{name}.weight"), &[out, inp])?,
             if bias {
                 Some(self.weight(&format!("{name}.bias"), &[out])?)

@@ -1,17 +1,16 @@
 //! Gated MLP (SwiGLU for Llama/Qwen2, GeGLU for Gemma).
 
 use super::hooks::{Hooks, Proj};
-use super::linear::Linear;
+use super::linear::{Linear, Stacked};
 use crate::config::Activation;
+use crate::error::{ModelError, Result};
 use tch::Tensor;
 
 /// `down(act(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub struct Mlp {
-    /// Gate projection.
-    pub gate_proj: Linear,
-    /// Up projection.
-    pub up_proj: Linear,
+    /// Gate and up projections, stacked (parts 0 and 1).
+    pub gate_up: Stacked,
     /// Down projection.
     pub down_proj: Linear,
     /// Gate activation.
@@ -20,23 +19,26 @@ pub struct Mlp {
 
 impl Mlp {
     /// Applies the MLP of layer `layer` to `x` `[.., hidden]`.
-    pub fn forward(&self, x: &Tensor, layer: usize, hooks: &dyn Hooks) -> Tensor {
+    pub fn forward(&self, x: &Tensor, layer: usize, hooks: &dyn Hooks) -> Result<Tensor> {
         // `[batch * seq, hidden]` through the projections (one matrix product
-        // each, no reshape around it), `[batch, seq, hidden]` out.
+        // for gate and up together, no reshape around it), `[batch, seq,
+        // hidden]` out.
         let size = x.size();
-        let x = x.reshape([-1, size[size.len() - 1]]);
-        let proj =
-            |p: &Linear, which: Proj, input: &Tensor| p.forward_hooked(input, layer, which, hooks);
-        let gate = proj(&self.gate_proj, Proj::Gate, &x);
+        let x = x.f_reshape([-1, size[size.len() - 1]])?;
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward_from(0, &x)?
+            .try_into()
+            .map_err(|_| ModelError::Input("mlp: gate and up expected".into()))?;
+        let gate = hooks.adjust_linear(layer, Proj::Gate, &x, gate);
+        let up = hooks.adjust_linear(layer, Proj::Up, &x, up);
         let gate = match self.activation {
             Activation::Silu => gate.silu(),
             Activation::GeluTanh => gate.gelu("tanh"),
         };
-        proj(
-            &self.down_proj,
-            Proj::Down,
-            &(gate * proj(&self.up_proj, Proj::Up, &x)),
-        )
-        .view(size.as_slice())
+        Ok(self
+            .down_proj
+            .forward_hooked(&(gate * up), layer, Proj::Down, hooks)
+            .f_view(size.as_slice())?)
     }
 }
