@@ -207,28 +207,35 @@ impl Hooks for LoraHooks<'_> {
         };
         let cfg = &self.adaptor.cfg.lora;
         let kind = x.kind();
-        let lora = |xs: Tensor| {
+        // `scale Bᵀ` `[rank, out]`: the scale folded into the small matrix,
+        // so no pass over the `[rows, out]` product multiplies it.
+        let b_t = (pair.b.to_kind(kind) * cfg.scale()).tr();
+        // `x Aᵀ` `[rows, rank]` of the 2-D rows the projections see (a
+        // transpose and a product, what `linear` does without its dispatches).
+        let down = |xs: Tensor| {
             let xs = if self.train && cfg.dropout > 0.0 {
                 xs.dropout(cfg.dropout, true)
             } else {
                 xs
             };
-            // `x Aᵀ Bᵀ`: on the 2-D rows the projections see, a transpose and
-            // a product each (what `linear` does, without its dispatches).
-            let times_t = |x: &Tensor, w: &Tensor| match x.dim() {
-                2 => x.mm(&w.tr()),
-                _ => x.linear::<&Tensor>(w, None),
-            };
-            times_t(&times_t(&xs, &pair.a.to_kind(kind)), &pair.b.to_kind(kind)) * cfg.scale()
+            match xs.dim() {
+                2 => xs.mm(&pair.a.to_kind(kind).tr()),
+                _ => xs.linear::<&Tensor>(&pair.a.to_kind(kind), None),
+            }
         };
         if cfg.kv_all_tokens && matches!(proj, Proj::K | Proj::V) {
-            // Every position, kept or not.
-            return y + lora(x.shallow_clone());
+            // Every position, kept or not: `y + (x Aᵀ)(scale Bᵀ)` as one
+            // product that accumulates onto `y`.
+            let xa = down(x.shallow_clone());
+            return match xa.dim() {
+                2 => y.addmm(&xa, &b_t),
+                _ => y + xa.matmul(&b_t),
+            };
         }
         if self.rows.numel() == 0 {
             return y;
         }
-        let delta = lora(self.rows_of(x));
+        let delta = down(self.rows_of(x)).mm(&b_t);
         let size = y.size();
         y.flatten(0, -2)
             .index_add(0, &self.rows, &delta)
