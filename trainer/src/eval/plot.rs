@@ -5,6 +5,8 @@
 //! support, so no system font library is needed.
 
 use super::error::{EvalError, Result};
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::RangedCoordi32;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -211,6 +213,23 @@ pub fn plot_heatmaps(
     root.present().map_err(|e| err(e.to_string()))
 }
 
+/// A heat map axis of `n` cells: segments `Exact(0) ..= Exact(n - 1)`, then
+/// `Last` as the far edge. (`(0..n).into_segmented()` would hold `n + 1`
+/// segments, i32 ranges being inclusive as discrete coordinates, and draw an
+/// empty extra row or column.)
+fn cells_axis(n: i32) -> SegmentedCoord<RangedCoordi32> {
+    (0..n - 1).into_segmented()
+}
+
+/// The far edge of cell `i` of [`cells_axis`]`(n)`.
+fn cell_end(i: i32, n: i32) -> SegmentValue<i32> {
+    if i + 1 >= n {
+        SegmentValue::Last
+    } else {
+        SegmentValue::Exact(i + 1)
+    }
+}
+
 fn draw_heatmaps(
     root: &DrawingArea<BitMapBackend<'_>, Shift>,
     title: &str,
@@ -233,7 +252,7 @@ fn draw_heatmaps(
             .margin(8)
             .x_label_area_size(40)
             .y_label_area_size(50)
-            .build_cartesian_2d((0..nx).into_segmented(), (0..ny).into_segmented())?;
+            .build_cartesian_2d(cells_axis(nx), cells_axis(ny))?;
         chart
             .configure_mesh()
             .disable_mesh()
@@ -263,7 +282,7 @@ fn draw_heatmaps(
                 chart.draw_series(std::iter::once(Rectangle::new(
                     [
                         (SegmentValue::Exact(x), SegmentValue::Exact(y)),
-                        (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                        (cell_end(x, nx), cell_end(y, ny)),
                     ],
                     color.filled(),
                 )))?;
@@ -281,4 +300,33 @@ fn draw_heatmaps(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each axis has one segment per cell and the last cell ends at the
+    /// axis's far edge: no empty row or column (seen with 2 lengths).
+    #[test]
+    fn heat_map_axes_hold_exactly_the_cells() {
+        for n in [1, 2, 3, 5] {
+            let axis = cells_axis(n);
+            let cells: Vec<_> = axis
+                .values()
+                .filter(|v| matches!(v, SegmentValue::Exact(_)))
+                .collect();
+            assert_eq!(cells.len(), n as usize, "{n} cells");
+            assert!(matches!(cell_end(n - 1, n), SegmentValue::Last));
+            let (far, last_start) = (
+                axis.map(&SegmentValue::Last, (0, 1000)),
+                axis.map(&SegmentValue::Exact(n - 1), (0, 1000)),
+            );
+            assert!(far > last_start, "{n}: the last cell has width");
+            assert!(
+                far >= 999,
+                "{n}: the last cell reaches the far edge ({far})"
+            );
+        }
+    }
 }
