@@ -251,7 +251,7 @@ pub fn select_step(
     let inputs = prepare(model, adaptor, cfg, batch, None)?;
     let tokens = inputs.s_rows.size()[0] as usize;
     let mut timer = super::phases::PhaseTimer::start(model.device());
-    let (_, attention) = TeacherRest::new(model, cfg, &inputs, true).logits()?;
+    let (_, attention) = TeacherRest::new(model, cfg, &inputs, true).hidden()?;
     let attention =
         attention.ok_or_else(|| ModelError::Input("the teacher gave no attention".into()))?;
     timer.mark("teacher");
@@ -638,6 +638,15 @@ impl<'a> TeacherRest<'a> {
     /// loss its attention target `[batch, lc]` (over all its positions; the
     /// loss keeps the span's).
     fn logits(self) -> Result<(Tensor, Option<Tensor>)> {
+        let ((model, h), target) = self.hidden()?;
+        Ok((tch::no_grad(|| model.logits(&h)), target))
+    }
+
+    /// The teacher's final hidden states at the supervised rows (with the
+    /// model), and the selection target as in [`TeacherRest::logits`]: what
+    /// a scorer-only step needs, without the output head's product over the
+    /// vocabulary.
+    fn hidden(self) -> Result<((&'a Model, Tensor), Option<Tensor>)> {
         // Intra-op thread counts are per thread: match the caller's.
         tch::set_num_threads(self.threads);
         let model = self.model.0;
@@ -653,10 +662,7 @@ impl<'a> TeacherRest<'a> {
                     (h, Some(obs.total()))
                 }
             };
-            Ok((
-                model.logits(&h.flatten(0, 1).index_select(0, &self.rows)),
-                target,
-            ))
+            Ok(((model, h.flatten(0, 1).index_select(0, &self.rows)), target))
         })
     }
 }
