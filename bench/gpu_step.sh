@@ -15,8 +15,9 @@
 # reduce-overhead (CUDA graphs) and max-autotune; fast-nofused-compile the
 # fast one compiled with its unfused AdamW (see bench/kvdistill_ref.py);
 # PHASES=1 adds per-phase times of the Rust step
-# (OUT/*.rust-phases.json), PROFILE=1 torch.profiler kernel tables of the
-# reference (OUT/*.prof.txt); REF_TIMEOUT bounds each reference run (s);
+# (OUT/*.rust-phases.json), PROFILE=1 kernel tables of the reference
+# (torch.profiler, OUT/*.prof.txt) and of the Rust step (`--profile`, eager and
+# with graphs, OUT/*.rust*.prof.md); REF_TIMEOUT bounds each reference run (s);
 # ABLATE="teacher_thread fill_cache deferred_loss" times the Rust step without each speed-up
 # (KVD_ABLATE), alternating with the full step, twice each; GRAPHS=1 times the
 # step with CUDA graphs (`--cuda-graphs`) the same way, on two batches used in
@@ -66,6 +67,13 @@ PYEOF
     if [ -n "${PHASES:-}" ]; then   # per-phase device times (synchronized), separately
       KVD_STEP_PHASES=1 "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" \
         --batch "$batch" --suffix 256 --ratio 0.1 --iters 3 > "$d.rust-phases.json" 2>> "$d.rust.log" || true
+    fi
+    if [ -n "${PROFILE:-}" ]; then   # kernel tables of the Rust step, eager and with graphs
+      for g in "" 1; do
+        "$BIN" bench-step --model "$M" --device cuda --dtype bf16 --span "$span" --batch "$batch" \
+          --suffix 256 --ratio 0.1 --iters 3 ${g:+--cuda-graphs} \
+          --profile "$d.rust${g:+-graphs}.prof.md" > /dev/null 2>> "$d.rust.log" || true
+      done
     fi
     for a in ${ABLATE:-}; do   # the step without one speed-up, alternating with the full step
       for rep in 1 2; do

@@ -9,6 +9,24 @@ fn main() {
     link_torch();
     cuda_graph_shim();
     op_count_shim();
+    kernel_profile_shim();
+}
+
+/// Compiles `csrc/kernel_profile.cpp` (libtorch's Kineto profiler, for
+/// `bench-step --profile`) against libtorch's headers, CPU or CUDA.
+fn kernel_profile_shim() {
+    println!("cargo:rerun-if-changed=csrc/kernel_profile.cpp");
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_default());
+    let include = lib.join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/kernel_profile.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .compile("kvd_kernel_profile");
 }
 
 /// Compiles `csrc/op_count.cpp` (counts of dispatched operators, for

@@ -18,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub use kvd_gguf as gguf;
+pub mod kernel_profile;
 pub mod model;
 pub mod op_count;
 pub use kvd_tokenizer as tokenizer;

@@ -336,6 +336,88 @@ fn bench_step_reports_throughput_flops_and_mfu() {
 }
 
 #[test]
+fn bench_step_profile_tables_the_timed_steps_by_operator() {
+    // --profile: libtorch's profiler over the timed steps (not the two
+    // warm-up steps), per step, as Markdown; on the CPU the operators.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = |iters: &str| -> (String, serde_json::Value) {
+        let path = dir.path().join(format!("profile-{iters}.md"));
+        let o = run(&[
+            "bench-step",
+            "--preset",
+            "smollm2-135m-narrow",
+            "--device",
+            "cpu",
+            "--span",
+            "24",
+            "--suffix",
+            "4",
+            "--method",
+            "train",
+            "--iters",
+            iters,
+            "--count-ops",
+            "--profile",
+            path.to_str().unwrap(),
+            // The CPU table sees the calling thread's operators: the teacher
+            // on it, as the counter sees every thread's.
+            "--ablate",
+            "teacher_thread",
+        ]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert!(!text(&o.stderr).contains("ERROR"), "{}", text(&o.stderr));
+        let line = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
+        (std::fs::read_to_string(&path).expect("the profile"), line)
+    };
+    // `name -> (calls per step, ms per step)` of the table's rows.
+    let rows = |md: &str| -> Vec<(String, f64, f64)> {
+        md.lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| name"))
+            .map(|l| {
+                let f: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+                (
+                    f[0].to_string(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (one, line) = profile("1");
+    let (two, _) = profile("2");
+    assert!(
+        one.contains("span 24 + suffix 4 x 1") && one.contains("1 timed steps"),
+        "{one}"
+    );
+    assert!(one.contains("cpu: ") && !one.contains("cuda: "), "{one}");
+    assert_eq!(line["profile_device_ms"], serde_json::Value::Null, "{line}");
+    let (r1, r2) = (rows(&one), rows(&two));
+    assert!(r1.len() > 20, "{one}");
+    // Most time first.
+    assert!(r1.windows(2).all(|w| w[0].2 >= w[1].2), "{one}");
+    let calls = |r: &[(String, f64, f64)], op: &str| {
+        r.iter()
+            .find(|x| x.0 == op)
+            .map(|x| x.1)
+            .unwrap_or_else(|| panic!("{op} in {r:?}"))
+    };
+    // Per step: one timed step or two, the same calls of each operator.
+    for op in ["aten::mm", "aten::scaled_dot_product_attention"] {
+        assert_eq!(calls(&r1, op), calls(&r2, op), "{op}: {one}\n{two}");
+    }
+    // Every product the operator counter saw at the top level is in it
+    // (the profiler also sees those called from inside other operators).
+    let counted = line["top_ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n[0] == "aten::mm")
+        .and_then(|n| n[1].as_f64())
+        .expect("aten::mm counted");
+    assert!(calls(&r1, "aten::mm") >= counted, "{counted}: {one}");
+}
+
+#[test]
 fn bench_step_presets_time_smollm2_shapes_without_a_model_file() {
     // Runs a 1-step bench of `model` (--preset NAME or --model FILE) with
     // `extra` flags; its JSON line.

@@ -72,6 +72,14 @@ pub(crate) struct BenchStepArgs {
     /// step's time is their host-side dispatch.
     #[arg(long)]
     count_ops: bool,
+    /// Profile the timed steps (libtorch's Kineto profiler: the device's
+    /// kernels on CUDA, the operators on the CPU) and write the time per
+    /// kernel or operator, per step, as Markdown tables to this file: the
+    /// table `bench/kvdistill_ref.py --profile` gives for the reference.
+    /// Device kernels are seen from every thread, CPU operators from the
+    /// calling one (with `--ablate teacher_thread` the teacher's too).
+    #[arg(long)]
+    profile: Option<std::path::PathBuf>,
     /// Which method's step: reference (scorer on layer 3, LoRA on q,o of rank
     /// 8, the straight-through score feed, no selection loss: what the PyTorch
     /// reference `bench/kvdistill_ref.py` implements) or train (the method
@@ -173,8 +181,17 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
     let mut losses = Vec::new();
     let mut peak_mem = 0u64;
     let mut ops_before = kvd_trainer::op_count::read();
+    let mut profile = None;
+    let mut profiled = None;
     for i in 0..a.iters + 2 {
         if i == 2 {
+            if a.profile.is_some() {
+                sync();
+                profile = Some(kvd_trainer::kernel_profile::Profile::start(
+                    device.is_cuda(),
+                )?);
+                profiled = Some(Instant::now());
+            }
             let _ = kvd_trainer::distill::phases::take();
             ops_before = kvd_trainer::op_count::read();
             kvd_trainer::op_count::count_names(a.count_ops);
@@ -192,6 +209,8 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
             peak_mem = peak_mem.max(device_memory_used().unwrap_or(0));
         }
     }
+    let wall_us = profiled.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e6);
+    let profile_rows = profile.map(|p| p.stop()).transpose()?;
     let iters = a.iters as u64;
     let ops = kvd_trainer::op_count::read().since(ops_before).per(iters);
     // The 30 most frequent operators per timed step (--count-ops).
@@ -238,7 +257,25 @@ pub(crate) fn run_bench_step(a: BenchStepArgs) -> Result<()> {
         "ops": a.count_ops.then_some(ops), "phase_ops": phase_ops, "top_ops": top_ops,
         "cuda_graphs": a.cuda_graphs,
         "graph_replays": trainer.cuda_graphs().map_or(0, |g| g.replays()),
+        "profile_device_ms": profile_rows.as_ref().filter(|_| device.is_cuda()).map(|rows| {
+            rows.iter().filter(|r| r.device == "cuda").map(|r| r.total_us).sum::<f64>()
+                / 1e3 / a.iters as f64
+        }),
     });
+    if let (Some(path), Some(rows)) = (&a.profile, &profile_rows) {
+        use kvd_trainer::kernel_profile::table;
+        let mut text = format!(
+            "# bench-step profile: {name}, {device:?}, {kind:?}, span {} + suffix {} x {}, r = {}, \
+             method {}, cuda graphs {}, {} timed steps, median {:.3} ms\n\n",
+            a.span, a.suffix, a.batch, a.ratio, a.method, a.cuda_graphs, a.iters, median * 1e3
+        );
+        if device.is_cuda() {
+            text += &table(rows, "cuda", a.iters, 60, wall_us);
+            text += "\n";
+        }
+        text += &table(rows, "cpu", a.iters, 40, wall_us);
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(dir) = &a.dump {
         let out = serde_json::json!({ "losses": losses });
         std::fs::write(dir.join("losses.json"), out.to_string())
