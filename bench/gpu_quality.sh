@@ -84,6 +84,8 @@ case $PHASE in
       fi
       limit=()
       [ -n "${EVAL_LIMIT_S:-}" ] && limit=(--time-limit-s "$EVAL_LIMIT_S")
+      # EVAL_PHASES=1: seconds per stage in each results.json (synchronized, slower).
+      [ -n "${EVAL_PHASES:-}" ] && limit+=(--phases)
       "$BIN" eval --model "$MODEL" --device cuda --dtype bf16 "${adaptor[@]}" "${task[@]}" "${limit[@]}" \
         --questions "$ITEMS" --seed 0 --per-item --ratios "$ratios" --methods "$methods" \
         --out-dir "$OUT/$PHASE-$name" > "$OUT/$PHASE-$name.md" 2> "$OUT/$PHASE-$name.log" &

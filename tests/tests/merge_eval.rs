@@ -55,6 +55,7 @@ fn report(runs: &[(&str, f64, &[f64])]) -> EvalReport {
         items: runs.iter().flat_map(|(m, r, f)| items(m, *r, f)).collect(),
         needle: Vec::new(),
         seconds: 1.0,
+        phases_s: Default::default(),
     }
 }
 

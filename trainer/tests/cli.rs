@@ -648,3 +648,61 @@ fn worker_settings_layer_file_env_flags() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--max-len"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn eval_phases_time_each_stage_into_the_report() {
+    // `eval --phases`: seconds per stage in results.json and results.md; the
+    // stages lie inside the run's wall time.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ev");
+    let m = smollm2();
+    let essays = assets().join("essays");
+    let o = run(&[
+        "eval",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--task",
+        "needle",
+        "--haystack",
+        essays.to_str().unwrap(),
+        "--needle-lengths",
+        "256",
+        "--questions",
+        "2",
+        "--ratios",
+        "0.25",
+        "--methods",
+        "random",
+        "--max-new-tokens",
+        "4",
+        "--phases",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let phases = report["phases_s"].as_object().expect("phases_s");
+    let stages = [
+        "eval prepare",
+        "eval teacher",
+        "eval compress",
+        "eval forced",
+        "eval generate",
+        "eval metrics",
+    ];
+    for s in stages {
+        assert!(phases[s].as_f64().unwrap() > 0.0, "{s}: {report}");
+    }
+    assert_eq!(phases.len(), stages.len(), "{phases:?}");
+    let sum: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();
+    let wall = report["seconds"].as_f64().unwrap();
+    assert!(sum <= wall && sum > 0.5 * wall, "{sum} of {wall}");
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("Seconds by stage") && md.contains("generate "),
+        "{md}"
+    );
+}

@@ -16,6 +16,7 @@ use crate::distill::infer::{
     compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, pad_rows,
     teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
 };
+use crate::distill::phases::PhaseTimer;
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
 use crate::distill::Adaptor;
@@ -24,6 +25,7 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -184,6 +186,13 @@ pub struct EvalReport {
     pub needle: Vec<super::needle::NeedleItem>,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Seconds per stage with phase timing on (`eval --phases`: the device
+    /// synchronizes between stages): `eval prepare` (tokenising), `eval
+    /// teacher` (the full cache and its scores), `eval compress` (the
+    /// methods' selections and caches), `eval forced` (the answer's NLL and
+    /// KL), `eval generate` (decoding the answers), `eval metrics`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases_s: BTreeMap<String, f64>,
 }
 
 /// Running sums of one row.
@@ -471,6 +480,11 @@ pub fn run_eval(
         items: out.items,
         needle: Vec::new(),
         seconds: start.elapsed().as_secs_f64(),
+        phases_s: crate::distill::phases::take()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("eval "))
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     })
 }
 
@@ -505,8 +519,10 @@ impl BatchRunner<'_> {
             // 2^46 float32 elements (256 TiB): refused by any allocator.
             let _ = Tensor::f_empty([1i64 << 46], (tch::Kind::Float, device))?;
         }
+        let mut timer = PhaseTimer::start(device);
         let p = prepare(self.builder, self.tok, self.set, qs, cfg.context)?;
         let (ids, len) = pad_rows(&p.ctx, model.config().vocab_size, device)?;
+        timer.mark("eval prepare");
         let ones = vec![1.0; qs.len()];
         let all_kept = Contexts {
             ids: &ids,
@@ -522,6 +538,7 @@ impl BatchRunner<'_> {
             &p.suffixes,
             &p.scored,
         )?;
+        timer.mark("eval teacher");
         let batch = BatchScorer {
             model,
             tok: self.tok,
@@ -535,6 +552,7 @@ impl BatchRunner<'_> {
         let full_scores =
             batch.score(teacher_comp, sums.full, "full", 1.0, true, None, sums.out)?;
         step();
+        timer.skip();
         for (m, method) in self.methods.iter().enumerate() {
             // A training-free method scores the contexts once for every ratio.
             let scored = match method {
@@ -564,6 +582,7 @@ impl BatchRunner<'_> {
                         question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
                     }
                 };
+                timer.mark("eval compress");
                 let name = method.name();
                 batch.score(
                     comp,
@@ -575,6 +594,7 @@ impl BatchRunner<'_> {
                     sums.out,
                 )?;
                 step();
+                timer.skip();
             }
         }
         Ok(())
@@ -632,6 +652,7 @@ impl BatchScorer<'_> {
         out: &mut Outputs,
     ) -> Result<Vec<QuestionScore>> {
         let (qs, p) = (self.qs, self.p);
+        let mut timer = PhaseTimer::start(self.model.device());
         let mut gen = comp.shallow_clone();
         let mut forced = comp;
         let mut kept_share = Vec::with_capacity(qs.len());
@@ -654,6 +675,7 @@ impl BatchScorer<'_> {
             &p.scored,
             Some(self.teacher),
         )?;
+        timer.mark("eval forced");
         let outs = generate_batch(
             self.model,
             &mut gen,
@@ -661,6 +683,7 @@ impl BatchScorer<'_> {
             self.cfg.max_new_tokens,
             self.stop,
         )?;
+        timer.mark("eval generate");
         let mut scores = Vec::with_capacity(qs.len());
         for (i, (((q, generated), f), share)) in
             qs.iter().zip(outs).zip(f).zip(kept_share).enumerate()
@@ -713,6 +736,7 @@ impl BatchScorer<'_> {
                 ));
             }
         }
+        timer.mark("eval metrics");
         Ok(scores)
     }
 }
@@ -835,6 +859,19 @@ pub fn markdown(report: &EvalReport) -> String {
         report.config.seed,
         report.seconds
     );
+    if !report.phases_s.is_empty() {
+        let mut stages: Vec<_> = report.phases_s.iter().collect();
+        stages.sort_by(|a, b| b.1.total_cmp(a.1));
+        let text: Vec<String> = stages
+            .iter()
+            .map(|(k, v)| format!("{} {v:.1}", k.trim_start_matches("eval ")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "Seconds by stage (the device synchronized between them): {}.\n",
+            text.join(", ")
+        );
+    }
     if let Some(f) = full {
         let _ = writeln!(
             out,

@@ -676,6 +676,11 @@ pub(crate) struct EvalArgs {
     /// Stop after the batch that crosses this many seconds.
     #[arg(long)]
     time_limit_s: Option<f64>,
+    /// Time the stages (tokenising, the teacher, compression, the answer's
+    /// scores, generation, metrics; the device synchronizes between them)
+    /// into results.json's `phases_s` and results.md.
+    #[arg(long)]
+    phases: bool,
 }
 
 /// The methods `eval` runs: those asked for, with `kv_distill` first when
@@ -697,6 +702,7 @@ pub(crate) fn run_eval_cmd(a: EvalArgs) -> Result<()> {
         "article" => ContextKind::Article,
         other => bail!("--context `{other}`: expected paragraph or article"),
     };
+    kvd_trainer::distill::phases::set_enabled(a.phases);
     let (model, tok) = load(&a.model)?;
     let (set, needle) = match (a.task.as_str(), &a.squad, &a.haystack) {
         ("squad", Some(p), _) => (kvd_trainer::eval::load_squad(p)?, Vec::new()),
