@@ -542,3 +542,60 @@ fn tokens(n: usize, seed: u64) -> Vec<i64> {
         .map(i64::from)
         .collect()
 }
+
+/// A method that reads no attention scores from a full cache it is handed
+/// (the evaluation's teacher's, made by `fill_cache`) exactly as from its
+/// own forward; a method that observes attention runs its forward anyway;
+/// a cache of another shape is refused.
+#[test]
+fn methods_without_attention_score_from_a_reused_full_cache() {
+    use kvd_trainer::distill::baseline_scores_reusing;
+    use kvd_trainer::model::NoHooks;
+    for name in ["llama", "gemma3"] {
+        let m = model(name);
+        let b = Batch::long(7);
+        let ids = b.ids();
+        let mut full = m.new_cache();
+        tch::no_grad(|| m.fill_cache(Input::new(&ids), &mut full, &NoHooks)).expect("fill");
+        for method in [
+            Baseline::Random { seed: 3 },
+            Baseline::StreamingLlm { sinks: 4 },
+            Baseline::KeyNorm,
+            Baseline::H2o,
+        ] {
+            let (own, own_cache) =
+                baseline_scores(&m, &method, &ids, &b.len, &b.spans).expect("scores");
+            let (reused, reused_cache) =
+                baseline_scores_reusing(&m, &method, &ids, &b.len, &b.spans, Some(&full))
+                    .expect("scores");
+            assert_eq!(rows(&own), rows(&reused), "{name} {method:?}");
+            for l in 0..own_cache.num_layers() {
+                let (a, c) = (own_cache.layer(l).unwrap(), reused_cache.layer(l).unwrap());
+                let close = |x: &Tensor, y: &Tensor| x.allclose(y, 1e-5, 1e-6, false);
+                assert!(
+                    close(&a.k, &c.k) && close(&a.v, &c.v),
+                    "{name} {method:?} layer {l}"
+                );
+                // Handed over, not recomputed, unless the method observes attention.
+                let shared = c.k.data_ptr() == full.layer(l).unwrap().k.data_ptr();
+                assert_eq!(
+                    shared,
+                    method != Baseline::H2o,
+                    "{name} {method:?} layer {l}"
+                );
+            }
+        }
+        let short = Batch::short(7);
+        let err = baseline_scores_reusing(
+            &m,
+            &Baseline::KeyNorm,
+            &short.ids(),
+            &short.len,
+            &short.spans,
+            Some(&full),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("reused cache holds 300 positions"), "{err}");
+    }
+}

@@ -266,6 +266,22 @@ pub fn baseline_scores(
     len: &[usize],
     spans: &[Vec<Span>],
 ) -> Result<(Tensor, KvCache)> {
+    baseline_scores_reusing(model, method, ids, len, spans, None)
+}
+
+/// [`baseline_scores`], taking the frozen model's full cache over the same
+/// `ids` from `full` when given (e.g. the one the evaluation's teacher
+/// made; [`crate::model::Model::fill_cache`]) where the method reads no
+/// attention (random, StreamingLLM, key norm): those then run no forward.
+/// Methods that observe attention run their own forward regardless.
+pub fn baseline_scores_reusing(
+    model: &Model,
+    method: &Baseline,
+    ids: &Tensor,
+    len: &[usize],
+    spans: &[Vec<Span>],
+    full: Option<&KvCache>,
+) -> Result<(Tensor, KvCache)> {
     method.check()?;
     let method = &match *method {
         Baseline::Tova => Baseline::SnapKv {
@@ -336,8 +352,26 @@ pub fn baseline_scores(
         (None, Some(e)) => e,
         (None, None) => &NoHooks,
     };
-    let mut cache = model.new_cache();
-    let _ = tch::no_grad(|| model.forward_hidden_with(Input::new(&ids), Some(&mut cache), hooks))?;
+    let cache = match (full, observer.is_none() && expected.is_none()) {
+        (Some(full), true) => {
+            let layer0 = full.layer(0);
+            if full.len() != lc || layer0.is_none_or(|l| l.k.size()[0] != b) {
+                return Err(ModelError::Input(format!(
+                    "the reused cache holds {} positions of {:?} rows, not [{b}, {lc}]",
+                    full.len(),
+                    layer0.map(|l| l.k.size()[0])
+                )));
+            }
+            full.shallow_clone()
+        }
+        _ => {
+            let mut cache = model.new_cache();
+            let _ = tch::no_grad(|| {
+                model.forward_hidden_with(Input::new(&ids), Some(&mut cache), hooks)
+            })?;
+            cache
+        }
+    };
 
     let scores = tch::no_grad(|| -> Result<Tensor> {
         Ok(match *method {

@@ -4,7 +4,7 @@
 //! teacher-forced scoring of a reference continuation.
 
 use super::adaptor::Adaptor;
-use super::baselines::{baseline_scores, Baseline};
+use super::baselines::{baseline_scores_reusing, Baseline};
 use super::select::{select, Selection};
 use super::student::{
     compress_forcing, decode, decode_step, gather_kept, scored_selection, with_forced, Compressed,
@@ -94,22 +94,10 @@ pub fn compress_contexts_forcing(
         Method::Full => {
             let mut full = model.new_cache();
             model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
-            let (b, lc) = ctx.ids.size2()?;
-            let ones = vec![1.0; b as usize];
-            let every = Contexts {
-                ratios: &ones,
-                ..ctx
-            };
-            keep_top(
-                &full,
-                &vec![0f32; (b * lc) as usize],
-                lc,
-                every,
-                model.device(),
-            )
+            keep_all(&full, ctx, model.device())
         }
         Method::Baseline(baseline) => {
-            BaselineScores::new(model, baseline, ctx, force)?.compress(model.device(), ctx)
+            BaselineScores::new(model, baseline, ctx, force, None)?.compress(model.device(), ctx)
         }
     })
 }
@@ -127,15 +115,20 @@ pub struct BaselineScores {
 impl BaselineScores {
     /// Runs `baseline` over `ctx` (its ratios are not read; no gradients),
     /// scoring the positions `force[i]` of each example above all others.
+    /// `full`, the frozen model's cache over the same contexts
+    /// ([`Model::fill_cache`]), spares the methods that read no attention
+    /// their forward ([`baseline_scores_reusing`]).
     pub fn new(
         model: &Model,
         baseline: Baseline,
         ctx: Contexts,
         force: Option<&[Vec<usize>]>,
+        full: Option<&KvCache>,
     ) -> Result<BaselineScores> {
         check_window(model, ctx.len)?;
         tch::no_grad(|| {
-            let (scores, full) = baseline_scores(model, &baseline, ctx.ids, ctx.len, ctx.spans)?;
+            let (scores, full) =
+                baseline_scores_reusing(model, &baseline, ctx.ids, ctx.len, ctx.spans, full)?;
             let scores = match force {
                 Some(f) => with_forced(&scores, f)?,
                 None => scores,
@@ -184,6 +177,19 @@ pub(crate) fn keep_top(
     let b = ctx.len.len() as i64;
     let kept = Kept::new(selections, lc, ctx.len, device);
     gather_kept(full, &kept, &Tensor::zeros([b, lc], (Kind::Float, device)))
+}
+
+/// Every position of each context in `full` (the frozen model's cache over
+/// `ctx`; its ratios are not read) as a compressed cache: the uncompressed
+/// reference.
+pub fn keep_all(full: &KvCache, ctx: Contexts, device: Device) -> Result<Compressed> {
+    let (b, lc) = ctx.ids.size2()?;
+    let ones = vec![1.0; b as usize];
+    let every = Contexts {
+        ratios: &ones,
+        ..ctx
+    };
+    keep_top(full, &vec![0f32; (b * lc) as usize], lc, every, device)
 }
 
 /// Refuses contexts longer than the model window.

@@ -24,7 +24,7 @@ pub mod student;
 pub mod trainer;
 
 pub use adaptor::Adaptor;
-pub use baselines::{baseline_scores, Baseline};
+pub use baselines::{baseline_scores, baseline_scores_reusing, Baseline};
 pub use config::{kept_count, DistillConfig, LoraConfig, ScoreFeed};
 pub use step::{distill_step, with_pad_multiple, Backward, DistillExample, GradScale, StepStats};
 pub use step_graph::StepGraphs;

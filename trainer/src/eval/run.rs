@@ -13,15 +13,15 @@ use super::squad::{SquadQuestion, SquadSet};
 use crate::distill::baselines::Baseline;
 use crate::distill::examples::ModelTokenizer;
 use crate::distill::infer::{
-    compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, pad_rows,
-    teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
+    compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, keep_all,
+    pad_rows, teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
 };
 use crate::distill::phases::PhaseTimer;
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
 use crate::distill::Adaptor;
 use crate::error::{ModelError, Result};
-use crate::model::Model;
+use crate::model::{Input, Model, NoHooks};
 use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
@@ -530,8 +530,12 @@ impl BatchRunner<'_> {
             spans: &p.spans,
             ratios: &ones,
         };
-        // The teacher: the full cache.
-        let teacher_comp = compress_contexts(model, Method::Full, all_kept)?;
+        // The teacher: the full cache (kept whole for the training-free
+        // methods that read no attention: they score from it).
+        crate::distill::infer::check_window(model, &len)?;
+        let mut full = model.new_cache();
+        tch::no_grad(|| model.fill_cache(Input::new(&ids), &mut full, &NoHooks))?;
+        let teacher_comp = keep_all(&full, all_kept, device)?;
         let teacher = teacher_logprobs(
             model,
             &mut teacher_comp.shallow_clone(),
@@ -560,7 +564,7 @@ impl BatchRunner<'_> {
                 EvalMethod::Oracle(Method::Baseline(b)) => Some((*b, Some(&p.answer_pos[..]))),
                 _ => None,
             }
-            .map(|(b, force)| BaselineScores::new(model, b, all_kept, force))
+            .map(|(b, force)| BaselineScores::new(model, b, all_kept, force, Some(&full)))
             .transpose()?;
             for (ri, &r) in cfg.ratios.iter().enumerate() {
                 let ratios = vec![r; qs.len()];
