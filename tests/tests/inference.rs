@@ -8,7 +8,8 @@ use kvd_trainer::checkpoint::Checkpoint;
 use kvd_trainer::distill::cache_file::{CacheMeta, CompressedCache};
 use kvd_trainer::distill::checkpoint::{config_hash, load as load_adaptor, save as save_adaptor};
 use kvd_trainer::distill::infer::{
-    compress_contexts, forced_scores, generate_batch, pad_rows, teacher_logprobs, Method,
+    adaptor_compress, compress_contexts, forced_scores, generate_batch, pad_rows, teacher_logprobs,
+    Method,
 };
 use kvd_trainer::distill::student::{Compressed, Contexts};
 use kvd_trainer::distill::{kept_count, Adaptor, Baseline, DistillConfig};
@@ -460,4 +461,53 @@ fn generation_stays_inside_the_model_window() {
         e.contains(&format!("after a context of {}", window - 10)),
         "{e}"
     );
+}
+
+/// The evaluation's shared pass: one cache-filling forward keeps the states
+/// the adaptor's scorer reads (`StatesAfter`), and the adaptor's methods
+/// compress from them and from that cache exactly as from their own passes;
+/// other methods are refused.
+#[test]
+fn adaptor_methods_compress_the_same_from_a_shared_pass() {
+    use kvd_trainer::model::{Input, StatesAfter};
+    let m = model("llama");
+    let a = trained_like_adaptor(&m);
+    let ctxs = vec![tokens(60, 1), tokens(45, 2)];
+    let (ids, len) = pad_rows(&ctxs, m.config().vocab_size, Device::Cpu).unwrap();
+    let spans: Vec<Vec<(usize, usize)>> = ctxs.iter().map(|c| vec![(1, c.len() - 1)]).collect();
+    let ratios = vec![0.25; ctxs.len()];
+    let ctx = Contexts {
+        ids: &ids,
+        len: &len,
+        spans: &spans,
+        ratios: &ratios,
+    };
+    let layer = a.config().scorer_layer;
+    let watch = StatesAfter::new(layer);
+    let mut full = m.new_cache();
+    tch::no_grad(|| m.fill_cache(Input::new(&ids), &mut full, &watch)).unwrap();
+    let features = watch.take().expect("states after the scorer layer");
+    let own = tch::no_grad(|| m.layer_states(Input::new(&ids), layer)).unwrap();
+    assert!(features.allclose(&own, 1e-6, 1e-6, false));
+    for method in [Method::kv_distill(&a), Method::ScorerOnly(&a)] {
+        let alone = compress_contexts(&m, method, ctx).expect("compress");
+        let shared =
+            adaptor_compress(&m, method, ctx, None, &features, Some(&full)).expect("compress");
+        assert_eq!(alone.selections, shared.selections, "{}", method.name());
+        for l in 0..alone.cache.num_layers() {
+            let (x, y) = (
+                alone.cache.layer(l).unwrap(),
+                shared.cache.layer(l).unwrap(),
+            );
+            assert!(
+                x.k.allclose(&y.k, 1e-5, 1e-6, false) && x.v.allclose(&y.v, 1e-5, 1e-6, false),
+                "{} layer {l}",
+                method.name()
+            );
+        }
+    }
+    let err = adaptor_compress(&m, Method::Full, ctx, None, &features, Some(&full))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("full is not an adaptor's method"), "{err}");
 }

@@ -77,19 +77,10 @@ pub fn compress_contexts_forcing(
 ) -> Result<Compressed> {
     check_window(model, ctx.len)?;
     tch::no_grad(|| match method {
-        Method::KvDistill { adaptor, span_pool } => {
+        Method::KvDistill { adaptor, .. } | Method::ScorerOnly(adaptor) => {
             let features =
                 model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
-            compress_forcing(model, adaptor, ctx, &features, false, force, span_pool)
-        }
-        Method::ScorerOnly(adaptor) => {
-            let features =
-                model.layer_states(Input::new(ctx.ids), adaptor.config().scorer_layer)?;
-            let (scores, kept) = scored_selection(adaptor, ctx, &features, force, None)?;
-            let mut full = model.new_cache();
-            model.fill_cache(Input::new(ctx.ids), &mut full, &NoHooks)?;
-            // The frozen reader: no score enters the decoder.
-            gather_kept(&full, &kept, &scores.zeros_like())
+            adaptor_compress(model, method, ctx, force, &features, None)
         }
         Method::Full => {
             let mut full = model.new_cache();
@@ -99,6 +90,47 @@ pub fn compress_contexts_forcing(
         Method::Baseline(baseline) => {
             BaselineScores::new(model, baseline, ctx, force, None)?.compress(model.device(), ctx)
         }
+    })
+}
+
+/// An adaptor's method (`kv_distill*`) over contexts `ctx` at their ratios,
+/// keeping the positions `force[i]` whatever the scores, from `features`
+/// (the frozen model's states after the adaptor's scorer layer, [`Model::layer_states`])
+/// and, for the scorer-only method, `full`, the frozen model's cache over
+/// `ctx` ([`Model::fill_cache`]; made here when `None`). No gradients.
+/// Other methods are refused.
+pub fn adaptor_compress(
+    model: &Model,
+    method: Method,
+    ctx: Contexts,
+    force: Option<&[Vec<usize>]>,
+    features: &Tensor,
+    full: Option<&KvCache>,
+) -> Result<Compressed> {
+    check_window(model, ctx.len)?;
+    tch::no_grad(|| match method {
+        Method::KvDistill { adaptor, span_pool } => {
+            compress_forcing(model, adaptor, ctx, features, false, force, span_pool)
+        }
+        Method::ScorerOnly(adaptor) => {
+            let (scores, kept) = scored_selection(adaptor, ctx, features, force, None)?;
+            let own;
+            let full = match full {
+                Some(f) => f,
+                None => {
+                    let mut c = model.new_cache();
+                    model.fill_cache(Input::new(ctx.ids), &mut c, &NoHooks)?;
+                    own = c;
+                    &own
+                }
+            };
+            // The frozen reader: no score enters the decoder.
+            gather_kept(full, &kept, &scores.zeros_like())
+        }
+        other => Err(ModelError::Input(format!(
+            "{} is not an adaptor's method",
+            other.name()
+        ))),
     })
 }
 

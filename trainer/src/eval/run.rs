@@ -13,15 +13,15 @@ use super::squad::{SquadQuestion, SquadSet};
 use crate::distill::baselines::Baseline;
 use crate::distill::examples::ModelTokenizer;
 use crate::distill::infer::{
-    compress_contexts, compress_contexts_forcing, forced_scores, generate_batch, keep_all,
-    pad_rows, teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
+    adaptor_compress, compress_contexts, compress_contexts_forcing, forced_scores, generate_batch,
+    keep_all, pad_rows, teacher_logprobs, BaselineScores, Method, SCORER_ONLY,
 };
 use crate::distill::phases::PhaseTimer;
 use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
 use crate::distill::Adaptor;
 use crate::error::{ModelError, Result};
-use crate::model::{Input, Model, NoHooks};
+use crate::model::{Input, Model, StatesAfter};
 use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
@@ -533,8 +533,27 @@ impl BatchRunner<'_> {
         // The teacher: the full cache (kept whole for the training-free
         // methods that read no attention: they score from it).
         crate::distill::infer::check_window(model, &len)?;
+        // The same forward keeps the states the adaptor's scorer reads.
+        let scorer_layer = self.methods.iter().find_map(|m| match m {
+            EvalMethod::Compress(Method::KvDistill { adaptor, .. })
+            | EvalMethod::Compress(Method::ScorerOnly(adaptor))
+            | EvalMethod::Oracle(Method::KvDistill { adaptor, .. })
+            | EvalMethod::Oracle(Method::ScorerOnly(adaptor)) => {
+                Some(adaptor.config().scorer_layer)
+            }
+            _ => None,
+        });
+        let watch = StatesAfter::new(scorer_layer.unwrap_or(0));
         let mut full = model.new_cache();
-        tch::no_grad(|| model.fill_cache(Input::new(&ids), &mut full, &NoHooks))?;
+        tch::no_grad(|| model.fill_cache(Input::new(&ids), &mut full, &watch))?;
+        let features = match scorer_layer {
+            Some(l) => Some(match watch.take() {
+                Some(f) => f,
+                // The last layer's output (a cache-filling pass skips it).
+                None => tch::no_grad(|| model.layer_states(Input::new(&ids), l))?,
+            }),
+            None => None,
+        };
         let teacher_comp = keep_all(&full, all_kept, device)?;
         let teacher = teacher_logprobs(
             model,
@@ -574,15 +593,23 @@ impl BatchRunner<'_> {
                     spans: &p.spans,
                     ratios: &ratios,
                 };
-                let comp = match (&scored, method) {
-                    (Some(s), _) => s.compress(device, contexts)?,
-                    (None, EvalMethod::Compress(method)) => {
+                let adaptor_method =
+                    |m: &Method| matches!(m, Method::KvDistill { .. } | Method::ScorerOnly(_));
+                let comp = match (&scored, method, &features) {
+                    (Some(s), _, _) => s.compress(device, contexts)?,
+                    (None, EvalMethod::Compress(m), Some(f)) if adaptor_method(m) => {
+                        adaptor_compress(model, *m, contexts, None, f, Some(&full))?
+                    }
+                    (None, EvalMethod::Oracle(m), Some(f)) if adaptor_method(m) => {
+                        adaptor_compress(model, *m, contexts, Some(&p.answer_pos), f, Some(&full))?
+                    }
+                    (None, EvalMethod::Compress(method), _) => {
                         compress_contexts(model, *method, contexts)?
                     }
-                    (None, EvalMethod::Oracle(method)) => {
+                    (None, EvalMethod::Oracle(method), _) => {
                         compress_contexts_forcing(model, *method, contexts, Some(&p.answer_pos))?
                     }
-                    (None, EvalMethod::QuestionAware(kernel)) => {
+                    (None, EvalMethod::QuestionAware(kernel), _) => {
                         question_aware(model, *kernel, contexts, &p.ctx, &p.prompts)?
                     }
                 };

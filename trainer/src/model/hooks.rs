@@ -138,3 +138,37 @@ impl Hooks for KeyBias {
 pub struct NoHooks;
 
 impl Hooks for NoHooks {}
+
+/// Keeps the hidden states after the first `layers` layers of a forward
+/// (what [`crate::model::Model::layer_states`] returns), so one pass that
+/// also fills a cache serves both.
+#[derive(Debug)]
+pub struct StatesAfter {
+    layers: usize,
+    states: std::cell::RefCell<Option<Tensor>>,
+}
+
+impl StatesAfter {
+    /// Watches for the states after `layers` layers (at least 1).
+    pub fn new(layers: usize) -> Self {
+        StatesAfter {
+            layers,
+            states: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// The states seen, if the forward ran that far and past it (a forward
+    /// that fills a cache skips the last layer's output, so `layers` equal
+    /// to the model's depth gives `None`).
+    pub fn take(&self) -> Option<Tensor> {
+        self.states.borrow_mut().take()
+    }
+}
+
+impl Hooks for StatesAfter {
+    fn after_layer(&self, layer: usize, hidden: &Tensor) {
+        if layer + 1 == self.layers {
+            *self.states.borrow_mut() = Some(hidden.shallow_clone());
+        }
+    }
+}

@@ -20,7 +20,7 @@ use crate::error::{ModelError, Result};
 use crate::weights::WeightSource;
 use attention::{AttnInputs, AttnMask};
 pub use cache::{KvCache, LayerKv};
-pub use hooks::{Hooks, KeyBias, NoHooks, Proj};
+pub use hooks::{Hooks, KeyBias, NoHooks, Proj, StatesAfter};
 use layer::DecoderLayer;
 use load::Loader;
 use norm::RmsNorm;
