@@ -1,5 +1,5 @@
-//! Build script: links libtorch (scripts/link_torch.rs) and builds the CUDA
-//! graph and operator-count shims.
+//! Build script: links libtorch (scripts/link_torch.rs) and builds the C++
+//! shims: CUDA graphs, operator counts and the kernel profiler.
 
 include!("../scripts/link_torch.rs");
 
@@ -8,42 +8,28 @@ use std::path::{Path, PathBuf};
 fn main() {
     link_torch();
     cuda_graph_shim();
-    op_count_shim();
-    kernel_profile_shim();
+    // Counts of dispatched operators (`bench-step --count-ops`).
+    torch_shim("op_count");
+    // libtorch's Kineto profiler (`bench-step --profile`).
+    torch_shim("kernel_profile");
 }
 
-/// Compiles `csrc/kernel_profile.cpp` (libtorch's Kineto profiler, for
-/// `bench-step --profile`) against libtorch's headers, CPU or CUDA.
-fn kernel_profile_shim() {
-    println!("cargo:rerun-if-changed=csrc/kernel_profile.cpp");
+/// Compiles `csrc/NAME.cpp` against libtorch's headers (CPU or CUDA) into
+/// the static library `kvd_NAME`.
+fn torch_shim(name: &str) {
+    let src = format!("csrc/{name}.cpp");
+    println!("cargo:rerun-if-changed={src}");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_default());
     let include = lib.join("../include");
     cc::Build::new()
         .cpp(true)
-        .file("csrc/kernel_profile.cpp")
+        .file(&src)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .compile("kvd_kernel_profile");
-}
-
-/// Compiles `csrc/op_count.cpp` (counts of dispatched operators, for
-/// `bench-step --count-ops`) against libtorch's headers, CPU or CUDA.
-fn op_count_shim() {
-    println!("cargo:rerun-if-changed=csrc/op_count.cpp");
-    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_default());
-    let include = lib.join("../include");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/op_count.cpp")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .compile("kvd_op_count");
+        .compile(&format!("kvd_{name}"));
 }
 
 /// Compiles `csrc/cuda_graph.cpp` (CUDA graph capture for the training step)
