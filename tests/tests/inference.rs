@@ -511,3 +511,24 @@ fn adaptor_methods_compress_the_same_from_a_shared_pass() {
         .to_string();
     assert!(err.contains("full is not an adaptor's method"), "{err}");
 }
+
+/// A filled cache's values are their own compact tensors, not column views
+/// of the stacked q/k/v product (which would keep the queries' and keys'
+/// memory alive as long as the cache).
+#[test]
+fn cached_values_do_not_hold_the_stacked_projection() {
+    use kvd_trainer::model::{Input, NoHooks};
+    for name in ["llama", "gemma3"] {
+        let m = model(name);
+        let (ids, _) = pad_rows(&[tokens(30, 4)], m.config().vocab_size, Device::Cpu).unwrap();
+        let mut cache = m.new_cache();
+        tch::no_grad(|| m.fill_cache(Input::new(&ids), &mut cache, &NoHooks)).unwrap();
+        let row = (m.config().num_kv_heads * m.config().head_dim) as i64;
+        for l in 0..cache.num_layers() {
+            let v = &cache.layer(l).unwrap().v;
+            // [batch, kv heads, positions, head_dim]: one position's values
+            // are `row` apart, as in a tensor of their own.
+            assert_eq!(v.stride()[2], row, "{name} layer {l}: {:?}", v.stride());
+        }
+    }
+}

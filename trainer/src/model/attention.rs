@@ -167,10 +167,15 @@ impl Attention {
         layer: usize,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        Ok(hooks
-            .adjust_linear(layer, which, rows, y)
-            .f_view([b, t, n, self.head_dim])?
-            .transpose(1, 2))
+        let mut y = hooks.adjust_linear(layer, which, rows, y);
+        if which == Proj::V {
+            // Values go into caches and autograd's saved tensors as they
+            // are: a column view of the stacked product would keep all of it
+            // alive (queries and keys too), so an unadjusted one is copied
+            // out (a no-op for the new tensor an adaptor's term makes).
+            y = y.f_contiguous()?;
+        }
+        Ok(y.f_view([b, t, n, self.head_dim])?.transpose(1, 2))
     }
 
     /// The queries (normed where the family does, before RoPE; only `with_q`)
