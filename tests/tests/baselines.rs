@@ -580,10 +580,20 @@ fn methods_without_attention_score_from_a_reused_full_cache() {
                 let shared = c.k.data_ptr() == full.layer(l).unwrap().k.data_ptr();
                 assert_eq!(
                     shared,
-                    method != Baseline::H2o,
+                    !method.reads_attention(),
                     "{name} {method:?} layer {l}"
                 );
             }
+        }
+        for method in [
+            Baseline::SnapKv {
+                window: 4,
+                kernel: 1,
+            },
+            Baseline::Tova,
+            Baseline::H2o,
+        ] {
+            assert!(method.reads_attention(), "{method:?}");
         }
         let short = Batch::short(7);
         let err = baseline_scores_reusing(

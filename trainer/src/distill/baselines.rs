@@ -225,6 +225,17 @@ impl Baseline {
         Ok(out)
     }
 
+    /// Whether the method's scores read attention (it observes a forward's
+    /// attention probabilities or queries); the others score from the keys
+    /// or positions alone, so a full cache made elsewhere serves them
+    /// ([`baseline_scores_reusing`]).
+    pub fn reads_attention(&self) -> bool {
+        !matches!(
+            self,
+            Baseline::Random { .. } | Baseline::StreamingLlm { .. } | Baseline::KeyNorm
+        )
+    }
+
     /// Rejects parameters the method cannot use.
     fn check(&self) -> Result<()> {
         match *self {
@@ -352,7 +363,7 @@ pub fn baseline_scores_reusing(
         (None, Some(e)) => e,
         (None, None) => &NoHooks,
     };
-    let cache = match (full, observer.is_none() && expected.is_none()) {
+    let cache = match (full, !method.reads_attention()) {
         (Some(full), true) => {
             let layer0 = full.layer(0);
             if full.len() != lc || layer0.is_none_or(|l| l.k.size()[0] != b) {

@@ -555,6 +555,9 @@ impl BatchRunner<'_> {
             None => None,
         };
         let teacher_comp = keep_all(&full, all_kept, device)?;
+        // Kept for the methods that compress from it (a cache's memory
+        // otherwise held through every method).
+        let full = self.methods.iter().any(reads_full_cache).then_some(full);
         let teacher = teacher_logprobs(
             model,
             &mut teacher_comp.shallow_clone(),
@@ -583,7 +586,7 @@ impl BatchRunner<'_> {
                 EvalMethod::Oracle(Method::Baseline(b)) => Some((*b, Some(&p.answer_pos[..]))),
                 _ => None,
             }
-            .map(|(b, force)| BaselineScores::new(model, b, all_kept, force, Some(&full)))
+            .map(|(b, force)| BaselineScores::new(model, b, all_kept, force, full.as_ref()))
             .transpose()?;
             for (ri, &r) in cfg.ratios.iter().enumerate() {
                 let ratios = vec![r; qs.len()];
@@ -598,10 +601,17 @@ impl BatchRunner<'_> {
                 let comp = match (&scored, method, &features) {
                     (Some(s), _, _) => s.compress(device, contexts)?,
                     (None, EvalMethod::Compress(m), Some(f)) if adaptor_method(m) => {
-                        adaptor_compress(model, *m, contexts, None, f, Some(&full))?
+                        adaptor_compress(model, *m, contexts, None, f, full.as_ref())?
                     }
                     (None, EvalMethod::Oracle(m), Some(f)) if adaptor_method(m) => {
-                        adaptor_compress(model, *m, contexts, Some(&p.answer_pos), f, Some(&full))?
+                        adaptor_compress(
+                            model,
+                            *m,
+                            contexts,
+                            Some(&p.answer_pos),
+                            f,
+                            full.as_ref(),
+                        )?
                     }
                     (None, EvalMethod::Compress(method), _) => {
                         compress_contexts(model, *method, contexts)?
@@ -629,6 +639,20 @@ impl BatchRunner<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `method` compresses from the frozen model's full cache when
+/// handed it: the scorer-only selection and the training-free methods that
+/// read no attention.
+fn reads_full_cache(method: &EvalMethod) -> bool {
+    match method {
+        EvalMethod::Compress(m) | EvalMethod::Oracle(m) => match m {
+            Method::ScorerOnly(_) => true,
+            Method::Baseline(b) => !b.reads_attention(),
+            _ => false,
+        },
+        EvalMethod::QuestionAware(_) => false,
     }
 }
 
