@@ -365,7 +365,12 @@ fn bench_step_profile_tables_the_timed_steps_by_operator() {
             "teacher_thread",
         ]);
         assert!(o.status.success(), "{}", text(&o.stderr));
-        assert!(!text(&o.stderr).contains("ERROR"), "{}", text(&o.stderr));
+        // Without a device, no failed GPU count in the log.
+        assert!(
+            !text(&o.stderr).contains("gpuGetDeviceCount"),
+            "{}",
+            text(&o.stderr)
+        );
         let line = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
         (std::fs::read_to_string(&path).expect("the profile"), line)
     };
