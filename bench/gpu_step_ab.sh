@@ -24,10 +24,11 @@ for model in $MODELS; do
       for build in old new; do
         bin=$OLD; [ $build = new ] && bin=$NEW
         for g in "" 1; do
+          graphs=false; [ -n "$g" ] && graphs=true
           "$bin" bench-step --model "/tmp/random-$model" --device cuda --dtype bf16 --span "$span" \
             --batch "$batch" --suffix 256 --ratio 0.1 --iters 10 --batches 2 ${g:+--cuda-graphs} \
             2>> "$OUT/ab.log" \
-            | sed "s/^{/{\"build\":\"$build\",\"graphs\":${g:+true}${g:-false},\"rep\":$rep,$tag,/" \
+            | sed "s/^{/{\"build\":\"$build\",\"graphs\":$graphs,\"rep\":$rep,$tag,/" \
             | tee -a "$OUT/ab.jsonl" || tail -5 "$OUT/ab.log"
         done
       done
