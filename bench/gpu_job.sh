@@ -57,31 +57,31 @@ if [ -n "${BENCHES:-}" ]; then
     for b in "${bsets[@]}"; do bench $b; done
   fi
 else
-for method in train reference; do
-  for phases in "" --step-phases; do
-    bench --method $method --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 $phases
+  for method in train reference; do
+    for phases in "" --step-phases; do
+      bench --method $method --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 $phases
+    done
   done
-done
-# The step with its work after the selection as a CUDA graph: what the
-# per-micro-batch host cost is worth where shapes repeat.
-bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --cuda-graphs
-# The batch cut into 2 and 4 micro-batches, run one after the other.
-for mb in 2 4; do
-  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --micro-batches $mb
-done
-for r in "" --recompute-encoder; do
-  bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
-done
-# The shape a micro-batch of 32 train/qa examples pads to (its longest
-# example, often the 1,024-token cap, and a ~64-token suffix): the job's
-# micro-batch against the step at the same padded shape.
-bench --method train --span 1000 --suffix 64 --batch 32 --ratio 0.25 --step-phases
-bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --count-ops --step-phases
-for batch in 64 16; do
-  timeout 120 "$B" bench-step --preset smollm2-135m-narrow --device cuda --dtype bf16 --iters 5 \
-    --method train --span "$span" --suffix "$suffix" --batch $batch --ratio 0.25 \
-    >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step narrow failed" >&2
-done
+  # The step with its work after the selection as a CUDA graph: what the
+  # per-micro-batch host cost is worth where shapes repeat.
+  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --cuda-graphs
+  # The batch cut into 2 and 4 micro-batches, run one after the other.
+  for mb in 2 4; do
+    bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --micro-batches $mb
+  done
+  for r in "" --recompute-encoder; do
+    bench --method train --span 1024 --suffix 256 --batch 64 --ratio 0.25 $r
+  done
+  # The shape a micro-batch of 32 train/qa examples pads to (its longest
+  # example, often the 1,024-token cap, and a ~64-token suffix): the job's
+  # micro-batch against the step at the same padded shape.
+  bench --method train --span 1000 --suffix 64 --batch 32 --ratio 0.25 --step-phases
+  bench --method train --span "$span" --suffix "$suffix" --batch 64 --ratio 0.25 --count-ops --step-phases
+  for batch in 64 16; do
+    timeout 120 "$B" bench-step --preset smollm2-135m-narrow --device cuda --dtype bf16 --iters 5 \
+      --method train --span "$span" --suffix "$suffix" --batch $batch --ratio 0.25 \
+      >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log" || echo "bench-step narrow failed" >&2
+  done
 fi
 IFS=';' read -ra sets <<< "$JOBS"
 i=0
