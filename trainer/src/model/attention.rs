@@ -191,10 +191,11 @@ impl Attention {
         with_q: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let kv = self.num_kv_heads;
-        let mut parts = self
-            .qkv
-            .forward_from(usize::from(!with_q), rows)?
-            .into_iter();
+        let mut parts = self.qkv.forward(rows)?.into_iter();
+        if !with_q {
+            // The whole product all the same (see `Stacked::forward`).
+            let _ = parts.next();
+        }
         let mut next = || {
             parts.next().ok_or_else(|| {
                 ModelError::Input("attention: a stacked projection part is missing".into())

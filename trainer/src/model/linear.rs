@@ -70,8 +70,6 @@ pub struct Stacked {
     all: Linear,
     /// Part `i` alone, a view of `all`'s rows.
     parts: Vec<Linear>,
-    /// Rows `offsets[i]..` of `all` (parts `i..`), for `i ≥ 1`: a view.
-    tails: Vec<Linear>,
     /// Output width of each part.
     sizes: Vec<i64>,
 }
@@ -96,27 +94,18 @@ impl Stacked {
                 Some(Tensor::f_cat(&biases, 0)?)
             }
         };
-        let total: i64 = sizes.iter().sum();
-        let rows = |start: i64, len: i64| {
-            Linear::new(
-                weight.narrow(0, start, len),
-                bias.as_ref().map(|b| b.narrow(0, start, len)),
-            )
-        };
         let mut parts = Vec::with_capacity(sizes.len());
-        let mut tails = Vec::with_capacity(sizes.len());
         let mut start = 0;
-        for (i, &n) in sizes.iter().enumerate() {
-            parts.push(rows(start, n));
-            if i > 0 {
-                tails.push(rows(start, total - start));
-            }
+        for &n in &sizes {
+            parts.push(Linear::new(
+                weight.narrow(0, start, n),
+                bias.as_ref().map(|b| b.narrow(0, start, n)),
+            ));
             start += n;
         }
         Ok(Stacked {
             all: Linear::new(weight, bias),
             parts,
-            tails,
             sizes,
         })
     }
@@ -126,16 +115,13 @@ impl Stacked {
         &self.parts[i]
     }
 
-    /// The outputs of parts `first..` for `x` `[rows, in]`, one matrix
-    /// product; each output a column view of the product.
-    pub fn forward_from(&self, first: usize, x: &Tensor) -> crate::error::Result<Vec<Tensor>> {
-        let proj = match first {
-            0 => &self.all,
-            i => &self.tails[i - 1],
-        };
-        Ok(proj
-            .forward(x)
-            .f_split_with_sizes(&self.sizes[first..], -1)?)
+    /// Every part's output for `x` `[rows, in]`, one matrix product; each
+    /// output a column view of the product. (A caller that needs only some
+    /// parts still takes the whole product: a narrower one would round
+    /// differently, and the same inputs must give the same outputs on every
+    /// path, e.g. a cache filled with or without the last layer's queries.)
+    pub fn forward(&self, x: &Tensor) -> crate::error::Result<Vec<Tensor>> {
+        Ok(self.all.forward(x).f_split_with_sizes(&self.sizes, -1)?)
     }
 }
 
@@ -165,12 +151,10 @@ mod tests {
                 .collect();
             let stacked = Stacked::new(parts).unwrap();
             let x = rand(&[4, 5]).set_requires_grad(true);
-            for first in 0..3 {
-                let ys = stacked.forward_from(first, &x).unwrap();
-                assert_eq!(ys.len(), 3 - first);
-                for (y, lin) in ys.iter().zip(&separate[first..]) {
-                    assert!(y.allclose(&lin.forward(&x), 1e-12, 1e-12, false));
-                }
+            let ys = stacked.forward(&x).unwrap();
+            assert_eq!(ys.len(), 3);
+            for (y, lin) in ys.iter().zip(&separate) {
+                assert!(y.allclose(&lin.forward(&x), 1e-12, 1e-12, false));
             }
             // Input gradient of a loss that weighs every part differently.
             let loss = |ys: Vec<Tensor>| {
@@ -179,12 +163,8 @@ mod tests {
                     .map(|(i, y)| (y * (i as f64 + 1.0)).sin().sum(Kind::Double))
                     .fold(Tensor::zeros([], (Kind::Double, Device::Cpu)), |a, b| a + b)
             };
-            let g_stacked = Tensor::run_backward(
-                &[loss(stacked.forward_from(0, &x).unwrap())],
-                &[&x],
-                false,
-                false,
-            );
+            let g_stacked =
+                Tensor::run_backward(&[loss(stacked.forward(&x).unwrap())], &[&x], false, false);
             let g_separate = Tensor::run_backward(
                 &[loss(separate.iter().map(|l| l.forward(&x)).collect())],
                 &[&x],

@@ -27,7 +27,7 @@ impl Mlp {
         let x = x.f_reshape([-1, size[size.len() - 1]])?;
         let [gate, up]: [Tensor; 2] = self
             .gate_up
-            .forward_from(0, &x)?
+            .forward(&x)?
             .try_into()
             .map_err(|_| ModelError::Input("mlp: gate and up expected".into()))?;
         let gate = hooks.adjust_linear(layer, Proj::Gate, &x, gate);
