@@ -21,7 +21,7 @@ use crate::distill::select::Span;
 use crate::distill::student::{Compressed, Contexts};
 use crate::distill::Adaptor;
 use crate::error::{ModelError, Result};
-use crate::model::{Input, Model, StatesAfter};
+use crate::model::{Input, KvCache, Model, StatesAfter};
 use crate::tokenizer::Tokenizer;
 use kvd_data::{BuilderConfig, ExampleBuilder, Location, QaTemplate, Record};
 use serde::{Deserialize, Serialize};
@@ -530,30 +530,9 @@ impl BatchRunner<'_> {
             spans: &p.spans,
             ratios: &ones,
         };
-        // The teacher: the full cache (kept whole for the training-free
-        // methods that read no attention: they score from it).
-        crate::distill::infer::check_window(model, &len)?;
-        // The same forward keeps the states the adaptor's scorer reads.
-        let scorer_layer = self.methods.iter().find_map(|m| match m {
-            EvalMethod::Compress(Method::KvDistill { adaptor, .. })
-            | EvalMethod::Compress(Method::ScorerOnly(adaptor))
-            | EvalMethod::Oracle(Method::KvDistill { adaptor, .. })
-            | EvalMethod::Oracle(Method::ScorerOnly(adaptor)) => {
-                Some(adaptor.config().scorer_layer)
-            }
-            _ => None,
-        });
-        let watch = StatesAfter::new(scorer_layer.unwrap_or(0));
-        let mut full = model.new_cache();
-        tch::no_grad(|| model.fill_cache(Input::new(&ids), &mut full, &watch))?;
-        let features = match scorer_layer {
-            Some(l) => Some(match watch.take() {
-                Some(f) => f,
-                // The last layer's output (a cache-filling pass skips it).
-                None => tch::no_grad(|| model.layer_states(Input::new(&ids), l))?,
-            }),
-            None => None,
-        };
+        // The teacher: the full cache, from the forward that also gives the
+        // adaptor's scorer its states.
+        let (full, features) = shared_pass(model, &ids, &len, self.methods)?;
         let teacher_comp = keep_all(&full, all_kept, device)?;
         // Kept for the methods that compress from it (a cache's memory
         // otherwise held through every method).
@@ -640,6 +619,37 @@ impl BatchRunner<'_> {
         }
         Ok(())
     }
+}
+
+/// One forward of the frozen model over a batch's contexts `ids` (lengths
+/// `len`): its full cache and, when `methods` hold an adaptor's, the states
+/// after the adaptor's scorer layer (what `kv_distill*` score from).
+fn shared_pass(
+    model: &Model,
+    ids: &Tensor,
+    len: &[usize],
+    methods: &[EvalMethod],
+) -> Result<(KvCache, Option<Tensor>)> {
+    crate::distill::infer::check_window(model, len)?;
+    let scorer_layer = methods.iter().find_map(|m| match m {
+        EvalMethod::Compress(Method::KvDistill { adaptor, .. })
+        | EvalMethod::Compress(Method::ScorerOnly(adaptor))
+        | EvalMethod::Oracle(Method::KvDistill { adaptor, .. })
+        | EvalMethod::Oracle(Method::ScorerOnly(adaptor)) => Some(adaptor.config().scorer_layer),
+        _ => None,
+    });
+    let watch = StatesAfter::new(scorer_layer.unwrap_or(0));
+    let mut full = model.new_cache();
+    tch::no_grad(|| model.fill_cache(Input::new(ids), &mut full, &watch))?;
+    let features = match scorer_layer {
+        Some(l) => Some(match watch.take() {
+            Some(f) => f,
+            // The last layer's output (a cache-filling pass skips it).
+            None => tch::no_grad(|| model.layer_states(Input::new(ids), l))?,
+        }),
+        None => None,
+    };
+    Ok((full, features))
 }
 
 /// Whether `method` compresses from the frozen model's full cache when
