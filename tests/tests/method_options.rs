@@ -29,7 +29,21 @@ fn tokens(n: usize, seed: u64) -> Vec<u32> {
 }
 
 /// An adaptor whose LoRA B matrices are non-zero, so the adaptor matters.
+/// libtorch's global generator is shared by the tests running at the same
+/// time: every draw from it here happens under this lock, so an adaptor's
+/// initial values depend on its seed alone (interleaved draws made
+/// `training_selects_with_train_span_pool_and_compression_with_span_pool`
+/// flaky).
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A fresh adaptor from `seed` (under [`GLOBAL_RNG`]).
+fn fresh(m: &Model, cfg: DistillConfig, seed: i64) -> Adaptor {
+    let _draws = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    Adaptor::new(m.config(), cfg, Device::Cpu, seed).expect("adaptor")
+}
+
 fn trained_like(m: &Model, cfg: DistillConfig, seed: i64) -> Adaptor {
+    let _draws = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let a = Adaptor::new(m.config(), cfg, Device::Cpu, seed).expect("adaptor");
     tch::no_grad(|| {
         for (name, mut v) in a.vs.variables() {
@@ -44,7 +58,7 @@ fn trained_like(m: &Model, cfg: DistillConfig, seed: i64) -> Adaptor {
 /// An adaptor of `cfg` with `src`'s weights (not a shared seed: tests running
 /// at the same time draw from libtorch's global generator too).
 fn copy_of(m: &Model, cfg: DistillConfig, src: &Adaptor) -> Adaptor {
-    let a = Adaptor::new(m.config(), cfg, Device::Cpu, 0).expect("adaptor");
+    let a = fresh(m, cfg, 0);
     let weights = src.vs.variables();
     tch::no_grad(|| {
         for (name, mut v) in a.vs.variables() {
@@ -276,7 +290,7 @@ fn the_step_adds_the_selection_loss_to_the_scorers_gradient() {
         .collect();
     // One initialisation for both runs (`Adaptor::new` draws from the global
     // generator, which other tests in this process use at the same time).
-    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 2).expect("adaptor");
+    let template = fresh(&m, base_cfg(), 2);
     let grad_of = |w: f64| {
         let mut cfg = base_cfg();
         cfg.select_weight = w;
@@ -370,7 +384,7 @@ fn the_answer_target_teaches_the_scorer_to_keep_what_questions_ask_about() {
     use kvd_trainer::distill::{TrainConfig, Trainer};
     let m = model();
     let batch = marker_batch();
-    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 4).expect("adaptor");
+    let template = fresh(&m, base_cfg(), 4);
     // Answer tokens kept after 40 steps, with the answer's weight `w` in the
     // selection target.
     let kept_after = |w: f64| -> usize {
@@ -414,7 +428,7 @@ fn scorer_only_warm_up_steps_train_the_scorer_and_leave_the_lora() {
         select_answer_weight: 4.0,
         ..base_cfg()
     };
-    let template = Adaptor::new(m.config(), base_cfg(), Device::Cpu, 4).expect("adaptor");
+    let template = fresh(&m, base_cfg(), 4);
     let a = copy_of(&m, cfg.clone(), &template);
     let snapshot = |a: &Adaptor, part: &str| -> Vec<Tensor> {
         a.named_trainable()
@@ -618,7 +632,7 @@ fn fresh_adaptor_at_r1(
         scorer_norm,
         ..DistillConfig::default()
     };
-    let a = Adaptor::new(m.config(), cfg, Device::Cpu, 0).expect("adaptor");
+    let a = fresh(m, cfg, 0);
     let scored = [(1usize, suffix.len() - 1)];
     let full = compress_contexts(m, Method::Full, ctx).expect("full");
     let teacher = teacher_logprobs(
