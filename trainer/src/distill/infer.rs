@@ -35,6 +35,14 @@ pub enum Method<'a> {
 }
 
 impl<'a> Method<'a> {
+    /// The adaptor of an adaptor's method (`kv_distill*`), else `None`.
+    pub fn adaptor(&self) -> Option<&'a Adaptor> {
+        match *self {
+            Method::KvDistill { adaptor, .. } | Method::ScorerOnly(adaptor) => Some(adaptor),
+            Method::Full | Method::Baseline(_) => None,
+        }
+    }
+
     /// KV-Distill with the adaptor's own settings.
     pub fn kv_distill(adaptor: &'a Adaptor) -> Self {
         Method::KvDistill {

@@ -575,14 +575,12 @@ impl BatchRunner<'_> {
                     spans: &p.spans,
                     ratios: &ratios,
                 };
-                let adaptor_method =
-                    |m: &Method| matches!(m, Method::KvDistill { .. } | Method::ScorerOnly(_));
                 let comp = match (&scored, method, &features) {
                     (Some(s), _, _) => s.compress(device, contexts)?,
-                    (None, EvalMethod::Compress(m), Some(f)) if adaptor_method(m) => {
+                    (None, EvalMethod::Compress(m), Some(f)) if m.adaptor().is_some() => {
                         adaptor_compress(model, *m, contexts, None, f, full.as_ref())?
                     }
-                    (None, EvalMethod::Oracle(m), Some(f)) if adaptor_method(m) => {
+                    (None, EvalMethod::Oracle(m), Some(f)) if m.adaptor().is_some() => {
                         adaptor_compress(
                             model,
                             *m,
@@ -631,13 +629,13 @@ fn shared_pass(
     methods: &[EvalMethod],
 ) -> Result<(KvCache, Option<Tensor>)> {
     crate::distill::infer::check_window(model, len)?;
-    let scorer_layer = methods.iter().find_map(|m| match m {
-        EvalMethod::Compress(Method::KvDistill { adaptor, .. })
-        | EvalMethod::Compress(Method::ScorerOnly(adaptor))
-        | EvalMethod::Oracle(Method::KvDistill { adaptor, .. })
-        | EvalMethod::Oracle(Method::ScorerOnly(adaptor)) => Some(adaptor.config().scorer_layer),
-        _ => None,
-    });
+    let scorer_layer = methods
+        .iter()
+        .find_map(|m| match m {
+            EvalMethod::Compress(x) | EvalMethod::Oracle(x) => x.adaptor(),
+            EvalMethod::QuestionAware(_) => None,
+        })
+        .map(|a| a.config().scorer_layer);
     let watch = StatesAfter::new(scorer_layer.unwrap_or(0));
     let mut full = model.new_cache();
     tch::no_grad(|| model.fill_cache(Input::new(ids), &mut full, &watch))?;
